@@ -1,0 +1,96 @@
+"""The stored form of a layer's activations: per-(image, filter) uint8 quantisation.
+
+codes[k] = round(A_k / s_k) with s_k = max(A_k) / 255 over that image's H x W positions, so every
+dequantised value is within s_k / 2 of the float activation (half a step), at 1 byte per value
+plus 4 bytes per (image, filter): 1.024 bytes per value for AlexNet conv5, less after DuckDB's
+compression. A per-image scale needs no pass over the dataset before writing begins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+def quantise(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """acts [N, K, H, W] >= 0 -> (codes uint8 [N, K, H, W], scales float32 [N, K])."""
+    peak = acts.flatten(2).amax(dim=2).clamp_min(0)
+    scales = (peak / 255).float()
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(acts.clamp_min(0) / safe[:, :, None, None]).clamp_(0, 255).to(torch.uint8)
+    return codes, scales
+
+
+def dequantise(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    return codes.astype(np.float32) * scales[..., None, None]
+
+
+def to_arrow(probe_id: int, image_ids: np.ndarray, codes: np.ndarray, scales: np.ndarray,
+             pooled: np.ndarray) -> pa.Table:
+    n = len(image_ids)
+    return pa.table({
+        "probe_id": pa.array(np.full(n, probe_id, np.int32)),
+        "image_id": pa.array(image_ids.astype(np.int32)),
+        "scales": pa.array([scales[i].astype("<f4").tobytes() for i in range(n)], pa.binary()),
+        "codes": pa.array([codes[i].tobytes() for i in range(n)], pa.binary()),
+        "pooled": pa.FixedSizeListArray.from_arrays(pa.array(pooled.astype(np.float32).reshape(-1)),
+                                                   pooled.shape[1]).cast(pa.list_(pa.float32())),
+    })
+
+
+def write(con: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
+    con.register("_acts", table)
+    try:
+        con.execute("INSERT INTO activations SELECT * FROM _acts")
+    finally:
+        con.unregister("_acts")
+
+
+def stored_image_ids(con: duckdb.DuckDBPyConnection, probe_id: int) -> set[int]:
+    return {r[0] for r in con.execute("SELECT image_id FROM activations WHERE probe_id = ?", [probe_id]).fetchall()}
+
+
+def iter_codes(con: duckdb.DuckDBPyConnection, probe_id: int, shape: tuple[int, int, int],
+               image_ids: list[int] | None = None, batch: int = 256
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Stream (image_ids, codes uint8 [n, K, H, W], scales float32 [n, K]) in image_id order."""
+    k, h, w = shape
+    sql = "SELECT image_id, scales, codes FROM activations WHERE probe_id = $p"
+    params: dict = {"p": probe_id}
+    if image_ids is not None:
+        sql += " AND image_id IN (SELECT unnest($ids))"
+        params["ids"] = [int(i) for i in image_ids]
+    # A cursor of its own, so other statements on `con` cannot invalidate the open stream.
+    cursor = con.cursor()
+    reader = cursor.sql(sql + " ORDER BY image_id", params=params).to_arrow_reader(batch)
+    for record in reader:
+        if record.num_rows == 0:
+            continue
+        ids = record.column(0).to_numpy()
+        scales = np.frombuffer(bytearray(b"".join(record.column(1).to_pylist())), "<f4").reshape(-1, k)
+        codes = np.frombuffer(bytearray(b"".join(record.column(2).to_pylist())), np.uint8).reshape(-1, k, h, w)
+        yield ids, codes, scales
+    cursor.close()
+
+
+def iter_activations(con: duckdb.DuckDBPyConnection, probe_id: int, shape: tuple[int, int, int],
+                     image_ids: list[int] | None = None, batch: int = 256
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (image_ids, float32 activations [n, K, H, W]) dequantised, in image_id order."""
+    for ids, codes, scales in iter_codes(con, probe_id, shape, image_ids, batch):
+        yield ids, dequantise(codes, scales)
+
+
+def pooled(con: duckdb.DuckDBPyConnection, probe_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image_ids, spatial means [N, K]) for classification embeddings."""
+    table = con.sql(
+        "SELECT image_id, pooled FROM activations WHERE probe_id = $p ORDER BY image_id", params={"p": probe_id}
+    ).to_arrow_table()
+    ids = table.column(0).to_numpy()
+    values = table.column(1).combine_chunks()
+    k = len(values[0]) if len(values) else 0
+    return ids, values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)

@@ -1,0 +1,143 @@
+"""The Python API: every CLI command is one call here, for notebooks and scripts.
+
+    >>> from n2vdb import api
+    >>> probe_id = api.ingest("alexnet", "conv5", weights="random", db="n2v.duckdb")
+    >>> api.query("nearest", concept="red", db="n2v.duckdb").to_pylist()
+    >>> ids, acts = api.activations(probe_id, db="n2v.duckdb")   # float32 [N, K, H, W]
+
+Results are pyarrow Tables (`.to_pandas()` gives a DataFrame where pandas is installed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from n2vdb import activations as acts_store
+from n2vdb import probe as probes_mod
+from n2vdb import queries
+from n2vdb.data import fetch as fetch_mod
+from n2vdb.data import importer, synth as synth_mod
+from n2vdb.errors import QueryError
+from n2vdb.ingest import IngestOptions, ingest as run_ingest
+from n2vdb.models import registry
+from n2vdb.store import read_connection, write_connection
+from n2vdb.store import migrate
+
+PathLike = str | os.PathLike | None
+
+
+def add_dataset(path: str | Path, name: str, db: PathLike = None) -> int:
+    with write_connection(db) as con:
+        return importer.add_dataset(con, path, name)
+
+
+def synth(path: str | Path, images: int = 300, size: int = 227, seed: int = 0, name: str | None = "synthetic",
+          db: PathLike = None) -> Path:
+    """Generate a Broden-format concept set at PATH; registers it under NAME unless NAME is None."""
+    root = synth_mod.generate(path, images=images, size=size, seed=seed)
+    if name:
+        add_dataset(root, name, db)
+    return root
+
+
+def fetch_broden(release: str, directory: str | Path) -> Path:
+    return fetch_mod.fetch(release, Path(directory))
+
+
+def datasets(db: PathLike = None) -> pa.Table:
+    with read_connection(db) as con:
+        return pa.Table.from_pylist(importer.list_datasets(con))
+
+
+def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
+    """Run or resume every stage of a probe. Options are IngestOptions fields; training settings may be
+    passed as train=TrainSettings(...)."""
+    with write_connection(db) as con:
+        return run_ingest(con, model, layer, IngestOptions(**options))
+
+
+def probes(db: PathLike = None) -> pa.Table:
+    with read_connection(db) as con:
+        return pa.Table.from_pylist(probes_mod.list_probes(con))
+
+
+def models(model: str | None = None) -> pa.Table:
+    if model is None:
+        friendly = registry.FRIENDLY
+        return pa.Table.from_pylist([
+            {"model": m, "friendly_layers": ", ".join(friendly.get(m, {})) or "(any dotted module path)"}
+            for m in registry.all_models()])
+    return pa.Table.from_pylist([
+        {"layer": name, "module": path, "shape": "x".join(str(d) for d in shape)}
+        for name, path, shape in registry.output_shapes(registry.check_model(model))])
+
+
+def query(name: str, db: PathLike = None, **params) -> pa.Table:
+    with read_connection(db) as con:
+        return queries.run(con, name, **params)
+
+
+def sql(statement: str, db: PathLike = None, write: bool = False) -> pa.Table:
+    """Run ad-hoc SQL; read-only unless write=True. Returns the last statement's result."""
+    opener = write_connection if write else read_connection
+    with opener(db) as con:
+        try:
+            result = con.sql(statement)
+            return result.to_arrow_table() if result is not None else pa.table({})
+        except duckdb.Error as exc:
+            raise QueryError(describe_sql_error(exc)) from None
+
+
+def describe_sql_error(exc: duckdb.Error) -> str:
+    """DuckDB's message on one line, with the line and column its caret points at."""
+    lines = str(exc).splitlines()
+    message = lines[0]
+    for i, line in enumerate(lines):
+        match = re.match(r"LINE (\d+): ", line)
+        if match and i + 1 < len(lines) and "^" in lines[i + 1]:
+            column = lines[i + 1].index("^") - len(match[0]) + 1
+            return f"{message} (line {match[1]}, column {column})"
+    return message
+
+
+def activations(probe_id: int, db: PathLike = None, image_ids: list[int] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A probe's activations, dequantised: (image ids [N], float32 [N, K, H, W]), aligned by row.
+    Each value is within half its (image, filter) quantisation step, scale / 2, of the float activation."""
+    with read_connection(db) as con:
+        probe = probes_mod.load(con, probe_id)
+        shape = (probe.n_filters, probe.height, probe.width)
+        parts = list(acts_store.iter_activations(con, probe.activation_probe, shape, image_ids))
+    if not parts:
+        return np.zeros(0, np.int32), np.zeros((0, *shape), np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def db_status(db: PathLike = None) -> pa.Table:
+    path = Path(db or os.environ.get("N2VDB_DB") or "n2v.duckdb")
+    if not path.exists():
+        return pa.Table.from_pylist([{"version": m.version, "name": m.name, "applied": False}
+                                     for m in migrate.available()])
+    from n2vdb.store.connection import connect
+
+    con = connect(db, read_only=True)
+    try:
+        return pa.Table.from_pylist(migrate.status(con))
+    finally:
+        con.close()
+
+
+def db_upgrade(db: PathLike = None) -> list[str]:
+    from n2vdb.store.connection import connect
+
+    con = connect(db, read_only=False)
+    try:
+        return [f"{m.version:04d}_{m.name}" for m in migrate.upgrade(con)]
+    finally:
+        con.close()

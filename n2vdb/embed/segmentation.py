@@ -1,0 +1,175 @@
+"""Net2Vec segmentation embeddings (method.md section 4), all concepts trained at once.
+
+One weight matrix W [K, C]; concept c's logit map is upsample(sum_k W[k, c] B_k + b_c). Each concept
+sees only its own train images, its own alpha and its own loss: a mini-batch of images contributes,
+for each concept, the loss summed over the batch images that contain that concept, divided by the
+nominal batch size. Per epoch every concept therefore receives the same total gradient as the
+reference code's per-concept batches of that size; only the step boundaries differ.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from n2vdb.embed.examples import ExampleSource, SegExample
+
+LOSSES = ("paper", "loglik")
+
+
+@dataclass
+class SegResult:
+    concept_ids: np.ndarray  # [C]
+    weights: torch.Tensor  # [K, C]
+    bias: torch.Tensor  # [C]
+    alpha: torch.Tensor  # [C]
+    train_iou: np.ndarray  # [C] set IoU (nan where the concept has no image in the split)
+    val_iou: np.ndarray
+
+
+def compute_alpha(source: ExampleSource, column: dict[int, int]) -> torch.Tensor:
+    """alpha_c = 1 - mean over train images containing c of the fraction of pixels labelled c."""
+    total = torch.zeros(len(column), dtype=torch.float64)
+    count = torch.zeros(len(column), dtype=torch.float64)
+    for ex in source():
+        if ex.split != "train":
+            continue
+        for j, c in enumerate(ex.concept_ids):
+            col = column.get(int(c))
+            if col is not None:
+                total[col] += ex.masks[j].double().mean()
+                count[col] += 1
+    return (1 - total / count.clamp_min(1)).float()
+
+
+def concept_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor, kind: str = "paper") -> torch.Tensor:
+    """Per-(image, concept) loss summed over pixels. logits, labels [..., sh, sw]; alpha broadcasts to [...]."""
+    a = alpha[..., None, None]
+    if kind == "paper":
+        m = torch.sigmoid(logits)
+        per_pixel = a * labels * m + (1 - a) * (1 - labels) * (1 - m)
+    elif kind == "loglik":
+        per_pixel = a * labels * F.logsigmoid(logits) + (1 - a) * (1 - labels) * F.logsigmoid(-logits)
+    else:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    return -per_pixel.sum(dim=(-2, -1))
+
+
+def _batch_terms(batch: Sequence[SegExample], column: dict[int, int], weights: torch.Tensor, bias: torch.Tensor):
+    """Yield (cols, presence [n, Cu], labels [n, Cu, sh, sw], logits [n, Cu, sh, sw]) per seg size."""
+    by_size: dict[tuple[int, int], list[SegExample]] = {}
+    for ex in batch:
+        cols = [column[int(c)] for c in ex.concept_ids if int(c) in column]
+        if cols:
+            by_size.setdefault(tuple(ex.masks.shape[1:]), []).append(ex)
+    for size, group in by_size.items():
+        union = sorted({column[int(c)] for ex in group for c in ex.concept_ids if int(c) in column})
+        where = {c: i for i, c in enumerate(union)}
+        presence = torch.zeros(len(group), len(union))
+        labels = torch.zeros(len(group), len(union), *size)
+        for n, ex in enumerate(group):
+            for j, c in enumerate(ex.concept_ids):
+                col = column.get(int(c))
+                if col is not None:
+                    presence[n, where[col]] = 1
+                    labels[n, where[col]] = ex.masks[j].float()
+        binary = torch.stack([ex.binary for ex in group]).float()  # [n, K, H, W]
+        cols = torch.tensor(union)
+        small = torch.einsum("nkhw,kc->nchw", binary, weights[:, cols]) + bias[cols][None, :, None, None]
+        # Upsampling is linear, so logits are formed at H x W and upsampled once per concept.
+        logits = F.interpolate(small, size=size, mode="bilinear", align_corners=True)
+        yield cols, presence, labels, logits
+
+
+def _epoch_order(source: ExampleSource, rng: random.Random, window: int = 2048):
+    """Train examples in a fresh random order: a full shuffle for cached lists, a shuffle buffer otherwise."""
+    examples = source()
+    if isinstance(examples, list):
+        chosen = [ex for ex in examples if ex.split == "train"]
+        rng.shuffle(chosen)
+        yield from chosen
+        return
+    buffer: list[SegExample] = []
+    for ex in examples:
+        if ex.split != "train":
+            continue
+        buffer.append(ex)
+        if len(buffer) >= window:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def train(source: ExampleSource, concept_ids: Sequence[int], n_filters: int, *, epochs: int = 30,
+          lr: float = 1e-4, batch_size: int = 16, loss: str = "paper", use_bias: bool = False, seed: int = 0,
+          keep: torch.Tensor | None = None, on_epoch: Callable[[int], None] | None = None) -> SegResult:
+    """Train every concept's embedding jointly. keep [K, C] (0/1) restricts each concept to some filters."""
+    concept_ids = np.asarray(concept_ids, dtype=np.int64)
+    column = {int(c): j for j, c in enumerate(concept_ids)}
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1 / math.sqrt(n_filters)
+    init = (torch.rand(n_filters, len(column), generator=gen) * 2 - 1) * bound
+    keep = torch.ones_like(init) if keep is None else keep.float()
+    raw = (init * keep).requires_grad_()
+    bias = torch.zeros(len(column), requires_grad=use_bias)
+    params = [raw, bias] if use_bias else [raw]
+    optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    alpha = compute_alpha(source, column)
+    rng = random.Random(seed)
+    for epoch in range(epochs):
+        batch: list[SegExample] = []
+        for ex in _epoch_order(source, rng):
+            batch.append(ex)
+            if len(batch) == batch_size:
+                _step(batch, column, raw * keep, bias, alpha, loss, batch_size, optimiser)
+                batch = []
+        if batch:
+            _step(batch, column, raw * keep, bias, alpha, loss, batch_size, optimiser)
+        if on_epoch:
+            on_epoch(epoch)
+    weights = (raw * keep).detach()
+    train_iou, val_iou = evaluate(source, column, weights, bias.detach())
+    return SegResult(concept_ids, weights, bias.detach().clone(), alpha, train_iou, val_iou)
+
+
+def _step(batch, column, weights, bias, alpha, loss_kind, batch_size, optimiser) -> None:
+    optimiser.zero_grad()
+    total = torch.zeros(())
+    for cols, presence, labels, logits in _batch_terms(batch, column, weights, bias):
+        per = concept_loss(logits, labels, alpha[cols][None, :].expand_as(presence), loss_kind)
+        total = total + (per * presence).sum()
+    if total.requires_grad:
+        (total / batch_size).backward()
+        optimiser.step()
+
+
+@torch.no_grad()
+def evaluate(source: ExampleSource, column: dict[int, int], weights: torch.Tensor, bias: torch.Tensor,
+             per_image: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Set IoU per concept and split of M = sigmoid(logits) > 0.5, over images containing the concept.
+    per_image, if given, collects (image_id, concept_id, intersection, union) for val images."""
+    c = len(column)
+    inter = {s: np.zeros(c) for s in ("train", "val")}
+    union = {s: np.zeros(c) for s in ("train", "val")}
+    concept_of = {j: cid for cid, j in column.items()}
+    for ex in source():
+        for cols, presence, labels, logits in _batch_terms([ex], column, weights, bias):
+            pred = logits[0] > 0  # sigmoid(x) > 0.5
+            lab = labels[0] > 0.5
+            i = (pred & lab).flatten(1).sum(1).numpy()
+            u = (pred | lab).flatten(1).sum(1).numpy()
+            present = presence[0].numpy() > 0
+            idx = cols.numpy()[present]
+            np.add.at(inter[ex.split], idx, i[present])
+            np.add.at(union[ex.split], idx, u[present])
+            if per_image is not None and ex.split == "val":
+                for j, ii, uu in zip(idx, i[present], u[present]):
+                    per_image.append((ex.image_id, concept_of[int(j)], int(ii), int(uu)))
+    iou = {s: np.where(union[s] > 0, inter[s] / np.maximum(union[s], 1), np.nan) for s in inter}
+    return iou["train"], iou["val"]

@@ -1,0 +1,167 @@
+"""Stage 3 of ingest: segmentation and classification embeddings, per-image scores, sufficiency."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import torch
+
+from n2vdb import activations as acts_store
+from n2vdb.data.broden import BrodenDataset
+from n2vdb.embed import classification, segmentation
+from n2vdb.embed.examples import cached, store_examples
+from n2vdb.probe import Probe, TrainSettings, set_status
+from n2vdb.progress import say
+
+
+def sufficiency_grid(k: int) -> list[int]:
+    """1, 2, 4, ... below K (K itself is the full embedding)."""
+    grid, f = [], 1
+    while f < k:
+        grid.append(f)
+        f *= 2
+    return grid
+
+
+def top_filters(weights: torch.Tensor, f: int) -> torch.Tensor:
+    """keep [K, C]: 1 on each concept's F filters with the largest |w|."""
+    keep = torch.zeros_like(weights)
+    keep.scatter_(0, weights.abs().topk(f, dim=0).indices, 1.0)
+    return keep
+
+
+def _rows(probe_id: int, kind: str, n_filters: int, concept_ids, weights: torch.Tensor, bias: torch.Tensor,
+          train_score, val_score, val_ap=None) -> pa.Table:
+    n = len(concept_ids)
+    k = weights.shape[0]
+    nan_to_null = lambda a: pa.array(np.asarray(a, np.float64), mask=np.isnan(np.asarray(a, np.float64)))  # noqa: E731
+    return pa.table({
+        "probe_id": pa.array(np.full(n, probe_id, np.int32)),
+        "concept_id": pa.array(np.asarray(concept_ids, np.int32)),
+        "kind": pa.array([kind] * n, pa.string()),
+        "n_filters": pa.array(np.full(n, n_filters, np.int32)),
+        "weights": pa.FixedSizeListArray.from_arrays(
+            pa.array(weights.T.contiguous().numpy().astype(np.float32).reshape(-1)), k).cast(pa.list_(pa.float32())),
+        "bias": bias.numpy().astype(np.float64),
+        "train_score": nan_to_null(train_score),
+        "val_score": nan_to_null(val_score),
+        "val_ap": nan_to_null(val_ap if val_ap is not None else np.full(n, np.nan)),
+    })
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table_name: str, table: pa.Table) -> None:
+    con.register("_rows", table)
+    try:
+        con.execute(f"INSERT INTO {table_name} SELECT * FROM _rows")
+    finally:
+        con.unregister("_rows")
+
+
+def classification_inputs(con, probe: Probe, dataset_id: int):
+    """(image ids, features [N, K], labels [N, C] bool, is_val [N], concept ids) for concepts seen in train."""
+    ids, features = acts_store.pooled(con, probe.activation_probe)
+    split = dict(con.execute("SELECT image_id, split FROM images WHERE dataset_id = ?", [dataset_id]).fetchall())
+    pairs = con.execute(
+        "SELECT ic.image_id, ic.concept_id FROM image_concepts ic WHERE ic.dataset_id = ?"
+        " AND ic.image_id IN (SELECT image_id FROM activations WHERE probe_id = ?)",
+        [dataset_id, probe.activation_probe]).fetchnumpy()
+    is_val = torch.tensor([split[int(i)] == "val" for i in ids])
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    concepts = np.unique(pairs["concept_id"]) if len(pairs["concept_id"]) else np.array([], np.int64)
+    col_of = {int(c): j for j, c in enumerate(concepts)}
+    labels = torch.zeros(len(ids), len(concepts), dtype=torch.bool)
+    for i, c in zip(pairs["image_id"], pairs["concept_id"]):
+        labels[row_of[int(i)], col_of[int(c)]] = True
+    train_pos = labels[~is_val].sum(0)
+    usable = (train_pos > 0) & (train_pos < int((~is_val).sum()))
+    return ids, torch.from_numpy(features), labels[:, usable], is_val, concepts[usable.numpy()]
+
+
+def run(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, settings: TrainSettings,
+        workers: int = 0) -> None:
+    k = probe.n_filters
+    tables: list[tuple[str, pa.Table]] = []
+
+    pixel = {c for (c,) in con.execute(
+        "SELECT DISTINCT ic.concept_id FROM image_concepts ic JOIN concepts c USING (dataset_id, concept_id)"
+        " JOIN images i USING (dataset_id, image_id)"
+        " WHERE ic.dataset_id = ? AND c.level = 'pixel' AND i.split = 'train'"
+        " AND ic.image_id IN (SELECT image_id FROM activations WHERE probe_id = ?)",
+        [probe.dataset_id, probe.activation_probe]).fetchall()}
+    seg_concepts = sorted(pixel)
+    if seg_concepts:
+        source = cached(store_examples(con, probe, dataset, pixel, workers))
+        say(f"training {len(seg_concepts)} segmentation embeddings ({settings.epochs} epochs)")
+        seg_kwargs = dict(epochs=settings.epochs, lr=settings.seg_lr, batch_size=settings.seg_batch,
+                          loss=settings.seg_loss, use_bias=settings.seg_bias, seed=settings.seed)
+        seg = segmentation.train(source, seg_concepts, k, **seg_kwargs)
+        tables.append(("embeddings", _rows(probe.probe_id, "segmentation", k, seg.concept_ids, seg.weights,
+                                           seg.bias, seg.train_iou, seg.val_iou)))
+        column = {int(c): j for j, c in enumerate(seg.concept_ids)}
+        per_image: list = []
+        segmentation.evaluate(source, column, seg.weights, seg.bias, per_image)
+        tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", per_image)))
+        if settings.sufficiency:
+            for f in sufficiency_grid(k):
+                say(f"sufficiency: segmentation with the top {f} filters")
+                part = segmentation.train(source, seg_concepts, k, keep=top_filters(seg.weights, f), **seg_kwargs)
+                tables.append(("embeddings", _rows(probe.probe_id, "segmentation", f, part.concept_ids,
+                                                   part.weights, part.bias, part.train_iou, part.val_iou)))
+
+    image_ids, features, labels, is_val, cls_concepts = classification_inputs(con, probe, probe.dataset_id)
+    if len(cls_concepts) and bool(is_val.any()):
+        say(f"training {len(cls_concepts)} classification embeddings")
+        cls_kwargs = dict(epochs=settings.epochs, lr=settings.cls_lr, batch_size=settings.cls_batch,
+                          seed=settings.seed)
+        cls = classification.train(features, labels, is_val, cls_concepts, **cls_kwargs)
+        tables.append(("embeddings", _rows(probe.probe_id, "classification", k, cls.concept_ids, cls.weights,
+                                           cls.bias, cls.train_accuracy, cls.val_accuracy, cls.val_ap)))
+        val_ids = image_ids[is_val.numpy()]
+        val_labels = labels[is_val]
+        rows = [(int(val_ids[n]), int(cls_concepts[j]), None, None, float(cls.val_scores[n, j]))
+                for n, j in torch.nonzero(val_labels).tolist()]
+        tables.append(("image_concept_scores", _score_rows(probe.probe_id, "classification", rows)))
+        if settings.sufficiency:
+            for f in sufficiency_grid(k):
+                part = classification.train(features, labels, is_val, cls_concepts,
+                                            keep=top_filters(cls.weights, f), **cls_kwargs)
+                tables.append(("embeddings", _rows(probe.probe_id, "classification", f, part.concept_ids,
+                                                   part.weights, part.bias, part.train_accuracy,
+                                                   part.val_accuracy, part.val_ap)))
+
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("DELETE FROM embeddings WHERE probe_id = ?", [probe.probe_id])
+        con.execute("DELETE FROM image_concept_scores WHERE probe_id = ?"
+                    " AND method IN ('segmentation', 'classification')", [probe.probe_id])
+        for name, table in tables:
+            _insert(con, name, table)
+        set_status(con, probe.probe_id, "complete")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    probe.status = "complete"
+
+
+def _score_rows(probe_id: int, method: str, rows: list) -> pa.Table:
+    """rows: (image_id, concept_id, intersection, union) for IoUs or (image_id, concept_id, None, None, score)."""
+    n = len(rows)
+    image_ids = np.array([r[0] for r in rows], np.int32)
+    concept_ids = np.array([r[1] for r in rows], np.int32)
+    if method == "classification":
+        inter = union = iou = pa.nulls(n, pa.int64())
+        iou = pa.nulls(n, pa.float64())
+        score = pa.array([r[4] for r in rows], pa.float64())
+    else:
+        i = np.array([r[2] for r in rows], np.int64)
+        u = np.array([r[3] for r in rows], np.int64)
+        inter, union = pa.array(i), pa.array(u)
+        iou = pa.array(np.divide(i, u, out=np.zeros(n), where=u > 0))
+        score = pa.nulls(n, pa.float64())
+    return pa.table({
+        "probe_id": pa.array(np.full(n, probe_id, np.int32)), "image_id": image_ids, "concept_id": concept_ids,
+        "method": pa.array([method] * n, pa.string()), "intersection": inter, "union_": union,
+        "iou": iou, "score": score,
+    })

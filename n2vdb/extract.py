@@ -1,0 +1,167 @@
+"""Stage 1 of ingest: stream images through the model, store quantised activations, find thresholds."""
+
+from __future__ import annotations
+
+import os
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from n2vdb import activations as acts_store
+from n2vdb.data.broden import BrodenDataset, ImageRow
+from n2vdb.errors import DatasetError
+from n2vdb.probe import Probe, ProbeSpec, set_status
+from n2vdb.progress import progress_bar
+from n2vdb.stats.quantile import TopQuantile
+from n2vdb.store.connection import first
+
+
+class ImageFolderRows(Dataset):
+    """Whole images resized to size x size (no crop, so masks stay aligned), normalised."""
+
+    def __init__(self, dataset: BrodenDataset, rows: list[ImageRow], size: int, mean, std):
+        self.dataset, self.rows, self.size = dataset, rows, size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        row = self.rows[index]
+        path = self.dataset.image_path(row)
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        except FileNotFoundError:
+            return row.image_id, torch.zeros(3, self.size, self.size), f"image {path} is missing"
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            return row.image_id, torch.zeros(3, self.size, self.size), f"image {path} cannot be decoded ({exc})"
+        tensor = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255).permute(2, 0, 1)
+        return row.image_id, (tensor - self.mean) / self.std, ""
+
+
+class _StopForward(Exception):
+    pass
+
+
+class LayerTap:
+    """Runs a model only as far as one module and returns that module's output."""
+
+    def __init__(self, net: torch.nn.Module, module: str, relu: bool):
+        self.net, self.relu = net, relu
+        self.output: torch.Tensor | None = None
+        self.handle = net.get_submodule(module).register_forward_hook(self._hook)
+
+    def _hook(self, _module, _inputs, output):
+        self.output = output
+        raise _StopForward
+
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        try:
+            self.net(batch)
+        except _StopForward:
+            pass
+        out = self.output
+        self.output = None
+        return torch.relu(out) if self.relu else out
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DatasetError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def layer_shape(tap: LayerTap, size: int, device: torch.device) -> tuple[int, int, int]:
+    out = tap(torch.zeros(1, 3, size, size, device=device))
+    return tuple(int(d) for d in out.shape[1:])
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def extract(con: duckdb.DuckDBPyConnection, probe: Probe, spec: ProbeSpec, dataset: BrodenDataset,
+            net: torch.nn.Module, device: str = "auto", batch_size: int = 32, workers: int | None = None) -> None:
+    """Write the activations of every image not yet stored; each batch commits on its own."""
+    dev = pick_device(device)
+    net = net.to(dev)
+    tap = LayerTap(net, spec.module, spec.relu)
+    k, h, w = layer_shape(tap, spec.input_size, dev)
+    con.execute("UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?", [k, h, w, probe.probe_id])
+    probe.n_filters, probe.height, probe.width = k, h, w
+    rows = dataset.rows[: spec.limit] if spec.limit else dataset.rows
+    done = acts_store.stored_image_ids(con, probe.probe_id)
+    todo = [r for r in rows if r.image_id not in done]
+    loader = DataLoader(
+        ImageFolderRows(dataset, todo, spec.input_size, spec.mean, spec.std),
+        batch_size=batch_size, num_workers=default_workers() if workers is None else workers,
+        pin_memory=dev.type == "cuda",
+    )
+    with progress_bar() as bar:
+        task = bar.add_task(f"extracting {spec.model} {spec.layer}", total=len(rows), completed=len(done))
+        for image_ids, images, errors in loader:
+            bad = [e for e in errors if e]
+            if bad:
+                raise DatasetError(f"{bad[0]}; fix or remove that row of index.csv, then re-run to resume")
+            out = tap(images.to(dev, non_blocking=True)).float()
+            codes, scales = acts_store.quantise(out)
+            table = acts_store.to_arrow(
+                probe.probe_id, image_ids.numpy(), codes.cpu().numpy(), scales.cpu().numpy(),
+                out.mean(dim=(2, 3)).cpu().numpy())
+            acts_store.write(con, table)  # autocommit: one transaction per batch
+            bar.advance(task, len(image_ids))
+    tap.handle.remove()
+
+
+def compute_thresholds(con: duckdb.DuckDBPyConnection, probe: Probe, quantile: float) -> np.ndarray:
+    """Per-filter thresholds from the stored activations, into `filters`.
+
+    Exactly the numpy linear quantile of the dequantised values; since every stored value is within
+    half its (image, filter) step of the float value, and order statistics move no more than the
+    largest perturbation, each threshold is within threshold_bound = max over images of s_k / 2 of
+    the quantile of the float activations.
+    """
+    shape = (probe.n_filters, probe.height, probe.width)
+    n_images = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?",
+                           [probe.activation_probe]))[0]
+    sketch = TopQuantile(quantile, n_images * probe.height * probe.width)
+    peak = np.zeros(probe.n_filters, np.float64)
+    with progress_bar() as bar:
+        task = bar.add_task("thresholds", total=n_images)
+        for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape):
+            values = torch.from_numpy(codes).float() * torch.from_numpy(scales)[:, :, None, None]
+            sketch.add(values)
+            peak = np.maximum(peak, scales.max(axis=0))
+            bar.advance(task, len(ids))
+    thresholds = sketch.result().numpy()
+    _, pooled = acts_store.pooled(con, probe.activation_probe)
+    table = pa.table({
+        "probe_id": pa.array(np.full(probe.n_filters, probe.probe_id, np.int32)),
+        "filter": pa.array(np.arange(probe.n_filters, dtype=np.int32)),
+        "threshold": thresholds,
+        "threshold_bound": peak / 2,
+        "max_value": peak * 255,
+        "mean_value": pooled.mean(axis=0).astype(np.float64),
+    })
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("DELETE FROM filters WHERE probe_id = ?", [probe.probe_id])
+        con.register("_filters", table)
+        con.execute("INSERT INTO filters SELECT * FROM _filters")
+        con.unregister("_filters")
+        set_status(con, probe.probe_id, "iou")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    probe.status = "iou"
+    return thresholds

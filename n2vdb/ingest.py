@@ -1,0 +1,120 @@
+"""`n2vdb ingest MODEL LAYER`: the whole pipeline for one probe, resumable stage by stage."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from n2vdb import extract, probe as probes
+from n2vdb.data import importer
+from n2vdb.data.broden import BrodenDataset
+from n2vdb.data.synth import generate
+from n2vdb.embed import stage as embed_stage
+from n2vdb.errors import UsageError
+from n2vdb.models import registry, weights as weights_mod
+from n2vdb.progress import say
+from n2vdb.stats import iou as iou_stage
+from n2vdb.store.connection import first
+
+SYNTHETIC = "synthetic"
+
+
+def home() -> Path:
+    return Path(os.environ.get("N2VDB_HOME") or Path.home() / ".cache" / "n2vdb")
+
+
+def ensure_synthetic(con: duckdb.DuckDBPyConnection, images: int = 300, size: int = 227, seed: int = 0) -> int:
+    """Register the built-in concept set, generating it under N2VDB_HOME on first use."""
+    found = importer.find_dataset(con, SYNTHETIC)
+    if found:
+        return found[0]
+    root = home() / SYNTHETIC
+    if not (root / "index.csv").exists():
+        say(f"generating the built-in concept set ({images} images) in {root}")
+        generate(root, images=images, size=size, seed=seed)
+    return importer.add_dataset(con, root, SYNTHETIC)
+
+
+def default_dataset(con: duckdb.DuckDBPyConnection) -> str:
+    """Broden when one is registered, else the built-in concept set."""
+    for entry in importer.list_datasets(con):
+        if entry["name"].startswith("broden"):
+            return entry["name"]
+    return SYNTHETIC
+
+
+@dataclass
+class IngestOptions:
+    dataset: str | None = None
+    weights: str = "imagenet"
+    seed: int = 0
+    device: str = "auto"
+    limit: int | None = None
+    input_size: int | None = None
+    quantile: float = 0.995
+    iou_mode: str = "net2vec"
+    batch_size: int = 32
+    workers: int | None = None
+    train: probes.TrainSettings = probes.TrainSettings()
+
+
+def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: IngestOptions) -> ProbeSpecAndData:
+    if options.iou_mode not in iou_stage.MODES:
+        raise UsageError(f"--iou-mode {options.iou_mode!r}: choose one of {', '.join(iou_stage.MODES)}")
+    if not 0 < options.quantile < 1:
+        raise UsageError("--quantile must lie strictly between 0 and 1 (0.995 = top 0.5%)")
+    if options.limit is not None and options.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    layer_spec = registry.resolve_layer(model, layer)
+    weights_id, mean, std = weights_mod.identify(model, options.weights, options.seed)
+    name = options.dataset or default_dataset(con)
+    if options.dataset is None:
+        say(f"dataset: {name} (pass --dataset to choose)")
+    dataset_id = ensure_synthetic(con) if name == SYNTHETIC else importer.require_dataset(con, name)[0]
+    path = importer.find_dataset(con, name)[1]
+    spec = probes.ProbeSpec(
+        model=model, layer=layer, module=layer_spec.module, relu=layer_spec.relu, weights=weights_id,
+        dataset_id=dataset_id, input_size=options.input_size or registry.input_size(model),
+        mean=tuple(mean), std=tuple(std), limit=options.limit, quantile=options.quantile,
+        iou_mode=options.iou_mode, train=options.train)
+    return ProbeSpecAndData(spec, BrodenDataset.open(path))
+
+
+@dataclass
+class ProbeSpecAndData:
+    spec: probes.ProbeSpec
+    dataset: BrodenDataset
+
+
+def ingest(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: IngestOptions | None = None) -> int:
+    """Run (or resume) every stage of the probe; returns its probe_id."""
+    options = options or IngestOptions()
+    made = make_spec(con, model, layer, options)
+    spec, dataset = made.spec, made.dataset
+    probe, created = probes.get_or_create(con, spec)
+    if probe.status == "complete":
+        say(f"probe {probe.probe_id} is already complete; nothing to do")
+        return probe.probe_id
+    if not created:
+        say(f"resuming probe {probe.probe_id} at stage {probe.status}")
+    workers = extract.default_workers() if options.workers is None else options.workers
+    if probe.status == "extracting":
+        loaded = weights_mod.load(model, options.weights, options.seed)
+        extract.extract(con, probe, spec, dataset, loaded.net, options.device, options.batch_size, workers)
+        extract.compute_thresholds(con, probe, spec.quantile)
+    if probe.status == "iou":
+        if probe.source_probe_id is not None or not _has_thresholds(con, probe):
+            probe = probes.load(con, probe.probe_id)
+            extract.compute_thresholds(con, probe, spec.quantile)
+        iou_stage.run(con, probe, dataset, spec.iou_mode, workers)
+    if probe.status == "embeddings":
+        embed_stage.run(con, probe, dataset, spec.train, workers)
+    return probe.probe_id
+
+
+def _has_thresholds(con: duckdb.DuckDBPyConnection, probe: probes.Probe) -> bool:
+    n = first(con.execute("SELECT count(*) FROM filters WHERE probe_id = ?", [probe.probe_id]))[0]
+    return n == probe.n_filters

@@ -1,0 +1,119 @@
+"""Resolving --weights: 'imagenet' (torchvision's default, via the torch hub cache), 'random' or a file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from n2vdb.errors import ModelError, WeightsUnavailable
+from n2vdb.models.registry import build
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    net: nn.Module
+    weights_id: str  # recorded in the probe: 'imagenet:ALEXNET_...', 'random:seed=0', 'file:sha256=...'
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hub_checkpoint(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _imagenet(model: str) -> LoadedModel:
+    entry = torchvision.models.get_model_weights(model).DEFAULT
+    cached = hub_checkpoint(entry.url)
+    if not cached.exists():
+        try:
+            torch.hub.load_state_dict_from_url(entry.url, progress=True, check_hash=False)
+        except Exception:  # noqa: BLE001 - any download failure means the same thing to the user
+            raise WeightsUnavailable(
+                f"cannot download {entry.url}; put that file at {cached} (TORCH_HOME sets the cache directory)"
+            ) from None
+    net = build(model)
+    state = torch.load(cached, map_location="cpu", weights_only=True)
+    _load(net, state, str(cached))
+    transforms = entry.transforms()
+    mean = tuple(getattr(transforms, "mean", IMAGENET_MEAN))
+    std = tuple(getattr(transforms, "std", IMAGENET_STD))
+    return LoadedModel(net, f"imagenet:{entry}", mean, std)
+
+
+def _random(model: str, seed: int) -> LoadedModel:
+    torch.manual_seed(seed)
+    return LoadedModel(build(model), f"random:seed={seed}", IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _from_file(model: str, path: Path) -> LoadedModel:
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and tensor errors alike
+        raise ModelError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} holds no state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    # A Places365 AlexNet has 365 outputs: size the classifier from the file.
+    last_2d = [v for v in state.values() if hasattr(v, "dim") and v.dim() == 2]
+    kwargs = {"num_classes": last_2d[-1].shape[0]} if last_2d else {}
+    try:
+        net = build(model, **kwargs)
+    except TypeError:
+        net = build(model)
+    _load(net, state, str(path))
+    return LoadedModel(net, identify(model, str(path))[0], IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _load(net: nn.Module, state: dict, source: str) -> None:
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise ModelError(f"weights in {source} do not fit {type(net).__name__}: {first[:200]}") from None
+
+
+def load(model: str, weights: str = "imagenet", seed: int = 0) -> LoadedModel:
+    if weights == "imagenet":
+        loaded = _imagenet(model)
+    elif weights == "random":
+        loaded = _random(model, seed)
+    else:
+        loaded = _from_file(model, Path(weights).expanduser())
+    loaded.net.eval()
+    return loaded
+
+
+def identify(model: str, weights: str = "imagenet", seed: int = 0) -> tuple[str, tuple, tuple]:
+    """(weights id, mean, std) without building the network: enough to key a probe."""
+    if weights == "imagenet":
+        entry = torchvision.models.get_model_weights(model).DEFAULT
+        transforms = entry.transforms()
+        return (f"imagenet:{entry}", tuple(getattr(transforms, "mean", IMAGENET_MEAN)),
+                tuple(getattr(transforms, "std", IMAGENET_STD)))
+    if weights == "random":
+        return f"random:seed={seed}", IMAGENET_MEAN, IMAGENET_STD
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ModelError(f"--weights {weights}: expected imagenet, random or an existing state-dict file")
+    return f"file:{path.name}:sha256={_file_sha256(path)[:16]}", IMAGENET_MEAN, IMAGENET_STD

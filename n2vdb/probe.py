@@ -1,0 +1,160 @@
+"""Probes: one (model, weights, layer, dataset, input size, settings) combination and its lifecycle.
+
+A probe's key hashes every input that changes its results; running the same ingest again finds the
+probe and resumes it. Probes that differ only in analysis settings (quantile, IoU mode, training)
+share one extraction: the later one points at the first through source_probe_id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import duckdb
+
+from n2vdb.errors import NotFound
+from n2vdb.store.connection import first
+
+STAGES = ("extracting", "iou", "embeddings", "complete")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 30
+    seg_lr: float = 1e-4
+    seg_batch: int = 16
+    seg_loss: str = "paper"  # 'paper' (no logarithm, as the reference code) | 'loglik'
+    seg_bias: bool = False
+    cls_lr: float = 0.1
+    cls_batch: int = 64
+    seed: int = 0
+    sufficiency: bool = False
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    model: str
+    layer: str  # friendly name or dotted path, as typed
+    module: str  # resolved dotted module path
+    relu: bool
+    weights: str  # resolved id: imagenet:..., random:seed=N, file:NAME:sha256=...
+    dataset_id: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    limit: int | None = None
+    quantile: float = 0.995
+    iou_mode: str = "net2vec"  # 'net2vec' (threshold, upsample) | 'netdissect' (upsample, threshold)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def extraction_settings(self) -> dict:
+        return {k: v for k, v in self.settings().items() if k not in ("quantile", "iou_mode", "train")}
+
+    def settings(self) -> dict:
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @property
+    def extraction_key(self) -> str:
+        return _digest(self.extraction_settings())
+
+    @property
+    def key(self) -> str:
+        return _digest(self.settings())
+
+
+def _digest(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@dataclass
+class Probe:
+    probe_id: int
+    status: str
+    source_probe_id: int | None
+    n_filters: int | None
+    height: int | None
+    width: int | None
+    dataset_id: int
+
+    @property
+    def activation_probe(self) -> int:
+        """The probe whose activations rows this probe reads."""
+        return self.source_probe_id or self.probe_id
+
+
+def get_or_create(con: duckdb.DuckDBPyConnection, spec: ProbeSpec) -> tuple[Probe, bool]:
+    """(probe, created). A new probe shares a finished extraction with the same extraction key."""
+    found = load_by_key(con, spec.key)
+    if found:
+        return found, False
+    source = None
+    for probe_id, settings, status in con.execute(
+        "SELECT probe_id, settings, status FROM probes WHERE dataset_id = ? AND source_probe_id IS NULL",
+        [spec.dataset_id],
+    ).fetchall():
+        stored = json.loads(settings)
+        if status != "extracting" and _digest({k: v for k, v in stored.items()
+                                               if k not in ("quantile", "iou_mode", "train")}) == spec.extraction_key:
+            source = probe_id
+            break
+    status = "extracting" if source is None else "iou"
+    probe_id = first(con.execute(
+        "INSERT INTO probes (probe_key, model, weights, layer, dataset_id, source_probe_id, settings, status)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING probe_id",
+        [spec.key, spec.model, spec.weights, spec.layer, spec.dataset_id, source, json.dumps(spec.settings()), status],
+    ))[0]
+    if source is not None:
+        con.execute(
+            "UPDATE probes SET n_filters = s.n_filters, height = s.height, width = s.width"
+            " FROM probes s WHERE s.probe_id = ? AND probes.probe_id = ?", [source, probe_id])
+    return load(con, probe_id), True
+
+
+def _from_row(row) -> Probe:
+    return Probe(*row)
+
+
+_COLUMNS = "probe_id, status, source_probe_id, n_filters, height, width, dataset_id"
+
+
+def load_by_key(con: duckdb.DuckDBPyConnection, key: str) -> Probe | None:
+    row = first(con.execute(f"SELECT {_COLUMNS} FROM probes WHERE probe_key = ?", [key]))
+    return _from_row(row) if row else None
+
+
+def load(con: duckdb.DuckDBPyConnection, probe_id: int) -> Probe:
+    row = first(con.execute(f"SELECT {_COLUMNS} FROM probes WHERE probe_id = ?", [probe_id]))
+    if not row:
+        raise NotFound(f"no probe {probe_id} (`n2vdb probes` lists them)")
+    return _from_row(row)
+
+
+def settings_of(con: duckdb.DuckDBPyConnection, probe_id: int) -> dict:
+    return json.loads(first(con.execute("SELECT settings FROM probes WHERE probe_id = ?", [probe_id]))[0])
+
+
+def set_status(con: duckdb.DuckDBPyConnection, probe_id: int, status: str) -> None:
+    con.execute(
+        "UPDATE probes SET status = ?, finished_at = CASE WHEN ? = 'complete' THEN current_timestamp END"
+        " WHERE probe_id = ?", [status, status, probe_id])
+
+
+def latest(con: duckdb.DuckDBPyConnection, complete_only: bool = True) -> int:
+    where = "WHERE status = 'complete'" if complete_only else ""
+    row = first(con.execute(f"SELECT max(probe_id) FROM probes {where}"))
+    if not row or row[0] is None:
+        raise NotFound("no finished probe in this database: run `n2vdb ingest MODEL LAYER` first")
+    return row[0]
+
+
+def list_probes(con: duckdb.DuckDBPyConnection) -> list[dict]:
+    cur = con.execute(
+        "SELECT p.probe_id, p.model, p.layer, p.weights, d.name AS dataset, p.n_filters,"
+        " p.height || 'x' || p.width AS map, p.status, p.settings->>'quantile' AS quantile,"
+        " p.settings->>'iou_mode' AS iou_mode, p.source_probe_id, p.created_at"
+        " FROM probes p JOIN datasets d USING (dataset_id) ORDER BY p.probe_id")
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r)) for r in cur.fetchall()]

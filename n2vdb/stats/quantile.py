@@ -1,0 +1,64 @@
+"""Exact per-filter upper quantiles by streaming selection.
+
+For a known total count n, numpy's linear quantile at level q needs only the sorted values at
+ranks floor(q (n - 1)) and the one above, so it suffices to keep each filter's m = n - floor(q (n-1))
+largest values. For q = 0.995 that is 0.5% of the data: 53.5K floats per filter for all of Broden
+at 13x13. The state merges (shards) and round-trips through state_dict (resume).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class TopQuantile:
+    def __init__(self, quantile: float, total: int):
+        if not 0.0 <= quantile <= 1.0:
+            raise ValueError("quantile must lie in [0, 1]")
+        self.quantile = quantile
+        self.total = total  # values per filter over the whole dataset
+        self.lower = math.floor(quantile * (total - 1))
+        self.keep = total - self.lower
+        self.top: torch.Tensor | None = None  # [K, <= keep], unsorted
+        self.seen = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        """values: [K, n] (or [N, K, ...], flattened per filter) float activations."""
+        if values.dim() != 2:
+            values = values.transpose(0, 1).reshape(values.shape[1], -1)
+        values = values.float()
+        self.seen += values.shape[1]
+        pool = values if self.top is None else torch.cat([self.top, values], dim=1)
+        if pool.shape[1] > self.keep:
+            pool = torch.topk(pool, self.keep, dim=1, sorted=False).values
+        self.top = pool.contiguous()
+
+    def merge(self, other: TopQuantile) -> None:
+        if (other.quantile, other.total) != (self.quantile, self.total):
+            raise ValueError("cannot merge quantile sketches of different settings")
+        if other.top is not None:
+            seen = self.seen
+            self.add(other.top)
+            self.seen = seen + other.seen
+
+    def result(self) -> torch.Tensor:
+        """[K] quantiles, identical to numpy.quantile(..., method='linear') on all values."""
+        if self.top is None or self.seen != self.total:
+            raise ValueError(f"saw {self.seen} values per filter, expected {self.total}")
+        ordered = torch.sort(self.top.double(), dim=1).values  # ascending; index 0 = rank `lower`
+        low = ordered[:, 0]
+        if ordered.shape[1] == 1:
+            return low
+        fraction = self.quantile * (self.total - 1) - self.lower
+        return low + fraction * (ordered[:, 1] - low)
+
+    def state_dict(self) -> dict:
+        return {"quantile": self.quantile, "total": self.total, "seen": self.seen, "top": self.top}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> TopQuantile:
+        sketch = cls(state["quantile"], state["total"])
+        sketch.top, sketch.seen = state["top"], state["seen"]
+        return sketch

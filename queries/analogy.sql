@@ -1,0 +1,29 @@
+-- name: analogy
+-- description: Concepts nearest to A - B + C on L2-normalised embeddings (A is to B as ? is to C).
+-- param: a CONCEPT
+-- param: b CONCEPT
+-- param: c CONCEPT
+-- param: k INTEGER = 5
+-- param: probe PROBE
+-- param: kind CHOICE(segmentation,classification) = segmentation
+WITH unit AS (
+    SELECT c.name, c.category,
+           list_transform(e.weights, lambda w: w / sqrt(list_dot_product(e.weights, e.weights))) AS v
+    FROM embeddings e
+    JOIN probes p USING (probe_id)
+    JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = e.concept_id
+    WHERE e.probe_id = $probe AND e.kind = $kind AND e.n_filters = p.n_filters
+),
+query AS (
+    SELECT list_transform(list_zip(a.v, b.v, c.v), lambda t: t[1] - t[2] + t[3]) AS v
+    FROM unit a, unit b, unit c
+    WHERE a.name = $a AND b.name = $b AND c.name = $c
+)
+SELECT row_number() OVER (ORDER BY similarity DESC) AS rank, concept, category, similarity
+FROM (
+    SELECT u.name AS concept, u.category, list_cosine_similarity(u.v, q.v) AS similarity
+    FROM unit u, query q
+    WHERE u.name NOT IN ($a, $b, $c)
+)
+ORDER BY similarity DESC
+LIMIT $k;

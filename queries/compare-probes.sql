@@ -1,0 +1,28 @@
+-- name: compare-probes
+-- description: One concept across every probe (models, layers, weights): best single filter vs embeddings.
+-- param: concept CONCEPT
+WITH target AS (
+    SELECT p.probe_id, c.concept_id
+    FROM probes p JOIN concepts c USING (dataset_id)
+    WHERE c.name = $concept
+),
+best AS (
+    SELECT i.probe_id, arg_max(i.filter, i.iou) AS filter
+    FROM filter_concept_iou i JOIN target t USING (probe_id, concept_id)
+    WHERE i.split = 'train'
+    GROUP BY i.probe_id
+)
+SELECT p.probe_id, p.model, p.layer, p.weights, d.name AS dataset, p.n_filters,
+       b.filter AS best_filter, v.iou AS single_filter_iou,
+       seg.val_score AS embedding_iou, cls.val_score AS classification_accuracy
+FROM target t
+JOIN probes p USING (probe_id)
+JOIN datasets d ON d.dataset_id = p.dataset_id
+LEFT JOIN best b USING (probe_id)
+LEFT JOIN filter_concept_iou v
+       ON v.probe_id = t.probe_id AND v.concept_id = t.concept_id AND v.filter = b.filter AND v.split = 'val'
+LEFT JOIN embeddings seg ON seg.probe_id = t.probe_id AND seg.concept_id = t.concept_id
+                        AND seg.kind = 'segmentation' AND seg.n_filters = p.n_filters
+LEFT JOIN embeddings cls ON cls.probe_id = t.probe_id AND cls.concept_id = t.concept_id
+                        AND cls.kind = 'classification' AND cls.n_filters = p.n_filters
+ORDER BY p.probe_id;

@@ -1,0 +1,24 @@
+-- name: filter-concepts
+-- description: Per filter, the pixel-level concepts it is the best single filter for (train IoU), with their val IoUs.
+-- param: probe PROBE
+-- param: min_concepts INTEGER = 1
+WITH best AS (
+    SELECT i.concept_id, arg_max(i.filter, i.iou) AS filter
+    FROM filter_concept_iou i
+    JOIN probes p USING (probe_id)
+    JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = i.concept_id
+    WHERE i.probe_id = $probe AND i.split = 'train' AND c.level = 'pixel'
+    GROUP BY i.concept_id
+)
+SELECT b.filter,
+       count(*) AS n_concepts,
+       string_agg(c.name, ', ' ORDER BY v.iou DESC) AS concepts,
+       max(v.iou) AS best_val_iou
+FROM best b
+JOIN probes p ON p.probe_id = $probe
+JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = b.concept_id
+LEFT JOIN filter_concept_iou v
+       ON v.probe_id = $probe AND v.filter = b.filter AND v.concept_id = b.concept_id AND v.split = 'val'
+GROUP BY b.filter
+HAVING count(*) >= $min_concepts
+ORDER BY n_concepts DESC, b.filter;
