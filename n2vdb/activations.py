@@ -93,4 +93,4 @@ def pooled(con: duckdb.DuckDBPyConnection, probe_id: int) -> tuple[np.ndarray, n
     ids = table.column(0).to_numpy()
     values = table.column(1).combine_chunks()
     k = len(values[0]) if len(values) else 0
-    return ids, values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    return ids, np.array(values.flatten().to_numpy(zero_copy_only=False)).reshape(-1, k)

@@ -18,16 +18,15 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from n2vdb import activations as acts_store
 from n2vdb import probe as probes_mod
 from n2vdb import queries
 from n2vdb.data import fetch as fetch_mod
 from n2vdb.data import importer, synth as synth_mod
 from n2vdb.errors import QueryError
-from n2vdb.ingest import IngestOptions, ingest as run_ingest
-from n2vdb.models import registry
-from n2vdb.store import read_connection, write_connection
-from n2vdb.store import migrate
+from n2vdb.store import migrate, read_connection, write_connection
+
+# torch-backed modules (ingest, models, activations) are imported inside the functions that need
+# them, so queries and SQL answer without paying torch's import time.
 
 PathLike = str | os.PathLike | None
 
@@ -58,6 +57,8 @@ def datasets(db: PathLike = None) -> pa.Table:
 def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
     """Run or resume every stage of a probe. Options are IngestOptions fields; training settings may be
     passed as train=TrainSettings(...)."""
+    from n2vdb.ingest import IngestOptions, ingest as run_ingest
+
     with write_connection(db) as con:
         return run_ingest(con, model, layer, IngestOptions(**options))
 
@@ -68,6 +69,8 @@ def probes(db: PathLike = None) -> pa.Table:
 
 
 def models(model: str | None = None) -> pa.Table:
+    from n2vdb.models import registry
+
     if model is None:
         friendly = registry.FRIENDLY
         return pa.Table.from_pylist([
@@ -110,6 +113,8 @@ def activations(probe_id: int, db: PathLike = None, image_ids: list[int] | None 
                 ) -> tuple[np.ndarray, np.ndarray]:
     """A probe's activations, dequantised: (image ids [N], float32 [N, K, H, W]), aligned by row.
     Each value is within half its (image, filter) quantisation step, scale / 2, of the float activation."""
+    from n2vdb import activations as acts_store
+
     with read_connection(db) as con:
         probe = probes_mod.load(con, probe_id)
         shape = (probe.n_filters, probe.height, probe.width)

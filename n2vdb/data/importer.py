@@ -24,7 +24,7 @@ def _init_worker(root: Path, known: set[int]) -> None:
 
 def _count_pixels(row: ImageRow) -> tuple[int, np.ndarray, np.ndarray]:
     ids, masks = concept_masks(_worker_state["root"], row, _worker_state["known"])
-    return row.image_id, ids, masks.reshape(len(ids), -1).sum(axis=1)
+    return row.image_id, ids, masks.sum(axis=(1, 2))
 
 
 def _pool_size(n_rows: int) -> int:

@@ -1,0 +1,3 @@
+from n2vdb.cli import main
+
+main()

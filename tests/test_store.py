@@ -1,0 +1,113 @@
+"""Connection layer and migration runner."""
+
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import duckdb
+import pytest
+
+from n2vdb.errors import DatabaseBusy, N2vdbError
+from n2vdb.resources import sql_dir
+from n2vdb.store import connect, read_connection, write_connection
+from n2vdb.store import migrate
+
+PUBLIC_TABLES = {"datasets", "images", "concepts", "image_concepts", "probes", "filters", "filter_concept_iou",
+                 "embeddings", "image_concept_scores", "activations", "schema_migrations"}
+
+
+def test_new_database_is_upgraded_with_public_schema(tmp_path):
+    db = tmp_path / "n.duckdb"
+    with write_connection(db) as con:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        versions = con.execute("SELECT version, name, sha256 FROM schema_migrations").fetchall()
+    assert PUBLIC_TABLES <= tables
+    assert [(v, n) for v, n, _ in versions] == [(m.version, m.name) for m in migrate.available()]
+    assert all(len(s) == 64 for _, _, s in versions)
+
+
+def test_upgrade_is_idempotent(tmp_path):
+    db = tmp_path / "n.duckdb"
+    con = connect(db, read_only=False)
+    assert migrate.upgrade(con)
+    assert migrate.upgrade(con) == []
+    con.close()
+
+
+def test_edited_migration_is_refused(tmp_path):
+    migrations = tmp_path / "migrations"
+    shutil.copytree(sql_dir("migrations"), migrations)
+    con = connect(tmp_path / "n.duckdb", read_only=False)
+    migrate.upgrade(con, migrations)
+    first = sorted(migrations.glob("*.sql"))[0]
+    first.write_text(first.read_text() + "\n-- edited\n")
+    with pytest.raises(N2vdbError, match="edited after it was applied"):
+        migrate.upgrade(con, migrations)
+
+
+def test_failed_migration_rolls_back(tmp_path):
+    migrations = tmp_path / "migrations"
+    shutil.copytree(sql_dir("migrations"), migrations)
+    (migrations / "0999_broken.sql").write_text("CREATE TABLE half (x INTEGER); SELECT * FROM no_such_table;")
+    con = connect(tmp_path / "n.duckdb", read_only=False)
+    with pytest.raises(N2vdbError, match="0999_broken failed"):
+        migrate.upgrade(con, migrations)
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert "half" not in tables and "datasets" in tables
+
+
+def test_database_from_newer_schema_is_refused(tmp_path):
+    db = tmp_path / "n.duckdb"
+    with write_connection(db) as con:
+        con.execute("INSERT INTO schema_migrations (version, name, sha256) VALUES (9999, 'future', 'x')")
+    with pytest.raises(N2vdbError, match="newer than this n2vdb"):
+        with read_connection(db):
+            pass
+
+
+def test_reader_needs_existing_database(tmp_path):
+    with pytest.raises(N2vdbError, match="no database"):
+        with read_connection(tmp_path / "absent.duckdb"):
+            pass
+
+
+def test_unwritable_location(tmp_path):
+    with pytest.raises(N2vdbError, match="does not exist"):
+        connect(tmp_path / "no" / "dir" / "x.duckdb", read_only=False)
+
+
+def test_lock_conflict_names_the_holder(tmp_path):
+    db = tmp_path / "n.duckdb"
+    with write_connection(db):
+        pass
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, sys, time
+        con = duckdb.connect({str(db)!r})
+        print("ready", flush=True)
+        time.sleep(30)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(DatabaseBusy, match=f"PID {holder.pid}"):
+            connect(db, read_only=False)
+        result = subprocess.run([sys.executable, "-m", "n2vdb", "probes", "--db", str(db)],
+                                capture_output=True, text=True)
+        assert result.returncode == 1
+        assert f"database busy" in result.stderr and f"PID {holder.pid}" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_db_status_and_upgrade_cli(tmp_path):
+    db = str(tmp_path / "n.duckdb")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "n2vdb", *a, "--db", db], capture_output=True, text=True)  # noqa: E731
+    status = run("db", "status", "-f", "csv")
+    assert status.returncode == 0 and "1,init,False" in status.stdout
+    upgrade = run("db", "upgrade")
+    assert upgrade.returncode == 0 and "0001_init" in upgrade.stderr
+    assert "1,init,True" in run("db", "status", "-f", "csv").stdout
+    assert "up to date" in run("db", "upgrade").stderr
