@@ -1,0 +1,37 @@
+"""Building probes from activations the tests choose, through the library's own writers."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from n2vdb import activations as acts_store
+from n2vdb import probe as probes
+from n2vdb.data import importer
+from n2vdb.data.broden import BrodenDataset
+from n2vdb.extract import compute_thresholds
+from n2vdb.stats import iou as iou_stage
+from n2vdb.store import write_connection
+
+
+def planted_probe(db: Path, root: Path, acts: np.ndarray, quantile: float = 0.995, mode: str = "net2vec",
+                  name: str = "planted") -> tuple[int, BrodenDataset]:
+    """Register ROOT, store ACTS [N, K, H, W] (row order = index.csv order) as a probe, run thresholds + IoU."""
+    with write_connection(db) as con:
+        dataset_id = importer.add_dataset(con, root, name)
+        dataset = BrodenDataset.open(root)
+        spec = probes.ProbeSpec(model="planted", layer="x", module="x", relu=False, weights="planted",
+                                dataset_id=dataset_id, input_size=0, mean=(0.0,), std=(1.0,),
+                                quantile=quantile, iou_mode=mode)
+        probe, _ = probes.get_or_create(con, spec)
+        n, k, h, w = acts.shape
+        con.execute("UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?",
+                    [k, h, w, probe.probe_id])
+        probe.n_filters, probe.height, probe.width = k, h, w
+        codes, scales = acts_store.quantise(torch.from_numpy(acts))
+        ids = np.array([r.image_id for r in dataset.rows])
+        acts_store.write(con, acts_store.to_arrow(probe.probe_id, ids, codes.numpy(), scales.numpy(),
+                                                  acts.mean(axis=(2, 3))))
+        compute_thresholds(con, probe, quantile)
+        iou_stage.run(con, probe, dataset, mode)
+        return probe.probe_id, dataset

@@ -1,0 +1,145 @@
+"""Stage 2: every single-filter IoU against a brute-force loop written from the definition."""
+
+import duckdb
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_broden, write_image, write_mask
+from helpers import planted_probe
+from n2vdb import api
+
+
+
+def bilinear_align_corners(a: np.ndarray, sh: int, sw: int) -> np.ndarray:
+    """Bilinear resize of a [H, W] map with corner pixels aligned, one output pixel at a time, in float32
+    (the arithmetic of float32 tensors, so pixels that land exactly on the 0.5 boundary agree)."""
+    f = np.float32
+    a = a.astype(f)
+    h, w = a.shape
+    out = np.zeros((sh, sw), f)
+    scale_y = f((h - 1) / (sh - 1)) if sh > 1 else f(0)
+    scale_x = f((w - 1) / (sw - 1)) if sw > 1 else f(0)
+    for i in range(sh):
+        y = f(scale_y * f(i)); y0 = int(np.floor(y)); y1 = min(y0 + 1, h - 1)
+        fy = f(y - f(y0))
+        for j in range(sw):
+            x = f(scale_x * f(j)); x0 = int(np.floor(x)); x1 = min(x0 + 1, w - 1)
+            fx = f(x - f(x0))
+            top = f(f(f(1) - fx) * a[y0, x0]) + f(fx * a[y0, x1])
+            bottom = f(f(f(1) - fx) * a[y1, x0]) + f(fx * a[y1, x1])
+            out[i, j] = f(f(f(1) - fy) * f(top) + f(fy * f(bottom)))
+    return out
+
+
+def decode(path) -> np.ndarray:
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1]
+
+
+def truth_masks(root, row) -> dict[int, np.ndarray]:
+    masks: dict[int, np.ndarray] = {}
+    for category in ("color", "object", "material", "part"):
+        for rel in filter(None, row[category].split(";")):
+            codes = decode(root / "images" / rel)
+            for c in set(np.unique(codes)) - {0}:
+                masks[int(c)] = masks.get(int(c), np.zeros(codes.shape, bool)) | (codes == c)
+    for category in ("scene", "texture"):
+        for c in filter(None, row[category].split(";")):
+            masks[int(c)] = np.ones((int(row["sh"]), int(row["sw"])), bool)
+    return masks
+
+
+def brute_force(root, acts, thresholds, mode):
+    """{(filter, concept, split): (intersection, union)} straight from the definition."""
+    import csv
+    rows = list(csv.DictReader((root / "index.csv").open()))
+    sums: dict = {}
+    for n, row in enumerate(rows):
+        masks = truth_masks(root, row)
+        sh, sw = int(row["sh"]), int(row["sw"])
+        for k in range(acts.shape[1]):
+            threshold = np.float32(thresholds[k])
+            if mode == "net2vec":
+                on = bilinear_align_corners(acts[n, k] > threshold, sh, sw) > 0.5
+            else:
+                on = bilinear_align_corners(acts[n, k], sh, sw) > threshold
+            for c, lab in masks.items():
+                key = (k, c, row["split"])
+                inter, union = sums.get(key, (0, 0))
+                sums[key] = (inter + int((on & lab).sum()), union + int((on | lab).sum()))
+    return sums
+
+
+@pytest.mark.parametrize("mode", ["net2vec", "netdissect"])
+def test_every_iou_matches_brute_force(tmp_path, edge_broden, mode):
+    root, _ = edge_broden
+    rng = np.random.default_rng(1)
+    acts = np.maximum(rng.normal(size=(4, 5, 6, 6)), 0).astype(np.float32)
+    db = tmp_path / "t.duckdb"
+    probe_id, _ = planted_probe(db, root, acts, quantile=0.8, mode=mode)
+    ids, stored = api.activations(probe_id, db)
+    con = duckdb.connect(str(db), read_only=True)
+    thresholds = np.array([t for (t,) in con.execute(
+        "SELECT threshold FROM filters WHERE probe_id = ? ORDER BY filter", [probe_id]).fetchall()])
+    got = {(f, c, s): (i, u, iou) for f, c, s, i, u, iou in con.execute(
+        "SELECT filter, concept_id, split, intersection, union_, iou FROM filter_concept_iou").fetchall()}
+    expected = brute_force(root, stored, thresholds, mode)
+    assert set(got) == {k for k, v in expected.items() if v[1] > 0}
+    for key, (inter, union) in expected.items():
+        assert got[key][:2] == (inter, union), key
+        assert got[key][2] == pytest.approx(inter / union)
+
+
+def test_per_image_best_filter_scores(tmp_path, edge_broden):
+    root, _ = edge_broden
+    acts = np.maximum(np.random.default_rng(2).normal(size=(4, 5, 6, 6)), 0).astype(np.float32)
+    db = tmp_path / "t.duckdb"
+    probe_id, _ = planted_probe(db, root, acts, quantile=0.7)
+    con = duckdb.connect(str(db), read_only=True)
+    best = dict(con.execute("SELECT concept_id, arg_max(filter, iou) FROM filter_concept_iou"
+                            " WHERE split = 'train' GROUP BY 1").fetchall())
+    per_image = con.execute("SELECT image_id, concept_id, intersection, union_ FROM image_concept_scores"
+                            " WHERE method = 'best_filter'").fetchall()
+    # summing per-image counts of the best filter over a split gives back the set totals
+    totals: dict = {}
+    split = dict(con.execute("SELECT image_id, split FROM images").fetchall())
+    for image_id, concept, inter, union in per_image:
+        key = (concept, split[image_id])
+        i, u = totals.get(key, (0, 0))
+        totals[key] = (i + inter, u + union)
+    for (concept, s), (i, u) in totals.items():
+        row = con.execute("SELECT intersection, union_ FROM filter_concept_iou WHERE filter = ? AND concept_id = ?"
+                          " AND split = ?", [best[concept], concept, s]).fetchone()
+        assert row == (i, u)
+    assert {c for _, c, _, _ in per_image} == set(best)
+
+
+def test_planted_filter_equal_to_a_concept_mask_scores_one(tmp_path):
+    root = tmp_path / "planted"
+    rng = np.random.default_rng(5)
+    rows, acts = [], []
+    for n in range(8):
+        blob = np.zeros((7, 7), np.int64)
+        y, x = rng.integers(0, 4, size=2)
+        blob[y : y + 3, x : x + 3] = 40
+        other = np.zeros((7, 7), np.int64)
+        other[rng.integers(0, 7), :] = 41
+        stem = f"i/{n}"
+        write_image(root / "images" / f"{stem}.jpg", 14, 14, seed=n)
+        write_mask(root / "images" / f"{stem}_o.png", blob)
+        write_mask(root / "images" / f"{stem}_c.png", other)
+        rows.append({"image": f"{stem}.jpg", "split": "train" if n < 5 else "val", "ih": 14, "iw": 14,
+                     "sh": 7, "sw": 7, "object": f"{stem}_o.png", "color": f"{stem}_c.png"})
+        noise = rng.uniform(0, 0.2, size=(3, 7, 7)).astype(np.float32) * (rng.random((3, 7, 7)) < 0.05)
+        acts.append(np.stack([(blob > 0) * 3.0, (other > 0) * 1.5, noise[0]]).astype(np.float32))
+    write_broden(root, rows, [(40, "box", "object(8)"), (41, "stripe-c", "color(8)")])
+    db = tmp_path / "t.duckdb"
+    probe_id, _ = planted_probe(db, root, np.stack(acts), quantile=0.5)
+    con = duckdb.connect(str(db), read_only=True)
+    got = dict(((f, c, s), iou) for f, c, s, iou in con.execute(
+        "SELECT filter, concept_id, split, iou FROM filter_concept_iou").fetchall())
+    for split in ("train", "val"):
+        assert got[(0, 40, split)] == 1.0
+        assert got[(1, 41, split)] == 1.0
+        assert got[(2, 40, split)] < 0.5
