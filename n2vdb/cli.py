@@ -34,9 +34,8 @@ Limit = Annotated[Optional[int], typer.Option("--limit", help="Rows shown in the
 def _show(result: pa.Table, fmt: str | None, limit: int | None = None, title: str | None = None) -> None:
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if result.num_rows == 0 and (fmt or "table") == "table" and sys.stdout.isatty():
+    if result.num_rows == 0:
         stderr.print("(no rows)")
-        return
     render(result, fmt, limit=limit, title=title)
 
 
