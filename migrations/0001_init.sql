@@ -58,17 +58,21 @@ CREATE TABLE probes (
     finished_at TIMESTAMP
 );
 
--- Quantised activations, one row per image: codes = uint8 [K, H, W] (C order),
--- value = code * scale[k] with scales = float32 [K] (the filter's max in that image / 255).
+-- Quantised activations, one row per image: codes = uint8 [K, H, W] (C order), and
+-- value = code * scales[k + 1] where scales[k + 1] = filter k's max in that image / 255.
 -- pooled = the exact spatial mean of the float activations (classification embeddings).
 CREATE TABLE activations (
     probe_id    INTEGER NOT NULL,
     image_id    INTEGER NOT NULL,
-    scales      BLOB NOT NULL,
+    scales      FLOAT[] NOT NULL,
     codes       BLOB NOT NULL,
     pooled      FLOAT[] NOT NULL,
     PRIMARY KEY (probe_id, image_id)
 );
+
+-- One dequantised activation from SQL: filter (0-based), position = y * W + x, hw = H * W.
+CREATE MACRO activation(codes, scales, filter, position, hw) AS
+    ('0x' || substr(hex(codes), 2 * (filter * hw + position) + 1, 2))::INTEGER * scales[filter + 1];
 
 CREATE TABLE filters (
     probe_id    INTEGER NOT NULL,

@@ -2,8 +2,8 @@
 
 codes[k] = round(A_k / s_k) with s_k = max(A_k) / 255 over that image's H x W positions, so every
 dequantised value is within s_k / 2 of the float activation (half a step), at 1 byte per value
-plus 4 bytes per (image, filter): 1.024 bytes per value for AlexNet conv5, less after DuckDB's
-compression. A per-image scale needs no pass over the dataset before writing begins.
+plus 4 bytes per (image, filter): 1.024 bytes per value for AlexNet conv5 before DuckDB's own
+compression. The SQL macro `activation(codes, scales, filter, position, hw)` reads one value. A per-image scale needs no pass over the dataset before writing begins.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def to_arrow(probe_id: int, image_ids: np.ndarray, codes: np.ndarray, scales: np
     return pa.table({
         "probe_id": pa.array(np.full(n, probe_id, np.int32)),
         "image_id": pa.array(image_ids.astype(np.int32)),
-        "scales": pa.array([scales[i].astype("<f4").tobytes() for i in range(n)], pa.binary()),
+        "scales": pa.FixedSizeListArray.from_arrays(pa.array(scales.astype(np.float32).reshape(-1)),
+                                                   scales.shape[1]).cast(pa.list_(pa.float32())),
         "codes": pa.array([codes[i].tobytes() for i in range(n)], pa.binary()),
         "pooled": pa.FixedSizeListArray.from_arrays(pa.array(pooled.astype(np.float32).reshape(-1)),
                                                    pooled.shape[1]).cast(pa.list_(pa.float32())),
@@ -71,7 +72,7 @@ def iter_codes(con: duckdb.DuckDBPyConnection, probe_id: int, shape: tuple[int, 
         if record.num_rows == 0:
             continue
         ids = record.column(0).to_numpy()
-        scales = np.frombuffer(bytearray(b"".join(record.column(1).to_pylist())), "<f4").reshape(-1, k)
+        scales = np.array(record.column(1).flatten().to_numpy(zero_copy_only=False)).reshape(-1, k)
         codes = np.frombuffer(bytearray(b"".join(record.column(2).to_pylist())), np.uint8).reshape(-1, k, h, w)
         yield ids, codes, scales
     cursor.close()

@@ -64,9 +64,21 @@ def test_thresholds_match_numpy_within_the_stated_bound(ingested_db, direct):
     assert np.all(bounds <= expected.max(axis=(0, 2, 3)) / 510 + 1e-7)
 
 
+def test_sql_macro_reads_the_same_values(ingested_db):
+    ids, acts = api.activations(1, ingested_db, image_ids=[3, 7])
+    con = duckdb.connect(str(ingested_db), read_only=True)
+    rows = con.execute(
+        "SELECT a.image_id, f, p, activation(a.codes, a.scales, f, p, pr.height * pr.width)"
+        " FROM activations a JOIN probes pr USING (probe_id), range(0, 256, 37) t(f), range(0, 169, 11) s(p)"
+        " WHERE a.image_id IN (3, 7)").fetchall()
+    assert len(rows) == 2 * 7 * 16
+    for image_id, f, p, value in rows:
+        assert value == pytest.approx(acts[list(ids).index(image_id), f].reshape(-1)[p], rel=1e-6, abs=1e-12)
+
+
 def test_bytes_per_value(ingested_db):
     con = duckdb.connect(str(ingested_db), read_only=True)
-    stored = con.execute("SELECT sum(octet_length(codes) + octet_length(scales)) FROM activations").fetchone()[0]
+    stored = con.execute("SELECT sum(octet_length(codes) + 4 * len(scales)) FROM activations").fetchone()[0]
     n = con.execute("SELECT count(*) * 256 * 13 * 13 FROM activations").fetchone()[0]
     assert stored / n <= 1.03  # 1 byte per value + 4 bytes per (image, filter) scale
 
