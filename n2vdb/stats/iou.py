@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from n2vdb import activations as acts_store
 from n2vdb.data.broden import BrodenDataset, ImageRow
 from n2vdb.probe import Probe, set_status
+from n2vdb.stats import upsample_patterns
 from n2vdb.progress import progress_bar
 from n2vdb.store.connection import first
 
@@ -80,10 +81,19 @@ def iter_image_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: B
             if len(concept_ids) == 0:
                 yield int(image_id), concept_ids, None, None, None
                 continue
-            size = tuple(concept_masks.shape[1:])
-            m = filter_masks(values[i : i + 1], thresholds, size, mode)[0].flatten(1).float()
-            lab = concept_masks.flatten(1).float()
-            yield int(image_id), concept_ids, m @ lab.T, m.sum(dim=1), lab.sum(dim=1)
+            inter, mask_area = image_overlaps(values[i], thresholds, concept_masks, mode)
+            yield int(image_id), concept_ids, inter, mask_area, concept_masks.flatten(1).sum(dim=1)
+
+
+def image_overlaps(acts: torch.Tensor, thresholds: torch.Tensor, concept_masks: torch.Tensor, mode: str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """acts [K, H, W], concept masks [C, sh, sw] -> (intersections [K, C], filter mask areas [K])."""
+    size = tuple(concept_masks.shape[1:])
+    tab = upsample_patterns.table(acts.shape[1], acts.shape[2], *size) if mode == "net2vec" else None
+    if tab is not None:
+        return upsample_patterns.overlaps(acts > thresholds.view(-1, 1, 1), concept_masks, tab)
+    m = filter_masks(acts[None], thresholds, size, mode)[0].flatten(1).float()
+    return m @ concept_masks.flatten(1).float().T, m.sum(dim=1)
 
 
 @dataclass

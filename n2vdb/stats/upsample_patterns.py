@@ -1,0 +1,98 @@
+"""Counting overlaps of upsampled binary maps without upsampling them (design.md, performance notes).
+
+In Net2Vec's mode a filter's mask is bilinear_upsample(B) > 0.5 for a binary map B at H x W. Each
+output pixel depends only on the 2 x 2 cell of B around its source point, so whether it is on is a
+fixed function of that cell's 4-bit pattern. Per geometry (H, W, sh, sw) we tabulate, for every
+output pixel, its cell and its on/off value under each of the 16 patterns, reading the values from
+torch's own interpolation (so ties at exactly 0.5 resolve as torch resolves them). Then, per image:
+
+    |M_k|          = sum over cells of area[cell, pattern_k(cell)]
+    |M_k and L_c|  = sum over cells of count_c[cell, pattern_k(cell)],
+    count_c[cell, q] = labelled pixels of concept c in the cell that pattern q turns on,
+
+which costs O(cells x 16) per concept and O(K x cells) per image instead of O(K x sh x sw).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PatternTable:
+    cells: int
+    order: torch.Tensor  # [cells, m] output-pixel index per cell, padded with sh*sw (a zero column)
+    on: torch.Tensor  # [cells, m, 16] float 0/1; padding rows are 0
+    area: torch.Tensor  # [cells, 16] pixels on per cell and pattern
+
+
+def cell_patterns(binary: torch.Tensor) -> torch.Tensor:
+    """binary [K, H, W] bool -> [K, (H-1)*(W-1)] pattern numbers: bits (y0,x0), (y0,x1), (y1,x0), (y1,x1)."""
+    b = binary.to(torch.int64)
+    pattern = b[:, :-1, :-1] + 2 * b[:, :-1, 1:] + 4 * b[:, 1:, :-1] + 8 * b[:, 1:, 1:]
+    return pattern.flatten(1)
+
+
+def _source_cells(n_in: int, n_out: int) -> torch.Tensor:
+    """The cell index (lower corner, at most n_in - 2) of each output pixel, align_corners=True, float32."""
+    scale = torch.tensor((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0, dtype=torch.float32)
+    src = scale * torch.arange(n_out, dtype=torch.float32)
+    return src.floor().to(torch.int64).clamp(0, n_in - 2)
+
+
+@functools.lru_cache(maxsize=64)
+def table(h: int, w: int, sh: int, sw: int) -> PatternTable | None:
+    """The pattern table of a geometry, or None where the method does not apply (a 1-pixel side)."""
+    if h < 2 or w < 2:
+        return None
+    rows, cols = _source_cells(h, sh), _source_cells(w, sw)
+    cell_of = (rows[:, None] * (w - 1) + cols[None, :]).flatten()  # [S]
+    n_cells = (h - 1) * (w - 1)
+    on = torch.zeros(sh * sw, 16)
+    parity = ((rows[:, None] % 2) * 2 + (cols[None, :] % 2)).flatten()
+    yy = torch.arange(h)[:, None]
+    xx = torch.arange(w)[None, :]
+    for py in (0, 1):
+        for px in (0, 1):
+            # A cell whose lower corner has this parity sees bit ((y-py)%2)*2 + (x-px)%2 at (y, x).
+            bit_index = ((yy - py) % 2) * 2 + (xx - px) % 2
+            inputs = torch.stack([((q >> bit_index) & 1).float() for q in range(16)])[:, None]
+            out = F.interpolate(inputs, size=(sh, sw), mode="bilinear", align_corners=True)[:, 0] > 0.5
+            mine = parity == py * 2 + px
+            on[mine] = out.flatten(1).T[mine].float()
+    counts = torch.bincount(cell_of, minlength=n_cells)
+    m = int(counts.max())
+    sorted_pixels = torch.argsort(cell_of, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(sh * sw) - starts[cell_of[sorted_pixels]]
+    order = torch.full((n_cells, m), sh * sw, dtype=torch.int64)
+    order[cell_of[sorted_pixels], slot] = sorted_pixels
+    padded_on = torch.cat([on, torch.zeros(1, 16)])[order]  # [cells, m, 16]
+    result = PatternTable(n_cells, order, padded_on, padded_on.sum(1))
+    if not _agrees_with_torch(result, h, w, sh, sw):
+        return None
+    return result
+
+
+def _agrees_with_torch(tab: PatternTable, h: int, w: int, sh: int, sw: int) -> bool:
+    """Self-check on random maps: the tabulated masks must equal torch's, or the caller falls back."""
+    gen = torch.Generator().manual_seed(0)
+    binary = torch.rand(8, h, w, generator=gen) < 0.35
+    direct = F.interpolate(binary[:, None].float(), size=(sh, sw), mode="bilinear", align_corners=True)[:, 0] > 0.5
+    area = tab.area[torch.arange(tab.cells)[None, :], cell_patterns(binary)].sum(1)
+    return bool(torch.equal(area.long(), direct.flatten(1).sum(1)))
+
+
+def overlaps(binary: torch.Tensor, labels: torch.Tensor, tab: PatternTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """binary [K, H, W] bool, labels [C, sh, sw] bool -> (intersections [K, C], |M| [K])."""
+    pattern = cell_patterns(binary)  # [K, cells]
+    cells = torch.arange(tab.cells)[None, :]
+    mask_area = tab.area[cells, pattern].sum(1)
+    flat = torch.cat([labels.flatten(1).float(), torch.zeros(len(labels), 1)], dim=1)
+    count = torch.einsum("cnm,nmq->nqc", flat[:, tab.order], tab.on)  # [cells, 16, C]
+    inter = count[cells, pattern].sum(1)  # [K, C]
+    return inter, mask_area
