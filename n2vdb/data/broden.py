@@ -141,14 +141,14 @@ def decode_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            rgb = np.asarray(img.convert("RGB"))
+            rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except FileNotFoundError:
         raise DatasetError(f"mask {path} is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DatasetError(f"mask {path} cannot be decoded ({exc}); replace or remove that row") from None
     if rgb.shape[:2] != shape:
         raise DatasetError(f"mask {path} is {rgb.shape[1]}x{rgb.shape[0]}, index.csv says {shape[1]}x{shape[0]}")
-    return rgb[..., 0].astype(np.int32) + 256 * rgb[..., 1].astype(np.int32)
+    return rgb[..., 0].astype(np.int32) | (rgb[..., 1].astype(np.int32) << 8)
 
 
 def concept_masks(root: Path, row: ImageRow, known: dict[int, Label] | set[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -162,14 +162,13 @@ def concept_masks(root: Path, row: ImageRow, known: dict[int, Label] | set[int])
     for paths in row.masks.values():
         for rel in paths:
             codes = decode_mask(root / "images" / rel, shape)
-            for number in np.unique(codes):
-                if number == 0:
-                    continue
+            present = np.flatnonzero(np.bincount(codes.ravel()))
+            for number in present[present > 0].tolist():
                 hit = codes == number
                 if number in per_label:
                     per_label[number] |= hit
                 else:
-                    per_label[int(number)] = hit
+                    per_label[number] = hit
     for numbers in row.labels.values():
         for number in numbers:
             per_label[number] = np.ones(shape, dtype=bool)

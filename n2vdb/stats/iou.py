@@ -7,7 +7,7 @@ over the images of a split that contain the concept (method.md section 3).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import duckdb
@@ -57,27 +57,42 @@ class MaskRows(Dataset):
         return row.image_id, ids, masks
 
 
+def _as_list(items: list) -> list:
+    return items
+
+
 def iter_masks(dataset: BrodenDataset, rows: list[ImageRow], workers: int) -> Iterator:
-    loader = DataLoader(MaskRows(dataset, rows), batch_size=None, num_workers=workers,
-                        prefetch_factor=8 if workers else None)
-    for image_id, ids, masks in loader:
-        yield int(image_id), np.asarray(ids), torch.as_tensor(masks)
+    """Decoded masks in row order. Workers send packed chunks of rows: one message per image would
+    cost more than the decoding it saves."""
+    if not workers:
+        for row in rows:
+            ids, masks = dataset.masks(row)
+            yield row.image_id, ids, torch.from_numpy(masks)
+        return
+    loader = DataLoader(MaskRows(dataset, rows), batch_size=32, num_workers=workers, collate_fn=_as_list,
+                        prefetch_factor=4)
+    for chunk in loader:
+        for image_id, ids, masks in chunk:
+            yield int(image_id), ids, torch.from_numpy(masks)
 
 
 def iter_image_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset,
-                        thresholds: torch.Tensor, mode: str, workers: int, image_ids: list[int] | None = None):
-    """Per image: (image_id, concept ids [C], intersections [K, C], |M| [K], |L| [C])."""
+                        thresholds: torch.Tensor, mode: str, workers: int, image_ids: list[int] | None = None,
+                        masks: Iterable | None = None):
+    """Per image: (image_id, concept ids [C], intersections [K, C], |M| [K], |L| [C]).
+    masks, if given, replaces decoding: (image_id, concept ids, bool masks) in image_id order."""
     shape = (probe.n_filters, probe.height, probe.width)
     stored = acts_store.stored_image_ids(con, probe.activation_probe)
     wanted = stored if image_ids is None else stored & set(image_ids)
     rows = [r for r in dataset.rows if r.image_id in wanted]
-    masks = iter_masks(dataset, rows, workers)
+    masks = iter(masks) if masks is not None else iter_masks(dataset, rows, workers)
     for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape,
                                                     None if image_ids is None else sorted(wanted), batch=64):
         values = torch.from_numpy(codes).float() * torch.from_numpy(scales)[:, :, None, None]
         for i, image_id in enumerate(ids):
             mask_id, concept_ids, concept_masks = next(masks)
             assert mask_id == image_id, "activations and masks out of step"
+            concept_ids, concept_masks = np.asarray(concept_ids), torch.as_tensor(concept_masks)
             if len(concept_ids) == 0:
                 yield int(image_id), concept_ids, None, None, None
                 continue
@@ -108,7 +123,7 @@ class IouTotals:
 
 
 def tally(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, thresholds: torch.Tensor,
-          mode: str, workers: int = 0) -> IouTotals:
+          mode: str, workers: int = 0, masks: Iterable | None = None) -> IouTotals:
     concept_ids = np.array(sorted(dataset.labels), dtype=np.int64)
     column = {int(c): i for i, c in enumerate(concept_ids)}
     split_of = {r.image_id: r.split for r in dataset.rows}
@@ -118,7 +133,8 @@ def tally(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, 
     total = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?", [probe.activation_probe]))[0]
     with progress_bar() as bar:
         task = bar.add_task("single-filter IoU", total=total)
-        for image_id, ids, i_kc, m_k, l_c in iter_image_overlaps(con, probe, dataset, thresholds, mode, workers):
+        for image_id, ids, i_kc, m_k, l_c in iter_image_overlaps(con, probe, dataset, thresholds, mode, workers,
+                                                                 masks=masks):
             bar.advance(task)
             if i_kc is None:
                 continue

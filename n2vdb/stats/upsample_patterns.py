@@ -83,16 +83,24 @@ def _agrees_with_torch(tab: PatternTable, h: int, w: int, sh: int, sw: int) -> b
     gen = torch.Generator().manual_seed(0)
     binary = torch.rand(8, h, w, generator=gen) < 0.35
     direct = F.interpolate(binary[:, None].float(), size=(sh, sw), mode="bilinear", align_corners=True)[:, 0] > 0.5
-    area = tab.area[torch.arange(tab.cells)[None, :], cell_patterns(binary)].sum(1)
-    return bool(torch.equal(area.long(), direct.flatten(1).sum(1)))
+    labels = torch.rand(3, sh, sw, generator=gen) < 0.5
+    inter, area = overlaps(binary, labels, tab)
+    expected = direct.flatten(1).float() @ labels.flatten(1).float().T
+    return bool(torch.equal(area, direct.flatten(1).sum(1).float()) and torch.equal(inter, expected))
 
 
 def overlaps(binary: torch.Tensor, labels: torch.Tensor, tab: PatternTable) -> tuple[torch.Tensor, torch.Tensor]:
     """binary [K, H, W] bool, labels [C, sh, sw] bool -> (intersections [K, C], |M| [K])."""
+    c, k = len(labels), len(binary)
     pattern = cell_patterns(binary)  # [K, cells]
-    cells = torch.arange(tab.cells)[None, :]
-    mask_area = tab.area[cells, pattern].sum(1)
-    flat = torch.cat([labels.flatten(1).float(), torch.zeros(len(labels), 1)], dim=1)
-    count = torch.einsum("cnm,nmq->nqc", flat[:, tab.order], tab.on)  # [cells, 16, C]
-    inter = count[cells, pattern].sum(1)  # [K, C]
+    # An all-off cell (pattern 0) turns no pixel on, and thresholded maps are sparse: only the
+    # (filter, cell) pairs with some corner on contribute.
+    filters, cells = torch.nonzero(pattern, as_tuple=True)
+    index = cells * 16 + pattern[filters, cells]
+    mask_area = torch.zeros(k).index_add_(0, filters, tab.area.flatten()[index])
+    flat = torch.cat([labels.flatten(1).float(), torch.zeros(c, 1)], dim=1)
+    by_cell = torch.index_select(flat, 1, tab.order.flatten()).view(c, *tab.order.shape)  # [C, cells, m]
+    count = torch.bmm(by_cell.transpose(0, 1), tab.on)  # [cells, C, 16]
+    count = count.transpose(1, 2).reshape(tab.cells * 16, c)
+    inter = torch.zeros(k, c).index_add_(0, filters, count[index])  # [K, C]
     return inter, mask_area
