@@ -62,29 +62,29 @@ def concept_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor
 
 
 def _batch_terms(batch: Sequence[SegExample], column: dict[int, int], weights: torch.Tensor, bias: torch.Tensor):
-    """Yield (cols, presence [n, Cu], labels [n, Cu, sh, sw], logits [n, Cu, sh, sw]) per seg size."""
+    """Per segmentation size in the batch: (image index [P], concept columns [P], labels [P, sh, sw],
+    logits [P, sh, sw]) for every (image, concept present in it) pair, and nothing else."""
     by_size: dict[tuple[int, int], list[SegExample]] = {}
     for ex in batch:
-        cols = [column[int(c)] for c in ex.concept_ids if int(c) in column]
-        if cols:
+        if any(int(c) in column for c in ex.concept_ids):
             by_size.setdefault(tuple(ex.masks.shape[1:]), []).append(ex)
     for size, group in by_size.items():
-        union = sorted({column[int(c)] for ex in group for c in ex.concept_ids if int(c) in column})
-        where = {c: i for i, c in enumerate(union)}
-        presence = torch.zeros(len(group), len(union))
-        labels = torch.zeros(len(group), len(union), *size)
+        images, cols, labels = [], [], []
         for n, ex in enumerate(group):
             for j, c in enumerate(ex.concept_ids):
                 col = column.get(int(c))
                 if col is not None:
-                    presence[n, where[col]] = 1
-                    labels[n, where[col]] = ex.masks[j].float()
+                    images.append(n)
+                    cols.append(col)
+                    labels.append(ex.masks[j])
+        images_t, cols_t = torch.tensor(images), torch.tensor(cols)
+        union, pair_to_union = torch.unique(cols_t, return_inverse=True)
         binary = torch.stack([ex.binary for ex in group]).float()  # [n, K, H, W]
-        cols = torch.tensor(union)
-        small = torch.einsum("nkhw,kc->nchw", binary, weights[:, cols]) + bias[cols][None, :, None, None]
-        # Upsampling is linear, so logits are formed at H x W and upsampled once per concept.
-        logits = F.interpolate(small, size=size, mode="bilinear", align_corners=True)
-        yield cols, presence, labels, logits
+        small = torch.einsum("nkhw,kc->nchw", binary, weights[:, union])  # [n, U, H, W], cheap at H x W
+        pairs = small[images_t, pair_to_union] + bias[cols_t][:, None, None]  # [P, H, W]
+        # Upsampling is linear, so logits are formed at H x W and upsampled once per (image, concept).
+        logits = F.interpolate(pairs[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+        yield images_t, cols_t, torch.stack(labels).float(), logits
 
 
 def _epoch_order(source: ExampleSource, rng: random.Random, window: int = 2048):
@@ -141,9 +141,8 @@ def train(source: ExampleSource, concept_ids: Sequence[int], n_filters: int, *, 
 def _step(batch, column, weights, bias, alpha, loss_kind, batch_size, optimiser) -> None:
     optimiser.zero_grad()
     total = torch.zeros(())
-    for cols, presence, labels, logits in _batch_terms(batch, column, weights, bias):
-        per = concept_loss(logits, labels, alpha[cols][None, :].expand_as(presence), loss_kind)
-        total = total + (per * presence).sum()
+    for _, cols, labels, logits in _batch_terms(batch, column, weights, bias):
+        total = total + concept_loss(logits, labels, alpha[cols], loss_kind).sum()
     if total.requires_grad:
         (total / batch_size).backward()
         optimiser.step()
@@ -159,17 +158,16 @@ def evaluate(source: ExampleSource, column: dict[int, int], weights: torch.Tenso
     union = {s: np.zeros(c) for s in ("train", "val")}
     concept_of = {j: cid for cid, j in column.items()}
     for ex in source():
-        for cols, presence, labels, logits in _batch_terms([ex], column, weights, bias):
-            pred = logits[0] > 0  # sigmoid(x) > 0.5
-            lab = labels[0] > 0.5
+        for _, cols, labels, logits in _batch_terms([ex], column, weights, bias):
+            pred = logits > 0  # sigmoid(x) > 0.5
+            lab = labels > 0.5
             i = (pred & lab).flatten(1).sum(1).numpy()
             u = (pred | lab).flatten(1).sum(1).numpy()
-            present = presence[0].numpy() > 0
-            idx = cols.numpy()[present]
-            np.add.at(inter[ex.split], idx, i[present])
-            np.add.at(union[ex.split], idx, u[present])
+            idx = cols.numpy()
+            np.add.at(inter[ex.split], idx, i)
+            np.add.at(union[ex.split], idx, u)
             if per_image is not None and ex.split == "val":
-                for j, ii, uu in zip(idx, i[present], u[present]):
+                for j, ii, uu in zip(idx, i, u):
                     per_image.append((ex.image_id, concept_of[int(j)], int(ii), int(uu)))
     iou = {s: np.where(union[s] > 0, inter[s] / np.maximum(union[s], 1), np.nan) for s in inter}
     return iou["train"], iou["val"]

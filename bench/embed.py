@@ -1,0 +1,98 @@
+"""Segmentation embeddings: all concepts jointly (n2vdb) vs one concept at a time (the reference
+code's way), same data, same epochs, one run.
+
+    python bench/embed.py [--images 300] [--epochs 5]
+
+one at a time: for each concept, its own train images in shuffled batches of 16, one forward and
+backward per batch, as the Net2Vec reference code trains. Timed twice: on the same in-memory
+examples as the joint run (the training arithmetic alone), and reading each concept's examples
+from the store on every epoch, as the reference reads its data per concept.
+"""
+
+import argparse
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import peak_rss_mib, scratch
+from n2vdb import api, probe as probes
+from n2vdb.data.broden import BrodenDataset
+from n2vdb.embed import segmentation
+from n2vdb.embed.examples import cached, store_examples
+from n2vdb.store import read_connection
+
+
+def one_at_a_time(source, concepts, k, epochs, lr=1e-4, batch_size=16, seed=0):
+    """source() yields the examples; called once per concept and epoch, as the reference reads its data."""
+    column = {int(c): j for j, c in enumerate(concepts)}
+    alpha = segmentation.compute_alpha(source, column)
+    rng = random.Random(seed)
+    weights = torch.zeros(k, len(concepts))
+    for concept, j in column.items():
+        w = ((torch.rand(k) * 2 - 1) / math.sqrt(k)).requires_grad_()
+        optimiser = torch.optim.SGD([w], lr=lr, momentum=0.9)
+        for _ in range(epochs):
+            mine = [(ex, list(ex.concept_ids).index(concept)) for ex in source()
+                    if ex.split == "train" and concept in ex.concept_ids]
+            rng.shuffle(mine)
+            for start in range(0, len(mine), batch_size):
+                batch = mine[start : start + batch_size]
+                binary = torch.stack([ex.binary for ex, _ in batch]).float()
+                labels = torch.stack([ex.masks[i] for ex, i in batch]).float()
+                logits = F.interpolate(torch.einsum("nkhw,k->nhw", binary, w)[:, None], size=labels.shape[1:],
+                                       mode="bilinear", align_corners=True)[:, 0]
+                loss = segmentation.concept_loss(logits, labels, alpha[j].expand(len(batch))).sum() / batch_size
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        weights[:, j] = w.detach()
+    return weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=5)
+    args = parser.parse_args()
+    os.environ["N2VDB_QUIET"] = "1"
+    root, db, tmp = scratch(args.images)
+    api.ingest("alexnet", "conv5", db, dataset="synthetic", weights="random", workers=0,
+               train=probes.TrainSettings(epochs=1))
+    dataset = BrodenDataset.open(root)
+    with read_connection(db) as con:
+        probe = probes.load(con, 1)
+        pixel = {c for (c,) in con.execute("SELECT concept_id FROM concepts WHERE level = 'pixel'").fetchall()}
+        streamed = store_examples(con, probe, dataset, pixel)
+        start = time.perf_counter()
+        examples = cached(streamed)()
+        decode = time.perf_counter() - start
+        concepts = sorted({int(c) for ex in examples for c in ex.concept_ids if ex.split == "train"})
+        k = probe.n_filters
+        start = time.perf_counter()
+        segmentation.train(lambda: examples, concepts, k, epochs=args.epochs)
+        joint = time.perf_counter() - start
+        start = time.perf_counter()
+        one_at_a_time(lambda: examples, concepts, k, args.epochs)
+        alone = time.perf_counter() - start
+        start = time.perf_counter()
+        one_at_a_time(streamed, concepts, k, args.epochs)
+        alone_reading = time.perf_counter() - start
+    n_train = sum(ex.split == "train" for ex in examples)
+    pairs = sum(len(ex.concept_ids) for ex in examples if ex.split == "train")
+    print(f"alexnet conv5, {n_train} train images, {len(concepts)} concepts, {pairs} (image, concept) pairs, "
+          f"{args.epochs} epochs")
+    print(f"jointly            {joint:7.2f} s   {joint / args.epochs / n_train * 1000:6.2f} s per epoch per 1,000 images")
+    print(f"one at a time      {alone:7.2f} s   same in-memory examples: speed-up {alone / joint:.1f}x")
+    print(f"  reading its data {alone_reading:7.2f} s   per concept and epoch from the store, against n2vdb reading "
+          f"once ({decode:.2f} s) and training jointly: speed-up {alone_reading / (joint + decode):.1f}x (goal >= 20x)")
+    print(f"peak RSS           {peak_rss_mib():.0f} MiB")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
