@@ -146,3 +146,52 @@ def db_upgrade(db: PathLike = None) -> list[str]:
         return [f"{m.version:04d}_{m.name}" for m in migrate.upgrade(con)]
     finally:
         con.close()
+
+
+def _probe_and_dataset(con, probe_id: int | None):
+    from n2vdb.data.broden import BrodenDataset
+
+    probe = probes_mod.load(con, probe_id if probe_id is not None else probes_mod.latest(con))
+    path = con.execute("SELECT path FROM datasets WHERE dataset_id = ?", [probe.dataset_id]).fetchone()[0]
+    return probe, BrodenDataset.open(path)
+
+
+def show_concept(concept: str, db: PathLike = None, probe: int | None = None, method: str = "segmentation",
+                 out: str | Path | None = None) -> tuple[Path, list, list[float]]:
+    """A PNG grid of images at quantiles of the concept's per-image IoU under METHOD
+    ('segmentation' = the embedding, 'best_filter'). Returns (path, samples, all per-image IoUs)."""
+    from n2vdb.errors import UsageError
+    from n2vdb.render import grids
+
+    if method not in ("segmentation", "best_filter"):
+        raise UsageError("--method must be segmentation or best_filter")
+    with read_connection(db) as con:
+        probe_obj, dataset = _probe_and_dataset(con, probe)
+        name = queries.resolve_concept(con, concept, probe_obj.dataset_id)
+        concept_id = con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?",
+                                 [probe_obj.dataset_id, name]).fetchone()[0]
+        target = Path(out) if out else Path("n2v_out") / f"concept-{name}-{method}-probe{probe_obj.probe_id}.png"
+        path, samples = grids.concept_grid(con, probe_obj, dataset, concept_id, name, method, target)
+        values = [v for (v,) in con.execute(
+            "SELECT iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = ?",
+            [probe_obj.probe_id, concept_id, method]).fetchall()]
+    return path, samples, values
+
+
+def show_filter(filter_id: int, db: PathLike = None, probe: int | None = None,
+                out: str | Path | None = None) -> tuple[Path, list]:
+    from n2vdb.render import grids
+
+    with read_connection(db) as con:
+        probe_obj, dataset = _probe_and_dataset(con, probe)
+        target = Path(out) if out else Path("n2v_out") / f"filter-{filter_id}-probe{probe_obj.probe_id}.png"
+        return grids.filter_grid(con, probe_obj, dataset, filter_id, target)
+
+
+def report(out: str | Path, db: PathLike = None, probe: int | None = None, cards: int = 8) -> Path:
+    """A static HTML report (index.html and its PNGs) of one probe, in OUT."""
+    from n2vdb.render import report as report_mod
+
+    with read_connection(db) as con:
+        probe_obj, dataset = _probe_and_dataset(con, probe)
+        return report_mod.build(con, probe_obj, dataset, Path(out), cards)

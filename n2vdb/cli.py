@@ -23,8 +23,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Net2Vec as a database: how CNN filters encode concepts, queried with SQL.")
 data_app = typer.Typer(no_args_is_help=True, help="Register, generate and fetch concept datasets.")
 db_app = typer.Typer(no_args_is_help=True, help="Schema status and upgrades.")
+show_app = typer.Typer(no_args_is_help=True, help="Images across a score distribution, as PNG grids.")
 app.add_typer(data_app, name="data")
 app.add_typer(db_app, name="db")
+app.add_typer(show_app, name="show")
 
 Db = Annotated[Optional[Path], typer.Option("--db", envvar="N2VDB_DB", help="Database file [default: ./n2v.duckdb]")]
 Format = Annotated[Optional[str], typer.Option("--format", "-f", help=f"{'|'.join(FORMATS)} [default: table on a terminal, csv when piped]")]
@@ -230,6 +232,49 @@ def sql(
         else:
             raise UsageError("give SQL as an argument, with --file, or on stdin")
     _show(api.sql(statement, db, write), fmt, limit)
+
+
+# -- seeing it ---------------------------------------------------------------------------------
+
+Probe = Annotated[Optional[int], typer.Option("--probe", help="Probe id [default: the newest complete one]")]
+Out = Annotated[Optional[Path], typer.Option("--out", help="PNG file to write [default: n2v_out/...]")]
+
+
+@show_app.command("concept")
+def show_concept(
+    name: str,
+    probe: Probe = None,
+    method: Annotated[str, typer.Option(help="segmentation (the embedding) | best_filter")] = "segmentation",
+    out: Out = None,
+    db: Db = None,
+):
+    """Images containing NAME at quantiles 1, .99, .95, .9, .75, .5 of its per-image IoU, masks overlaid."""
+    from n2vdb.render.grids import sparkline
+
+    path, samples, values = api.show_concept(name, db, probe, method, out)
+    stderr.print(f"per-image IoU over {len(values)} images  0 {sparkline(values)} 1  "
+                 f"median {sorted(values)[len(values) // 2]:.3f}")
+    typer.echo(str(path))
+
+
+@show_app.command("filter")
+def show_filter(filter_id: Annotated[int, typer.Argument(metavar="K")], probe: Probe = None, out: Out = None,
+                db: Db = None):
+    """Images at quantiles of filter K's peak activation, its thresholded mask overlaid."""
+    path, _ = api.show_filter(filter_id, db, probe, out)
+    typer.echo(str(path))
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option("--out", help="Directory for index.html and its images")],
+    probe: Probe = None,
+    cards: Annotated[int, typer.Option(help="Concepts given a card with image grids")] = 8,
+    db: Db = None,
+):
+    """Write a static HTML report of a probe (opens from disk, no server)."""
+    page = api.report(out, db, probe, cards)
+    typer.echo(str(page))
 
 
 # -- db ----------------------------------------------------------------------------------------

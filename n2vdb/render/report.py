@@ -1,0 +1,157 @@
+"""A static HTML report of one probe: the paper's views, plots as PNG files beside index.html.
+
+Plots use matplotlib (Agg backend, no display); every number comes from a named query, so the report
+shows exactly what `n2vdb query` shows.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import duckdb
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from n2vdb import queries  # noqa: E402
+from n2vdb.data.broden import BrodenDataset  # noqa: E402
+from n2vdb.probe import Probe  # noqa: E402
+from n2vdb.render import grids  # noqa: E402
+from n2vdb.render.output import _cell  # noqa: E402
+
+CATEGORY_COLOURS = {"color": "tab:red", "object": "tab:blue", "part": "tab:green", "material": "tab:brown",
+                    "scene": "tab:purple", "texture": "tab:orange"}
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _table(rows: list[dict], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "<p><em>no rows</em></p>"
+    columns = columns or list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _scatter(scores: list[dict], path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for category in sorted({r["category"] for r in scores}):
+        pts = [(r["single_filter_iou"], r["embedding_iou"]) for r in scores if r["category"] == category]
+        ax.scatter(*zip(*pts), s=18, label=category, color=CATEGORY_COLOURS.get(category))
+    top = max(max(r["single_filter_iou"], r["embedding_iou"]) for r in scores) * 1.05
+    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="best single filter, val IoU", ylabel="embedding, val IoU", title="Per concept")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _bars(rows: list[dict], path: Path) -> str:
+    rows = [r for r in rows if r["category"] != "all"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["single_filter_iou"] for r in rows], 0.4, label="best single filter")
+    ax.bar([i + 0.2 for i in x], [r["embedding_iou"] for r in rows], 0.4, label="embedding")
+    ax.set_xticks(list(x), [r["category"] for r in rows])
+    ax.set(ylabel="mean val IoU", title="Per category")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _exclusivity(rows: list[dict], path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([r["concepts_per_filter"] for r in rows], [100 * r["share"] for r in rows], color="tab:gray")
+    ax.set(xlabel="concepts for which the filter is the best single filter", ylabel="% of filters",
+           title="Filter exclusivity")
+    return _save(fig, path)
+
+
+def _sufficiency(rows: list[dict], path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for category in sorted({r["category"] for r in rows}):
+        pts = sorted((r["n_filters"], r["mean_share_of_full"]) for r in rows if r["category"] == category)
+        ax.plot(*zip(*pts), marker="o", label=category, color=CATEGORY_COLOURS.get(category))
+    ax.axhline(0.9, color="grey", ls="--", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="filters kept (top |w|)", ylabel="val IoU / full embedding's", title="Sufficiency")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _histogram(values: list[float], path: Path, title: str) -> str:
+    fig, ax = plt.subplots(figsize=(3.2, 2))
+    ax.hist(values, bins=20, range=(0, 1), color="tab:blue")
+    ax.set(xlabel="per-image IoU", title=title)
+    return _save(fig, path)
+
+
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+img{max-width:100%}table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}
+.card{border:1px solid #ddd;padding:1em;margin:1em 0}.row{display:flex;gap:1em;flex-wrap:wrap;align-items:flex-start}"""
+
+
+def build(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, out: Path, cards: int = 8) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cards").mkdir(exist_ok=True)
+    q = lambda name, **kw: queries.run(con, name, probe=probe.probe_id, **kw).to_pylist()  # noqa: E731
+    meta = con.execute("SELECT model, layer, weights, n_filters, height, width FROM probes WHERE probe_id = ?",
+                       [probe.probe_id]).fetchone()
+    scores = q("concept-scores")
+    seg = [r for r in scores if r["embedding_iou"] is not None and r["single_filter_iou"] is not None]
+    summary = q("single-vs-embedding")
+    parts = [f"<h1>Probe {probe.probe_id}: {html.escape(meta[0])} {html.escape(meta[1])}</h1>",
+             f"<p>weights {html.escape(meta[2])}; {meta[3]} filters at {meta[4]}x{meta[5]}; "
+             f"dataset {html.escape(dataset.root.name)}</p>",
+             "<h2>Single filter vs embedding</h2><div class='row'>"]
+    if seg:
+        parts.append(f"<img src='{_scatter(seg, out / 'scatter.png')}' alt='per-concept scatter'>")
+        parts.append(f"<img src='{_bars(summary, out / 'categories.png')}' alt='per-category bars'>")
+    parts.append("</div>" + _table(summary))
+    curve = q("sufficiency-curve")
+    parts.append("<h2>Sufficiency</h2>")
+    if len({r["n_filters"] for r in curve}) > 1:
+        parts.append(f"<img src='{_sufficiency(curve, out / 'sufficiency.png')}' alt='sufficiency curves'>")
+    else:
+        parts.append("<p>No sufficiency runs for this probe: ingest with <code>--sufficiency</code>.</p>")
+    parts.append("<h2>Filter exclusivity</h2>")
+    parts.append(f"<img src='{_exclusivity(q('exclusivity'), out / 'exclusivity.png')}' alt='exclusivity'>")
+    parts.append("<h2>Concepts</h2>" + _table(scores, ["concept", "category", "best_filter", "single_filter_iou",
+                                                          "embedding_iou", "classification_accuracy"]))
+    for r in seg[:cards]:
+        parts.append(_card(con, probe, dataset, out, r))
+    page = out / "index.html"
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>n2vdb probe {probe.probe_id}"
+                    f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    return page
+
+
+def _card(con, probe: Probe, dataset: BrodenDataset, out: Path, row: dict) -> str:
+    name = row["concept"]
+    concept_id = con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?",
+                             [probe.dataset_id, name]).fetchone()[0]
+    slug = "".join(ch if ch.isalnum() else "_" for ch in name)
+    embedding_grid, _ = grids.concept_grid(con, probe, dataset, concept_id, name, "segmentation",
+                                           out / "cards" / f"{slug}-embedding.png")
+    filter_grid, _ = grids.concept_grid(con, probe, dataset, concept_id, name, "best_filter",
+                                        out / "cards" / f"{slug}-filter.png")
+    per_image = [v for (v,) in con.execute(
+        "SELECT iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = 'segmentation'",
+        [probe.probe_id, concept_id]).fetchall()]
+    hist = _histogram(per_image, out / "cards" / f"{slug}-hist.png", f"{name}: embedding")
+    nearest = queries.run(con, "nearest", probe=probe.probe_id, concept=name, k=5).to_pylist()
+    return (f"<div class='card' id='{slug}'><h3>{html.escape(name)} ({html.escape(row['category'])})</h3>"
+            f"<p>embedding val IoU {_cell(row['embedding_iou'])}, best single filter {row['best_filter']} "
+            f"val IoU {_cell(row['single_filter_iou'])}</p><div class='row'>"
+            f"<img src='cards/{hist}' alt='per-image IoU histogram'>"
+            f"{_table(nearest, ['rank', 'concept', 'similarity'])}</div>"
+            f"<p>Embedding, images across the per-image IoU distribution:</p>"
+            f"<img src='cards/{embedding_grid.name}' alt='{html.escape(name)} embedding grid'>"
+            f"<p>Best single filter:</p><img src='cards/{filter_grid.name}' alt='{html.escape(name)} filter grid'>"
+            "</div>")

@@ -1,0 +1,21 @@
+-- name: concept-scores
+-- description: Per concept: val IoU of its best single filter (chosen on train), of its segmentation embedding, and classification accuracy.
+-- param: probe PROBE
+WITH best AS (
+    SELECT concept_id, arg_max(filter, iou) AS filter
+    FROM filter_concept_iou WHERE probe_id = $probe AND split = 'train'
+    GROUP BY concept_id
+)
+SELECT c.name AS concept, c.category, c.level, b.filter AS best_filter, v.iou AS single_filter_iou,
+       seg.val_score AS embedding_iou, cls.val_score AS classification_accuracy, cls.val_ap AS classification_ap
+FROM concepts c
+JOIN probes p ON p.probe_id = $probe AND c.dataset_id = p.dataset_id
+LEFT JOIN best b ON b.concept_id = c.concept_id
+LEFT JOIN filter_concept_iou v
+       ON v.probe_id = $probe AND v.split = 'val' AND v.concept_id = c.concept_id AND v.filter = b.filter
+LEFT JOIN embeddings seg ON seg.probe_id = $probe AND seg.concept_id = c.concept_id
+                        AND seg.kind = 'segmentation' AND seg.n_filters = p.n_filters
+LEFT JOIN embeddings cls ON cls.probe_id = $probe AND cls.concept_id = c.concept_id
+                        AND cls.kind = 'classification' AND cls.n_filters = p.n_filters
+WHERE b.filter IS NOT NULL OR cls.val_score IS NOT NULL
+ORDER BY embedding_iou DESC NULLS LAST, concept;
