@@ -138,6 +138,11 @@ def db_status(db: PathLike = None) -> pa.Table:
         con.close()
 
 
+def db_check(db: PathLike = None) -> pa.Table:
+    """Row counts, references and stage completeness (queries/integrity.sql): 0 violations everywhere = sound."""
+    return query("integrity", db)
+
+
 def db_upgrade(db: PathLike = None) -> list[str]:
     from n2vdb.store.connection import connect
 

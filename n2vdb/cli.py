@@ -285,6 +285,17 @@ def db_status(db: Db = None, fmt: Format = None):
     _show(api.db_status(db), fmt)
 
 
+@db_app.command("check")
+def db_check(db: Db = None, fmt: Format = None):
+    """Integrity checks: references, row counts, probes marked complete only when complete."""
+    result = api.db_check(db)
+    _show(result, fmt)
+    failed = [r for r in result.to_pylist() if r["violations"]]
+    if failed:
+        raise N2vdbError(f"{len(failed)} integrity check(s) failed: {', '.join(r['check_name'] for r in failed)}")
+    stderr.print(f"all {result.num_rows} integrity checks pass")
+
+
 @db_app.command("upgrade")
 def db_upgrade(db: Db = None):
     """Apply pending migrations (commands that write do this on their own)."""

@@ -102,15 +102,20 @@ def ingest(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: Inge
         say(f"resuming probe {probe.probe_id} at stage {probe.status}")
     workers = extract.default_workers() if options.workers is None else options.workers
     if probe.status == "extracting":
+        say(f"probe {probe.probe_id}: extracting activations")
         loaded = weights_mod.load(model, options.weights, options.seed)
         extract.extract(con, probe, spec, dataset, loaded.net, options.device, options.batch_size, workers)
+        say(f"probe {probe.probe_id}: thresholds")
         extract.compute_thresholds(con, probe, spec.quantile)
     if probe.status == "iou":
         if probe.source_probe_id is not None or not _has_thresholds(con, probe):
             probe = probes.load(con, probe.probe_id)
+            say(f"probe {probe.probe_id}: thresholds")
             extract.compute_thresholds(con, probe, spec.quantile)
+        say(f"probe {probe.probe_id}: single-filter IoU")
         iou_stage.run(con, probe, dataset, spec.iou_mode, workers)
     if probe.status == "embeddings":
+        say(f"probe {probe.probe_id}: concept embeddings")
         embed_stage.run(con, probe, dataset, spec.train, workers)
     return probe.probe_id
 

@@ -1,0 +1,55 @@
+-- name: integrity
+-- description: Consistency checks of the whole database: each row names a check and how many rows break it (0 = fine).
+WITH probe_images AS (
+    SELECT p.probe_id, least(coalesce((p.settings->>'limit')::INTEGER, d.n_images), d.n_images) AS expected
+    FROM probes p JOIN datasets d USING (dataset_id)
+)
+SELECT 'images without a dataset' AS check_name,
+       (SELECT count(*) FROM images i ANTI JOIN datasets d USING (dataset_id)) AS violations
+UNION ALL SELECT 'image_concepts without an image or concept',
+       (SELECT count(*) FROM image_concepts ic
+        WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.dataset_id = ic.dataset_id AND i.image_id = ic.image_id)
+           OR NOT EXISTS (SELECT 1 FROM concepts c WHERE c.dataset_id = ic.dataset_id AND c.concept_id = ic.concept_id))
+UNION ALL SELECT 'datasets whose n_images disagrees with images',
+       (SELECT count(*) FROM datasets d WHERE n_images <> (SELECT count(*) FROM images i WHERE i.dataset_id = d.dataset_id))
+UNION ALL SELECT 'probes without a dataset or with a missing source probe',
+       (SELECT count(*) FROM probes p WHERE NOT EXISTS (SELECT 1 FROM datasets d WHERE d.dataset_id = p.dataset_id)
+           OR (p.source_probe_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM probes s WHERE s.probe_id = p.source_probe_id)))
+UNION ALL SELECT 'activations of unknown probes or images',
+       (SELECT count(*) FROM activations a LEFT JOIN probes p USING (probe_id)
+        WHERE p.probe_id IS NULL OR NOT EXISTS (
+            SELECT 1 FROM images i WHERE i.dataset_id = p.dataset_id AND i.image_id = a.image_id))
+UNION ALL SELECT 'activations whose size disagrees with the probe',
+       (SELECT count(*) FROM activations a JOIN probes p USING (probe_id)
+        WHERE octet_length(a.codes) <> p.n_filters * p.height * p.width OR len(a.scales) <> p.n_filters
+           OR len(a.pooled) <> p.n_filters)
+UNION ALL SELECT 'probes past extraction with missing activations',
+       (SELECT count(*) FROM probes p JOIN probe_images e USING (probe_id)
+        WHERE p.status <> 'extracting' AND p.source_probe_id IS NULL
+          AND (SELECT count(*) FROM activations a WHERE a.probe_id = p.probe_id) <> e.expected)
+UNION ALL SELECT 'probes past thresholds without one threshold per filter',
+       (SELECT count(*) FROM probes p WHERE p.status IN ('embeddings', 'complete')
+          AND (SELECT count(*) FROM filters f WHERE f.probe_id = p.probe_id) <> p.n_filters)
+UNION ALL SELECT 'probes past IoU without IoU rows',
+       (SELECT count(*) FROM probes p WHERE p.status IN ('embeddings', 'complete')
+          AND NOT EXISTS (SELECT 1 FROM filter_concept_iou i WHERE i.probe_id = p.probe_id))
+UNION ALL SELECT 'complete probes without embeddings',
+       (SELECT count(*) FROM probes p WHERE p.status = 'complete'
+          AND NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.probe_id = p.probe_id))
+UNION ALL SELECT 'rows of unfinished stages',
+       (SELECT count(*) FROM probes p WHERE
+            (p.status IN ('extracting', 'iou') AND EXISTS (SELECT 1 FROM filter_concept_iou i WHERE i.probe_id = p.probe_id))
+         OR (p.status <> 'complete' AND EXISTS (SELECT 1 FROM embeddings e WHERE e.probe_id = p.probe_id)))
+UNION ALL SELECT 'IoU, embedding or score rows of unknown probes, filters or concepts',
+       (SELECT count(*) FROM filter_concept_iou i LEFT JOIN probes p USING (probe_id)
+        WHERE p.probe_id IS NULL OR i.filter >= p.n_filters
+           OR NOT EXISTS (SELECT 1 FROM concepts c WHERE c.dataset_id = p.dataset_id AND c.concept_id = i.concept_id))
+     + (SELECT count(*) FROM embeddings e LEFT JOIN probes p USING (probe_id)
+        WHERE p.probe_id IS NULL OR len(e.weights) <> p.n_filters)
+     + (SELECT count(*) FROM image_concept_scores s LEFT JOIN probes p USING (probe_id)
+        WHERE p.probe_id IS NULL OR NOT EXISTS (
+            SELECT 1 FROM image_concepts ic
+            WHERE ic.dataset_id = p.dataset_id AND ic.image_id = s.image_id AND ic.concept_id = s.concept_id))
+UNION ALL SELECT 'IoU rows whose iou disagrees with intersection / union',
+       (SELECT count(*) FROM filter_concept_iou
+        WHERE union_ <= 0 OR intersection > union_ OR abs(iou - intersection / union_) > 1e-9);
