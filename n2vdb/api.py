@@ -63,6 +63,25 @@ def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
         return run_ingest(con, model, layer, IngestOptions(**options))
 
 
+def ingest_shard(model: str, layer: str, shard: str, shard_dir: str | Path, db: PathLike = None,
+                 **options) -> Path:
+    """Extract shard 'i/N' (or 'auto' under torchrun) of a probe into SHARD_DIR; the database is only read."""
+    from n2vdb import shards
+    from n2vdb.ingest import IngestOptions
+
+    index_count = shards.parse_shard(shard)
+    with read_connection(db) as con:
+        return shards.extract_shard(con, model, layer, IngestOptions(**options), index_count, Path(shard_dir))
+
+
+def merge(shard_dir: str | Path, db: PathLike = None) -> list[int]:
+    """Fold finished shards into the database and run the probes' remaining stages."""
+    from n2vdb import shards
+
+    with write_connection(db) as con:
+        return shards.merge(con, Path(shard_dir))
+
+
 def probes(db: PathLike = None) -> pa.Table:
     with read_connection(db) as con:
         return pa.Table.from_pylist(probes_mod.list_probes(con))

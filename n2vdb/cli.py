@@ -119,6 +119,8 @@ def ingest(
     sufficiency: Annotated[bool, typer.Option(help="Retrain with the top-F filters for F = 1, 2, 4, ...")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward batch")] = 32,
     workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="Extract only shard i/N (or auto under torchrun) into --shard-dir")] = None,
+    shard_dir: Annotated[Path, typer.Option(help="Where shards write Parquet parts")] = Path("n2v_shards"),
     db: Db = None,
 ):
     """Extract a layer's activations and compute thresholds, IoUs and embeddings (resumes if interrupted)."""
@@ -126,10 +128,28 @@ def ingest(
         raise UsageError("--loss must be paper or loglik")
     train = TrainSettings(epochs=epochs, seg_lr=seg_lr, seg_batch=seg_batch, seg_loss=loss, seg_bias=bias,
                           cls_lr=cls_lr, cls_batch=cls_batch, seed=seed, sufficiency=sufficiency)
+    options = dict(dataset=dataset, weights=weights, seed=seed, device=device, limit=limit, input_size=input_size,
+                   quantile=quantile, iou_mode=iou_mode, batch_size=batch_size, workers=workers, train=train)
+    if shard is not None:
+        part_dir = api.ingest_shard(model, layer, shard, shard_dir, db, **options)
+        stderr.print(f"shard written to {part_dir}; when every shard is done: n2vdb merge {shard_dir}")
+        return
     start = time.perf_counter()
-    probe_id = api.ingest(model, layer, db, dataset=dataset, weights=weights, seed=seed, device=device, limit=limit,
-                          input_size=input_size, quantile=quantile, iou_mode=iou_mode, batch_size=batch_size,
-                          workers=workers, train=train)
+    probe_id = api.ingest(model, layer, db, **options)
+    _summary(probe_id, model, layer, db, start)
+
+
+@app.command()
+def merge(shard_dir: Annotated[Path, typer.Argument(help="The --shard-dir the shards wrote to")] = Path("n2v_shards"),
+          db: Db = None):
+    """Fold finished shards into the database and run the remaining stages (thresholds, IoU, embeddings)."""
+    start = time.perf_counter()
+    for probe_id in api.merge(shard_dir, db):
+        row = [r for r in api.probes(db).to_pylist() if r["probe_id"] == probe_id][0]
+        _summary(probe_id, row["model"], row["layer"], db, start)
+
+
+def _summary(probe_id: int, model: str, layer: str, db, start: float) -> None:
     summary = api.query("single-vs-embedding", db, probe=probe_id)
     overall = [r for r in summary.to_pylist() if r["category"] == "all"]
     stderr.print(f"probe {probe_id}: {model} {layer} done in {time.perf_counter() - start:.1f} s")

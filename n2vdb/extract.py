@@ -89,37 +89,53 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def extract(con: duckdb.DuckDBPyConnection, probe: Probe, spec: ProbeSpec, dataset: BrodenDataset,
-            net: torch.nn.Module, device: str = "auto", batch_size: int = 32, workers: int | None = None) -> None:
-    """Write the activations of every image not yet stored; each batch commits on its own."""
+def remaining_rows(con: duckdb.DuckDBPyConnection, probe: Probe, spec: ProbeSpec,
+                   dataset: BrodenDataset) -> list[ImageRow]:
+    rows = dataset.rows[: spec.limit] if spec.limit else dataset.rows
+    done = acts_store.stored_image_ids(con, probe.probe_id)
+    return [r for r in rows if r.image_id not in done]
+
+
+def stream(spec: ProbeSpec, dataset: BrodenDataset, rows: list[ImageRow], net: torch.nn.Module, device: str,
+           batch_size: int, workers: int | None, progress: tuple[int, int]):
+    """Forward ROWS through the model in batches; yields (image ids, codes, scales, pooled) as numpy arrays,
+    and first (before any batch) the layer shape (K, H, W). progress = (images done, images in all)."""
     dev = pick_device(device)
     net = net.to(dev)
     tap = LayerTap(net, spec.module, spec.relu)
-    k, h, w = layer_shape(tap, spec.input_size, dev)
-    con.execute("UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?", [k, h, w, probe.probe_id])
-    probe.n_filters, probe.height, probe.width = k, h, w
-    rows = dataset.rows[: spec.limit] if spec.limit else dataset.rows
-    done = acts_store.stored_image_ids(con, probe.probe_id)
-    todo = [r for r in rows if r.image_id not in done]
+    yield layer_shape(tap, spec.input_size, dev)
     loader = DataLoader(
-        ImageFolderRows(dataset, todo, spec.input_size, spec.mean, spec.std),
+        ImageFolderRows(dataset, rows, spec.input_size, spec.mean, spec.std),
         batch_size=batch_size, num_workers=default_workers() if workers is None else workers,
         pin_memory=dev.type == "cuda",
     )
-    with progress_bar() as bar:
-        task = bar.add_task(f"extracting {spec.model} {spec.layer}", total=len(rows), completed=len(done))
-        for image_ids, images, errors in loader:
-            bad = [e for e in errors if e]
-            if bad:
-                raise DatasetError(f"{bad[0]}; fix or remove that row of index.csv, then re-run to resume")
-            out = tap(images.to(dev, non_blocking=True)).float()
-            codes, scales = acts_store.quantise(out)
-            table = acts_store.to_arrow(
-                probe.probe_id, image_ids.numpy(), codes.cpu().numpy(), scales.cpu().numpy(),
-                out.mean(dim=(2, 3)).cpu().numpy())
-            acts_store.write(con, table)  # autocommit: one transaction per batch
-            bar.advance(task, len(image_ids))
-    tap.handle.remove()
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task(f"extracting {spec.model} {spec.layer}", total=progress[1], completed=progress[0])
+            for image_ids, images, errors in loader:
+                bad = [e for e in errors if e]
+                if bad:
+                    raise DatasetError(f"{bad[0]}; fix or remove that row of index.csv, then re-run to resume")
+                out = tap(images.to(dev, non_blocking=True)).float()
+                codes, scales = acts_store.quantise(out)
+                yield (image_ids.numpy(), codes.cpu().numpy(), scales.cpu().numpy(),
+                       out.mean(dim=(2, 3)).cpu().numpy())
+                bar.advance(task, len(image_ids))
+    finally:
+        tap.handle.remove()
+
+
+def extract(con: duckdb.DuckDBPyConnection, probe: Probe, spec: ProbeSpec, dataset: BrodenDataset,
+            net: torch.nn.Module, device: str = "auto", batch_size: int = 32, workers: int | None = None) -> None:
+    """Write the activations of every image not yet stored; each batch commits on its own."""
+    todo = remaining_rows(con, probe, spec, dataset)
+    total = len(dataset.rows[: spec.limit] if spec.limit else dataset.rows)
+    batches = stream(spec, dataset, todo, net, device, batch_size, workers, (total - len(todo), total))
+    k, h, w = next(batches)
+    con.execute("UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?", [k, h, w, probe.probe_id])
+    probe.n_filters, probe.height, probe.width = k, h, w
+    for image_ids, codes, scales, pooled in batches:
+        acts_store.write(con, acts_store.to_arrow(probe.probe_id, image_ids, codes, scales, pooled))  # one commit
 
 
 def compute_thresholds(con: duckdb.DuckDBPyConnection, probe: Probe, quantile: float) -> np.ndarray:

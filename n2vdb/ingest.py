@@ -102,9 +102,10 @@ def ingest(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: Inge
         say(f"resuming probe {probe.probe_id} at stage {probe.status}")
     workers = extract.default_workers() if options.workers is None else options.workers
     if probe.status == "extracting":
-        say(f"probe {probe.probe_id}: extracting activations")
-        loaded = weights_mod.load(model, options.weights, options.seed)
-        extract.extract(con, probe, spec, dataset, loaded.net, options.device, options.batch_size, workers)
+        if extract.remaining_rows(con, probe, spec, dataset):
+            say(f"probe {probe.probe_id}: extracting activations")
+            loaded = weights_mod.load(model, options.weights, options.seed)
+            extract.extract(con, probe, spec, dataset, loaded.net, options.device, options.batch_size, workers)
         say(f"probe {probe.probe_id}: thresholds")
         extract.compute_thresholds(con, probe, spec.quantile)
     if probe.status == "iou":

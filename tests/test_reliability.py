@@ -74,3 +74,45 @@ def test_db_check_catches_damage(db_copy):
     result = subprocess.run([sys.executable, "-m", "n2vdb", "db", "check", "--db", str(db_copy)],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "2 integrity check(s) failed" in result.stderr
+
+
+def test_two_shards_under_torchrun_merge_into_the_unsharded_result(tmp_path, synthetic_dir, ingested_db):
+    """The README's torchrun example, on CPU: thresholds, IoUs and every other table equal a single run's."""
+    db = tmp_path / "s.duckdb"
+    shards = tmp_path / "shards"
+    api.add_dataset(synthetic_dir, "synthetic", db)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "n2vdb"]
+    args = ["ingest", "alexnet", "conv5", "--weights", "random", "--dataset", "synthetic", "--workers", "0",
+            "--epochs", "10", "--shard", "auto", "--shard-dir", str(shards), "--db", str(db)]
+    result = subprocess.run(torchrun + args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parts = sorted(p.parent.name for p in shards.glob("probe-*/shard-*/part-*.parquet"))
+    assert parts.count("shard-0-of-2") == parts.count("shard-1-of-2") == 2  # 40 images each, batches of 32
+    # the shard files are plain Parquet: DuckDB reads them without n2vdb
+    con = duckdb.connect()
+    ids = con.execute(f"SELECT list(image_id ORDER BY image_id) FROM read_parquet('{shards}/*/*/*.parquet')").fetchone()[0]
+    assert ids == list(range(80))
+    con.close()
+    merged = subprocess.run([sys.executable, "-m", "n2vdb", "merge", str(shards), "--db", str(db)],
+                            capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    check(db)
+    mine = duckdb.connect(str(db), read_only=True)
+    reference = duckdb.connect(str(ingested_db), read_only=True)
+    for table, order in TABLES:
+        ours = mine.execute(f"SELECT * EXCLUDE (probe_id) FROM {table} ORDER BY {order}").fetchall()
+        theirs = reference.execute(f"SELECT * EXCLUDE (probe_id) FROM {table} ORDER BY {order}").fetchall()
+        assert ours == theirs, table
+
+
+def test_merge_refuses_unfinished_shards(tmp_path, synthetic_dir):
+    db = tmp_path / "s.duckdb"
+    api.add_dataset(synthetic_dir, "synthetic", db)
+    api.ingest_shard("alexnet", "conv5", "0/2", tmp_path / "shards", db, dataset="synthetic", weights="random",
+                     workers=0, limit=8)
+    result = subprocess.run([sys.executable, "-m", "n2vdb", "merge", str(tmp_path / "shards"), "--db", str(db)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "shard 1/2 is not finished" in result.stderr
+    assert api.probes(db).num_rows == 0
+    with pytest.raises(Exception, match="expected i/N"):
+        api.ingest_shard("alexnet", "conv5", "1of2", tmp_path / "shards", db)
