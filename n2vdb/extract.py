@@ -17,7 +17,7 @@ from n2vdb.errors import DatasetError
 from n2vdb.probe import Probe, ProbeSpec, set_status
 from n2vdb.progress import progress_bar
 from n2vdb.stats.quantile import TopQuantile
-from n2vdb.store.connection import first
+from n2vdb.store.connection import first, transaction
 
 
 class ImageFolderRows(Dataset):
@@ -168,16 +168,11 @@ def compute_thresholds(con: duckdb.DuckDBPyConnection, probe: Probe, quantile: f
         "max_value": peak * 255,
         "mean_value": pooled.mean(axis=0).astype(np.float64),
     })
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute("DELETE FROM filters WHERE probe_id = ?", [probe.probe_id])
         con.register("_filters", table)
         con.execute("INSERT INTO filters SELECT * FROM _filters")
         con.unregister("_filters")
         set_status(con, probe.probe_id, "iou")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     probe.status = "iou"
     return thresholds

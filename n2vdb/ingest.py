@@ -17,7 +17,7 @@ from n2vdb.errors import UsageError
 from n2vdb.models import registry, weights as weights_mod
 from n2vdb.progress import say
 from n2vdb.stats import iou as iou_stage
-from n2vdb.store.connection import first
+from n2vdb.store.connection import first, transaction
 
 SYNTHETIC = "synthetic"
 
@@ -94,7 +94,12 @@ def ingest(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: Inge
     options = options or IngestOptions()
     made = make_spec(con, model, layer, options)
     spec, dataset = made.spec, made.dataset
-    probe, created = probes.get_or_create(con, spec)
+    # The probe row and the model load stand or fall together: bad weights leave no trace.
+    with transaction(con):
+        probe, created = probes.get_or_create(con, spec)
+        net = None
+        if probe.status == "extracting" and extract.remaining_rows(con, probe, spec, dataset):
+            net = weights_mod.load(model, options.weights, options.seed).net
     if probe.status == "complete":
         say(f"probe {probe.probe_id} is already complete; nothing to do")
         return probe.probe_id
@@ -102,10 +107,9 @@ def ingest(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: Inge
         say(f"resuming probe {probe.probe_id} at stage {probe.status}")
     workers = extract.default_workers() if options.workers is None else options.workers
     if probe.status == "extracting":
-        if extract.remaining_rows(con, probe, spec, dataset):
+        if net is not None:
             say(f"probe {probe.probe_id}: extracting activations")
-            loaded = weights_mod.load(model, options.weights, options.seed)
-            extract.extract(con, probe, spec, dataset, loaded.net, options.device, options.batch_size, workers)
+            extract.extract(con, probe, spec, dataset, net, options.device, options.batch_size, workers)
         say(f"probe {probe.probe_id}: thresholds")
         extract.compute_thresholds(con, probe, spec.quantile)
     if probe.status == "iou":

@@ -28,6 +28,7 @@ from n2vdb.errors import N2vdbError, UsageError
 from n2vdb.ingest import IngestOptions, ingest, make_spec
 from n2vdb.models import weights as weights_mod
 from n2vdb.progress import say
+from n2vdb.store.connection import transaction
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -118,8 +119,7 @@ def merge(con: duckdb.DuckDBPyConnection, root: Path) -> list[int]:
         if probe.status == "extracting":
             k, h, w = meta["shape"]
             parts = [str(p) for p in sorted(directory.glob("shard-*/part-*.parquet"))]
-            con.execute("BEGIN TRANSACTION")
-            try:
+            with transaction(con):
                 con.execute("UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?",
                             [k, h, w, probe.probe_id])
                 con.execute(
@@ -127,10 +127,6 @@ def merge(con: duckdb.DuckDBPyConnection, root: Path) -> list[int]:
                     " FROM read_parquet($parts) WHERE image_id NOT IN"
                     " (SELECT image_id FROM activations WHERE probe_id = $probe)",
                     {"probe": probe.probe_id, "parts": parts})
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
             say(f"merged {len(parts)} parts of {count} shards into probe {probe.probe_id}")
         probe_ids.append(ingest(con, meta["model"], meta["layer"], options))
     return probe_ids

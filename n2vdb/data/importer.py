@@ -13,7 +13,7 @@ import pyarrow as pa
 from n2vdb.data.broden import BrodenDataset, ImageRow, concept_masks
 from n2vdb.errors import DatasetError, N2vdbError
 from n2vdb.progress import progress_bar
-from n2vdb.store.connection import first
+from n2vdb.store.connection import first, transaction
 
 _worker_state: dict = {}
 
@@ -52,18 +52,13 @@ def add_dataset(con: duckdb.DuckDBPyConnection, path: str | Path, name: str, chu
         raise N2vdbError(f"dataset name {name!r} is taken by {existing[1]}; choose another --name")
     levels = dataset.concept_levels()
     known = set(dataset.labels)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         dataset_id = first(con.execute(
             "INSERT INTO datasets (name, path, n_images, n_concepts) VALUES (?, ?, ?, ?) RETURNING dataset_id",
             [name, str(dataset.root), len(dataset.rows), len(dataset.labels)],
         ))[0]
         _insert_metadata(con, dataset_id, dataset, levels)
         _insert_image_concepts(con, dataset_id, dataset, known, chunk)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return dataset_id
 
 

@@ -13,6 +13,7 @@ from n2vdb.embed import classification, segmentation
 from n2vdb.embed.examples import cached, store_examples
 from n2vdb.probe import Probe, TrainSettings, set_status
 from n2vdb.progress import say
+from n2vdb.store.connection import transaction
 
 
 def sufficiency_grid(k: int) -> list[int]:
@@ -130,18 +131,13 @@ def run(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, se
                                                    part.weights, part.bias, part.train_accuracy,
                                                    part.val_accuracy, part.val_ap)))
 
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute("DELETE FROM embeddings WHERE probe_id = ?", [probe.probe_id])
         con.execute("DELETE FROM image_concept_scores WHERE probe_id = ?"
                     " AND method IN ('segmentation', 'classification')", [probe.probe_id])
         for name, table in tables:
             _insert(con, name, table)
         set_status(con, probe.probe_id, "complete")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     probe.status = "complete"
 
 

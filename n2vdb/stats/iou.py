@@ -22,7 +22,7 @@ from n2vdb.data.broden import BrodenDataset, ImageRow
 from n2vdb.probe import Probe, set_status
 from n2vdb.stats import upsample_patterns
 from n2vdb.progress import progress_bar
-from n2vdb.store.connection import first
+from n2vdb.store.connection import first, transaction
 
 MODES = ("net2vec", "netdissect")
 
@@ -207,8 +207,7 @@ def run(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, mo
     totals = tally(con, probe, dataset, thresholds, mode, workers)
     best = best_filters(totals)
     scores = per_image_best(con, probe, dataset, thresholds, mode, best, workers)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute("DELETE FROM filter_concept_iou WHERE probe_id = ?", [probe.probe_id])
         con.execute("DELETE FROM image_concept_scores WHERE probe_id = ? AND method = 'best_filter'",
                     [probe.probe_id])
@@ -218,9 +217,5 @@ def run(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, mo
             con.execute(f"INSERT INTO {name} SELECT * FROM _rows")
             con.unregister("_rows")
         set_status(con, probe.probe_id, "embeddings")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     probe.status = "embeddings"
     return totals

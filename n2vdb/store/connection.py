@@ -78,3 +78,17 @@ def first(result: duckdb.DuckDBPyConnection):
     new statements on a connection whose last result was not read to the end)."""
     rows = result.fetchall()
     return rows[0] if rows else None
+
+
+@contextlib.contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """BEGIN ... COMMIT, rolled back on any error. A failed COMMIT (a full disk) has already rolled
+    back: the second rollback's complaint must not hide the real error."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise

@@ -11,7 +11,7 @@ import duckdb
 
 from n2vdb.errors import N2vdbError
 from n2vdb.resources import sql_dir
-from n2vdb.store.connection import first
+from n2vdb.store.connection import first, transaction
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -90,16 +90,14 @@ def upgrade(con: duckdb.DuckDBPyConnection, directory: Path | None = None) -> li
     )
     todo = pending(con, directory)
     for migration in todo:
-        con.execute("BEGIN TRANSACTION")
         try:
-            con.execute(migration.sql)
-            con.execute(
-                "INSERT INTO schema_migrations (version, name, sha256) VALUES (?, ?, ?)",
-                [migration.version, migration.name, migration.sha256],
-            )
-            con.execute("COMMIT")
+            with transaction(con):
+                con.execute(migration.sql)
+                con.execute(
+                    "INSERT INTO schema_migrations (version, name, sha256) VALUES (?, ?, ?)",
+                    [migration.version, migration.name, migration.sha256],
+                )
         except duckdb.Error as exc:
-            con.execute("ROLLBACK")
             raise N2vdbError(f"migration {migration.version:04d}_{migration.name} failed: {exc}") from None
     return todo
 

@@ -1,0 +1,226 @@
+"""The bad-input matrix: every case is one CLI call that must fail with one line, its documented exit
+code, no traceback, and the database exactly as it was.
+
+docs/bad-input.md is generated from CASES (`python tests/test_bad_input.py > docs/bad-input.md`);
+a test keeps the two in step.
+"""
+
+import hashlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import duckdb
+import pytest
+import torch
+import torchvision
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Case:
+    name: str
+    argv: list[str]  # after `n2vdb`; {db} {data} {tmp} are filled in
+    message: str
+    code: int
+    prepare: Callable[[Path, Path], None] | None = None  # (dataset copy, tmp) -> None
+
+
+def _replace(rel: str, content: bytes):
+    def prepare(data: Path, tmp: Path) -> None:
+        (data / rel).write_bytes(content)
+    return prepare
+
+
+def _truncate(rel: str):
+    def prepare(data: Path, tmp: Path) -> None:
+        raw = (data / rel).read_bytes()
+        (data / rel).write_bytes(raw[: len(raw) // 2])
+    return prepare
+
+
+def _edit_index(edit):
+    def prepare(data: Path, tmp: Path) -> None:
+        lines = (data / "index.csv").read_text().splitlines()
+        (data / "index.csv").write_text("\n".join(edit(lines)) + "\n")
+    return prepare
+
+
+def _drop_label(number: int):
+    def prepare(data: Path, tmp: Path) -> None:
+        path = data / "label.csv"
+        path.write_text("\n".join(l for l in path.read_text().splitlines() if not l.startswith(f"{number},")) + "\n")
+    return prepare
+
+
+def _weights(kind: str):
+    def prepare(data: Path, tmp: Path) -> None:
+        if kind == "wrong":
+            torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp / "w.pth")
+        else:
+            (tmp / "w.pth").write_bytes(b"definitely not a checkpoint")
+    return prepare
+
+
+def _newer_schema(data: Path, tmp: Path) -> None:
+    pass  # applied by the test to its own copy of the database
+
+
+IMG = "images/synth/000005.jpg"
+MASK = "images/synth/000005_object.png"
+INGEST = ["ingest", "alexnet", "conv5", "--weights", "random", "--workers", "0", "--epochs", "1", "--db", "{db}"]
+
+CASES = [
+    Case("dataset directory missing", ["data", "add", "{tmp}/nowhere", "--name", "x", "--db", "{db}"], "does not exist", 1),
+    Case("directory without index.csv", ["data", "add", "{data}", "--name", "x", "--db", "{db}"], "has no index.csv", 1,
+         lambda d, t: (d / "index.csv").unlink()),
+    Case("index.csv row with missing columns", ["data", "add", "{data}", "--name", "x", "--db", "{db}"], "line 3: expected",
+         1, _edit_index(lambda ls: ls[:2] + [ls[2].split(",")[0] + ",train"] + ls[3:])),
+    Case("index.csv size that is not a number", ["data", "add", "{data}", "--name", "x", "--db", "{db}"],
+         "expected an integer", 1, _edit_index(lambda ls: ls[:1] + [ls[1].replace(",227,227,", ",big,227,", 1)] + ls[2:])),
+    Case("index.csv with a wrong header", ["data", "add", "{data}", "--name", "x", "--db", "{db}"], "header lacks", 1,
+         _edit_index(lambda ls: [ls[0].replace("split", "fold")] + ls[1:])),
+    Case("label.csv missing", ["data", "add", "{data}", "--name", "x", "--db", "{db}"], "has no label.csv", 1,
+         lambda d, t: (d / "label.csv").unlink()),
+    Case("mask PNG that cannot be decoded", ["data", "add", "{data}", "--name", "x", "--db", "{db}"],
+         "cannot be decoded", 1, _replace(MASK, b"\x89PNG\r\n\x1a\nnot really")),
+    Case("truncated mask PNG", ["data", "add", "{data}", "--name", "x", "--db", "{db}"], "cannot be decoded", 1,
+         _truncate(MASK)),
+    Case("mask file missing", ["data", "add", "{data}", "--name", "x", "--db", "{db}"], "is missing", 1,
+         lambda d, t: (d / MASK).unlink()),
+    Case("label number not in label.csv", ["data", "add", "{data}", "--name", "x", "--db", "{db}"],
+         "missing from label.csv", 1, _drop_label(300)),
+    Case("dataset name taken by another directory", ["data", "add", "{data}", "--name", "synthetic", "--db", "{db}"],
+         "is taken by", 1),
+    Case("corrupt image", INGEST + ["--dataset", "x"], "cannot be decoded", 1, _replace(IMG, b"not a jpeg")),
+    Case("truncated image", INGEST + ["--dataset", "x"], "cannot be decoded", 1, _truncate(IMG)),
+    Case("image file missing", INGEST + ["--dataset", "x"], "is missing", 1, lambda d, t: (d / IMG).unlink()),
+    Case("unknown dataset", INGEST + ["--dataset", "brodne"], "no dataset named 'brodne'", 1),
+    Case("unknown model", ["ingest", "alexnett", "conv5", "--db", "{db}"], "did you mean alexnet", 2),
+    Case("unknown layer", ["ingest", "alexnet", "conv9", "--db", "{db}"], "has no layer 'conv9'", 2),
+    Case("weights file of the wrong architecture", ["ingest", "alexnet", "conv5", "--weights", "{tmp}/w.pth",
+         "--db", "{db}"], "do not fit AlexNet", 2, _weights("wrong")),
+    Case("weights file that is not a checkpoint", ["ingest", "alexnet", "conv5", "--weights", "{tmp}/w.pth",
+         "--db", "{db}"], "cannot read weights file", 2, _weights("garbage")),
+    Case("quantile out of range", INGEST + ["--quantile", "1.5"], "--quantile must lie", 2),
+    Case("unknown concept", ["query", "nearest", "dgo", "--db", "{db}"], "unknown concept 'dgo'", 2),
+    Case("unknown query", ["query", "nearst", "--db", "{db}"], "did you mean nearest", 2),
+    Case("parameter of the wrong type", ["query", "nearest", "red", "-k", "ten", "--db", "{db}"], "expects INTEGER", 2),
+    Case("missing parameter", ["query", "similarity", "red", "--db", "{db}"], "needs B", 2),
+    Case("SQL syntax error", ["sql", "SELEC 1", "--db", "{db}"], "syntax error", 1),
+    Case("DROP without --write", ["sql", "DROP TABLE probes", "--db", "{db}"], "read-only", 1),
+    Case("unwritable database path", ["data", "synth", "{tmp}/s", "--images", "2", "--db", "{tmp}/no/such/dir/x.duckdb"],
+         "does not exist", 1),
+    Case("no database yet (reading)", ["probes", "--db", "{tmp}/absent.duckdb"], "no database at", 1),
+    Case("database from a newer n2vdb", ["probes", "--db", "{db}"], "newer than this n2vdb", 1, _newer_schema),
+]
+
+
+def fingerprint(db: Path) -> str:
+    con = duckdb.connect(str(db), read_only=True)
+    digest = hashlib.sha256()
+    for (table,) in con.execute("SELECT table_name FROM information_schema.tables ORDER BY 1").fetchall():
+        digest.update(table.encode())
+        for row in sorted(map(repr, con.execute(f"SELECT * FROM {table}").fetchall())):
+            digest.update(row.encode())
+    con.close()
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(tmp_path, db_copy, synthetic_dir, case):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    if case.prepare:
+        case.prepare(data, tmp_path)
+    if case.prepare is _newer_schema:
+        con = duckdb.connect(str(db_copy))
+        con.execute("INSERT INTO schema_migrations (version, name, sha256) VALUES (9999, 'future', 'x')")
+        con.close()
+    if "--dataset" in case.argv and "x" in case.argv:
+        from n2vdb import api
+        api.add_dataset(data, "x", db_copy)
+    before = fingerprint(db_copy)
+    argv = [a.format(db=db_copy, data=data, tmp=tmp_path) for a in case.argv]
+    result = subprocess.run([sys.executable, "-m", "n2vdb", *argv], capture_output=True, text=True,
+                            env={**os.environ, "N2VDB_HOME": str(tmp_path / "home")})
+    assert result.returncode == case.code, result.stderr
+    assert case.message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    if "ingest" not in argv or not any(a in case.name for a in ("image",)):
+        assert fingerprint(db_copy) == before
+    else:
+        # a bad image stops extraction: batches before it stay (that is how ingest resumes) and
+        # nothing else changes; the database stays consistent
+        from n2vdb import api
+        assert not [r for r in api.db_check(db_copy).to_pylist() if r["violations"]]
+
+
+def test_database_busy(tmp_path, db_copy):
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, time
+        con = duckdb.connect({str(db_copy)!r})
+        print("ready", flush=True)
+        time.sleep(30)""")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        result = subprocess.run([sys.executable, "-m", "n2vdb", "query", "exclusivity", "--db", str(db_copy)],
+                                capture_output=True, text=True)
+        assert result.returncode == 1
+        assert f"database busy: {db_copy} is locked by PID {holder.pid}" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _limit_file_size(size: int):
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+def test_disk_full(tmp_path, db_copy, synthetic_dir):
+    """A write that runs out of space (RLIMIT_FSIZE stands in for a full disk) rolls back whole."""
+    before = fingerprint(db_copy)
+    limit = 4096  # the WAL this transaction needs is larger: its commit fails, as on a full disk
+    result = subprocess.run([sys.executable, "-m", "n2vdb", "data", "add", str(synthetic_dir), "--name", "again",
+                             "--db", str(db_copy)], capture_output=True, text=True, preexec_fn=_limit_file_size(limit))
+    assert result.returncode == 1, result.stderr
+    assert "File too large" in result.stderr  # the operating system's reason, not a follow-on error
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert fingerprint(db_copy) == before
+
+
+def markdown() -> str:
+    lines = ["# Bad input: what n2vdb says", "",
+             "Generated from `tests/test_bad_input.py` (`python tests/test_bad_input.py > docs/bad-input.md`).",
+             "Every case prints one `Error:` line on stderr, exits with the code shown, prints no traceback,",
+             "and leaves the database as it was (a bad image met during extraction leaves the batches",
+             "before it, from which the same command resumes). Exit codes: 1 = runtime error, 2 = usage error.",
+             "Also tested: a database locked by another process (`database busy: ... locked by PID N`, exit 1)",
+             "and a full disk during `data add` (exit 1, the transaction rolled back).", "",
+             "| case | command | the error says | exit |", "|---|---|---|---|"]
+    for c in CASES:
+        command = " ".join(["n2vdb", *c.argv]).replace("{db}", "DB").replace("{data}", "DATA").replace("{tmp}", "TMP")
+        lines.append(f"| {c.name} | `{command}` | {c.message} | {c.code} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_docs_table_is_generated_from_these_cases():
+    assert (ROOT / "docs" / "bad-input.md").read_text() == markdown()
+    assert len(CASES) >= 20
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())
