@@ -21,6 +21,7 @@ from n2vdb.data.broden import BrodenDataset
 from n2vdb.ingest import IngestOptions, make_spec
 from n2vdb.models import weights
 from n2vdb.store import write_connection
+from n2vdb.store.sessions import Store
 
 
 def main() -> None:
@@ -55,12 +56,13 @@ def main() -> None:
         tap.handle.remove()
 
         probe, _ = probes.get_or_create(con, spec)
-        start = time.perf_counter()
-        extract.extract(con, probe, spec, dataset, net, args.device, args.batch_size, args.workers)
-        extraction = time.perf_counter() - start
-        start = time.perf_counter()
-        extract.compute_thresholds(con, probe, spec.quantile)
-        thresholds = time.perf_counter() - start
+    store = Store(db)  # as ingest runs: batches written in short sessions that let readers in
+    start = time.perf_counter()
+    extract.extract(store, probe, spec, dataset, net, args.device, args.batch_size, args.workers)
+    extraction = time.perf_counter() - start
+    start = time.perf_counter()
+    extract.compute_thresholds(store, probe, spec.quantile)
+    thresholds = time.perf_counter() - start
     size = db.stat().st_size
     con = duckdb.connect(str(db), read_only=True)
     k, h, w = con.execute("SELECT n_filters, height, width FROM probes").fetchone()

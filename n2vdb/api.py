@@ -58,9 +58,11 @@ def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
     """Run or resume every stage of a probe. Options are IngestOptions fields; training settings may be
     passed as train=TrainSettings(...)."""
     from n2vdb.ingest import IngestOptions, ingest as run_ingest
+    from n2vdb.store.sessions import Store
 
-    with write_connection(db) as con:
-        return run_ingest(con, model, layer, IngestOptions(**options))
+    with write_connection(db):
+        pass  # create and upgrade the database before the ingest's short sessions begin
+    return run_ingest(Store(db), model, layer, IngestOptions(**options))
 
 
 def ingest_shard(model: str, layer: str, shard: str, shard_dir: str | Path, db: PathLike = None,
@@ -77,9 +79,11 @@ def ingest_shard(model: str, layer: str, shard: str, shard_dir: str | Path, db: 
 def merge(shard_dir: str | Path, db: PathLike = None) -> list[int]:
     """Fold finished shards into the database and run the probes' remaining stages."""
     from n2vdb import shards
+    from n2vdb.store.sessions import Store
 
-    with write_connection(db) as con:
-        return shards.merge(con, Path(shard_dir))
+    with write_connection(db):
+        pass
+    return shards.merge(Store(db), Path(shard_dir))
 
 
 def probes(db: PathLike = None) -> pa.Table:

@@ -18,6 +18,7 @@ from n2vdb.probe import Probe, ProbeSpec, set_status
 from n2vdb.progress import progress_bar
 from n2vdb.stats.quantile import TopQuantile
 from n2vdb.store.connection import first, transaction
+from n2vdb.store.sessions import Store
 
 
 class ImageFolderRows(Dataset):
@@ -125,20 +126,25 @@ def stream(spec: ProbeSpec, dataset: BrodenDataset, rows: list[ImageRow], net: t
         tap.handle.remove()
 
 
-def extract(con: duckdb.DuckDBPyConnection, probe: Probe, spec: ProbeSpec, dataset: BrodenDataset,
-            net: torch.nn.Module, device: str = "auto", batch_size: int = 32, workers: int | None = None) -> None:
-    """Write the activations of every image not yet stored; each batch commits on its own."""
-    todo = remaining_rows(con, probe, spec, dataset)
+def extract(store: Store, probe: Probe, spec: ProbeSpec, dataset: BrodenDataset, net: torch.nn.Module,
+            device: str = "auto", batch_size: int = 32, workers: int | None = None) -> None:
+    """Write the activations of every image not yet stored; each batch commits on its own, in write
+    sessions short enough to let readers in."""
+    with store.reading() as con:
+        todo = remaining_rows(con, probe, spec, dataset)
     total = len(dataset.rows[: spec.limit] if spec.limit else dataset.rows)
     batches = stream(spec, dataset, todo, net, device, batch_size, workers, (total - len(todo), total))
     k, h, w = next(batches)
-    con.execute("UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?", [k, h, w, probe.probe_id])
     probe.n_filters, probe.height, probe.width = k, h, w
-    for image_ids, codes, scales, pooled in batches:
-        acts_store.write(con, acts_store.to_arrow(probe.probe_id, image_ids, codes, scales, pooled))  # one commit
+    with store.sessions() as writer:
+        writer.connection().execute("UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?",
+                                    [k, h, w, probe.probe_id])
+        for image_ids, codes, scales, pooled in batches:
+            table = acts_store.to_arrow(probe.probe_id, image_ids, codes, scales, pooled)
+            acts_store.write(writer.connection(), table)  # one commit per batch
 
 
-def compute_thresholds(con: duckdb.DuckDBPyConnection, probe: Probe, quantile: float) -> np.ndarray:
+def compute_thresholds(store: Store, probe: Probe, quantile: float) -> np.ndarray:
     """Per-filter thresholds from the stored activations, into `filters`.
 
     Exactly the numpy linear quantile of the dequantised values; since every stored value is within
@@ -146,20 +152,21 @@ def compute_thresholds(con: duckdb.DuckDBPyConnection, probe: Probe, quantile: f
     largest perturbation, each threshold is within threshold_bound = max over images of s_k / 2 of
     the quantile of the float activations.
     """
-    shape = (probe.n_filters, probe.height, probe.width)
-    n_images = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?",
-                           [probe.activation_probe]))[0]
-    sketch = TopQuantile(quantile, n_images * probe.height * probe.width)
-    peak = np.zeros(probe.n_filters, np.float64)
-    with progress_bar() as bar:
-        task = bar.add_task("thresholds", total=n_images)
-        for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape):
-            values = torch.from_numpy(codes).float() * torch.from_numpy(scales)[:, :, None, None]
-            sketch.add(values)
-            peak = np.maximum(peak, scales.max(axis=0))
-            bar.advance(task, len(ids))
-    thresholds = sketch.result().numpy()
-    _, pooled = acts_store.pooled(con, probe.activation_probe)
+    with store.reading() as con:
+        shape = (probe.n_filters, probe.height, probe.width)
+        n_images = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?",
+                               [probe.activation_probe]))[0]
+        sketch = TopQuantile(quantile, n_images * probe.height * probe.width)
+        peak = np.zeros(probe.n_filters, np.float64)
+        with progress_bar() as bar:
+            task = bar.add_task("thresholds", total=n_images)
+            for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape):
+                values = torch.from_numpy(codes).float() * torch.from_numpy(scales)[:, :, None, None]
+                sketch.add(values)
+                peak = np.maximum(peak, scales.max(axis=0))
+                bar.advance(task, len(ids))
+        thresholds = sketch.result().numpy()
+        _, pooled = acts_store.pooled(con, probe.activation_probe)
     table = pa.table({
         "probe_id": pa.array(np.full(probe.n_filters, probe.probe_id, np.int32)),
         "filter": pa.array(np.arange(probe.n_filters, dtype=np.int32)),
@@ -168,7 +175,7 @@ def compute_thresholds(con: duckdb.DuckDBPyConnection, probe: Probe, quantile: f
         "max_value": peak * 255,
         "mean_value": pooled.mean(axis=0).astype(np.float64),
     })
-    with transaction(con):
+    with store.writing() as con, transaction(con):
         con.execute("DELETE FROM filters WHERE probe_id = ?", [probe.probe_id])
         con.register("_filters", table)
         con.execute("INSERT INTO filters SELECT * FROM _filters")

@@ -18,6 +18,7 @@ from n2vdb.models import registry, weights as weights_mod
 from n2vdb.progress import say
 from n2vdb.stats import iou as iou_stage
 from n2vdb.store.connection import first, transaction
+from n2vdb.store.sessions import Store
 
 SYNTHETIC = "synthetic"
 
@@ -89,17 +90,23 @@ class ProbeSpecAndData:
     dataset: BrodenDataset
 
 
-def ingest(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: IngestOptions | None = None) -> int:
-    """Run (or resume) every stage of the probe; returns its probe_id."""
-    options = options or IngestOptions()
-    made = make_spec(con, model, layer, options)
-    spec, dataset = made.spec, made.dataset
-    # The probe row and the model load stand or fall together: bad weights leave no trace.
-    with transaction(con):
-        probe, created = probes.get_or_create(con, spec)
-        net = None
-        if probe.status == "extracting" and extract.remaining_rows(con, probe, spec, dataset):
-            net = weights_mod.load(model, options.weights, options.seed).net
+def ingest(store: Store, model: str, layer: str, options: IngestOptions | None = None) -> int:
+    """Run (or resume) every stage of the probe; returns its probe_id. One ingest writes a database at a
+    time; readers get in between its short write sessions (n2vdb.store.sessions)."""
+    with store.exclusive_writer():
+        return _ingest(store, model, layer, options or IngestOptions())
+
+
+def _ingest(store: Store, model: str, layer: str, options: IngestOptions) -> int:
+    with store.writing() as con:
+        made = make_spec(con, model, layer, options)
+        spec, dataset = made.spec, made.dataset
+        # The probe row and the model load stand or fall together: bad weights leave no trace.
+        with transaction(con):
+            probe, created = probes.get_or_create(con, spec)
+            net = None
+            if probe.status == "extracting" and extract.remaining_rows(con, probe, spec, dataset):
+                net = weights_mod.load(model, options.weights, options.seed).net
     if probe.status == "complete":
         say(f"probe {probe.probe_id} is already complete; nothing to do")
         return probe.probe_id
@@ -109,19 +116,23 @@ def ingest(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: Inge
     if probe.status == "extracting":
         if net is not None:
             say(f"probe {probe.probe_id}: extracting activations")
-            extract.extract(con, probe, spec, dataset, net, options.device, options.batch_size, workers)
-        say(f"probe {probe.probe_id}: thresholds")
-        extract.compute_thresholds(con, probe, spec.quantile)
-    if probe.status == "iou":
-        if probe.source_probe_id is not None or not _has_thresholds(con, probe):
+            extract.extract(store, probe, spec, dataset, net, options.device, options.batch_size, workers)
+        with store.reading() as con:
             probe = probes.load(con, probe.probe_id)
+        say(f"probe {probe.probe_id}: thresholds")
+        extract.compute_thresholds(store, probe, spec.quantile)
+    if probe.status == "iou":
+        with store.reading() as con:
+            needs_thresholds = probe.source_probe_id is not None or not _has_thresholds(con, probe)
+            probe = probes.load(con, probe.probe_id)
+        if needs_thresholds:
             say(f"probe {probe.probe_id}: thresholds")
-            extract.compute_thresholds(con, probe, spec.quantile)
+            extract.compute_thresholds(store, probe, spec.quantile)
         say(f"probe {probe.probe_id}: single-filter IoU")
-        iou_stage.run(con, probe, dataset, spec.iou_mode, workers)
+        iou_stage.run(store, probe, dataset, spec.iou_mode, workers)
     if probe.status == "embeddings":
         say(f"probe {probe.probe_id}: concept embeddings")
-        embed_stage.run(con, probe, dataset, spec.train, workers)
+        embed_stage.run(store, probe, dataset, spec.train, workers)
     return probe.probe_id
 
 

@@ -29,6 +29,7 @@ from n2vdb.ingest import IngestOptions, ingest, make_spec
 from n2vdb.models import weights as weights_mod
 from n2vdb.progress import say
 from n2vdb.store.connection import transaction
+from n2vdb.store.sessions import Store
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -94,13 +95,21 @@ def extract_shard(con: duckdb.DuckDBPyConnection, model: str, layer: str, option
     return part_dir
 
 
-def merge(con: duckdb.DuckDBPyConnection, root: Path) -> list[int]:
+def merge(store: Store, root: Path) -> list[int]:
     """Fold every complete probe under ROOT into the database and run its remaining stages."""
+    with store.exclusive_writer():
+        return [_merge_one(store, directory) for directory in _probe_dirs(root)]
+
+
+def _probe_dirs(root: Path) -> list[Path]:
     directories = sorted(root.glob("probe-*")) if root.is_dir() else []
     if not directories:
         raise N2vdbError(f"no shards under {root}: run `n2vdb ingest ... --shard i/N --shard-dir {root}` first")
-    probe_ids = []
-    for directory in directories:
+    return directories
+
+
+def _merge_one(store: Store, directory: Path) -> int:
+    with store.writing() as con:
         spec_file = directory / "spec.json"
         if not spec_file.exists():
             raise N2vdbError(f"{directory} has no spec.json: no shard has written a batch yet")
@@ -115,11 +124,11 @@ def merge(con: duckdb.DuckDBPyConnection, root: Path) -> list[int]:
         if made.spec.key != meta["key"]:
             raise N2vdbError(f"{directory.name} was extracted with other settings or another dataset than this "
                              "database holds")
-        probe, _ = probes.get_or_create(con, made.spec)
-        if probe.status == "extracting":
-            k, h, w = meta["shape"]
-            parts = [str(p) for p in sorted(directory.glob("shard-*/part-*.parquet"))]
-            with transaction(con):
+        parts = [str(p) for p in sorted(directory.glob("shard-*/part-*.parquet"))]
+        with transaction(con):  # the probe and its activations arrive together
+            probe, _ = probes.get_or_create(con, made.spec)
+            if probe.status == "extracting":
+                k, h, w = meta["shape"]
                 con.execute("UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?",
                             [k, h, w, probe.probe_id])
                 con.execute(
@@ -127,6 +136,5 @@ def merge(con: duckdb.DuckDBPyConnection, root: Path) -> list[int]:
                     " FROM read_parquet($parts) WHERE image_id NOT IN"
                     " (SELECT image_id FROM activations WHERE probe_id = $probe)",
                     {"probe": probe.probe_id, "parts": parts})
-            say(f"merged {len(parts)} parts of {count} shards into probe {probe.probe_id}")
-        probe_ids.append(ingest(con, meta["model"], meta["layer"], options))
-    return probe_ids
+        say(f"merged {len(parts)} parts of {count} shards into probe {probe.probe_id}")
+    return ingest(store, meta["model"], meta["layer"], options)

@@ -12,6 +12,7 @@ from n2vdb.data.broden import BrodenDataset
 from n2vdb.extract import compute_thresholds
 from n2vdb.stats import iou as iou_stage
 from n2vdb.store import write_connection
+from n2vdb.store.sessions import Pinned
 
 
 def planted_probe(db: Path, root: Path, acts: np.ndarray, quantile: float = 0.995, mode: str = "net2vec",
@@ -32,6 +33,6 @@ def planted_probe(db: Path, root: Path, acts: np.ndarray, quantile: float = 0.99
         ids = np.array([r.image_id for r in dataset.rows])
         acts_store.write(con, acts_store.to_arrow(probe.probe_id, ids, codes.numpy(), scales.numpy(),
                                                   acts.mean(axis=(2, 3))))
-        compute_thresholds(con, probe, quantile)
-        iou_stage.run(con, probe, dataset, mode)
+        compute_thresholds(Pinned(con), probe, quantile)
+        iou_stage.run(Pinned(con), probe, dataset, mode)
         return probe.probe_id, dataset

@@ -116,3 +116,31 @@ def test_merge_refuses_unfinished_shards(tmp_path, synthetic_dir):
     assert api.probes(db).num_rows == 0
     with pytest.raises(Exception, match="expected i/N"):
         api.ingest_shard("alexnet", "conv5", "1of2", tmp_path / "shards", db)
+
+
+def test_queries_get_answers_while_an_ingest_writes(tmp_path, synthetic_dir, monkeypatch):
+    """Readers are let in between the ingest's short write sessions; they never see a torn state."""
+    from n2vdb.errors import DatabaseBusy
+
+    monkeypatch.setenv("N2VDB_BUSY_TIMEOUT", "1")
+    db = tmp_path / "c.duckdb"
+    api.add_dataset(synthetic_dir, "synthetic", db)
+    command = ingest_command(db) + ["--batch-size", "8"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    counts, busy = [], 0
+    while process.poll() is None:
+        try:
+            rows = api.sql("SELECT (SELECT count(*) FROM activations), (SELECT count(*) FROM filters),"
+                           " (SELECT status FROM probes)", db).to_pylist()
+            counts.append(tuple(rows[0].values()))
+        except DatabaseBusy:
+            busy += 1
+        time.sleep(0.05)
+    assert process.wait() == 0, process.stderr.read()
+    seen = [c for c in counts if c[2] is not None]
+    assert len(seen) >= 3, (counts, busy)
+    activations = [c[0] for c in seen]
+    assert activations == sorted(activations)  # only ever grows, batch by batch
+    assert all(a % 8 == 0 or a == 80 for a in activations)  # whole batches only
+    assert all(f in (0, 256) for _, f, _ in seen)  # thresholds appear all at once
+    check(db)

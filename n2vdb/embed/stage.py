@@ -14,6 +14,7 @@ from n2vdb.embed.examples import cached, store_examples
 from n2vdb.probe import Probe, TrainSettings, set_status
 from n2vdb.progress import say
 from n2vdb.store.connection import transaction
+from n2vdb.store.sessions import Store
 
 
 def sufficiency_grid(k: int) -> list[int]:
@@ -79,8 +80,8 @@ def classification_inputs(con, probe: Probe, dataset_id: int):
     return ids, torch.from_numpy(features), labels[:, usable], is_val, concepts[usable.numpy()]
 
 
-def run(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, settings: TrainSettings,
-        workers: int = 0) -> None:
+def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, settings: TrainSettings,
+             workers: int) -> list[tuple[str, pa.Table]]:
     k = probe.n_filters
     tables: list[tuple[str, pa.Table]] = []
 
@@ -130,8 +131,14 @@ def run(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, se
                 tables.append(("embeddings", _rows(probe.probe_id, "classification", f, part.concept_ids,
                                                    part.weights, part.bias, part.train_accuracy,
                                                    part.val_accuracy, part.val_ap)))
+    return tables
 
-    with transaction(con):
+
+def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: TrainSettings, workers: int = 0) -> None:
+    """Train everything over a shared read connection; write all rows in one short transaction."""
+    with store.reading() as con:
+        tables = _compute(con, probe, dataset, settings, workers)
+    with store.writing() as con, transaction(con):
         con.execute("DELETE FROM embeddings WHERE probe_id = ?", [probe.probe_id])
         con.execute("DELETE FROM image_concept_scores WHERE probe_id = ?"
                     " AND method IN ('segmentation', 'classification')", [probe.probe_id])

@@ -23,6 +23,7 @@ from n2vdb.probe import Probe, set_status
 from n2vdb.stats import upsample_patterns
 from n2vdb.progress import progress_bar
 from n2vdb.store.connection import first, transaction
+from n2vdb.store.sessions import Store
 
 MODES = ("net2vec", "netdissect")
 
@@ -199,15 +200,17 @@ def per_image_best(con, probe: Probe, dataset: BrodenDataset, thresholds: torch.
     })
 
 
-def run(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, mode: str, workers: int = 0) -> IouTotals:
-    """The whole stage, written in one transaction (a re-run replaces, never duplicates)."""
-    thresholds = torch.tensor(
-        [t for (t,) in con.execute("SELECT threshold FROM filters WHERE probe_id = ? ORDER BY filter",
-                                   [probe.probe_id]).fetchall()], dtype=torch.float32)
-    totals = tally(con, probe, dataset, thresholds, mode, workers)
-    best = best_filters(totals)
-    scores = per_image_best(con, probe, dataset, thresholds, mode, best, workers)
-    with transaction(con):
+def run(store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: int = 0) -> IouTotals:
+    """The whole stage: computed over a shared read connection, written in one transaction (a re-run
+    replaces, never duplicates)."""
+    with store.reading() as con:
+        thresholds = torch.tensor(
+            [t for (t,) in con.execute("SELECT threshold FROM filters WHERE probe_id = ? ORDER BY filter",
+                                       [probe.probe_id]).fetchall()], dtype=torch.float32)
+        totals = tally(con, probe, dataset, thresholds, mode, workers)
+        best = best_filters(totals)
+        scores = per_image_best(con, probe, dataset, thresholds, mode, best, workers)
+    with store.writing() as con, transaction(con):
         con.execute("DELETE FROM filter_concept_iou WHERE probe_id = ?", [probe.probe_id])
         con.execute("DELETE FROM image_concept_scores WHERE probe_id = ? AND method = 'best_filter'",
                     [probe.probe_id])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +22,28 @@ def db_path(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get("N2VDB_DB") or DEFAULT_DB)
 
 
-def connect(path: str | os.PathLike | None = None, *, read_only: bool) -> duckdb.DuckDBPyConnection:
-    """Open the database, translating lock conflicts and missing files into N2vdbErrors."""
+def busy_wait_s() -> float:
+    """How long an open waits for another process's write lock (an ingest holds it in short sessions)."""
+    return float(os.environ.get("N2VDB_BUSY_TIMEOUT", "5"))
+
+
+def connect(path: str | os.PathLike | None = None, *, read_only: bool,
+            wait_s: float | None = None) -> duckdb.DuckDBPyConnection:
+    """Open the database, retrying while another process holds the lock for up to wait_s seconds,
+    and translating lock conflicts and missing files into N2vdbErrors."""
+    deadline = time.monotonic() + (busy_wait_s() if wait_s is None else wait_s)
+    delay = 0.02
+    while True:
+        try:
+            return _connect_once(path, read_only)
+        except DatabaseBusy:
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def _connect_once(path: str | os.PathLike | None, read_only: bool) -> duckdb.DuckDBPyConnection:
     target = db_path(path)
     if read_only and not target.exists():
         raise N2vdbError(
