@@ -16,5 +16,15 @@ def scratch(images: int, size: int = 227) -> tuple[Path, Path, tempfile.Temporar
     return root, db, tmp
 
 
+def ingested(images: int) -> tuple[Path, Path, tempfile.TemporaryDirectory]:
+    """scratch() plus a finished alexnet conv5 probe (random weights, 1 training epoch) as probe 1."""
+    from n2vdb.probe import TrainSettings
+
+    root, db, tmp = scratch(images)
+    api.ingest("alexnet", "conv5", db, dataset="synthetic", weights="random", workers=0,
+               train=TrainSettings(epochs=1))
+    return root, db, tmp
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

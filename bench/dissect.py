@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import peak_rss_mib, scratch
+from common import ingested, peak_rss_mib
 from n2vdb import activations as acts_store
-from n2vdb import api, probe as probes
+from n2vdb import probe as probes
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.stats import iou as iou_stage
 from n2vdb.store import read_connection
@@ -55,14 +55,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     os.environ["N2VDB_QUIET"] = "1"
-    root, db, tmp = scratch(args.images)
-    api.ingest("alexnet", "conv5", db, dataset="synthetic", weights="random", workers=0,
-               train=probes.TrainSettings(epochs=1))
+    root, db, tmp = ingested(args.images)
     dataset = BrodenDataset.open(root)
     with read_connection(db) as con:
         probe = probes.load(con, 1)
-        thresholds = np.array([t for (t,) in con.execute(
-            "SELECT threshold FROM filters WHERE probe_id = 1 ORDER BY filter").fetchall()], np.float32)
+        thresholds = acts_store.thresholds(con, 1).numpy()
         t = torch.from_numpy(thresholds)
         timings = {}
         start = time.perf_counter()

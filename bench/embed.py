@@ -15,12 +15,11 @@ import os
 import random
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import peak_rss_mib, scratch
-from n2vdb import api, probe as probes
+from common import ingested, peak_rss_mib
+from n2vdb import probe as probes
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.embed import segmentation
 from n2vdb.embed.examples import cached, store_examples
@@ -60,9 +59,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
     os.environ["N2VDB_QUIET"] = "1"
-    root, db, tmp = scratch(args.images)
-    api.ingest("alexnet", "conv5", db, dataset="synthetic", weights="random", workers=0,
-               train=probes.TrainSettings(epochs=1))
+    root, db, tmp = ingested(args.images)
     dataset = BrodenDataset.open(root)
     with read_connection(db) as con:
         probe = probes.load(con, 1)

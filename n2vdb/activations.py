@@ -95,3 +95,9 @@ def pooled(con: duckdb.DuckDBPyConnection, probe_id: int) -> tuple[np.ndarray, n
     values = table.column(1).combine_chunks()
     k = len(values[0]) if len(values) else 0
     return ids, np.array(values.flatten().to_numpy(zero_copy_only=False)).reshape(-1, k)
+
+
+def thresholds(con: duckdb.DuckDBPyConnection, probe_id: int) -> torch.Tensor:
+    """The probe's per-filter thresholds, float32 [K], in filter order."""
+    rows = con.execute("SELECT threshold FROM filters WHERE probe_id = ? ORDER BY filter", [probe_id]).fetchall()
+    return torch.tensor([t for (t,) in rows], dtype=torch.float32)

@@ -6,8 +6,8 @@ WITH target AS (
     FROM probes p JOIN concepts c USING (dataset_id)
     WHERE c.name = $concept
 ),
-best AS (
-    SELECT i.probe_id, arg_max(i.filter, i.iou) AS filter
+best AS (  -- as the best_filters view, restricted to one concept first (3x faster than the view here)
+    SELECT i.probe_id, arg_max(i.filter, [i.iou, -i.filter]) AS filter
     FROM filter_concept_iou i JOIN target t USING (probe_id, concept_id)
     WHERE i.split = 'train'
     GROUP BY i.probe_id

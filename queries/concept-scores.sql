@@ -1,11 +1,7 @@
 -- name: concept-scores
 -- description: Per concept: val IoU of its best single filter (chosen on train), of its segmentation embedding, and classification accuracy.
 -- param: probe PROBE
-WITH best AS (
-    SELECT concept_id, arg_max(filter, iou) AS filter
-    FROM filter_concept_iou WHERE probe_id = $probe AND split = 'train'
-    GROUP BY concept_id
-)
+WITH best AS (SELECT concept_id, filter FROM best_filters WHERE probe_id = $probe)
 SELECT c.name AS concept, c.category, c.level, b.filter AS best_filter, v.iou AS single_filter_iou,
        seg.val_score AS embedding_iou, cls.val_score AS classification_accuracy, cls.val_ap AS classification_ap
 FROM concepts c

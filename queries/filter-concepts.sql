@@ -3,12 +3,11 @@
 -- param: probe PROBE
 -- param: min_concepts INTEGER = 1
 WITH best AS (
-    SELECT i.concept_id, arg_max(i.filter, i.iou) AS filter
-    FROM filter_concept_iou i
+    SELECT b.concept_id, b.filter
+    FROM best_filters b
     JOIN probes p USING (probe_id)
-    JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = i.concept_id
-    WHERE i.probe_id = $probe AND i.split = 'train' AND c.level = 'pixel'
-    GROUP BY i.concept_id
+    JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = b.concept_id
+    WHERE b.probe_id = $probe AND c.level = 'pixel'
 )
 SELECT b.filter,
        count(*) AS n_concepts,

@@ -1,11 +1,7 @@
 -- name: single-vs-embedding
 -- description: Per category, mean val set IoU of the best single filter (chosen on train) vs the segmentation embedding.
 -- param: probe PROBE
-WITH best AS (
-    SELECT concept_id, arg_max(filter, iou) AS filter
-    FROM filter_concept_iou WHERE probe_id = $probe AND split = 'train'
-    GROUP BY concept_id
-),
+WITH best AS (SELECT concept_id, filter FROM best_filters WHERE probe_id = $probe),
 single AS (
     SELECT b.concept_id, v.iou
     FROM best b JOIN filter_concept_iou v

@@ -19,7 +19,7 @@ def readme_block(heading: str) -> str:
 
 COMMANDS = [[], ["ingest"], ["probes"], ["models"], ["query"], ["sql"], ["data"], ["data", "add"],
             ["data", "list"], ["data", "synth"], ["data", "fetch"], ["db"], ["db", "status"], ["db", "upgrade"],
-            ["show"], ["show", "concept"], ["show", "filter"], ["report"]]
+            ["show"], ["show", "concept"], ["show", "filter"], ["report"], ["merge"], ["db", "check"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "n2vdb")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-import pytest
 from PIL import Image
 
 from n2vdb import api

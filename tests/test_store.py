@@ -4,9 +4,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 
-import duckdb
 import pytest
 
 from n2vdb.errors import DatabaseBusy, N2vdbError
@@ -95,7 +93,7 @@ def test_lock_conflict_names_the_holder(tmp_path):
         result = subprocess.run([sys.executable, "-m", "n2vdb", "probes", "--db", str(db)],
                                 capture_output=True, text=True)
         assert result.returncode == 1
-        assert f"database busy" in result.stderr and f"PID {holder.pid}" in result.stderr
+        assert "database busy" in result.stderr and f"PID {holder.pid}" in result.stderr
         assert "Traceback" not in result.stderr
     finally:
         holder.kill()

@@ -30,9 +30,7 @@ def store_examples(con, probe: Probe, dataset: BrodenDataset, pixel_concepts: se
     from n2vdb import activations as acts_store
     from n2vdb.stats.iou import iter_masks
 
-    thresholds = torch.tensor(
-        [t for (t,) in con.execute("SELECT threshold FROM filters WHERE probe_id = ? ORDER BY filter",
-                                   [probe.probe_id]).fetchall()], dtype=torch.float32).view(1, -1, 1, 1)
+    thresholds = acts_store.thresholds(con, probe.probe_id).view(1, -1, 1, 1)
     shape = (probe.n_filters, probe.height, probe.width)
     stored = acts_store.stored_image_ids(con, probe.activation_probe)
     rows = [r for r in dataset.rows if r.image_id in stored]

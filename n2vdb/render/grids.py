@@ -79,12 +79,6 @@ def _acts(con, probe: Probe, image_id: int) -> torch.Tensor:
     return torch.from_numpy(values[0])
 
 
-def _thresholds(con, probe: Probe) -> torch.Tensor:
-    return torch.tensor([t for (t,) in con.execute(
-        "SELECT threshold FROM filters WHERE probe_id = ? ORDER BY filter", [probe.probe_id]).fetchall()],
-        dtype=torch.float32)
-
-
 def _truth(dataset: BrodenDataset, image_id: int, concept_id: int) -> np.ndarray | None:
     ids, masks = dataset.masks(dataset.rows[image_id])
     hit = np.flatnonzero(ids == concept_id)
@@ -99,7 +93,7 @@ def concept_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDa
         [probe.probe_id, concept_id, method]).fetchall())
     if not scores:
         raise NotFound(f"probe {probe.probe_id} has no per-image {method} scores for {name!r}")
-    thresholds = _thresholds(con, probe)
+    thresholds = acts_store.thresholds(con, probe.probe_id)
     if method == "segmentation":
         weights, bias = con.execute(
             "SELECT weights, bias FROM embeddings WHERE probe_id = ? AND concept_id = ? AND kind = 'segmentation'"
@@ -107,8 +101,8 @@ def concept_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDa
         weights = torch.tensor(weights)
     else:
         filter_id = con.execute(
-            "SELECT arg_max(filter, iou) FROM filter_concept_iou WHERE probe_id = ? AND concept_id = ?"
-            " AND split = 'train'", [probe.probe_id, concept_id]).fetchone()[0]
+            "SELECT filter FROM best_filters WHERE probe_id = ? AND concept_id = ?",
+            [probe.probe_id, concept_id]).fetchone()[0]
     samples = pick(scores)
     tiles = []
     for sample in samples:
@@ -140,7 +134,7 @@ def filter_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDat
         "SELECT concept_id, name FROM filter_concept_iou i JOIN concepts c USING (concept_id)"
         " WHERE i.probe_id = ? AND i.filter = ? AND i.split = 'train' AND c.dataset_id = ?"
         " ORDER BY i.iou DESC LIMIT 1", [probe.probe_id, filter_id, probe.dataset_id]).fetchone()
-    thresholds = _thresholds(con, probe)
+    thresholds = acts_store.thresholds(con, probe.probe_id)
     samples = pick(peaks)
     tiles = []
     for sample in samples:

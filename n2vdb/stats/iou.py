@@ -204,9 +204,7 @@ def run(store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: 
     """The whole stage: computed over a shared read connection, written in one transaction (a re-run
     replaces, never duplicates)."""
     with store.reading() as con:
-        thresholds = torch.tensor(
-            [t for (t,) in con.execute("SELECT threshold FROM filters WHERE probe_id = ? ORDER BY filter",
-                                       [probe.probe_id]).fetchall()], dtype=torch.float32)
+        thresholds = acts_store.thresholds(con, probe.probe_id)
         totals = tally(con, probe, dataset, thresholds, mode, workers)
         best = best_filters(totals)
         scores = per_image_best(con, probe, dataset, thresholds, mode, best, workers)
