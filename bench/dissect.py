@@ -67,7 +67,7 @@ def main() -> None:
         timings["decode"] = time.perf_counter() - start
         start = time.perf_counter()
         totals = iou_stage.tally(con, probe, dataset, t, "net2vec",
-                                 masks=((i, *decoded[i]) for i in sorted(decoded)))
+                                 masks=((i, *decoded[i]) for i in acts_store.stored_order(con, 1)))
         timings["ours, decoded"] = time.perf_counter() - start
         start = time.perf_counter()
         inter, union = baseline(con, probe, dataset, thresholds, decoded)

@@ -66,7 +66,7 @@ def main() -> None:
         pixel = {c for (c,) in con.execute("SELECT concept_id FROM concepts WHERE level = 'pixel'").fetchall()}
         streamed = store_examples(con, probe, dataset, pixel)
         start = time.perf_counter()
-        examples = cached(streamed)()
+        examples = list(cached(streamed)())
         decode = time.perf_counter() - start
         concepts = sorted({int(c) for ex in examples for c in ex.concept_ids if ex.split == "train"})
         k = probe.n_filters

@@ -144,7 +144,9 @@ def activations(probe_id: int, db: PathLike = None, image_ids: list[int] | None 
         parts = list(acts_store.iter_activations(con, probe.activation_probe, shape, image_ids))
     if not parts:
         return np.zeros(0, np.int32), np.zeros((0, *shape), np.float32)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    ids = np.concatenate([p[0] for p in parts])
+    order = np.argsort(ids, kind="stable")  # storage order is insertion order; callers get image order
+    return ids[order], np.concatenate([p[1] for p in parts])[order]
 
 
 def db_status(db: PathLike = None) -> pa.Table:

@@ -160,3 +160,24 @@ def test_stage_writes_scores_and_sufficiency(tmp_path, synthetic_dir):
     wrong = con.execute("SELECT count(*) FROM image_concept_scores s JOIN images i USING (image_id)"
                         " WHERE s.method = 'segmentation' AND i.split <> 'val'").fetchone()[0]
     assert wrong == 0
+
+
+def test_packed_cache_round_trips_and_shuffles_like_a_list():
+    import random
+
+    from n2vdb.embed.examples import cached
+
+    examples = planted_examples(n=20, k=5, size=6, members=(1, 2, 3))
+    packed = cached(lambda: iter(examples))
+    assert packed.nbytes < sum(ex.binary.numel() + ex.masks.numel() for ex in examples) / 7
+    for original, restored in zip(examples, packed()):
+        assert restored.image_id == original.image_id and restored.split == original.split
+        assert torch.equal(restored.binary, original.binary) and torch.equal(restored.masks, original.masks)
+        assert list(restored.concept_ids) == list(original.concept_ids)
+    order = [ex.image_id for ex in packed.train_order(random.Random(3))]
+    expected = [ex.image_id for ex in examples if ex.split == "train"]
+    random.Random(3).shuffle(expected)
+    assert order == expected
+    def streamed():
+        return iter(examples)
+    assert cached(streamed, budget_bytes=100) is streamed  # over budget: streams on every call instead

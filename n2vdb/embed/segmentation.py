@@ -87,16 +87,14 @@ def _batch_terms(batch: Sequence[SegExample], column: dict[int, int], weights: t
         yield images_t, cols_t, torch.stack(labels).float(), logits
 
 
-def _epoch_order(source: ExampleSource, rng: random.Random, window: int = 2048):
-    """Train examples in a fresh random order: a full shuffle for cached lists, a shuffle buffer otherwise."""
-    examples = source()
-    if isinstance(examples, list):
-        chosen = [ex for ex in examples if ex.split == "train"]
-        rng.shuffle(chosen)
-        yield from chosen
+def _epoch_order(source: ExampleSource, rng: random.Random, window: int = 512):
+    """Train examples in a fresh random order: a full shuffle for cached examples, a bounded shuffle
+    buffer for streamed ones (a full shuffle too when they number no more than the window)."""
+    if hasattr(source, "train_order"):
+        yield from source.train_order(rng)
         return
     buffer: list[SegExample] = []
-    for ex in examples:
+    for ex in source():
         if ex.split != "train":
             continue
         buffer.append(ex)

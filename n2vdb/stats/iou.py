@@ -81,14 +81,16 @@ def iter_image_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: B
                         thresholds: torch.Tensor, mode: str, workers: int, image_ids: list[int] | None = None,
                         masks: Iterable | None = None):
     """Per image: (image_id, concept ids [C], intersections [K, C], |M| [K], |L| [C]).
-    masks, if given, replaces decoding: (image_id, concept ids, bool masks) in image_id order."""
+    masks, if given, replaces decoding: (image_id, concept ids, bool masks) in storage order
+    (activations.stored_order)."""
     shape = (probe.n_filters, probe.height, probe.width)
-    stored = acts_store.stored_image_ids(con, probe.activation_probe)
-    wanted = stored if image_ids is None else stored & set(image_ids)
-    rows = [r for r in dataset.rows if r.image_id in wanted]
+    order = acts_store.stored_order(con, probe.activation_probe)
+    if image_ids is not None:
+        wanted = set(image_ids)
+        order = [i for i in order if i in wanted]
+    rows = [dataset.rows[i] for i in order]  # masks decoded in the order activations stream
     masks = iter(masks) if masks is not None else iter_masks(dataset, rows, workers)
-    for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape,
-                                                    None if image_ids is None else sorted(wanted), batch=64):
+    for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape, image_ids, batch=64):
         values = torch.from_numpy(codes).float() * torch.from_numpy(scales)[:, :, None, None]
         for i, image_id in enumerate(ids):
             mask_id, concept_ids, concept_masks = next(masks)

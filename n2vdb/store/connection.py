@@ -66,6 +66,8 @@ def _connect_once(path: str | os.PathLike | None, read_only: bool) -> duckdb.Duc
         raise N2vdbError(f"cannot open database {target}: {str(exc).splitlines()[0]}") from None
     # DuckDB draws its own progress bar on stdout, which would corrupt piped output.
     con.execute("SET enable_progress_bar = false")
+    # DuckDB's buffer cache would otherwise grow towards 80% of RAM as a large probe is read.
+    con.execute("SET memory_limit = ?", [os.environ.get("N2VDB_DUCKDB_MEMORY", "1GB")])
     return con
 
 
