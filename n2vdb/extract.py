@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from n2vdb import activations as acts_store
 from n2vdb.data.broden import BrodenDataset, ImageRow
-from n2vdb.errors import DatasetError
+from n2vdb.errors import DatasetError, UsageError
 from n2vdb.probe import Probe, ProbeSpec, set_status
 from n2vdb.progress import progress_bar
 from n2vdb.stats.quantile import TopQuantile
@@ -73,12 +73,18 @@ class LayerTap:
         return torch.relu(out) if self.relu else out
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
+def pick_device(device: str | torch.device) -> torch.device:
+    """'auto' = CUDA when torch sees a GPU, else the CPU; 'cpu', 'cuda', 'cuda:N' as asked, if present."""
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DatasetError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA "
+                         "device(s); use --device cpu or auto")
+    return chosen
 
 
 def layer_shape(tap: LayerTap, size: int, device: torch.device) -> tuple[int, int, int]:

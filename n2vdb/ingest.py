@@ -69,6 +69,7 @@ def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: I
         raise UsageError("--quantile must lie strictly between 0 and 1 (0.995 = top 0.5%)")
     if options.limit is not None and options.limit < 1:
         raise UsageError("--limit must be at least 1")
+    extract.pick_device(options.device)  # an unusable device fails before anything is written
     layer_spec = registry.resolve_layer(model, layer)
     weights_id, mean, std = weights_mod.identify(model, options.weights, options.seed)
     name = options.dataset or default_dataset(con)
@@ -129,10 +130,10 @@ def _ingest(store: Store, model: str, layer: str, options: IngestOptions) -> int
             say(f"probe {probe.probe_id}: thresholds")
             extract.compute_thresholds(store, probe, spec.quantile)
         say(f"probe {probe.probe_id}: single-filter IoU")
-        iou_stage.run(store, probe, dataset, spec.iou_mode, workers)
+        iou_stage.run(store, probe, dataset, spec.iou_mode, workers, extract.pick_device(options.device))
     if probe.status == "embeddings":
         say(f"probe {probe.probe_id}: concept embeddings")
-        embed_stage.run(store, probe, dataset, spec.train, workers)
+        embed_stage.run(store, probe, dataset, spec.train, workers, extract.pick_device(options.device))
     return probe.probe_id
 
 

@@ -111,6 +111,8 @@ CASES = [
     Case("weights file that is not a checkpoint", ["ingest", "alexnet", "conv5", "--weights", "{tmp}/w.pth",
          "--db", "{db}"], "cannot read weights file", 2, _weights("garbage")),
     Case("quantile out of range", INGEST + ["--quantile", "1.5"], "--quantile must lie", 2),
+    Case("GPU asked for that is not there", INGEST + ["--device", "cuda:99"], "CUDA device(s)", 2),
+    Case("unknown device", INGEST + ["--device", "tpu"], "expected auto, cpu, cuda", 2),
     Case("unknown concept", ["query", "nearest", "dgo", "--db", "{db}"], "unknown concept 'dgo'", 2),
     Case("unknown query", ["query", "nearst", "--db", "{db}"], "did you mean nearest", 2),
     Case("parameter of the wrong type", ["query", "nearest", "red", "-k", "ten", "--db", "{db}"], "expects INTEGER", 2),

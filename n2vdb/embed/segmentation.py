@@ -77,14 +77,15 @@ def _batch_terms(batch: Sequence[SegExample], column: dict[int, int], weights: t
                     images.append(n)
                     cols.append(col)
                     labels.append(ex.masks[j])
-        images_t, cols_t = torch.tensor(images), torch.tensor(cols)
+        device = weights.device
+        images_t, cols_t = torch.tensor(images, device=device), torch.tensor(cols, device=device)
         union, pair_to_union = torch.unique(cols_t, return_inverse=True)
-        binary = torch.stack([ex.binary for ex in group]).float()  # [n, K, H, W]
+        binary = torch.stack([ex.binary for ex in group]).to(device).float()  # [n, K, H, W]
         small = torch.einsum("nkhw,kc->nchw", binary, weights[:, union])  # [n, U, H, W], cheap at H x W
         pairs = small[images_t, pair_to_union] + bias[cols_t][:, None, None]  # [P, H, W]
         # Upsampling is linear, so logits are formed at H x W and upsampled once per (image, concept).
         logits = F.interpolate(pairs[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
-        yield images_t, cols_t, torch.stack(labels).float(), logits
+        yield images_t, cols_t, torch.stack(labels).to(device).float(), logits
 
 
 def _epoch_order(source: ExampleSource, rng: random.Random, window: int = 512):
@@ -106,19 +107,21 @@ def _epoch_order(source: ExampleSource, rng: random.Random, window: int = 512):
 
 def train(source: ExampleSource, concept_ids: Sequence[int], n_filters: int, *, epochs: int = 30,
           lr: float = 1e-4, batch_size: int = 16, loss: str = "paper", use_bias: bool = False, seed: int = 0,
-          keep: torch.Tensor | None = None, on_epoch: Callable[[int], None] | None = None) -> SegResult:
-    """Train every concept's embedding jointly. keep [K, C] (0/1) restricts each concept to some filters."""
+          keep: torch.Tensor | None = None, on_epoch: Callable[[int], None] | None = None,
+          device: str | torch.device = "cpu") -> SegResult:
+    """Train every concept's embedding jointly. keep [K, C] (0/1) restricts each concept to some filters.
+    The weights live on DEVICE (a GPU where there is one); examples move there batch by batch."""
     concept_ids = np.asarray(concept_ids, dtype=np.int64)
     column = {int(c): j for j, c in enumerate(concept_ids)}
     gen = torch.Generator().manual_seed(seed)
     bound = 1 / math.sqrt(n_filters)
-    init = (torch.rand(n_filters, len(column), generator=gen) * 2 - 1) * bound
-    keep = torch.ones_like(init) if keep is None else keep.float()
+    init = ((torch.rand(n_filters, len(column), generator=gen) * 2 - 1) * bound).to(device)
+    keep = torch.ones_like(init) if keep is None else keep.float().to(device)
     raw = (init * keep).requires_grad_()
-    bias = torch.zeros(len(column), requires_grad=use_bias)
+    bias = torch.zeros(len(column), device=device, requires_grad=use_bias)
     params = [raw, bias] if use_bias else [raw]
     optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    alpha = compute_alpha(source, column)
+    alpha = compute_alpha(source, column).to(device)
     rng = random.Random(seed)
     for epoch in range(epochs):
         batch: list[SegExample] = []
@@ -133,12 +136,12 @@ def train(source: ExampleSource, concept_ids: Sequence[int], n_filters: int, *, 
             on_epoch(epoch)
     weights = (raw * keep).detach()
     train_iou, val_iou = evaluate(source, column, weights, bias.detach())
-    return SegResult(concept_ids, weights, bias.detach().clone(), alpha, train_iou, val_iou)
+    return SegResult(concept_ids, weights.cpu(), bias.detach().cpu().clone(), alpha.cpu(), train_iou, val_iou)
 
 
 def _step(batch, column, weights, bias, alpha, loss_kind, batch_size, optimiser) -> None:
     optimiser.zero_grad()
-    total = torch.zeros(())
+    total = torch.zeros((), device=weights.device)
     for _, cols, labels, logits in _batch_terms(batch, column, weights, bias):
         total = total + concept_loss(logits, labels, alpha[cols], loss_kind).sum()
     if total.requires_grad:
@@ -148,20 +151,22 @@ def _step(batch, column, weights, bias, alpha, loss_kind, batch_size, optimiser)
 
 @torch.no_grad()
 def evaluate(source: ExampleSource, column: dict[int, int], weights: torch.Tensor, bias: torch.Tensor,
-             per_image: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+             per_image: list | None = None, device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Set IoU per concept and split of M = sigmoid(logits) > 0.5, over images containing the concept.
     per_image, if given, collects (image_id, concept_id, intersection, union) for val images."""
     c = len(column)
     inter = {s: np.zeros(c) for s in ("train", "val")}
     union = {s: np.zeros(c) for s in ("train", "val")}
     concept_of = {j: cid for cid, j in column.items()}
+    if device is not None:
+        weights, bias = weights.to(device), bias.to(device)
     for ex in source():
         for _, cols, labels, logits in _batch_terms([ex], column, weights, bias):
             pred = logits > 0  # sigmoid(x) > 0.5
             lab = labels > 0.5
-            i = (pred & lab).flatten(1).sum(1).numpy()
-            u = (pred | lab).flatten(1).sum(1).numpy()
-            idx = cols.numpy()
+            i = (pred & lab).flatten(1).sum(1).cpu().numpy()
+            u = (pred | lab).flatten(1).sum(1).cpu().numpy()
+            idx = cols.cpu().numpy()
             np.add.at(inter[ex.split], idx, i)
             np.add.at(union[ex.split], idx, u)
             if per_image is not None and ex.split == "val":

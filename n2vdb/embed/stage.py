@@ -81,7 +81,7 @@ def classification_inputs(con, probe: Probe, dataset_id: int):
 
 
 def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, settings: TrainSettings,
-             workers: int) -> list[tuple[str, pa.Table]]:
+             workers: int, device: torch.device) -> list[tuple[str, pa.Table]]:
     k = probe.n_filters
     tables: list[tuple[str, pa.Table]] = []
 
@@ -96,13 +96,13 @@ def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDatase
         source = cached(store_examples(con, probe, dataset, pixel, workers))
         say(f"training {len(seg_concepts)} segmentation embeddings ({settings.epochs} epochs)")
         seg_kwargs = dict(epochs=settings.epochs, lr=settings.seg_lr, batch_size=settings.seg_batch,
-                          loss=settings.seg_loss, use_bias=settings.seg_bias, seed=settings.seed)
+                          loss=settings.seg_loss, use_bias=settings.seg_bias, seed=settings.seed, device=device)
         seg = segmentation.train(source, seg_concepts, k, **seg_kwargs)
         tables.append(("embeddings", _rows(probe.probe_id, "segmentation", k, seg.concept_ids, seg.weights,
                                            seg.bias, seg.train_iou, seg.val_iou)))
         column = {int(c): j for j, c in enumerate(seg.concept_ids)}
         per_image: list = []
-        segmentation.evaluate(source, column, seg.weights, seg.bias, per_image)
+        segmentation.evaluate(source, column, seg.weights, seg.bias, per_image, device)
         tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", per_image)))
         if settings.sufficiency:
             for f in sufficiency_grid(k):
@@ -134,10 +134,13 @@ def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDatase
     return tables
 
 
-def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: TrainSettings, workers: int = 0) -> None:
-    """Train everything over a shared read connection; write all rows in one short transaction."""
+def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: TrainSettings, workers: int = 0,
+        device: str | torch.device = "cpu") -> None:
+    """Train everything over a shared read connection; write all rows in one short transaction.
+    Segmentation embeddings (the pixel-heavy part) train on DEVICE; classification, on N x K pooled
+    features, is cheap on the CPU."""
     with store.reading() as con:
-        tables = _compute(con, probe, dataset, settings, workers)
+        tables = _compute(con, probe, dataset, settings, workers, torch.device(device))
     with store.writing() as con, transaction(con):
         con.execute("DELETE FROM embeddings WHERE probe_id = ?", [probe.probe_id])
         con.execute("DELETE FROM image_concept_scores WHERE probe_id = ?"

@@ -79,8 +79,9 @@ def iter_masks(dataset: BrodenDataset, rows: list[ImageRow], workers: int) -> It
 
 def iter_image_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset,
                         thresholds: torch.Tensor, mode: str, workers: int, image_ids: list[int] | None = None,
-                        masks: Iterable | None = None):
-    """Per image: (image_id, concept ids [C], intersections [K, C], |M| [K], |L| [C]).
+                        masks: Iterable | None = None, device: str | torch.device = "cpu"):
+    """Per image: (image_id, concept ids [C], intersections [K, C], |M| [K], |L| [C]), the counts on
+    the CPU whatever DEVICE did the arithmetic.
     masks, if given, replaces decoding: (image_id, concept ids, bool masks) in storage order
     (activations.stored_order)."""
     shape = (probe.n_filters, probe.height, probe.width)
@@ -90,8 +91,11 @@ def iter_image_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: B
         order = [i for i in order if i in wanted]
     rows = [dataset.rows[i] for i in order]  # masks decoded in the order activations stream
     masks = iter(masks) if masks is not None else iter_masks(dataset, rows, workers)
+    device = torch.device(device)
+    thresholds = thresholds.to(device)
     for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape, image_ids, batch=64):
-        values = torch.from_numpy(codes).float() * torch.from_numpy(scales)[:, :, None, None]
+        values = (torch.from_numpy(codes).to(device).float()
+                  * torch.from_numpy(scales).to(device)[:, :, None, None])
         for i, image_id in enumerate(ids):
             mask_id, concept_ids, concept_masks = next(masks)
             assert mask_id == image_id, "activations and masks out of step"
@@ -99,15 +103,16 @@ def iter_image_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: B
             if len(concept_ids) == 0:
                 yield int(image_id), concept_ids, None, None, None
                 continue
-            inter, mask_area = image_overlaps(values[i], thresholds, concept_masks, mode)
-            yield int(image_id), concept_ids, inter, mask_area, concept_masks.flatten(1).sum(dim=1)
+            inter, mask_area = image_overlaps(values[i], thresholds, concept_masks.to(device), mode)
+            yield int(image_id), concept_ids, inter.cpu(), mask_area.cpu(), concept_masks.flatten(1).sum(dim=1)
 
 
 def image_overlaps(acts: torch.Tensor, thresholds: torch.Tensor, concept_masks: torch.Tensor, mode: str
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """acts [K, H, W], concept masks [C, sh, sw] -> (intersections [K, C], filter mask areas [K])."""
     size = tuple(concept_masks.shape[1:])
-    tab = upsample_patterns.table(acts.shape[1], acts.shape[2], *size) if mode == "net2vec" else None
+    tab = upsample_patterns.table_on(acts.shape[1], acts.shape[2], *size, acts.device) \
+        if mode == "net2vec" else None
     if tab is not None:
         return upsample_patterns.overlaps(acts > thresholds.view(-1, 1, 1), concept_masks, tab)
     m = filter_masks(acts[None], thresholds, size, mode)[0].flatten(1).float()
@@ -126,7 +131,8 @@ class IouTotals:
 
 
 def tally(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, thresholds: torch.Tensor,
-          mode: str, workers: int = 0, masks: Iterable | None = None) -> IouTotals:
+          mode: str, workers: int = 0, masks: Iterable | None = None, device: str | torch.device = "cpu"
+          ) -> IouTotals:
     concept_ids = np.array(sorted(dataset.labels), dtype=np.int64)
     column = {int(c): i for i, c in enumerate(concept_ids)}
     split_of = {r.image_id: r.split for r in dataset.rows}
@@ -137,7 +143,7 @@ def tally(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, 
     with progress_bar() as bar:
         task = bar.add_task("single-filter IoU", total=total)
         for image_id, ids, i_kc, m_k, l_c in iter_image_overlaps(con, probe, dataset, thresholds, mode, workers,
-                                                                 masks=masks):
+                                                                 masks=masks, device=device):
             bar.advance(task)
             if i_kc is None:
                 continue
@@ -173,10 +179,11 @@ def _iou_table(probe_id: int, totals: IouTotals) -> pa.Table:
 
 
 def per_image_best(con, probe: Probe, dataset: BrodenDataset, thresholds: torch.Tensor, mode: str,
-                   best: dict[int, int], workers: int = 0) -> pa.Table:
+                   best: dict[int, int], workers: int = 0, device: str | torch.device = "cpu") -> pa.Table:
     """Per-image IoU of each concept's best filter, on every image containing the concept."""
     out: dict[str, list] = {k: [] for k in ("image_id", "concept_id", "intersection", "union_")}
-    for image_id, ids, i_kc, m_k, l_c in iter_image_overlaps(con, probe, dataset, thresholds, mode, workers):
+    for image_id, ids, i_kc, m_k, l_c in iter_image_overlaps(con, probe, dataset, thresholds, mode, workers,
+                                                             device=device):
         if i_kc is None:
             continue
         for j, c in enumerate(ids):
@@ -202,14 +209,15 @@ def per_image_best(con, probe: Probe, dataset: BrodenDataset, thresholds: torch.
     })
 
 
-def run(store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: int = 0) -> IouTotals:
+def run(store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: int = 0,
+        device: str | torch.device = "cpu") -> IouTotals:
     """The whole stage: computed over a shared read connection, written in one transaction (a re-run
     replaces, never duplicates)."""
     with store.reading() as con:
         thresholds = acts_store.thresholds(con, probe.probe_id)
-        totals = tally(con, probe, dataset, thresholds, mode, workers)
+        totals = tally(con, probe, dataset, thresholds, mode, workers, device=device)
         best = best_filters(totals)
-        scores = per_image_best(con, probe, dataset, thresholds, mode, best, workers)
+        scores = per_image_best(con, probe, dataset, thresholds, mode, best, workers, device)
     with store.writing() as con, transaction(con):
         con.execute("DELETE FROM filter_concept_iou WHERE probe_id = ?", [probe.probe_id])
         con.execute("DELETE FROM image_concept_scores WHERE probe_id = ? AND method = 'best_filter'",

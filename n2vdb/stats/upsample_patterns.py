@@ -78,6 +78,15 @@ def table(h: int, w: int, sh: int, sw: int) -> PatternTable | None:
     return result
 
 
+@functools.lru_cache(maxsize=64)
+def table_on(h: int, w: int, sh: int, sw: int, device: torch.device) -> PatternTable | None:
+    """table() with its tensors on DEVICE."""
+    tab = table(h, w, sh, sw)
+    if tab is None or device.type == "cpu":
+        return tab
+    return PatternTable(tab.cells, tab.order.to(device), tab.on.to(device), tab.area.to(device))
+
+
 def _agrees_with_torch(tab: PatternTable, h: int, w: int, sh: int, sw: int) -> bool:
     """Self-check on random maps: the tabulated masks must equal torch's, or the caller falls back."""
     gen = torch.Generator().manual_seed(0)
@@ -97,10 +106,11 @@ def overlaps(binary: torch.Tensor, labels: torch.Tensor, tab: PatternTable) -> t
     # (filter, cell) pairs with some corner on contribute.
     filters, cells = torch.nonzero(pattern, as_tuple=True)
     index = cells * 16 + pattern[filters, cells]
-    mask_area = torch.zeros(k).index_add_(0, filters, tab.area.flatten()[index])
-    flat = torch.cat([labels.flatten(1).float(), torch.zeros(c, 1)], dim=1)
+    device = labels.device
+    mask_area = torch.zeros(k, device=device).index_add_(0, filters, tab.area.flatten()[index])
+    flat = torch.cat([labels.flatten(1).float(), torch.zeros(c, 1, device=device)], dim=1)
     by_cell = torch.index_select(flat, 1, tab.order.flatten()).view(c, *tab.order.shape)  # [C, cells, m]
     count = torch.bmm(by_cell.transpose(0, 1), tab.on)  # [cells, C, 16]
     count = count.transpose(1, 2).reshape(tab.cells * 16, c)
-    inter = torch.zeros(k, c).index_add_(0, filters, count[index])  # [K, C]
+    inter = torch.zeros(k, c, device=device).index_add_(0, filters, count[index])  # [K, C]
     return inter, mask_area
