@@ -34,20 +34,18 @@ class Store:
         self.writer_wait_s = writer_wait_s
 
     @contextlib.contextmanager
-    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = connect(self.path, read_only=True, wait_s=self.writer_wait_s)
+    def _open(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = connect(self.path, read_only=read_only, wait_s=self.writer_wait_s)
         try:
             yield con
         finally:
             con.close()
 
-    @contextlib.contextmanager
-    def writing(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = connect(self.path, read_only=False, wait_s=self.writer_wait_s)
-        try:
-            yield con
-        finally:
-            con.close()
+    def reading(self) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
+        return self._open(read_only=True)
+
+    def writing(self) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
+        return self._open(read_only=False)
 
     @contextlib.contextmanager
     def sessions(self, hold_s: float = 2.0) -> Iterator[SessionWriter]:
