@@ -132,10 +132,6 @@ def load(con: duckdb.DuckDBPyConnection, probe_id: int) -> Probe:
     return _from_row(row)
 
 
-def settings_of(con: duckdb.DuckDBPyConnection, probe_id: int) -> dict:
-    return json.loads(first(con.execute("SELECT settings FROM probes WHERE probe_id = ?", [probe_id]))[0])
-
-
 def set_status(con: duckdb.DuckDBPyConnection, probe_id: int, status: str) -> None:
     con.execute(
         "UPDATE probes SET status = ?, finished_at = CASE WHEN ? = 'complete' THEN current_timestamp END"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,8 +107,7 @@ def _epoch_order(source: ExampleSource, rng: random.Random, window: int = 512):
 
 def train(source: ExampleSource, concept_ids: Sequence[int], n_filters: int, *, epochs: int = 30,
           lr: float = 1e-4, batch_size: int = 16, loss: str = "paper", use_bias: bool = False, seed: int = 0,
-          keep: torch.Tensor | None = None, on_epoch: Callable[[int], None] | None = None,
-          device: str | torch.device = "cpu") -> SegResult:
+          keep: torch.Tensor | None = None, device: str | torch.device = "cpu") -> SegResult:
     """Train every concept's embedding jointly. keep [K, C] (0/1) restricts each concept to some filters.
     The weights live on DEVICE (a GPU where there is one); examples move there batch by batch."""
     concept_ids = np.asarray(concept_ids, dtype=np.int64)
@@ -123,7 +122,7 @@ def train(source: ExampleSource, concept_ids: Sequence[int], n_filters: int, *, 
     optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9)
     alpha = compute_alpha(source, column).to(device)
     rng = random.Random(seed)
-    for epoch in range(epochs):
+    for _ in range(epochs):
         batch: list[SegExample] = []
         for ex in _epoch_order(source, rng):
             batch.append(ex)
@@ -132,8 +131,6 @@ def train(source: ExampleSource, concept_ids: Sequence[int], n_filters: int, *, 
                 batch = []
         if batch:
             _step(batch, column, raw * keep, bias, alpha, loss, batch_size, optimiser)
-        if on_epoch:
-            on_epoch(epoch)
     weights = (raw * keep).detach()
     train_iou, val_iou = evaluate(source, column, weights, bias.detach())
     return SegResult(concept_ids, weights.cpu(), bias.detach().cpu().clone(), alpha.cpu(), train_iou, val_iou)

@@ -112,6 +112,3 @@ def _csv_value(value):
         return ""
     return value
 
-
-def from_rows(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows)

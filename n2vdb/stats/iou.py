@@ -78,22 +78,18 @@ def iter_masks(dataset: BrodenDataset, rows: list[ImageRow], workers: int) -> It
 
 
 def iter_image_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset,
-                        thresholds: torch.Tensor, mode: str, workers: int, image_ids: list[int] | None = None,
-                        masks: Iterable | None = None, device: str | torch.device = "cpu"):
+                        thresholds: torch.Tensor, mode: str, workers: int, masks: Iterable | None = None,
+                        device: str | torch.device = "cpu"):
     """Per image: (image_id, concept ids [C], intersections [K, C], |M| [K], |L| [C]), the counts on
     the CPU whatever DEVICE did the arithmetic.
     masks, if given, replaces decoding: (image_id, concept ids, bool masks) in storage order
     (activations.stored_order)."""
     shape = (probe.n_filters, probe.height, probe.width)
-    order = acts_store.stored_order(con, probe.activation_probe)
-    if image_ids is not None:
-        wanted = set(image_ids)
-        order = [i for i in order if i in wanted]
-    rows = [dataset.rows[i] for i in order]  # masks decoded in the order activations stream
+    rows = [dataset.rows[i] for i in acts_store.stored_order(con, probe.activation_probe)]  # masks decoded in the order activations stream
     masks = iter(masks) if masks is not None else iter_masks(dataset, rows, workers)
     device = torch.device(device)
     thresholds = thresholds.to(device)
-    for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape, image_ids, batch=64):
+    for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape, batch=64):
         values = (torch.from_numpy(codes).to(device).float()
                   * torch.from_numpy(scales).to(device)[:, :, None, None])
         for i, image_id in enumerate(ids):
