@@ -11,10 +11,8 @@ Results are pyarrow Tables (`.to_pandas()` gives a DataFrame where pandas is ins
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -22,8 +20,8 @@ from n2vdb import probe as probes_mod
 from n2vdb import queries
 from n2vdb.data import fetch as fetch_mod
 from n2vdb.data import importer, synth as synth_mod
-from n2vdb.errors import QueryError
 from n2vdb.store import migrate, read_connection, write_connection
+from n2vdb.store.connection import sandbox
 
 # torch-backed modules (ingest, models, activations) are imported inside the functions that need
 # them, so queries and SQL answer without paying torch's import time.
@@ -109,27 +107,18 @@ def query(name: str, db: PathLike = None, **params) -> pa.Table:
         return queries.run(con, name, **params)
 
 
-def sql(statement: str, db: PathLike = None, write: bool = False) -> pa.Table:
-    """Run ad-hoc SQL; read-only unless write=True. Returns the last statement's result."""
-    opener = write_connection if write else read_connection
-    with opener(db) as con:
-        try:
-            result = con.sql(statement)
-            return result.to_arrow_table() if result is not None else pa.table({})
-        except duckdb.Error as exc:
-            raise QueryError(describe_sql_error(exc)) from None
+def sql(statement: str, db: PathLike = None, write: bool = False, read: dict[str, str | Path] | None = None,
+        output: str | Path | None = None) -> pa.Table | None:
+    """Run ad-hoc SQL in the sandbox (docs/sandbox.md) and return the last statement's result.
 
+    Read-only unless write=True, which runs all the statements as one transaction. read={NAME: PATH}
+    shows Parquet/CSV files to the SQL as views (n2vdb opens them read-only); output=FILE streams the
+    result into a .parquet or .csv file instead of returning it."""
+    from n2vdb import adhoc
 
-def describe_sql_error(exc: duckdb.Error) -> str:
-    """DuckDB's message on one line, with the line and column its caret points at."""
-    lines = str(exc).splitlines()
-    message = lines[0]
-    for i, line in enumerate(lines):
-        match = re.match(r"LINE (\d+): ", line)
-        if match and i + 1 < len(lines) and "^" in lines[i + 1]:
-            column = lines[i + 1].index("^") - len(match[0]) + 1
-            return f"{message} (line {match[1]}, column {column})"
-    return message
+    with sandbox(db, write=write) as con:
+        adhoc.register_files(con, read or {})
+        return adhoc.run(con, statement, write=write, output=Path(output) if output is not None else None)
 
 
 def activations(probe_id: int, db: PathLike = None, image_ids: list[int] | None = None

@@ -236,22 +236,43 @@ def query(
 def sql(
     statement: Annotated[Optional[str], typer.Argument(help="SQL; omit to read --file or stdin")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", help="Read SQL from a file")] = None,
-    write: Annotated[bool, typer.Option("--write", help="Allow statements that change the database")] = False,
+    write: Annotated[bool, typer.Option("--write", help="Allow statements that change this database; all of them "
+                                        "run as one transaction (all or nothing)")] = False,
+    read: Annotated[list[str], typer.Option("--read", metavar="NAME=PATH", help="Open PATH (a Parquet or CSV file, "
+                    "a directory of them, or a glob) read-only and show it to the SQL as view NAME (repeatable); "
+                    "the SQL itself still reaches no file")] = [],  # noqa: B006
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the last statement's result to "
+                      "this .parquet or .csv file (created or replaced) instead of printing it")] = None,
     db: Db = None,
     fmt: Format = None,
     limit: Limit = None,
 ):
-    """Run ad-hoc SQL against the database (read-only unless --write)."""
+    """Run ad-hoc SQL against the database in a sandbox: read-only, no files, no extensions (docs/sandbox.md)."""
+    from n2vdb import adhoc
+
     if statement is None:
         if file is not None:
-            if not file.is_file():
-                raise UsageError(f"no SQL file {file}")
-            statement = file.read_text()
+            statement = _read_sql_file(file)
         elif not sys.stdin.isatty():
             statement = sys.stdin.read()
         else:
             raise UsageError("give SQL as an argument, with --file, or on stdin")
-    _show(api.sql(statement, db, write), fmt, limit)
+    result = api.sql(statement, db, write, adhoc.parse_reads(read), output)
+    if result is None:
+        stderr.print(f"wrote {output}")
+        return
+    _show(result, fmt, limit)
+
+
+def _read_sql_file(file: Path) -> str:
+    if not file.is_file():
+        raise UsageError(f"no SQL file {file}")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{file} is not a UTF-8 text file of SQL") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {file}: {exc.strerror}") from None
 
 
 # -- seeing it ---------------------------------------------------------------------------------
@@ -336,7 +357,9 @@ def main() -> None:
     except duckdb.Error as exc:
         if debug:
             traceback.print_exc()
-        stderr.print(f"[red]Error:[/red] database: {api.describe_sql_error(exc)}", highlight=False)
+        from n2vdb.adhoc import describe_error
+
+        stderr.print(f"[red]Error:[/red] database: {describe_error(exc)}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         stderr.print("interrupted; run the same command again to resume")

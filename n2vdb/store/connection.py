@@ -1,4 +1,10 @@
-"""Opening the database: one writer, many read-only readers, one-line lock errors."""
+"""Opening the database: one writer, many read-only readers, one-line lock errors.
+
+Every read-only connection is a sandbox by construction (docs/sandbox.md): once the database is open,
+DuckDB's own settings switch off its local file system and all external access, no extension can be
+installed, loaded or auto-loaded, and the configuration is locked, so no SQL can reach another file,
+write this one, or undo the settings. Nothing here inspects the SQL it will run.
+"""
 
 from __future__ import annotations
 
@@ -30,12 +36,16 @@ def busy_wait_s() -> float:
 def connect(path: str | os.PathLike | None = None, *, read_only: bool,
             wait_s: float | None = None) -> duckdb.DuckDBPyConnection:
     """Open the database, retrying while another process holds the lock for up to wait_s seconds,
-    and translating lock conflicts and missing files into N2vdbErrors."""
+    and translating lock conflicts and missing files into N2vdbErrors. A read-only connection is
+    always sealed (see seal())."""
     deadline = time.monotonic() + (busy_wait_s() if wait_s is None else wait_s)
     delay = 0.02
     while True:
         try:
-            return _connect_once(path, read_only)
+            con = _connect_once(path, read_only)
+            if read_only:
+                seal(con)
+            return con
         except DatabaseBusy:
             if time.monotonic() + delay > deadline:
                 raise
@@ -52,7 +62,7 @@ def _connect_once(path: str | os.PathLike | None, read_only: bool) -> duckdb.Duc
     if not read_only and not target.parent.exists():
         raise N2vdbError(f"cannot create database {target}: directory {target.parent} does not exist")
     try:
-        con = duckdb.connect(str(target), read_only=read_only)
+        con = duckdb.connect(str(target), read_only=read_only, config=_OPEN_CONFIG)
     except duckdb.IOException as exc:
         message = str(exc)
         holder = _LOCK_HOLDER.search(message)
@@ -69,6 +79,34 @@ def _connect_once(path: str | os.PathLike | None, read_only: bool) -> duckdb.Duc
     # DuckDB's buffer cache would otherwise grow towards 80% of RAM as a large probe is read.
     con.execute("SET memory_limit = ?", [os.environ.get("N2VDB_DUCKDB_MEMORY", "1GB")])
     return con
+
+
+# Settings fixed when the file is opened: nothing is fetched or loaded behind the user's back.
+_OPEN_CONFIG = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "allow_unsigned_extensions": False,
+}
+
+
+def seal(con: duckdb.DuckDBPyConnection, *, file_system: bool = True) -> None:
+    """Make CON unable to reach anything but the database it has open, whatever SQL it is sent.
+
+    - enable_external_access = false: no COPY TO/FROM, file readers, ATTACH of other files, EXPORT,
+      INSTALL or LOAD, persistent secrets, or scans of Python objects in this process;
+    - disabled_filesystems = LocalFileSystem (read-only connections): not even the files DuckDB would
+      allow for the open database (ATTACH of it READ_WRITE after a DETACH, spill files) can be opened;
+      reads continue through the handle opened before. A writer keeps the local file system for its
+      write-ahead log, so `sql --write` also refuses ATTACH and DETACH (n2vdb.sandbox);
+    - temp_directory = '': nothing spills to disk; a query that outgrows N2VDB_DUCKDB_MEMORY fails;
+    - lock_configuration = true, last: none of the above can be SET back from SQL.
+    """
+    con.execute("SET temp_directory = ''")
+    con.execute("SET enable_external_access = false")
+    if file_system:
+        con.execute("SET disabled_filesystems = 'LocalFileSystem'")
+    con.execute("SET lock_configuration = true")
 
 
 @contextlib.contextmanager
@@ -94,6 +132,20 @@ def write_connection(path: str | os.PathLike | None = None) -> Iterator[duckdb.D
         yield con
     finally:
         con.close()
+
+
+@contextlib.contextmanager
+def sandbox(path: str | os.PathLike | None = None, *, write: bool = False
+            ) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The connection user SQL runs on (`n2vdb sql`, named queries, the shell): read-only, or with
+    write=True able to change this database (migrated first) and reach nothing else."""
+    if not write:
+        with read_connection(path) as con:
+            yield con
+        return
+    with write_connection(path) as con:
+        seal(con, file_system=False)
+        yield con
 
 
 def first(result: duckdb.DuckDBPyConnection):
