@@ -1,6 +1,13 @@
-"""Building probes from activations the tests choose, through the library's own writers."""
+"""Test helpers: probes built from activations the tests choose (through the library's own writers),
+and the command line run in-process."""
 
+import contextlib
+import io
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -36,3 +43,28 @@ def planted_probe(db: Path, root: Path, acts: np.ndarray, quantile: float = 0.99
         compute_thresholds(Pinned(con), probe, quantile)
         iou_stage.run(Pinned(con), probe, dataset, mode)
         return probe.probe_id, dataset
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args, stdin: str | None = None, env: dict[str, str] | None = None) -> CliResult:
+    """The n2vdb command line inside this process: main() with ARGS, its output and exit code.
+    About 1 s faster per call than a subprocess; keep subprocesses where the process is the point."""
+    from n2vdb import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.object(sys, "argv", ["n2vdb", *map(str, args)]), \
+            mock.patch.object(sys, "stdin", io.StringIO(stdin or "")), \
+            mock.patch.dict(os.environ, env or {}), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return CliResult(code, out.getvalue(), err.getvalue())

@@ -1,8 +1,6 @@
 """Every named query against numpy on a small database filled directly, plus the query error paths."""
 
 import json
-import subprocess
-import sys
 
 import duckdb
 import numpy as np
@@ -12,6 +10,8 @@ import pytest
 from n2vdb import api, queries
 from n2vdb.errors import NotFound, QueryError, UsageError
 from n2vdb.store import write_connection
+
+from helpers import run_cli
 
 K = 8
 CONCEPTS = {1: ("red-c", "color"), 2: ("blue-c", "color"), 3: ("dog", "object"), 4: ("cat", "object"),
@@ -238,7 +238,7 @@ def test_python_errors(filled):
 
 
 def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "n2vdb", *args], capture_output=True, text=True, input=stdin)
+    return run_cli(*args, stdin=stdin)
 
 
 def fingerprint(db):
