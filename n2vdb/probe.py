@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import duckdb
 
+from n2vdb import provenance
 from n2vdb.errors import NotFound
 from n2vdb.store.connection import first
 
@@ -102,9 +103,10 @@ def get_or_create(con: duckdb.DuckDBPyConnection, spec: ProbeSpec) -> tuple[Prob
             break
     status = "extracting" if source is None else "iou"
     probe_id = first(con.execute(
-        "INSERT INTO probes (probe_key, model, weights, layer, dataset_id, source_probe_id, settings, status)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING probe_id",
-        [spec.key, spec.model, spec.weights, spec.layer, spec.dataset_id, source, json.dumps(spec.settings()), status],
+        "INSERT INTO probes (probe_key, model, weights, layer, dataset_id, source_probe_id, settings, status,"
+        " provenance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING probe_id",
+        [spec.key, spec.model, spec.weights, spec.layer, spec.dataset_id, source, json.dumps(spec.settings()), status,
+         provenance.as_json()],
     ))[0]
     if source is not None:
         con.execute(

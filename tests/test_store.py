@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import duckdb
 import pytest
 
 from n2vdb.errors import DatabaseBusy, N2vdbError
@@ -109,3 +110,22 @@ def test_db_status_and_upgrade_cli(tmp_path):
     assert upgrade.returncode == 0 and "0001_init" in upgrade.stderr
     assert "1,init,True" in run("db", "status", "-f", "csv").stdout
     assert "up to date" in run("db", "upgrade").stderr
+
+
+def test_probes_record_the_software_they_ran_with(ingested_db):
+    import json
+
+    import numpy
+    import torch
+    import torchvision
+
+    from n2vdb import __version__
+
+    con = duckdb.connect(str(ingested_db), read_only=True)
+    (provenance,) = con.execute("SELECT provenance FROM probes ORDER BY probe_id LIMIT 1").fetchone()
+    con.close()
+    recorded = json.loads(provenance)
+    assert recorded["n2vdb"] == __version__ and recorded["duckdb"] == duckdb.__version__
+    assert recorded["torch"] == torch.__version__.split("+")[0] or recorded["torch"] == torch.__version__
+    assert recorded["torchvision"].split("+")[0] == torchvision.__version__.split("+")[0]
+    assert recorded["numpy"] == numpy.__version__
