@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,8 +114,8 @@ def read_labels(root: Path) -> dict[int, Label]:
             if number in lines:
                 raise DatasetError(f"{path}: label number {number} appears on lines {lines[number]} and {line}; "
                                    "each label needs its own number")
-            name = (row["name"] or "").strip()
-            if not name:
+            name = row["name"] or ""
+            if not name.strip():
                 raise ValueError("the name is empty")
             primary, categories = parse_categories(row["category"] or "")
             labels[number] = Label(
@@ -163,32 +164,39 @@ def _int_cell(row: dict, key: str, path: Path, line: int) -> int:
 
 class _Paths:
     """Resolves the paths index.csv names (relative to images/), symlinks included, and refuses any
-    that lead outside the dataset directory. Directories are resolved once: one lstat per file."""
+    that lead outside the dataset directory. Each folder is resolved once; a file costs one lstat."""
 
     def __init__(self, root: Path):
         self.root = os.path.realpath(root)
         self.images = os.path.join(self.root, "images")
-        self._dirs: dict[str, str] = {}
+        self._folders: dict[str, str] = {}
 
     def outside(self, rel: str) -> str | None:
         """Why REL is refused, or None when it resolves inside the dataset directory."""
-        if os.path.isabs(rel) or re.match(r"^[A-Za-z]:", rel):
+        if os.path.isabs(rel) or os.path.splitdrive(rel)[0]:
             return "is an absolute path"
+        folder, _, name = rel.rpartition("/")
         try:
-            head, tail = os.path.split(os.path.join(self.images, rel))
-            if tail in ("", ".", ".."):
-                real = os.path.realpath(os.path.join(head, tail))
+            if name in ("", ".", "..") or os.sep in name or (os.altsep and os.altsep in name):
+                real = os.path.realpath(os.path.join(self.images, rel))
             else:
-                if head not in self._dirs:
-                    self._dirs[head] = os.path.realpath(head)
-                real = os.path.join(self._dirs[head], tail)
-                if os.path.islink(real):
+                if folder not in self._folders:
+                    self._folders[folder] = os.path.realpath(os.path.join(self.images, folder))
+                real = self._folders[folder] + os.sep + name
+                if _is_link(real):
                     real = os.path.realpath(real)
         except ValueError:  # an embedded NUL byte
             return "is not a valid path"
         if not real.startswith(self.root + os.sep):
             return "resolves outside the dataset directory"
         return None
+
+
+def _is_link(path: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False  # a missing file is reported where it is read
 
 
 def dataset_file(root: Path, rel: str) -> Path:
@@ -268,10 +276,9 @@ def decode_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
             rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except FileNotFoundError:
         raise DatasetError(f"mask {path} is missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DatasetError(f"mask {path} cannot be decoded ({exc}); replace or remove that row") from None
-    if rgb.shape[:2] != shape:
-        raise DatasetError(f"mask {path} is {rgb.shape[1]}x{rgb.shape[0]}, index.csv says {shape[1]}x{shape[0]}")
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"mask {path} cannot be decoded ({exc}); replace the file, or remove that row "
+                           "before registering the directory") from None
     return rgb[..., 0].astype(np.int32) | (rgb[..., 1].astype(np.int32) << 8)
 
 
