@@ -255,24 +255,22 @@ def test_merge_refuses_shards_over_a_changed_directory(tmp_path, registered):
 
 # -- item 7: duplicates in dataset files -------------------------------------------------------------
 
-def _labels(root: Path, edit) -> None:
-    lines = (root / "label.csv").read_text().splitlines()
-    (root / "label.csv").write_text("\n".join(edit(lines)) + "\n")
-
-
-@pytest.mark.parametrize("case,edit,message", [
-    ("duplicate label number", lambda ls: ls + ["2,cat,object(1),1,0.5,"], "label number 2 appears on lines 4 and 11"),
-    ("duplicate concept name", lambda ls: ls + ["9,dog,object(1),1,0.5,"], "concept name 'dog' is used by labels 2 and 9"),
-    ("names equal as file names", lambda ls: ls + ["9,red_c,color(1),1,0.5,"],
+@pytest.mark.parametrize("case,row,message", [
+    ("duplicate label number", "2,cat,object(1),1,0.5,", "label number 2 appears on lines 4 and 11"),
+    ("duplicate concept name", "9,dog,object(1),1,0.5,", "concept name 'dog' is used by labels 2 and 9"),
+    ("names equal as file names", "9,red_c,color(1),1,0.5,",
      "concept names 'red-c' and 'red_c' (lines 3 and 11) collide as file names ('red_c')"),
-    ("names equal up to case", lambda ls: ls + ["9,Dog,object(1),1,0.5,"], "concept names 'dog' and 'Dog'"),
-    ("empty concept name", lambda ls: ls + ["9,,object(1),1,0.5,"], "line 11: malformed row (the name is empty)"),
-    ("label number above int32", lambda ls: ls + ["2147483648,big,object(1),1,0.5,"], "outside 1..2147483647"),
-    ("negative label number", lambda ls: ls + ["-4,neg,object(1),1,0.5,"], "outside 1..2147483647"),
+    ("names equal up to case", "9,Dog,object(1),1,0.5,", "concept names 'dog' and 'Dog'"),
+    ("empty concept name", "9,,object(1),1,0.5,", "line 11: malformed row (the name is empty)"),
+    ("label number above int32", "2147483648,big,object(1),1,0.5,", "outside 1..2147483647"),
+    ("negative label number", "-4,neg,object(1),1,0.5,", "outside 1..2147483647"),
+    ("frequency above int32", "9,many,object(1),99999999999,0.5,", "frequency 99999999999 is outside"),
 ])
-def test_label_csv_duplicates_and_nonsense_are_refused(registered, case, edit, message):
+def test_label_csv_duplicates_and_nonsense_are_refused(registered, case, row, message):
+    """label.csv as written holds 10 lines (header, the '-' row, 8 labels): ROW becomes line 11."""
     db, _, copy = registered
-    _labels(copy, edit)
+    with (copy / "label.csv").open("a") as handle:
+        handle.write(row + "\n")
     add_refused(db, copy, message)
 
 
@@ -292,7 +290,13 @@ def test_file_stem_is_the_one_sanitiser_and_stays_unique_and_short():
     assert file_stem(long_a) != file_stem(long_b)
     assert len(file_stem("é" * 200).encode()) <= MAX_STEM
     from n2vdb.render import report
-    assert report.file_stem is file_stem  # the report cards and `show concept` share it
+    assert report.file_stem is file_stem  # the report cards share it
+
+
+def test_show_concept_names_its_file_with_the_sanitiser(tmp_path, monkeypatch, db_copy):
+    monkeypatch.chdir(tmp_path)
+    path, _, _ = api.show_concept("red-c", db_copy)
+    assert path == Path("n2v_out") / "concept-red_c-segmentation-probe1.png" and path.is_file()
 
 
 # -- item 9: reading what users actually write -------------------------------------------------------

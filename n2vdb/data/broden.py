@@ -118,9 +118,11 @@ def read_labels(root: Path) -> dict[int, Label]:
             if not name.strip():
                 raise ValueError("the name is empty")
             primary, categories = parse_categories(row["category"] or "")
+            frequency = _optional(row.get("frequency"), int)
+            if frequency is not None and not 0 <= frequency <= MAX_LABEL:
+                raise ValueError(f"frequency {frequency} is outside 0..{MAX_LABEL}")
             labels[number] = Label(
-                number, name, primary, categories,
-                _optional(row.get("frequency"), int), _optional(row.get("coverage"), float),
+                number, name, primary, categories, frequency, _optional(row.get("coverage"), float),
             )
             lines[number] = line
         except (TypeError, ValueError) as exc:
