@@ -197,6 +197,10 @@ def test_datasets_registered_before_fingerprints_are_checked_row_by_row(register
         (copy / "label.csv").write_text((copy / "label.csv").read_text().replace(",dog,", ",hound,"))
         with pytest.raises(DatasetError, match="label.csv changed"):
             importer.verify_unchanged(con, 2, "copy", BrodenDataset.open(copy))
+        (copy / "label.csv").write_text((copy / "label.csv").read_text().replace(",hound,", ",dog,"))
+    assert api.add_dataset(copy, "copy", db) == 2  # re-adding an unchanged old dataset records its fingerprint
+    with write_connection(db) as con:
+        assert importer._recorded(con, 2) == fingerprint.take(BrodenDataset.open(copy))
 
 
 INGEST = ["ingest", "alexnet", "conv1", "--weights", "random", "--workers", "0", "--epochs", "1",

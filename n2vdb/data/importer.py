@@ -60,6 +60,9 @@ def add_dataset(con: duckdb.DuckDBPyConnection, path: str | Path, name: str, chu
     if existing:
         if Path(existing[1]) == dataset.root:
             verify_unchanged(con, existing[0], name, dataset)
+            if not _recorded(con, existing[0]):  # registered before fingerprints: record one now
+                with transaction(con):
+                    _record_files(con, existing[0], fingerprint.take(dataset))
             return existing[0]
         raise N2vdbError(f"dataset name {name!r} is taken by {existing[1]}; choose another --name")
     levels = dataset.concept_levels()
@@ -72,19 +75,27 @@ def add_dataset(con: duckdb.DuckDBPyConnection, path: str | Path, name: str, chu
         ))[0]
         _insert_metadata(con, dataset_id, dataset, levels)
         _insert_image_concepts(con, dataset_id, dataset, known, chunk)
-        con.executemany("INSERT INTO dataset_files VALUES (?, ?, ?, ?)",
-                        [[dataset_id, file, sha, size] for file, (sha, size) in files.items()])
+        _record_files(con, dataset_id, files)
     if dataset.ignored_columns:
         say(f"note: index.csv column(s) {', '.join(map(repr, dataset.ignored_columns))} name no category of "
             "label.csv and were ignored")
     return dataset_id
 
 
+def _record_files(con: duckdb.DuckDBPyConnection, dataset_id: int, files: dict[str, tuple[str, int]]) -> None:
+    con.executemany("INSERT INTO dataset_files VALUES (?, ?, ?, ?)",
+                    [[dataset_id, file, sha, size] for file, (sha, size) in files.items()])
+
+
+def _recorded(con: duckdb.DuckDBPyConnection, dataset_id: int) -> dict[str, tuple[str, int]]:
+    return {f: (sha, size) for f, sha, size in con.execute(
+        "SELECT file, sha256, bytes FROM dataset_files WHERE dataset_id = ?", [dataset_id]).fetchall()}
+
+
 def verify_unchanged(con: duckdb.DuckDBPyConnection, dataset_id: int, name: str, dataset: BrodenDataset) -> None:
     """Refuse a dataset directory that no longer holds what was registered: probes key images by their
     index.csv row, so a changed directory would mix two datasets under one set of ids."""
-    recorded = {f: (sha, size) for f, sha, size in con.execute(
-        "SELECT file, sha256, bytes FROM dataset_files WHERE dataset_id = ?", [dataset_id]).fetchall()}
+    recorded = _recorded(con, dataset_id)
     if recorded:
         changed = fingerprint.differences(recorded, fingerprint.take(dataset))
     else:
