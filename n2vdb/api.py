@@ -20,6 +20,8 @@ from n2vdb import probe as probes_mod
 from n2vdb import queries
 from n2vdb.data import fetch as fetch_mod
 from n2vdb.data import importer, synth as synth_mod
+from n2vdb.data.names import file_stem
+from n2vdb.data.writing import os_errors
 from n2vdb.store import migrate, read_connection, write_connection
 from n2vdb.store.connection import sandbox
 
@@ -30,6 +32,7 @@ PathLike = str | os.PathLike | None
 
 
 def add_dataset(path: str | Path, name: str, db: PathLike = None) -> int:
+    importer.check_name(name)  # before a database is created for nothing
     with write_connection(db) as con:
         return importer.add_dataset(con, path, name)
 
@@ -37,7 +40,10 @@ def add_dataset(path: str | Path, name: str, db: PathLike = None) -> int:
 def synth(path: str | Path, images: int = 300, size: int = 227, seed: int = 0, name: str | None = "synthetic",
           db: PathLike = None) -> Path:
     """Generate a Broden-format concept set at PATH; registers it under NAME unless NAME is None."""
-    root = synth_mod.generate(path, images=images, size=size, seed=seed)
+    if name:
+        importer.check_name(name)  # before any file is written
+    with os_errors("write the concept set", path):
+        root = synth_mod.generate(path, images=images, size=size, seed=seed)
     if name:
         add_dataset(root, name, db)
     return root
@@ -189,7 +195,8 @@ def show_concept(concept: str, db: PathLike = None, probe: int | None = None, me
         name = queries.resolve_concept(con, concept, probe_obj.dataset_id)
         concept_id = con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?",
                                  [probe_obj.dataset_id, name]).fetchone()[0]
-        target = Path(out) if out else Path("n2v_out") / f"concept-{name}-{method}-probe{probe_obj.probe_id}.png"
+        stem = f"concept-{file_stem(name)}-{method}-probe{probe_obj.probe_id}"
+        target = Path(out) if out else Path("n2v_out") / f"{stem}.png"
         path, samples = grids.concept_grid(con, probe_obj, dataset, concept_id, name, method, target)
         values = [v for (v,) in con.execute(
             "SELECT iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = ?",

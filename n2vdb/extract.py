@@ -122,7 +122,9 @@ def stream(spec: ProbeSpec, dataset: BrodenDataset, rows: list[ImageRow], net: t
             for image_ids, images, errors in loader:
                 bad = [e for e in errors if e]
                 if bad:
-                    raise DatasetError(f"{bad[0]}; fix or remove that row of index.csv, then re-run to resume")
+                    raise DatasetError(f"{bad[0]}; replace that file with a readable copy of the same image "
+                                       "and re-run to resume (editing index.csv would shift image ids: register "
+                                       "an edited directory under a new name instead)")
                 out = tap(images.to(dev, non_blocking=True)).float()
                 codes, scales = acts_store.quantise(out)
                 yield (image_ids.numpy(), codes.cpu().numpy(), scales.cpu().numpy(),

@@ -12,6 +12,7 @@ from n2vdb import extract, probe as probes
 from n2vdb.data import importer
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.data.synth import generate
+from n2vdb.data.writing import os_errors
 from n2vdb.embed import stage as embed_stage
 from n2vdb.errors import UsageError
 from n2vdb.models import registry, weights as weights_mod
@@ -35,7 +36,8 @@ def ensure_synthetic(con: duckdb.DuckDBPyConnection, images: int = 300, size: in
     root = home() / SYNTHETIC
     if not (root / "index.csv").exists():
         say(f"generating the built-in concept set ({images} images) in {root}")
-        generate(root, images=images, size=size, seed=seed)
+        with os_errors("write the built-in concept set", root):
+            generate(root, images=images, size=size, seed=seed)
     return importer.add_dataset(con, root, SYNTHETIC)
 
 
@@ -77,12 +79,14 @@ def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: I
         say(f"dataset: {name} (pass --dataset to choose)")
     dataset_id = ensure_synthetic(con) if name == SYNTHETIC else importer.require_dataset(con, name)[0]
     path = importer.find_dataset(con, name)[1]
+    dataset = BrodenDataset.open(path)
+    importer.verify_unchanged(con, dataset_id, name, dataset)  # new, resumed, sharded or merged alike
     spec = probes.ProbeSpec(
         model=model, layer=layer, module=layer_spec.module, relu=layer_spec.relu, weights=weights_id,
         dataset_id=dataset_id, input_size=options.input_size or registry.input_size(model),
         mean=tuple(mean), std=tuple(std), limit=options.limit, quantile=options.quantile,
         iou_mode=options.iou_mode, train=options.train)
-    return ProbeSpecAndData(spec, BrodenDataset.open(path))
+    return ProbeSpecAndData(spec, dataset)
 
 
 @dataclass

@@ -8,17 +8,26 @@ an image-level cell holds label numbers joined by ';'. A mask encodes label R + 
 from __future__ import annotations
 
 import csv
+import os
 import re
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from n2vdb.data.names import file_stem, stem_key
 from n2vdb.errors import DatasetError
 
 INDEX_FIXED = ("image", "split", "ih", "iw", "sh", "sw")
 _CATEGORY_COUNT = re.compile(r"^\s*([^()]+?)\s*(?:\((\d+)\))?\s*$")
+# Image and segmentation sides, in px: Broden's largest release is 384 px, and one mask this size is
+# already ~200 MB to decode; a larger declared size is a typo, not a dataset (it would end in a MemoryError).
+MAX_SIDE = 8192
+# Label numbers are stored as DuckDB INTEGERs (int32); 0 means unlabelled.
+MAX_LABEL = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -65,89 +74,213 @@ def _optional(value: str | None, kind):
     return kind(value) if value not in (None, "") else None
 
 
+def _csv_rows(path: Path) -> Iterator:
+    """A CSV file read as UTF-8 (a byte-order mark is skipped): yields its header, then (line, row)
+    pairs. A repeated column name is refused, since a dict row would silently keep only its last cell."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = list(reader.fieldnames or [])
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:
+                raise DatasetError(f"{path}: the header names column {repeated[0]!r} more than once; "
+                                   "keep one column per name")
+            yield header
+            yield from enumerate(reader, start=2)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except csv.Error as exc:
+        raise DatasetError(f"{path} is not a readable CSV file ({exc})") from None
+
+
 def read_labels(root: Path) -> dict[int, Label]:
+    """label.csv; label numbers, names and the file names made from names must each be unique."""
     path = root / "label.csv"
     if not path.is_file():
         raise DatasetError(f"{root} has no label.csv: is it a Broden-format directory?")
     labels: dict[int, Label] = {}
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"number", "name", "category"} - set(reader.fieldnames or ())
-        if missing:
-            raise DatasetError(f"{path}: header lacks {', '.join(sorted(missing))}")
-        for line, row in enumerate(reader, start=2):
-            try:
-                number = int(row["number"])
-                if number == 0:
-                    continue  # '-': unlabelled
-                primary, categories = parse_categories(row["category"] or "")
-                labels[number] = Label(
-                    number, row["name"], primary, categories,
-                    _optional(row.get("frequency"), int), _optional(row.get("coverage"), float),
-                )
-            except (TypeError, ValueError) as exc:
-                raise DatasetError(f"{path} line {line}: malformed row ({exc})") from None
+    lines: dict[int, int] = {}  # label number -> line, to name both rows of a duplicate
+    rows = _csv_rows(path)
+    missing = {"number", "name", "category"} - set(next(rows))
+    if missing:
+        raise DatasetError(f"{path}: header lacks {', '.join(sorted(missing))}")
+    for line, row in rows:
+        try:
+            number = int(row["number"])
+            if number == 0:
+                continue  # '-': unlabelled
+            if not 0 < number <= MAX_LABEL:
+                raise ValueError(f"label number {number} is outside 1..{MAX_LABEL}")
+            if number in lines:
+                raise DatasetError(f"{path}: label number {number} appears on lines {lines[number]} and {line}; "
+                                   "each label needs its own number")
+            name = row["name"] or ""
+            if not name.strip():
+                raise ValueError("the name is empty")
+            primary, categories = parse_categories(row["category"] or "")
+            frequency = _optional(row.get("frequency"), int)
+            if frequency is not None and not 0 <= frequency <= MAX_LABEL:
+                raise ValueError(f"frequency {frequency} is outside 0..{MAX_LABEL}")
+            labels[number] = Label(
+                number, name, primary, categories, frequency, _optional(row.get("coverage"), float),
+            )
+            lines[number] = line
+        except (TypeError, ValueError) as exc:
+            raise DatasetError(f"{path} line {line}: malformed row ({exc})") from None
+    _refuse_name_clashes(path, labels, lines)
     return labels
+
+
+def _refuse_name_clashes(path: Path, labels: dict[int, Label], lines: dict[int, int]) -> None:
+    """Concepts are looked up by name and written to files named after them: names must be unique,
+    also after sanitising for file names and up to case."""
+    seen: dict[str, Label] = {}
+    for label in labels.values():
+        key = stem_key(label.name)
+        other = seen.get(key)
+        if other is None:
+            seen[key] = label
+            continue
+        where = f"lines {lines[other.number]} and {lines[label.number]}"
+        if other.name == label.name:
+            raise DatasetError(f"{path}: concept name {label.name!r} is used by labels {other.number} and "
+                               f"{label.number} ({where}); give each concept its own name")
+        raise DatasetError(f"{path}: concept names {other.name!r} and {label.name!r} ({where}) collide as file "
+                           f"names ({file_stem(label.name)!r}); rename one of them")
+
+
+def label_categories(labels: dict[int, Label]) -> set[str]:
+    return {c for label in labels.values() for c in label.categories}
 
 
 def _int_cell(row: dict, key: str, path: Path, line: int) -> int:
     try:
-        return int(row[key])
+        value = int(row[key])
     except (TypeError, ValueError):
         raise DatasetError(f"{path} line {line}: column {key!r} is {row.get(key)!r}, expected an integer") from None
+    if not 0 < value <= MAX_SIDE:
+        raise DatasetError(f"{path} line {line}: column {key!r} is {value}; image and segmentation sizes must lie "
+                           f"in 1..{MAX_SIDE} px")
+    return value
 
 
-def read_index(root: Path) -> tuple[list[str], list[ImageRow]]:
-    """Returns (category columns, rows). Each cell is classified as masks or labels by its content."""
-    path = root / "index.csv"
-    if not root.is_dir():
+class _Paths:
+    """Resolves the paths index.csv names (relative to images/), symlinks included, and refuses any
+    that lead outside the dataset directory. Each folder is resolved once; a file costs one lstat."""
+
+    def __init__(self, root: Path):
+        self.root = os.path.realpath(root)
+        self.images = os.path.join(self.root, "images")
+        self._folders: dict[str, str] = {}
+
+    def outside(self, rel: str) -> str | None:
+        """Why REL is refused, or None when it resolves inside the dataset directory."""
+        if os.path.isabs(rel) or os.path.splitdrive(rel)[0]:
+            return "is an absolute path"
+        folder, _, name = rel.rpartition("/")
+        try:
+            if name in ("", ".", "..") or os.sep in name or (os.altsep and os.altsep in name):
+                real = os.path.realpath(os.path.join(self.images, rel))
+            else:
+                if folder not in self._folders:
+                    self._folders[folder] = os.path.realpath(os.path.join(self.images, folder))
+                real = self._folders[folder] + os.sep + name
+                if _is_link(real):
+                    real = os.path.realpath(real)
+        except ValueError:  # an embedded NUL byte
+            return "is not a valid path"
+        if not real.startswith(self.root + os.sep):
+            return "resolves outside the dataset directory"
+        return None
+
+
+def _is_link(path: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False  # a missing file is reported where it is read
+
+
+def dataset_file(root: Path, rel: str) -> Path:
+    """ROOT/images/REL, refused when it resolves (symlinks included) outside ROOT: the read-side
+    guard, for a directory that changed after it was checked."""
+    why = _Paths(root).outside(rel)
+    if why:
+        raise DatasetError(f"{rel!r} in {root}/index.csv {why}; paths must stay inside the dataset directory")
+    return root / "images" / rel
+
+
+def check_directory(root: Path) -> Path:
+    """ROOT/index.csv, or a one-line error saying what is wrong with ROOT."""
+    if not root.exists():
         raise DatasetError(f"dataset directory {root} does not exist")
-    if not path.is_file():
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a directory; pass the dataset directory that holds index.csv")
+    if not (root / "index.csv").is_file():
         raise DatasetError(f"{root} has no index.csv: is it a Broden-format directory?")
-    rows = []
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [c for c in INDEX_FIXED if c not in header]
-        if missing:
-            raise DatasetError(f"{path}: header lacks {', '.join(missing)}")
-        categories = [c for c in header if c not in INDEX_FIXED]
-        for line, row in enumerate(reader, start=2):
-            if None in row or any(v is None for v in row.values()):
-                raise DatasetError(f"{path} line {line}: expected {len(header)} columns")
-            split = row["split"]
-            if split not in ("train", "val"):
-                raise DatasetError(f"{path} line {line}: split is {split!r}, expected train or val")
-            masks, labels = {}, {}
-            for category in categories:
-                tokens = [t for t in row[category].split(";") if t]
-                if not tokens:
-                    continue
-                if all(t.isdigit() for t in tokens):
-                    labels[category] = tuple(int(t) for t in tokens)
-                else:
-                    masks[category] = tuple(tokens)
-            sizes = [_int_cell(row, k, path, line) for k in ("ih", "iw", "sh", "sw")]
-            if min(sizes) <= 0:
-                raise DatasetError(f"{path} line {line}: image and segmentation sizes must be positive")
-            rows.append(ImageRow(len(rows), row["image"], split, *sizes, masks=masks, labels=labels))
+    return root / "index.csv"
+
+
+def read_index(root: Path, categories_known: set[str] | None = None) -> tuple[list[str], list[ImageRow], list[str]]:
+    """Returns (category columns, rows, ignored columns). Each cell is classified as masks or labels by its
+    content. A column beyond the fixed ones is a category when label.csv names it as one (CATEGORIES_KNOWN;
+    None = every column); other columns are ignored. Every path must stay inside ROOT."""
+    path = check_directory(root)
+    paths = _Paths(root)
+    cells = _csv_rows(path)
+    header = next(cells)
+    missing = [c for c in INDEX_FIXED if c not in header]
+    if missing:
+        raise DatasetError(f"{path}: header lacks {', '.join(missing)}")
+    categories = [c for c in header if c not in INDEX_FIXED and (categories_known is None or c in categories_known)]
+    ignored = [c for c in header if c not in INDEX_FIXED and c not in categories]
+    rows: list[ImageRow] = []
+    for line, row in cells:
+        if None in row or any(v is None for v in row.values()):
+            raise DatasetError(f"{path} line {line}: expected {len(header)} columns")
+        split = row["split"]
+        if split not in ("train", "val"):
+            raise DatasetError(f"{path} line {line}: split is {split!r}, expected train or val")
+        if not row["image"]:
+            raise DatasetError(f"{path} line {line}: column 'image' is empty")
+        masks, labels = {}, {}
+        for category in categories:
+            tokens = [t for t in row[category].split(";") if t]
+            if not tokens:
+                continue
+            if all(t.isascii() and t.isdigit() for t in tokens):
+                numbers = tuple(int(t) for t in tokens)
+                if max(numbers) > MAX_LABEL:
+                    raise DatasetError(f"{path} line {line}, column {category!r}: label number {max(numbers)} is "
+                                       f"above {MAX_LABEL}, the largest n2vdb stores")
+                labels[category] = numbers
+            else:
+                masks[category] = tuple(tokens)
+        for column, rel in (("image", row["image"]), *((c, t) for c, ts in masks.items() for t in ts)):
+            why = paths.outside(rel)
+            if why:
+                raise DatasetError(f"{path} line {line}, column {column!r}: {rel!r} {why}; paths in index.csv are "
+                                   "relative to images/ and must stay inside the dataset directory")
+        sizes = [_int_cell(row, k, path, line) for k in ("ih", "iw", "sh", "sw")]
+        rows.append(ImageRow(len(rows), row["image"], split, *sizes, masks=masks, labels=labels))
     if not rows:
         raise DatasetError(f"{path} lists no images")
-    return categories, rows
+    return categories, rows, ignored
 
 
 def decode_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """A Broden mask PNG as int32 label numbers (R + 256*G)."""
     try:
         with Image.open(path) as img:
+            if img.size != (shape[1], shape[0]):  # before decoding: a huge PNG is refused unread
+                raise DatasetError(f"mask {path} is {img.size[0]}x{img.size[1]}, index.csv says {shape[1]}x{shape[0]}")
             img.load()
             rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except FileNotFoundError:
         raise DatasetError(f"mask {path} is missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DatasetError(f"mask {path} cannot be decoded ({exc}); replace or remove that row") from None
-    if rgb.shape[:2] != shape:
-        raise DatasetError(f"mask {path} is {rgb.shape[1]}x{rgb.shape[0]}, index.csv says {shape[1]}x{shape[0]}")
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"mask {path} cannot be decoded ({exc}); replace the file, or remove that row "
+                           "before registering the directory") from None
     return rgb[..., 0].astype(np.int32) | (rgb[..., 1].astype(np.int32) << 8)
 
 
@@ -161,7 +294,7 @@ def concept_masks(root: Path, row: ImageRow, known: dict[int, Label] | set[int])
     per_label: dict[int, np.ndarray] = {}
     for paths in row.masks.values():
         for rel in paths:
-            codes = decode_mask(root / "images" / rel, shape)
+            codes = decode_mask(dataset_file(root, rel), shape)
             present = np.flatnonzero(np.bincount(codes.ravel()))
             for number in present[present > 0].tolist():
                 hit = codes == number
@@ -191,15 +324,18 @@ class BrodenDataset:
     categories: list[str]
     labels: dict[int, Label]
     rows: list[ImageRow]
+    ignored_columns: list[str] = field(default_factory=list)  # index.csv columns label.csv names no category for
 
     @classmethod
     def open(cls, root: str | Path) -> BrodenDataset:
         root = Path(root).expanduser().resolve()
-        categories, rows = read_index(root)
-        return cls(root, categories, read_labels(root), rows)
+        check_directory(root)
+        labels = read_labels(root)
+        categories, rows, ignored = read_index(root, label_categories(labels))
+        return cls(root, categories, labels, rows, ignored)
 
     def image_path(self, row: ImageRow) -> Path:
-        return self.root / "images" / row.image
+        return dataset_file(self.root, row.image)
 
     def masks(self, row: ImageRow) -> tuple[np.ndarray, np.ndarray]:
         return concept_masks(self.root, row, self.labels)

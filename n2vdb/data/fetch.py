@@ -7,6 +7,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from n2vdb.data.writing import os_errors
 from n2vdb.errors import DatasetError, UsageError
 from n2vdb.progress import progress_bar
 
@@ -27,7 +28,8 @@ def fetch(release: str, directory: Path, timeout: float = 15.0) -> Path:
     target = directory / release
     if (target / "index.csv").exists():
         return target
-    directory.mkdir(parents=True, exist_ok=True)
+    with os_errors("download Broden", directory):
+        directory.mkdir(parents=True, exist_ok=True)
     archive = directory / f"{release}.zip"
     partial = directory / f"{release}.zip.part"
     if not archive.exists():
@@ -38,7 +40,8 @@ def fetch(release: str, directory: Path, timeout: float = 15.0) -> Path:
             bad = zipped.testzip()
             if bad:
                 raise DatasetError(f"{archive} is corrupt ({bad} fails its CRC); delete it and fetch again")
-            zipped.extractall(directory)
+            with os_errors("unpack Broden", directory):
+                zipped.extractall(directory)
     except zipfile.BadZipFile:
         raise DatasetError(f"{archive} is not a zip archive; delete it and fetch again") from None
     if not (target / "index.csv").exists():

@@ -10,9 +10,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from n2vdb.data import fingerprint
 from n2vdb.data.broden import BrodenDataset, ImageRow, concept_masks
-from n2vdb.errors import DatasetError, N2vdbError
-from n2vdb.progress import progress_bar
+from n2vdb.errors import DatasetError, N2vdbError, UsageError
+from n2vdb.progress import progress_bar, say
 from n2vdb.store.connection import first, transaction
 
 _worker_state: dict = {}
@@ -38,20 +39,35 @@ def find_dataset(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, str] |
     return (row[0], row[1]) if row else None
 
 
+def check_name(name: str) -> None:
+    """A dataset name is shown in messages and suggested back in commands: it must be visible text."""
+    if not isinstance(name, str) or not name.strip():
+        raise UsageError("a dataset name cannot be empty; pass --name NAME")
+    if any(not ch.isprintable() for ch in name):
+        raise UsageError(f"dataset name {name!r} holds control characters; choose a plain name")
+
+
 def add_dataset(con: duckdb.DuckDBPyConnection, path: str | Path, name: str, chunk: int = 2048) -> int:
     """Import a Broden-format directory under NAME; returns its dataset_id.
 
-    Re-adding the same directory under the same name is a no-op; another directory under a taken
-    name is an error. All rows land in one transaction, so a failure leaves no trace.
+    Re-adding the same, unchanged directory under the same name is a no-op; another directory under a
+    taken name is an error, and so is a registered directory whose files changed. All rows land in one
+    transaction, so a failure leaves no trace.
     """
+    check_name(name)
     dataset = BrodenDataset.open(path)
     existing = find_dataset(con, name)
     if existing:
         if Path(existing[1]) == dataset.root:
+            verify_unchanged(con, existing[0], name, dataset)
+            if not _recorded(con, existing[0]):  # registered before fingerprints: record one now
+                with transaction(con):
+                    _record_files(con, existing[0], fingerprint.take(dataset))
             return existing[0]
         raise N2vdbError(f"dataset name {name!r} is taken by {existing[1]}; choose another --name")
     levels = dataset.concept_levels()
     known = set(dataset.labels)
+    files = fingerprint.take(dataset)
     with transaction(con):
         dataset_id = first(con.execute(
             "INSERT INTO datasets (name, path, n_images, n_concepts) VALUES (?, ?, ?, ?) RETURNING dataset_id",
@@ -59,7 +75,57 @@ def add_dataset(con: duckdb.DuckDBPyConnection, path: str | Path, name: str, chu
         ))[0]
         _insert_metadata(con, dataset_id, dataset, levels)
         _insert_image_concepts(con, dataset_id, dataset, known, chunk)
+        _record_files(con, dataset_id, files)
+    if dataset.ignored_columns:
+        say(f"note: index.csv column(s) {', '.join(map(repr, dataset.ignored_columns))} name no category of "
+            "label.csv and were ignored")
     return dataset_id
+
+
+def _record_files(con: duckdb.DuckDBPyConnection, dataset_id: int, files: dict[str, tuple[str, int]]) -> None:
+    con.executemany("INSERT INTO dataset_files VALUES (?, ?, ?, ?)",
+                    [[dataset_id, file, sha, size] for file, (sha, size) in files.items()])
+
+
+def _recorded(con: duckdb.DuckDBPyConnection, dataset_id: int) -> dict[str, tuple[str, int]]:
+    return {f: (sha, size) for f, sha, size in con.execute(
+        "SELECT file, sha256, bytes FROM dataset_files WHERE dataset_id = ?", [dataset_id]).fetchall()}
+
+
+def verify_unchanged(con: duckdb.DuckDBPyConnection, dataset_id: int, name: str, dataset: BrodenDataset) -> None:
+    """Refuse a dataset directory that no longer holds what was registered: probes key images by their
+    index.csv row, so a changed directory would mix two datasets under one set of ids."""
+    recorded = _recorded(con, dataset_id)
+    if recorded:
+        changed = fingerprint.differences(recorded, fingerprint.take(dataset))
+    else:
+        changed = _legacy_differences(con, dataset_id, dataset)
+    if changed:
+        raise DatasetError(
+            f"dataset {name!r} changed since it was registered ({'; '.join(changed[:3])}); probes key images by "
+            f"index.csv row, so n2vdb will not mix the two versions: register the directory as a new dataset "
+            f"(`n2vdb data add {dataset.root} --name {name}-v2`) and use --dataset {name}-v2, or restore the "
+            "registered files")
+
+
+def _legacy_differences(con: duckdb.DuckDBPyConnection, dataset_id: int, dataset: BrodenDataset) -> list[str]:
+    """A dataset registered before fingerprints (migration 0003): its images and concepts rows are what
+    was imported, so index.csv and label.csv must still describe them row by row."""
+    stored = con.execute("SELECT image_id, path, split, ih, iw, sh, sw FROM images WHERE dataset_id = ?"
+                         " ORDER BY image_id", [dataset_id]).fetchall()
+    now = [(r.image_id, r.image, r.split, r.ih, r.iw, r.sh, r.sw) for r in dataset.rows]
+    said = []
+    if stored != now:
+        if len(stored) != len(now):
+            said.append(f"index.csv lists {len(now)} images, {len(stored)} were registered")
+        else:
+            first_changed = next(i for i, (a, b) in enumerate(zip(stored, now)) if a != b)
+            said.append(f"index.csv line {first_changed + 2} changed")
+    labels = con.execute("SELECT concept_id, name FROM concepts WHERE dataset_id = ? ORDER BY concept_id",
+                         [dataset_id]).fetchall()
+    if labels != sorted((lab.number, lab.name) for lab in dataset.labels.values()):
+        said.append("label.csv changed")
+    return said
 
 
 def _insert_metadata(con, dataset_id: int, dataset: BrodenDataset, levels: dict[int, str]) -> None:

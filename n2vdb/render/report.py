@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from n2vdb import queries  # noqa: E402
 from n2vdb.data.broden import BrodenDataset  # noqa: E402
+from n2vdb.data.names import file_stem  # noqa: E402
 from n2vdb.probe import Probe  # noqa: E402
 from n2vdb.render import grids  # noqa: E402
 from n2vdb.render.output import _cell  # noqa: E402
@@ -136,7 +137,7 @@ def _card(con, probe: Probe, dataset: BrodenDataset, out: Path, row: dict) -> st
     name = row["concept"]
     concept_id = con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?",
                              [probe.dataset_id, name]).fetchone()[0]
-    slug = "".join(ch if ch.isalnum() else "_" for ch in name)
+    slug = file_stem(name)
     embedding_grid, _ = grids.concept_grid(con, probe, dataset, concept_id, name, "segmentation",
                                            out / "cards" / f"{slug}-embedding.png")
     filter_grid, _ = grids.concept_grid(con, probe, dataset, concept_id, name, "best_filter",
