@@ -19,7 +19,7 @@ from n2vdb import activations as acts_store
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.errors import NotFound
 from n2vdb.probe import Probe
-from n2vdb.stats.iou import filter_masks
+from n2vdb.stats.iou import filter_masks, thresholds_for
 
 QUANTILES = (1.0, 0.99, 0.95, 0.9, 0.75, 0.5)
 TILE = 160
@@ -79,6 +79,12 @@ def _acts(con, probe: Probe, image_id: int) -> torch.Tensor:
     return torch.from_numpy(values[0])
 
 
+def probe_mode(con: duckdb.DuckDBPyConnection, probe: Probe) -> str:
+    """The IoU mode the probe's numbers were computed with, so a picture agrees with its caption."""
+    row = con.execute("SELECT settings->>'iou_mode' FROM probes WHERE probe_id = ?", [probe.probe_id]).fetchone()
+    return (row and row[0]) or "net2vec"
+
+
 def _truth(dataset: BrodenDataset, image_id: int, concept_id: int) -> np.ndarray | None:
     ids, masks = dataset.masks(dataset.rows[image_id])
     hit = np.flatnonzero(ids == concept_id)
@@ -86,14 +92,16 @@ def _truth(dataset: BrodenDataset, image_id: int, concept_id: int) -> np.ndarray
 
 
 def concept_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, concept_id: int,
-                 name: str, method: str, path: Path, mode: str = "net2vec") -> tuple[Path, list[Sample]]:
-    """Images containing the concept at quantiles of their per-image IoU under METHOD."""
+                 name: str, method: str, path: Path, mode: str | None = None) -> tuple[Path, list[Sample]]:
+    """Images containing the concept at quantiles of their per-image IoU under METHOD; single-filter
+    masks are drawn in MODE (default: the probe's own IoU mode)."""
+    mode = mode or probe_mode(con, probe)
     scores = dict(con.execute(
         "SELECT image_id, iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = ?",
         [probe.probe_id, concept_id, method]).fetchall())
     if not scores:
         raise NotFound(f"probe {probe.probe_id} has no per-image {method} scores for {name!r}")
-    thresholds = acts_store.thresholds(con, probe.probe_id)
+    thresholds = thresholds_for(con, probe.probe_id, mode)
     if method == "segmentation":
         weights, bias = con.execute(
             "SELECT weights, bias FROM embeddings WHERE probe_id = ? AND concept_id = ? AND kind = 'segmentation'"
@@ -110,7 +118,7 @@ def concept_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDa
         acts = _acts(con, probe, sample.image_id)
         size = (row.sh, row.sw)
         if method == "segmentation":
-            binary = (acts > thresholds.view(-1, 1, 1)).float()
+            binary = (acts > thresholds.float().view(-1, 1, 1)).float()  # embeddings train on float32 maps
             logits = torch.einsum("khw,k->hw", binary, weights) + bias
             predicted = F.interpolate(logits[None, None], size=size, mode="bilinear", align_corners=True)[0, 0] > 0
         else:
@@ -123,8 +131,10 @@ def concept_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDa
 
 
 def filter_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, filter_id: int, path: Path,
-                mode: str = "net2vec") -> tuple[Path, list[Sample]]:
-    """Images at quantiles of the filter's peak activation, its thresholded mask overlaid."""
+                mode: str | None = None) -> tuple[Path, list[Sample]]:
+    """Images at quantiles of the filter's peak activation, its mask overlaid in MODE (default: the
+    probe's own IoU mode)."""
+    mode = mode or probe_mode(con, probe)
     if not 0 <= filter_id < probe.n_filters:
         raise NotFound(f"probe {probe.probe_id} has filters 0..{probe.n_filters - 1}, not {filter_id}")
     peaks = dict(con.execute(
@@ -134,7 +144,7 @@ def filter_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDat
         "SELECT concept_id, name FROM filter_concept_iou i JOIN concepts c USING (concept_id)"
         " WHERE i.probe_id = ? AND i.filter = ? AND i.split = 'train' AND c.dataset_id = ?"
         " ORDER BY i.iou DESC LIMIT 1", [probe.probe_id, filter_id, probe.dataset_id]).fetchone()
-    thresholds = acts_store.thresholds(con, probe.probe_id)
+    thresholds = thresholds_for(con, probe.probe_id, mode)
     samples = pick(peaks)
     tiles = []
     for sample in samples:
