@@ -109,6 +109,7 @@ def ingest(
     input_size: Annotated[Optional[int], typer.Option(help="Input size in px [default: the model's]")] = None,
     quantile: Annotated[float, typer.Option(help="Threshold quantile per filter")] = 0.995,
     iou_mode: Annotated[str, typer.Option(help="net2vec (threshold, upsample) | netdissect (upsample, threshold)")] = "net2vec",
+    preprocess: Annotated[Optional[str], typer.Option(help="torchvision | caffe (NetDissect-Lite's) [default: the weights' own]")] = None,
     epochs: Annotated[int, typer.Option(help="Embedding training epochs")] = 30,
     seg_lr: Annotated[float, typer.Option(help="Segmentation embedding learning rate")] = 1e-4,
     seg_batch: Annotated[int, typer.Option(help="Segmentation batch size")] = 16,
@@ -129,7 +130,8 @@ def ingest(
     train = TrainSettings(epochs=epochs, seg_lr=seg_lr, seg_batch=seg_batch, seg_loss=loss, seg_bias=bias,
                           cls_lr=cls_lr, cls_batch=cls_batch, seed=seed, sufficiency=sufficiency)
     options = dict(dataset=dataset, weights=weights, seed=seed, device=device, limit=limit, input_size=input_size,
-                   quantile=quantile, iou_mode=iou_mode, batch_size=batch_size, workers=workers, train=train)
+                   quantile=quantile, iou_mode=iou_mode, preprocess=preprocess, batch_size=batch_size,
+                   workers=workers, train=train)
     if shard is not None:
         part_dir = api.ingest_shard(model, layer, shard, shard_dir, db, **options)
         stderr.print(f"shard written to {part_dir}; when every shard is done: n2vdb merge {shard_dir}")
