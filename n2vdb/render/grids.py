@@ -91,6 +91,48 @@ def _truth(dataset: BrodenDataset, image_id: int, concept_id: int) -> np.ndarray
     return masks[hit[0]] if len(hit) else None
 
 
+def embedding_mask(acts: torch.Tensor, thresholds: torch.Tensor, weights: torch.Tensor, bias: float,
+                   size: tuple[int, int]) -> torch.Tensor:
+    """A segmentation embedding's mask: upsample(w . B(x) + b) > 0 (sigmoid > 0.5), method.md section 4."""
+    binary = (acts > thresholds.float().view(-1, 1, 1)).float()  # embeddings train on float32 thresholds
+    logits = torch.einsum("khw,k->hw", binary, weights) + bias
+    return F.interpolate(logits[None, None], size=size, mode="bilinear", align_corners=True)[0, 0] > 0
+
+
+def distribution_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, name: str, path: Path
+                      ) -> tuple[Path, list[Sample], list[float]]:
+    """The paper's non-maximal view: ALL images of the probe at quantiles of the concept's
+    classification-embedding score (queries/concept-distribution.sql), whether or not they contain it,
+    each with the segmentation embedding's mask (red) and the concept's truth where present (green)."""
+    from n2vdb import queries
+
+    rows = queries.run(con, "concept-distribution", concept=name, probe=probe.probe_id).to_pylist()
+    if not rows:
+        raise NotFound(f"probe {probe.probe_id} has no classification embedding for {name!r}")
+    concept_id = con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?",
+                             [probe.dataset_id, name]).fetchone()[0]
+    seg = con.execute(
+        "SELECT weights, bias FROM embeddings WHERE probe_id = ? AND concept_id = ? AND kind = 'segmentation'"
+        " AND n_filters = ?", [probe.probe_id, concept_id, probe.n_filters]).fetchone()
+    thresholds = acts_store.thresholds(con, probe.probe_id)
+    scores = {r["image_id"]: r["score"] for r in rows}
+    contains = {r["image_id"]: r["contains"] for r in rows}
+    samples = pick(scores)
+    tiles = []
+    for sample in samples:
+        row = dataset.rows[sample.image_id]
+        size = (row.sh, row.sw)
+        predicted = (embedding_mask(_acts(con, probe, sample.image_id), thresholds, torch.tensor(seg[0]), seg[1],
+                                    size).numpy() if seg else np.zeros(size, bool))
+        with Image.open(dataset.image_path(row)) as image:
+            tiles.append(_tile(image, _truth(dataset, sample.image_id, concept_id), predicted,
+                               f"q{sample.quantile:g}  p {sample.score:.3f}"
+                               f"  {'has it' if contains[sample.image_id] else 'absent'}"))
+    title = (f"{name}: classification score over all {len(rows)} images, probe {probe.probe_id} "
+             f"(green truth, red segmentation embedding)")
+    return compose(tiles, title, path), samples, [r["score"] for r in rows]
+
+
 def concept_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, concept_id: int,
                  name: str, method: str, path: Path, mode: str | None = None) -> tuple[Path, list[Sample]]:
     """Images containing the concept at quantiles of their per-image IoU under METHOD; single-filter
@@ -118,9 +160,7 @@ def concept_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDa
         acts = _acts(con, probe, sample.image_id)
         size = (row.sh, row.sw)
         if method == "segmentation":
-            binary = (acts > thresholds.float().view(-1, 1, 1)).float()  # embeddings train on float32 maps
-            logits = torch.einsum("khw,k->hw", binary, weights) + bias
-            predicted = F.interpolate(logits[None, None], size=size, mode="bilinear", align_corners=True)[0, 0] > 0
+            predicted = embedding_mask(acts, thresholds, weights, bias, size)
         else:
             predicted = filter_masks(acts[None], thresholds, size, mode)[0, filter_id]
         with Image.open(dataset.image_path(row)) as image:
