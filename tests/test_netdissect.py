@@ -51,8 +51,13 @@ def test_fast_threshold_is_exact_at_the_boundary(geometry):
     maps = (rng.random((6, h, w)) * 4).astype(np.float32)
     resized = np.stack([pil_imresize(m, (sh, sw)) for m in maps])
     picks = resized.reshape(6, -1)[np.arange(6), rng.integers(0, sh * sw, 6)].astype(np.float64)
+    maps[0, :, : w // 2] = 0  # flat zero regions, thresholds at 0 and just below
+    maps[1] -= 2  # negative values
+    resized = np.stack([pil_imresize(m, (sh, sw)) for m in maps])
+    picks[0], picks[1] = 0.0, resized[1].ravel()[3]
     for thresholds in (picks, np.nextafter(picks.astype(np.float32), 0).astype(np.float64),
-                       np.nextafter(picks.astype(np.float32), 9).astype(np.float64), picks - 1e-12):
+                       np.nextafter(picks.astype(np.float32), 9).astype(np.float64), picks - 1e-12,
+                       np.r_[-1e-300, picks[1:]]):
         got = pil_resize.above(torch.from_numpy(maps), torch.from_numpy(thresholds), (sh, sw)).numpy()
         assert np.array_equal(got, resized > thresholds[:, None, None])
 
@@ -135,10 +140,19 @@ def netdissect_lite(root, features: np.ndarray, threshold: np.ndarray, images=No
     One departure, the documented one: on an image with only image-level labels NetDissect-Lite adds
     them to a stale `tally_cat` left by the previous unit; here it starts from zeros."""
     categories = [r["name"] for r in csv.DictReader((root / "category.csv").open())]
-    coverage = {c: {int(r["number"]): float(r["coverage"]) for r in csv.DictReader((root / f"c_{c}.csv").open())}
-                for c in categories}
-    n_labels = max(n for n, *_ in LABELS) + 1
-    primary = [max((coverage[c].get(j, 0.0), ic) for ic, c in enumerate(categories))[1] for j in range(n_labels)]
+    label_rows = list(csv.DictReader((root / "label.csv").open()))
+    n_labels = max(int(r["number"]) for r in label_rows) + 1
+    if all((root / f"c_{c}.csv").exists() for c in categories):
+        coverage = {c: {int(r["number"]): float(r["coverage"]) for r in csv.DictReader((root / f"c_{c}.csv").open())}
+                    for c in categories}
+        primary = [max((coverage[c].get(j, 0.0), ic) for ic, c in enumerate(categories))[1] for j in range(n_labels)]
+    else:  # (n2vdb's fallback) the category with the largest count in label.csv
+        primary = [0] * n_labels
+        for r in label_rows:
+            counts = [(int(part.split("(")[1].rstrip(")")), part.split("(")[0]) for part in r["category"].split(";")
+                      if "(" in part]
+            if counts:
+                primary[int(r["number"])] = categories.index(max(counts, key=lambda c: c[0])[1])
     labelcat = np.zeros((n_labels, len(categories)))
     labelcat[np.arange(n_labels), primary] = 1
     units = features.shape[1]

@@ -65,11 +65,11 @@ def _bars(rows: list[dict], path: Path) -> str:
     return _save(fig, path)
 
 
-def _exclusivity(rows: list[dict], path: Path) -> str:
+def _exclusivity(rows: list[dict], path: Path, share: str = "share",
+                 xlabel: str = "concepts for which the filter is the best single filter") -> str:
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r["concepts_per_filter"] for r in rows], [100 * r["share"] for r in rows], color="tab:gray")
-    ax.set(xlabel="concepts for which the filter is the best single filter", ylabel="% of filters",
-           title="Filter exclusivity")
+    ax.bar([r["concepts_per_filter"] for r in rows], [100 * r[share] for r in rows], color="tab:gray")
+    ax.set(xlabel=xlabel, ylabel="% of filters", title="Filter exclusivity")
     return _save(fig, path)
 
 
@@ -122,6 +122,11 @@ def build(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, 
         parts.append("<p>No sufficiency runs for this probe: ingest with <code>--sufficiency</code>.</p>")
     parts.append("<h2>Filter exclusivity</h2>")
     parts.append(f"<img src='{_exclusivity(q('exclusivity'), out / 'exclusivity.png')}' alt='exclusivity'>")
+    in_embeddings = q("embedding-exclusivity")
+    if sum(r["filters"] for r in in_embeddings):
+        plot = _exclusivity(in_embeddings, out / "embedding-exclusivity.png", "share_of_filters",
+                            "segmentation embeddings giving the filter a weight >= 0.5 x their largest")
+        parts.append(f"<img src='{plot}' alt='exclusivity in the embeddings'>")
     parts.append("<h2>Concepts</h2>" + _table(scores, ["concept", "category", "best_filter", "single_filter_iou",
                                                           "embedding_iou", "classification_accuracy"]))
     for r in seg[:cards]:

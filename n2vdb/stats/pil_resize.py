@@ -118,22 +118,30 @@ def xs_identity(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def above(values: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """resize(values, size) > thresholds (float64, one per map), exactly, at the cost of two float32
-    matrix products: the products approximate Pillow's result to within a few float32 roundings of the
-    map's largest value, so only pixels within a safe margin (1e-5 of that value) of the threshold are
-    recomputed with Pillow's arithmetic (exact_at)."""
+    """resize(values, size) > thresholds (float64, one per map), exactly, at the cost of two matrix
+    products. The products approximate Pillow's result to within a few float32 roundings of
+    sum_j |w_j a_j| (the same products on |values|), so only pixels within 2e-5 of that sum from the
+    threshold are recomputed with Pillow's arithmetic (exact_at). Where that sum is 0 every input is 0
+    and so is Pillow's value: the pixel is on exactly when the threshold is negative."""
     sh, sw = size
     h, w = values.shape[-2:]
     values = values.float()
-    fast = _dense(h, sh).to(values.device) @ values @ _dense(w, sw).to(values.device).T
-    # float32 throughout: |threshold - float32(threshold)| and the rounding of the comparison are far
-    # inside the margin, so a pixel outside the band is on or off for certain.
-    t = thresholds.view(-1, 1, 1).to(values.device)
-    margin = 2e-5 * values.flatten(1).abs().amax(dim=1).view(-1, 1, 1) + 1e-30
-    t32 = t.float()
-    out = fast > t32 + margin
-    unsure = (fast >= t32 - margin) & ~out
+    # On CUDA, float32 products may run in TF32 (10-bit mantissa) where a user enables it: float64 there.
+    dtype = torch.float64 if values.is_cuda else torch.float32
+    rows, cols = _dense(h, sh).to(values.device, dtype), _dense(w, sw).to(values.device, dtype).T
+    fast = (rows @ values.to(dtype) @ cols).float()
+    spread = fast if bool((values >= 0).all()) else (rows @ values.abs().to(dtype) @ cols).float()
+    t64 = thresholds.view(-1, 1, 1).to(values.device, torch.float64)
+    t32 = t64.float()
+    # float32 throughout: the band also covers |threshold - float32(threshold)|.
+    band = 2e-5 * spread + 1e-7 * t32.abs()
+    out = fast > t32 + band
+    unsure = (fast >= t32 - band) & ~out
+    zero = spread == 0
+    if bool(zero.any()):
+        out |= zero & (t64 < 0)
+        unsure &= ~zero
     if bool(unsure.any()):
         maps, ys, xs = torch.nonzero(unsure, as_tuple=True)
-        out[maps, ys, xs] = exact_at(values, maps, ys, xs, size).double() > t.double().flatten()[maps]
+        out[maps, ys, xs] = exact_at(values, maps, ys, xs, size).double() > t64.flatten()[maps]
     return out
