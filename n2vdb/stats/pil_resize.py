@@ -133,14 +133,16 @@ def above(values: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int])
     spread = fast if bool((values >= 0).all()) else (rows @ values.abs().to(dtype) @ cols).float()
     t64 = thresholds.view(-1, 1, 1).to(values.device, torch.float64)
     t32 = t64.float()
-    # float32 throughout: the band also covers |threshold - float32(threshold)|.
-    band = 2e-5 * spread + 1e-7 * t32.abs()
-    out = fast > t32 + band
-    unsure = (fast >= t32 - band) & ~out
-    zero = spread == 0
-    if bool(zero.any()):
-        out |= zero & (t64 < 0)
-        unsure &= ~zero
+    # float32 throughout (six passes over the maps): the band also covers |threshold - float32(threshold)|.
+    gap = fast - t32
+    band = torch.add(1e-7 * t32.abs(), spread, alpha=2e-5)
+    out = gap > band
+    unsure = gap.abs_() <= band
+    flat = (t64 <= 0).flatten()  # only there can an all-zero neighbourhood sit inside the band
+    if bool(flat.any()):
+        zero = spread[flat] == 0
+        out[flat] |= zero & (t64[flat] < 0)
+        unsure[flat] &= ~zero
     if bool(unsure.any()):
         maps, ys, xs = torch.nonzero(unsure, as_tuple=True)
         out[maps, ys, xs] = exact_at(values, maps, ys, xs, size).double() > t64.flatten()[maps]
