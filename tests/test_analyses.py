@@ -140,3 +140,12 @@ def test_show_concept_over_all_images(tmp_path, ingested_db):
     assert [(s.image_id, s.score) for s in samples] == [(s.image_id, s.score) for s in grids.pick(scores)]
     _, _, per_image = api.show_concept("red", ingested_db, out=tmp_path / "containing.png")
     assert len(per_image) < len(values)
+
+
+def test_report_shows_the_new_analyses(tmp_path, ingested_db):
+    page = api.report(tmp_path / "report", ingested_db, cards=1)
+    text = page.read_text()
+    assert "embedding-exclusivity.png" in text and (page.parent / "embedding-exclusivity.png").is_file()
+    assert "All images, across the classification score" in text
+    grid = next((page.parent / "cards").glob("*-all.png"))
+    assert f"cards/{grid.name}" in text

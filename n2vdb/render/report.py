@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from n2vdb import queries  # noqa: E402
 from n2vdb.data.broden import BrodenDataset  # noqa: E402
+from n2vdb.errors import NotFound  # noqa: E402
 from n2vdb.probe import Probe  # noqa: E402
 from n2vdb.render import grids  # noqa: E402
 from n2vdb.render.output import _cell  # noqa: E402
@@ -150,6 +151,12 @@ def _card(con, probe: Probe, dataset: BrodenDataset, out: Path, row: dict) -> st
         "SELECT iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = 'segmentation'",
         [probe.probe_id, concept_id]).fetchall()]
     hist = _histogram(per_image, out / "cards" / f"{slug}-hist.png", f"{name}: embedding")
+    try:  # the paper's non-maximal view: every image, across the concept's classification score
+        everywhere, _, _ = grids.distribution_grid(con, probe, dataset, name, out / "cards" / f"{slug}-all.png")
+        overall = (f"<p>All images, across the classification score:</p>"
+                   f"<img src='cards/{everywhere.name}' alt='{html.escape(name)} over all images'>")
+    except NotFound:
+        overall = ""
     nearest = queries.run(con, "nearest", probe=probe.probe_id, concept=name, k=5).to_pylist()
     return (f"<div class='card' id='{slug}'><h3>{html.escape(name)} ({html.escape(row['category'])})</h3>"
             f"<p>embedding val IoU {_cell(row['embedding_iou'])}, best single filter {row['best_filter']} "
@@ -159,4 +166,4 @@ def _card(con, probe: Probe, dataset: BrodenDataset, out: Path, row: dict) -> st
             f"<p>Embedding, images across the per-image IoU distribution:</p>"
             f"<img src='cards/{embedding_grid.name}' alt='{html.escape(name)} embedding grid'>"
             f"<p>Best single filter:</p><img src='cards/{filter_grid.name}' alt='{html.escape(name)} filter grid'>"
-            "</div>")
+            f"{overall}</div>")
