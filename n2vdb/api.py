@@ -182,17 +182,23 @@ def _probe_and_dataset(con, probe_id: int | None):
 
 
 def show_concept(concept: str, db: PathLike = None, probe: int | None = None, method: str = "segmentation",
-                 out: str | Path | None = None) -> tuple[Path, list, list[float]]:
+                 out: str | Path | None = None, over: str = "containing") -> tuple[Path, list, list[float]]:
     """A PNG grid of images at quantiles of the concept's per-image IoU under METHOD
-    ('segmentation' = the embedding, 'best_filter'). Returns (path, samples, all per-image IoUs)."""
+    ('segmentation' = the embedding, 'best_filter') among images containing it; over='all': of its
+    classification score over every image (the paper's non-maximal view). Returns (path, samples, values)."""
     from n2vdb.errors import UsageError
     from n2vdb.render import grids
 
     if method not in ("segmentation", "best_filter"):
         raise UsageError("--method must be segmentation or best_filter")
+    if over not in ("containing", "all"):
+        raise UsageError("--over must be containing or all")
     with read_connection(db) as con:
         probe_obj, dataset = _probe_and_dataset(con, probe)
         name = queries.resolve_concept(con, concept, probe_obj.dataset_id)
+        if over == "all":
+            target = Path(out) if out else Path("n2v_out") / f"concept-{name}-all-probe{probe_obj.probe_id}.png"
+            return grids.distribution_grid(con, probe_obj, dataset, name, target)
         concept_id = con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?",
                                  [probe_obj.dataset_id, name]).fetchone()[0]
         stem = f"concept-{file_stem(name)}-{method}-probe{probe_obj.probe_id}"
@@ -212,6 +218,19 @@ def show_filter(filter_id: int, db: PathLike = None, probe: int | None = None,
         probe_obj, dataset = _probe_and_dataset(con, probe)
         target = Path(out) if out else Path("n2v_out") / f"filter-{filter_id}-probe{probe_obj.probe_id}.png"
         return grids.filter_grid(con, probe_obj, dataset, filter_id, target)
+
+
+def reproduce(paper: str = "net2vec", db: PathLike = None, models: list[str] | None = None,
+              offline: bool | None = None, **options) -> tuple[pa.Table, list[str]]:
+    """Run the paper's setting and compare with its numbers: (table, notes). Offline (no Broden or no
+    cached ImageNet weights, or offline=True) it runs on the built-in set with random weights.
+    Options: limit, epochs, workers, device."""
+    from n2vdb import reproduce as reproduce_mod
+    from n2vdb.store.sessions import Store
+
+    with write_connection(db):
+        pass  # create and upgrade the database before the ingests' short sessions begin
+    return reproduce_mod.reproduce(Store(db), paper, models, offline, **options)
 
 
 def report(out: str | Path, db: PathLike = None, probe: int | None = None, cards: int = 8) -> Path:

@@ -109,6 +109,7 @@ def ingest(
     input_size: Annotated[Optional[int], typer.Option(help="Input size in px [default: the model's]")] = None,
     quantile: Annotated[float, typer.Option(help="Threshold quantile per filter")] = 0.995,
     iou_mode: Annotated[str, typer.Option(help="net2vec (threshold, upsample) | netdissect (upsample, threshold)")] = "net2vec",
+    preprocess: Annotated[Optional[str], typer.Option(help="torchvision | caffe (NetDissect-Lite's) [default: the weights' own]")] = None,
     epochs: Annotated[int, typer.Option(help="Embedding training epochs")] = 30,
     seg_lr: Annotated[float, typer.Option(help="Segmentation embedding learning rate")] = 1e-4,
     seg_batch: Annotated[int, typer.Option(help="Segmentation batch size")] = 16,
@@ -129,7 +130,8 @@ def ingest(
     train = TrainSettings(epochs=epochs, seg_lr=seg_lr, seg_batch=seg_batch, seg_loss=loss, seg_bias=bias,
                           cls_lr=cls_lr, cls_batch=cls_batch, seed=seed, sufficiency=sufficiency)
     options = dict(dataset=dataset, weights=weights, seed=seed, device=device, limit=limit, input_size=input_size,
-                   quantile=quantile, iou_mode=iou_mode, batch_size=batch_size, workers=workers, train=train)
+                   quantile=quantile, iou_mode=iou_mode, preprocess=preprocess, batch_size=batch_size,
+                   workers=workers, train=train)
     if shard is not None:
         part_dir = api.ingest_shard(model, layer, shard, shard_dir, db, **options)
         stderr.print(f"shard written to {part_dir}; when every shard is done: n2vdb merge {shard_dir}")
@@ -286,14 +288,17 @@ def show_concept(
     name: str,
     probe: Probe = None,
     method: Annotated[str, typer.Option(help="segmentation (the embedding) | best_filter")] = "segmentation",
+    over: Annotated[str, typer.Option(help="containing (per-image IoU) | all (classification score, every image)")] = "containing",
     out: Out = None,
     db: Db = None,
 ):
-    """Images containing NAME at quantiles 1, .99, .95, .9, .75, .5 of its per-image IoU, masks overlaid."""
+    """Images containing NAME at quantiles 1, .99, .95, .9, .75, .5 of its per-image IoU, masks overlaid
+    (--over all: every image, at quantiles of the concept's classification score)."""
     from n2vdb.render.grids import sparkline
 
-    path, samples, values = api.show_concept(name, db, probe, method, out)
-    stderr.print(f"per-image IoU over {len(values)} images  0 {sparkline(values)} 1  "
+    path, samples, values = api.show_concept(name, db, probe, method, out, over)
+    what = "classification score" if over == "all" else "per-image IoU"
+    stderr.print(f"{what} over {len(values)} images  0 {sparkline(values)} 1  "
                  f"median {sorted(values)[len(values) // 2]:.3f}")
     typer.echo(str(path))
 
@@ -316,6 +321,25 @@ def report(
     """Write a static HTML report of a probe (opens from disk, no server)."""
     page = api.report(out, db, probe, cards)
     typer.echo(str(page))
+
+
+@app.command()
+def reproduce(
+    paper: Annotated[str, typer.Argument(help="net2vec")],
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated subset of alexnet,vgg16,googlenet,resnet50")] = None,
+    offline: Annotated[Optional[bool], typer.Option("--offline/--online", help="[default: online when Broden and ImageNet weights are present]")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N images")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Embedding training epochs [default: the paper's 30]")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    db: Db = None,
+    fmt: Format = None,
+):
+    """Run the paper's setting (AlexNet, VGG16, GoogLeNet, ResNet-50) and print its table beside n2vdb's."""
+    chosen = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    table, notes = api.reproduce(paper, db, chosen, offline, limit=limit, epochs=epochs, device=device)
+    for note in notes:
+        stderr.print(note, markup=False, highlight=False)
+    _show(table, fmt, title=f"reproduce {paper}")
 
 
 # -- db ----------------------------------------------------------------------------------------

@@ -21,12 +21,24 @@ from n2vdb.store.connection import first, transaction
 from n2vdb.store.sessions import Store
 
 
-class ImageFolderRows(Dataset):
-    """Whole images resized to size x size (no crop, so masks stay aligned), normalised."""
+PREPROCESS = ("torchvision", "caffe")
+# NetDissect-Lite (and the Net2Vec reference): Caffe's BGR mean (109.5388, 118.6897, 124.6901)
+# subtracted from the BGR image, whose channels are then flipped back to RGB, divided by 255 x 0.224:
+# in RGB order, (pixel - (124.6901, 118.6897, 109.5388)) / 57.12 on the 0..255 scale.
+CAFFE_MEAN = (124.6901, 118.6897, 109.5388)
+CAFFE_STD = (255 * 0.224,) * 3
 
-    def __init__(self, dataset: BrodenDataset, rows: list[ImageRow], size: int, mean, std):
-        self.dataset, self.rows, self.size = dataset, rows, size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
+
+class ImageFolderRows(Dataset):
+    """Whole images resized to size x size (no crop, so masks stay aligned), normalised.
+
+    torchvision: (pixel / 255 - mean) / std; caffe: (pixel - mean) / std with pixel in 0..255, as
+    NetDissect-Lite computes it (the difference in float64 stored as float32, then the division)."""
+
+    def __init__(self, dataset: BrodenDataset, rows: list[ImageRow], size: int, mean, std,
+                 preprocess: str = "torchvision"):
+        self.dataset, self.rows, self.size, self.preprocess = dataset, rows, size, preprocess
+        self.mean = torch.tensor(mean, dtype=torch.float64 if preprocess == "caffe" else torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
     def __len__(self) -> int:
@@ -42,6 +54,9 @@ class ImageFolderRows(Dataset):
             return row.image_id, torch.zeros(3, self.size, self.size), f"image {path} is missing"
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             return row.image_id, torch.zeros(3, self.size, self.size), f"image {path} cannot be decoded ({exc})"
+        if self.preprocess == "caffe":
+            pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float64)).permute(2, 0, 1)
+            return row.image_id, (pixels - self.mean).float() / self.std, ""
         tensor = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255).permute(2, 0, 1)
         return row.image_id, (tensor - self.mean) / self.std, ""
 
@@ -112,7 +127,7 @@ def stream(spec: ProbeSpec, dataset: BrodenDataset, rows: list[ImageRow], net: t
     tap = LayerTap(net, spec.module, spec.relu)
     yield layer_shape(tap, spec.input_size, dev)
     loader = DataLoader(
-        ImageFolderRows(dataset, rows, spec.input_size, spec.mean, spec.std),
+        ImageFolderRows(dataset, rows, spec.input_size, spec.mean, spec.std, spec.preprocess),
         batch_size=batch_size, num_workers=default_workers() if workers is None else workers,
         pin_memory=dev.type == "cuda",
     )

@@ -59,6 +59,7 @@ class IngestOptions:
     input_size: int | None = None
     quantile: float = 0.995
     iou_mode: str = "net2vec"
+    preprocess: str | None = None  # None: the weights' own (torchvision's for torchvision weights)
     batch_size: int = 32
     workers: int | None = None
     train: probes.TrainSettings = probes.TrainSettings()
@@ -67,6 +68,8 @@ class IngestOptions:
 def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: IngestOptions) -> ProbeSpecAndData:
     if options.iou_mode not in iou_stage.MODES:
         raise UsageError(f"--iou-mode {options.iou_mode!r}: choose one of {', '.join(iou_stage.MODES)}")
+    if options.preprocess not in (None, *extract.PREPROCESS):
+        raise UsageError(f"--preprocess {options.preprocess!r}: choose one of {', '.join(extract.PREPROCESS)}")
     if not 0 < options.quantile < 1:
         raise UsageError("--quantile must lie strictly between 0 and 1 (0.995 = top 0.5%)")
     if options.limit is not None and options.limit < 1:
@@ -74,6 +77,9 @@ def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: I
     extract.pick_device(options.device)  # an unusable device fails before anything is written
     layer_spec = registry.resolve_layer(model, layer)
     weights_id, mean, std = weights_mod.identify(model, options.weights, options.seed)
+    preprocess = options.preprocess or "torchvision"  # every weights n2vdb loads are torchvision's
+    if preprocess == "caffe":
+        mean, std = extract.CAFFE_MEAN, extract.CAFFE_STD
     name = options.dataset or default_dataset(con)
     if options.dataset is None:
         say(f"dataset: {name} (pass --dataset to choose)")
@@ -85,7 +91,7 @@ def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: I
         model=model, layer=layer, module=layer_spec.module, relu=layer_spec.relu, weights=weights_id,
         dataset_id=dataset_id, input_size=options.input_size or registry.input_size(model),
         mean=tuple(mean), std=tuple(std), limit=options.limit, quantile=options.quantile,
-        iou_mode=options.iou_mode, train=options.train)
+        iou_mode=options.iou_mode, preprocess=preprocess, train=options.train)
     return ProbeSpecAndData(spec, dataset)
 
 

@@ -47,6 +47,8 @@ class ProbeSpec:
     limit: int | None = None
     quantile: float = 0.995
     iou_mode: str = "net2vec"  # 'net2vec' (threshold, upsample) | 'netdissect' (upsample, threshold)
+    # 'torchvision': (pixel / 255 - mean) / std; 'caffe': (pixel - mean) / std on 0..255 (NetDissect-Lite)
+    preprocess: str = "torchvision"
     train: TrainSettings = field(default_factory=TrainSettings)
 
     def extraction_settings(self) -> dict:

@@ -133,7 +133,7 @@ def test_every_setting_reaches_the_probe_key():
                      dataset_id=1, input_size=227, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
     changes = dict(model="vgg16", layer="conv4", module="features.9", relu=True, weights="random:seed=1",
                    dataset_id=2, input_size=224, mean=(0.0, 0.2, 0.3), std=(1.0, 2.0, 1.0), limit=10,
-                   quantile=0.99, iou_mode="netdissect", train=TrainSettings(epochs=3))
+                   quantile=0.99, iou_mode="netdissect", preprocess="caffe", train=TrainSettings(epochs=3))
     assert set(changes) == {f for f in ProbeSpec.__dataclass_fields__}
     keys = {base.key}
     for field, value in changes.items():

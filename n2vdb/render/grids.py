@@ -19,7 +19,7 @@ from n2vdb import activations as acts_store
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.errors import NotFound
 from n2vdb.probe import Probe
-from n2vdb.stats.iou import filter_masks
+from n2vdb.stats.iou import filter_masks, thresholds_for
 
 QUANTILES = (1.0, 0.99, 0.95, 0.9, 0.75, 0.5)
 TILE = 160
@@ -79,21 +79,71 @@ def _acts(con, probe: Probe, image_id: int) -> torch.Tensor:
     return torch.from_numpy(values[0])
 
 
+def probe_mode(con: duckdb.DuckDBPyConnection, probe: Probe) -> str:
+    """The IoU mode the probe's numbers were computed with, so a picture agrees with its caption."""
+    row = con.execute("SELECT settings->>'iou_mode' FROM probes WHERE probe_id = ?", [probe.probe_id]).fetchone()
+    return (row and row[0]) or "net2vec"
+
+
 def _truth(dataset: BrodenDataset, image_id: int, concept_id: int) -> np.ndarray | None:
     ids, masks = dataset.masks(dataset.rows[image_id])
     hit = np.flatnonzero(ids == concept_id)
     return masks[hit[0]] if len(hit) else None
 
 
+def embedding_mask(acts: torch.Tensor, thresholds: torch.Tensor, weights: torch.Tensor, bias: float,
+                   size: tuple[int, int]) -> torch.Tensor:
+    """A segmentation embedding's mask: upsample(w . B(x) + b) > 0 (sigmoid > 0.5), method.md section 4."""
+    binary = (acts > thresholds.float().view(-1, 1, 1)).float()  # embeddings train on float32 thresholds
+    logits = torch.einsum("khw,k->hw", binary, weights) + bias
+    return F.interpolate(logits[None, None], size=size, mode="bilinear", align_corners=True)[0, 0] > 0
+
+
+def distribution_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, name: str, path: Path
+                      ) -> tuple[Path, list[Sample], list[float]]:
+    """The paper's non-maximal view: ALL images of the probe at quantiles of the concept's
+    classification-embedding score (queries/concept-distribution.sql), whether or not they contain it,
+    each with the segmentation embedding's mask (red) and the concept's truth where present (green)."""
+    from n2vdb import queries
+
+    rows = queries.run(con, "concept-distribution", concept=name, probe=probe.probe_id).to_pylist()
+    if not rows:
+        raise NotFound(f"probe {probe.probe_id} has no classification embedding for {name!r}")
+    concept_id = con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?",
+                             [probe.dataset_id, name]).fetchone()[0]
+    seg = con.execute(
+        "SELECT weights, bias FROM embeddings WHERE probe_id = ? AND concept_id = ? AND kind = 'segmentation'"
+        " AND n_filters = ?", [probe.probe_id, concept_id, probe.n_filters]).fetchone()
+    thresholds = acts_store.thresholds(con, probe.probe_id)
+    scores = {r["image_id"]: r["score"] for r in rows}
+    contains = {r["image_id"]: r["contains"] for r in rows}
+    samples = pick(scores)
+    tiles = []
+    for sample in samples:
+        row = dataset.rows[sample.image_id]
+        size = (row.sh, row.sw)
+        predicted = (embedding_mask(_acts(con, probe, sample.image_id), thresholds, torch.tensor(seg[0]), seg[1],
+                                    size).numpy() if seg else np.zeros(size, bool))
+        with Image.open(dataset.image_path(row)) as image:
+            tiles.append(_tile(image, _truth(dataset, sample.image_id, concept_id), predicted,
+                               f"q{sample.quantile:g}  p {sample.score:.3f}"
+                               f"  {'has it' if contains[sample.image_id] else 'absent'}"))
+    title = (f"{name}: classification score over all {len(rows)} images, probe {probe.probe_id} "
+             f"(green truth, red segmentation embedding)")
+    return compose(tiles, title, path), samples, [r["score"] for r in rows]
+
+
 def concept_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, concept_id: int,
-                 name: str, method: str, path: Path, mode: str = "net2vec") -> tuple[Path, list[Sample]]:
-    """Images containing the concept at quantiles of their per-image IoU under METHOD."""
+                 name: str, method: str, path: Path, mode: str | None = None) -> tuple[Path, list[Sample]]:
+    """Images containing the concept at quantiles of their per-image IoU under METHOD; single-filter
+    masks are drawn in MODE (default: the probe's own IoU mode)."""
+    mode = mode or probe_mode(con, probe)
     scores = dict(con.execute(
         "SELECT image_id, iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = ?",
         [probe.probe_id, concept_id, method]).fetchall())
     if not scores:
         raise NotFound(f"probe {probe.probe_id} has no per-image {method} scores for {name!r}")
-    thresholds = acts_store.thresholds(con, probe.probe_id)
+    thresholds = thresholds_for(con, probe.probe_id, mode)
     if method == "segmentation":
         weights, bias = con.execute(
             "SELECT weights, bias FROM embeddings WHERE probe_id = ? AND concept_id = ? AND kind = 'segmentation'"
@@ -110,9 +160,7 @@ def concept_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDa
         acts = _acts(con, probe, sample.image_id)
         size = (row.sh, row.sw)
         if method == "segmentation":
-            binary = (acts > thresholds.view(-1, 1, 1)).float()
-            logits = torch.einsum("khw,k->hw", binary, weights) + bias
-            predicted = F.interpolate(logits[None, None], size=size, mode="bilinear", align_corners=True)[0, 0] > 0
+            predicted = embedding_mask(acts, thresholds, weights, bias, size)
         else:
             predicted = filter_masks(acts[None], thresholds, size, mode)[0, filter_id]
         with Image.open(dataset.image_path(row)) as image:
@@ -123,8 +171,10 @@ def concept_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDa
 
 
 def filter_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, filter_id: int, path: Path,
-                mode: str = "net2vec") -> tuple[Path, list[Sample]]:
-    """Images at quantiles of the filter's peak activation, its thresholded mask overlaid."""
+                mode: str | None = None) -> tuple[Path, list[Sample]]:
+    """Images at quantiles of the filter's peak activation, its mask overlaid in MODE (default: the
+    probe's own IoU mode)."""
+    mode = mode or probe_mode(con, probe)
     if not 0 <= filter_id < probe.n_filters:
         raise NotFound(f"probe {probe.probe_id} has filters 0..{probe.n_filters - 1}, not {filter_id}")
     peaks = dict(con.execute(
@@ -134,7 +184,7 @@ def filter_grid(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDat
         "SELECT concept_id, name FROM filter_concept_iou i JOIN concepts c USING (concept_id)"
         " WHERE i.probe_id = ? AND i.filter = ? AND i.split = 'train' AND c.dataset_id = ?"
         " ORDER BY i.iou DESC LIMIT 1", [probe.probe_id, filter_id, probe.dataset_id]).fetchone()
-    thresholds = acts_store.thresholds(con, probe.probe_id)
+    thresholds = thresholds_for(con, probe.probe_id, mode)
     samples = pick(peaks)
     tiles = []
     for sample in samples:

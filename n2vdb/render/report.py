@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from n2vdb import queries  # noqa: E402
 from n2vdb.data.broden import BrodenDataset  # noqa: E402
 from n2vdb.data.names import file_stem  # noqa: E402
+from n2vdb.errors import NotFound  # noqa: E402
 from n2vdb.probe import Probe  # noqa: E402
 from n2vdb.render import grids  # noqa: E402
 from n2vdb.render.output import _cell  # noqa: E402
@@ -66,11 +67,11 @@ def _bars(rows: list[dict], path: Path) -> str:
     return _save(fig, path)
 
 
-def _exclusivity(rows: list[dict], path: Path) -> str:
+def _exclusivity(rows: list[dict], path: Path, share: str = "share",
+                 xlabel: str = "concepts for which the filter is the best single filter") -> str:
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r["concepts_per_filter"] for r in rows], [100 * r["share"] for r in rows], color="tab:gray")
-    ax.set(xlabel="concepts for which the filter is the best single filter", ylabel="% of filters",
-           title="Filter exclusivity")
+    ax.bar([r["concepts_per_filter"] for r in rows], [100 * r[share] for r in rows], color="tab:gray")
+    ax.set(xlabel=xlabel, ylabel="% of filters", title="Filter exclusivity")
     return _save(fig, path)
 
 
@@ -123,6 +124,11 @@ def build(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, 
         parts.append("<p>No sufficiency runs for this probe: ingest with <code>--sufficiency</code>.</p>")
     parts.append("<h2>Filter exclusivity</h2>")
     parts.append(f"<img src='{_exclusivity(q('exclusivity'), out / 'exclusivity.png')}' alt='exclusivity'>")
+    in_embeddings = q("embedding-exclusivity")
+    if sum(r["filters"] for r in in_embeddings):
+        plot = _exclusivity(in_embeddings, out / "embedding-exclusivity.png", "share_of_filters",
+                            "segmentation embeddings giving the filter a weight >= 0.5 x their largest")
+        parts.append(f"<img src='{plot}' alt='exclusivity in the embeddings'>")
     parts.append("<h2>Concepts</h2>" + _table(scores, ["concept", "category", "best_filter", "single_filter_iou",
                                                           "embedding_iou", "classification_accuracy"]))
     for r in seg[:cards]:
@@ -146,6 +152,12 @@ def _card(con, probe: Probe, dataset: BrodenDataset, out: Path, row: dict) -> st
         "SELECT iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = 'segmentation'",
         [probe.probe_id, concept_id]).fetchall()]
     hist = _histogram(per_image, out / "cards" / f"{slug}-hist.png", f"{name}: embedding")
+    try:  # the paper's non-maximal view: every image, across the concept's classification score
+        everywhere, _, _ = grids.distribution_grid(con, probe, dataset, name, out / "cards" / f"{slug}-all.png")
+        overall = (f"<p>All images, across the classification score:</p>"
+                   f"<img src='cards/{everywhere.name}' alt='{html.escape(name)} over all images'>")
+    except NotFound:
+        overall = ""
     nearest = queries.run(con, "nearest", probe=probe.probe_id, concept=name, k=5).to_pylist()
     return (f"<div class='card' id='{slug}'><h3>{html.escape(name)} ({html.escape(row['category'])})</h3>"
             f"<p>embedding val IoU {_cell(row['embedding_iou'])}, best single filter {row['best_filter']} "
@@ -155,4 +167,4 @@ def _card(con, probe: Probe, dataset: BrodenDataset, out: Path, row: dict) -> st
             f"<p>Embedding, images across the per-image IoU distribution:</p>"
             f"<img src='cards/{embedding_grid.name}' alt='{html.escape(name)} embedding grid'>"
             f"<p>Best single filter:</p><img src='cards/{filter_grid.name}' alt='{html.escape(name)} filter grid'>"
-            "</div>")
+            f"{overall}</div>")

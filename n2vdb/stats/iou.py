@@ -2,7 +2,8 @@
 
 Per image: the K filter masks M [K, P] at segmentation size and the image's concept masks L [C, P]
 give every intersection in one product M @ L^T; |M| and |L| give the unions. Totals are summed
-over the images of a split that contain the concept (method.md section 3).
+over the images of a split that contain the concept (method.md section 3). `--iou-mode netdissect`
+is NetDissect-Lite's tally instead, with its own denominator (stats/netdissect.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from n2vdb import activations as acts_store
 from n2vdb.data.broden import BrodenDataset, ImageRow
 from n2vdb.probe import Probe, set_status
-from n2vdb.stats import upsample_patterns
+from n2vdb.stats import netdissect, pil_resize, upsample_patterns
 from n2vdb.progress import progress_bar
 from n2vdb.store.connection import first, transaction
 from n2vdb.store.sessions import Store
@@ -32,14 +33,15 @@ def filter_masks(acts: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, 
     """acts [n, K, H, W] -> bool masks [n, K, sh, sw].
 
     net2vec: threshold at H x W, bilinear upsample (align_corners=True), > 0.5.
-    netdissect: bilinear upsample of the raw activations, then threshold.
+    netdissect: PIL's bilinear resize of the raw activations (as NetDissect-Lite), then > the
+    threshold compared in float64 (pass float64 thresholds: thresholds_for gives them).
     """
-    t = thresholds.view(1, -1, 1, 1).to(acts.dtype)
     if mode == "net2vec":
+        t = thresholds.view(1, -1, 1, 1).to(acts.dtype)
         binary = (acts > t).to(acts.dtype)
         return F.interpolate(binary, size=size, mode="bilinear", align_corners=True) > 0.5
     if mode == "netdissect":
-        return F.interpolate(acts, size=size, mode="bilinear", align_corners=True) > t
+        return torch.stack([pil_resize.above(a, thresholds.double(), size) for a in acts])
     raise ValueError(f"unknown IoU mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
@@ -75,6 +77,12 @@ def iter_masks(dataset: BrodenDataset, rows: list[ImageRow], workers: int) -> It
     for chunk in loader:
         for image_id, ids, masks in chunk:
             yield int(image_id), ids, torch.from_numpy(masks)
+
+
+def thresholds_for(con: duckdb.DuckDBPyConnection, probe_id: int, mode: str) -> torch.Tensor:
+    """The thresholds a mode compares with: float32 in net2vec mode (as always), float64 in netdissect
+    mode (NetDissect-Lite compares float32 maps with float64 thresholds)."""
+    return netdissect.thresholds(con, probe_id) if mode == "netdissect" else acts_store.thresholds(con, probe_id)
 
 
 def iter_image_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset,
@@ -210,8 +218,11 @@ def run(store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: 
     """The whole stage: computed over a shared read connection, written in one transaction (a re-run
     replaces, never duplicates)."""
     with store.reading() as con:
-        thresholds = acts_store.thresholds(con, probe.probe_id)
-        totals = tally(con, probe, dataset, thresholds, mode, workers, device=device)
+        thresholds = thresholds_for(con, probe.probe_id, mode)
+        if mode == "netdissect":
+            totals = netdissect.tally(con, probe, dataset, workers, device)
+        else:
+            totals = tally(con, probe, dataset, thresholds, mode, workers, device=device)
         best = best_filters(totals)
         scores = per_image_best(con, probe, dataset, thresholds, mode, best, workers, device)
     with store.writing() as con, transaction(con):

@@ -1,0 +1,38 @@
+-- name: embedding-exclusivity
+-- description: Filter exclusivity in the embeddings (the embedding panel of the paper's filter-exclusivity figure, method.md section 7): share of filters that carry a large normalised weight (w_k >= share x the embedding's largest |w|) in 0, 1, 2-5, 6-9, 10-14, 15-19, 20+ full embeddings of pixel-level concepts.
+-- param: probe PROBE
+-- param: share DOUBLE = 0.5
+-- param: kind CHOICE(segmentation,classification) = segmentation
+WITH full_embeddings AS (
+    SELECT e.concept_id, e.weights, list_max(list_transform(e.weights, lambda w: abs(w))) AS largest
+    FROM embeddings e
+    JOIN probes p USING (probe_id)
+    JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = e.concept_id
+    WHERE e.probe_id = $probe AND e.kind = $kind AND e.n_filters = p.n_filters AND c.level = 'pixel'
+),
+large AS (  -- (concept, filter) pairs whose normalised weight reaches the share
+    SELECT f.concept_id, u.position - 1 AS filter
+    FROM full_embeddings f,
+         unnest(f.weights) WITH ORDINALITY AS u(w, position)
+    WHERE f.largest > 0 AND u.w / f.largest >= $share
+),
+per_filter AS (
+    SELECT f.filter, count(l.concept_id) AS n_concepts
+    FROM filters f LEFT JOIN large l USING (filter)
+    WHERE f.probe_id = $probe
+    GROUP BY f.filter
+),
+binned AS (
+    SELECT CASE
+        WHEN n_concepts = 0 THEN 0 WHEN n_concepts = 1 THEN 1 WHEN n_concepts <= 5 THEN 2
+        WHEN n_concepts <= 9 THEN 6 WHEN n_concepts <= 14 THEN 10 WHEN n_concepts <= 19 THEN 15 ELSE 20
+    END AS low
+    FROM per_filter
+),
+bins(low, label) AS (VALUES (0, '0'), (1, '1'), (2, '2-5'), (6, '6-9'), (10, '10-14'), (15, '15-19'), (20, '20+'))
+SELECT bins.label AS concepts_per_filter,
+       count(binned.low) AS filters,
+       count(binned.low) / (SELECT count(*) FROM per_filter) AS share_of_filters
+FROM bins LEFT JOIN binned USING (low)
+GROUP BY bins.low, bins.label
+ORDER BY bins.low;
