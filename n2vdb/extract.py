@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from n2vdb import activations as acts_store
 from n2vdb.data.broden import BrodenDataset, ImageRow
 from n2vdb.errors import DatasetError, UsageError
+from n2vdb.models.layers import LayerTap, Layout
 from n2vdb.probe import Probe, ProbeSpec, set_status
 from n2vdb.progress import progress_bar
 from n2vdb.stats.quantile import TopQuantile
@@ -24,8 +25,10 @@ from n2vdb.store.sessions import Store
 class ImageFolderRows(Dataset):
     """Whole images resized to size x size (no crop, so masks stay aligned), normalised."""
 
-    def __init__(self, dataset: BrodenDataset, rows: list[ImageRow], size: int, mean, std):
+    def __init__(self, dataset: BrodenDataset, rows: list[ImageRow], size: int, mean, std,
+                 interpolation: str = "bilinear"):
         self.dataset, self.rows, self.size = dataset, rows, size
+        self.resample = getattr(Image.Resampling, interpolation.upper())  # the weights' own (registry.preprocessing)
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -37,40 +40,13 @@ class ImageFolderRows(Dataset):
         path = self.dataset.image_path(row)
         try:
             with Image.open(path) as img:
-                rgb = img.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+                rgb = img.convert("RGB").resize((self.size, self.size), self.resample)
         except FileNotFoundError:
             return row.image_id, torch.zeros(3, self.size, self.size), f"image {path} is missing"
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             return row.image_id, torch.zeros(3, self.size, self.size), f"image {path} cannot be decoded ({exc})"
         tensor = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255).permute(2, 0, 1)
         return row.image_id, (tensor - self.mean) / self.std, ""
-
-
-class _StopForward(Exception):
-    pass
-
-
-class LayerTap:
-    """Runs a model only as far as one module and returns that module's output."""
-
-    def __init__(self, net: torch.nn.Module, module: str, relu: bool):
-        self.net, self.relu = net, relu
-        self.output: torch.Tensor | None = None
-        self.handle = net.get_submodule(module).register_forward_hook(self._hook)
-
-    def _hook(self, _module, _inputs, output):
-        self.output = output
-        raise _StopForward
-
-    @torch.no_grad()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        try:
-            self.net(batch)
-        except _StopForward:
-            pass
-        out = self.output
-        self.output = None
-        return torch.relu(out) if self.relu else out
 
 
 def pick_device(device: str | torch.device) -> torch.device:
@@ -109,10 +85,10 @@ def stream(spec: ProbeSpec, dataset: BrodenDataset, rows: list[ImageRow], net: t
     and first (before any batch) the layer shape (K, H, W). progress = (images done, images in all)."""
     dev = pick_device(device)
     net = net.to(dev)
-    tap = LayerTap(net, spec.module, spec.relu)
+    tap = LayerTap(net, spec.module, spec.relu, Layout.decode(spec.layout))  # maps [B, K, H, W] whatever the layer gives
     yield layer_shape(tap, spec.input_size, dev)
     loader = DataLoader(
-        ImageFolderRows(dataset, rows, spec.input_size, spec.mean, spec.std),
+        ImageFolderRows(dataset, rows, spec.input_size, spec.mean, spec.std, spec.interpolation),
         batch_size=batch_size, num_workers=default_workers() if workers is None else workers,
         pin_memory=dev.type == "cuda",
     )

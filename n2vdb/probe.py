@@ -47,6 +47,11 @@ class ProbeSpec:
     quantile: float = 0.995
     iou_mode: str = "net2vec"  # 'net2vec' (threshold, upsample) | 'netdissect' (upsample, threshold)
     train: TrainSettings = field(default_factory=TrainSettings)
+    # What the layer puts out (n2vdb.models.layers): kind 'map' | 'tokens' | 'vector' (a vector has no
+    # segmentation stages), and how it reads as [K, H, W]: nchw | nhwc | tokens:PREFIX:GHxGW | vector.
+    kind: str = "map"
+    layout: str = "nchw"
+    interpolation: str = "bilinear"  # the resize filter the weights' preprocessing names
 
     def extraction_settings(self) -> dict:
         return {k: v for k, v in self.settings().items() if k not in ("quantile", "iou_mode", "train")}
