@@ -40,7 +40,11 @@ def hub_checkpoint(url: str) -> Path:
 def _imagenet(model: str, input_size: int | None) -> LoadedModel:
     if timm_models.is_timm(model):
         path = timm_models.pretrained_file(model)
-        net = build(model, input_size, pretrained_file=str(path))
+        try:
+            net = build(model, input_size, pretrained_file=str(path))
+        except RuntimeError as exc:  # load_state_dict's complaint
+            first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+            raise ModelError(f"weights in {path} do not fit {model}: {first[:200]}") from None
         return _loaded(model, net, f"imagenet:{timm_models.weights_tag(model)}")
     entry = torchvision.models.get_model_weights(model).DEFAULT
     cached = hub_checkpoint(entry.url)
