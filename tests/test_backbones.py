@@ -167,13 +167,18 @@ def test_unsupported_output_shape_is_one_clear_line():
     assert "\n" not in message and "(2, 2, 4, 14, 14)" in message and "n2vdb models" in message
 
 
-def test_unsupported_layer_from_the_cli(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "ingest", "vit_b_16",
-                             "encoder.layers.encoder_layer_0.self_attention.out_proj", "--weights", "random",
+@pytest.mark.parametrize("model,layer,message", [
+    # MaxViT's window partition: batch x windows x pixels per window x C, no map of the image
+    ("maxvit_t", "blocks.0.layers.0.layers.window_attention.partition_op", "puts out shape (2, 64, 49, 64)"),
+    ("vit_b_16", "encoder.layers.encoder_layer_0.self_attention.out_proj", "never runs"),  # called as weights
+])
+def test_unsupported_layer_from_the_cli(tmp_path, model, layer, message):
+    result = subprocess.run([sys.executable, "-m", "n2vdb", "ingest", model, layer, "--weights", "random",
                              "--db", str(tmp_path / "x.duckdb")], capture_output=True, text=True)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "never runs" in lines[0] and "Traceback" not in result.stderr
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.duckdb").exists() or api.probes(tmp_path / "x.duckdb").num_rows == 0
 
 
 def test_listing_shows_kinds():

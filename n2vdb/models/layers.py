@@ -13,9 +13,10 @@ Three kinds of output, found by one forward pass of a blank image (`describe`):
 
 Which axis of a 4-D output holds the channels is read off the model: when it also runs at a second
 input size, the two axes that grow with the input are the spatial ones (true of any model, whatever
-permutes its blocks do inside); for models built for one input size (timm's ViT and Swin), a Conv2d
-puts channels first, and otherwise the model's declared `output_fmt` (timm) decides, channels first
-by default.
+permutes its blocks do inside). For models built for one input size (timm's ViT and Swin, MaxViT),
+the map of a square image is square, which places the channels unless K equals the side; then a
+Conv2d puts channels first and otherwise the model's declared `output_fmt` (timm) decides. Outputs
+that fit neither (MaxViT's window partitions, B x windows x window pixels x C) are refused.
 """
 
 from __future__ import annotations
@@ -125,7 +126,14 @@ def _channels_axis(net: nn.Module, module: nn.Module, shape: tuple[int, ...],
         return 3
     if grew:
         raise _unsupported(where, shape, " (its spatial axes are not next to each other)")
-    # One input size only, or an output of fixed size (adaptive pooling): what the model declares.
+    # One input size only, or an output of fixed size (adaptive pooling). The image is square, so a
+    # map's spatial axes are equal: that places the channels unless K equals the side, and then the
+    # module (a Conv2d puts channels first) or the model's declared output_fmt (timm) decides.
+    first, last = shape[2] == shape[3], shape[1] == shape[2]
+    if first != last:
+        return 1 if first else 3
+    if not first:
+        raise _unsupported(where, shape, " (no two axes form a square map of a square image)")
     if isinstance(module, nn.Conv2d):
         return 1
     return 3 if str(getattr(net, "output_fmt", "NCHW")).upper().endswith("NHWC") else 1
