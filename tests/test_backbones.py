@@ -295,7 +295,7 @@ def test_vector_layer_probe_has_classification_only_and_a_clean_database(tmp_pat
                                           weights.IMAGENET_STD)[i][1] for i in range(4)])
     with torch.no_grad():
         expected = net.classifier[:6](torch.flatten(net.avgpool(net.features(images)), 1)).numpy()
-    ids, got = api.activations(probe, db, image_ids=[0, 1, 2, 3])
+    _, got = api.activations(probe, db, image_ids=[0, 1, 2, 3])
     step = expected.max(axis=1, keepdims=True) / 255
     assert np.all(np.abs(got[:, :, 0, 0] - expected) <= step / 2 + 1e-5)
     assert all(r["violations"] == 0 for r in api.db_check(db).to_pylist())

@@ -52,7 +52,7 @@ class Layout:
         return "vector"
 
     @classmethod
-    def decode(cls, text: str) -> "Layout":
+    def decode(cls, text: str) -> Layout:
         if text in ("nchw", "nhwc"):
             return cls("map", channels_last=text == "nhwc")
         if text == "vector":

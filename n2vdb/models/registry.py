@@ -7,7 +7,6 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-import torch
 import torchvision
 from torch import nn
 
