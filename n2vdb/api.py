@@ -96,16 +96,18 @@ def probes(db: PathLike = None) -> pa.Table:
 
 
 def models(model: str | None = None) -> pa.Table:
-    from n2vdb.models import registry
+    """torchvision's models; 'timm:PATTERN' (with a *) lists timm's; a model's name lists its layers with
+    their output shapes and kinds (map, tokens, vector)."""
+    from n2vdb.models import registry, timm_models
 
     if model is None:
         friendly = registry.FRIENDLY
         return pa.Table.from_pylist([
             {"model": m, "friendly_layers": ", ".join(friendly.get(m, {})) or "(any dotted module path)"}
             for m in registry.all_models()])
-    return pa.Table.from_pylist([
-        {"layer": name, "module": path, "shape": "x".join(str(d) for d in shape)}
-        for name, path, shape in registry.output_shapes(registry.check_model(model))])
+    if timm_models.is_timm(model) and "*" in model:
+        return pa.Table.from_pylist([{"model": m} for m in timm_models.list_models(model)])
+    return pa.Table.from_pylist(registry.layer_table(model))
 
 
 def query(name: str, db: PathLike = None, **params) -> pa.Table:

@@ -155,7 +155,7 @@ def _summary(probe_id: int, model: str, layer: str, db, start: float) -> None:
     summary = api.query("single-vs-embedding", db, probe=probe_id)
     overall = [r for r in summary.to_pylist() if r["category"] == "all"]
     stderr.print(f"probe {probe_id}: {model} {layer} done in {time.perf_counter() - start:.1f} s")
-    if overall:
+    if overall and overall[0]["concepts"]:  # none for a vector layer, which has no segmentation
         row = overall[0]
         stderr.print(f"mean val IoU over {row['concepts']} concepts: best single filter "
                      f"{row['single_filter_iou']:.4f}, embedding {row['embedding_iou']:.4f}")

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from n2vdb import activations as acts_store
 from n2vdb.data.broden import BrodenDataset, ImageRow
 from n2vdb.errors import DatasetError, UsageError
+from n2vdb.models.layers import LayerTap, Layout
 from n2vdb.probe import Probe, ProbeSpec, set_status
 from n2vdb.progress import progress_bar
 from n2vdb.stats.quantile import TopQuantile
@@ -30,14 +31,16 @@ CAFFE_STD = (255 * 0.224,) * 3
 
 
 class ImageFolderRows(Dataset):
-    """Whole images resized to size x size (no crop, so masks stay aligned), normalised.
+    """Whole images resized to size x size (no crop, so masks stay aligned) with the weights' own
+    interpolation, normalised.
 
     torchvision: (pixel / 255 - mean) / std; caffe: (pixel - mean) / std with pixel in 0..255, as
     NetDissect-Lite computes it (the difference in float64 stored as float32, then the division)."""
 
     def __init__(self, dataset: BrodenDataset, rows: list[ImageRow], size: int, mean, std,
-                 preprocess: str = "torchvision"):
+                 preprocess: str = "torchvision", interpolation: str = "bilinear"):
         self.dataset, self.rows, self.size, self.preprocess = dataset, rows, size, preprocess
+        self.resample = getattr(Image.Resampling, interpolation.upper())  # the weights' own (registry.preprocessing)
         self.mean = torch.tensor(mean, dtype=torch.float64 if preprocess == "caffe" else torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -49,7 +52,7 @@ class ImageFolderRows(Dataset):
         path = self.dataset.image_path(row)
         try:
             with Image.open(path) as img:
-                rgb = img.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+                rgb = img.convert("RGB").resize((self.size, self.size), self.resample)
         except FileNotFoundError:
             return row.image_id, torch.zeros(3, self.size, self.size), f"image {path} is missing"
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
@@ -59,33 +62,6 @@ class ImageFolderRows(Dataset):
             return row.image_id, (pixels - self.mean).float() / self.std, ""
         tensor = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255).permute(2, 0, 1)
         return row.image_id, (tensor - self.mean) / self.std, ""
-
-
-class _StopForward(Exception):
-    pass
-
-
-class LayerTap:
-    """Runs a model only as far as one module and returns that module's output."""
-
-    def __init__(self, net: torch.nn.Module, module: str, relu: bool):
-        self.net, self.relu = net, relu
-        self.output: torch.Tensor | None = None
-        self.handle = net.get_submodule(module).register_forward_hook(self._hook)
-
-    def _hook(self, _module, _inputs, output):
-        self.output = output
-        raise _StopForward
-
-    @torch.no_grad()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        try:
-            self.net(batch)
-        except _StopForward:
-            pass
-        out = self.output
-        self.output = None
-        return torch.relu(out) if self.relu else out
 
 
 def pick_device(device: str | torch.device) -> torch.device:
@@ -124,10 +100,10 @@ def stream(spec: ProbeSpec, dataset: BrodenDataset, rows: list[ImageRow], net: t
     and first (before any batch) the layer shape (K, H, W). progress = (images done, images in all)."""
     dev = pick_device(device)
     net = net.to(dev)
-    tap = LayerTap(net, spec.module, spec.relu)
+    tap = LayerTap(net, spec.module, spec.relu, Layout.decode(spec.layout))  # maps [B, K, H, W] whatever the layer gives
     yield layer_shape(tap, spec.input_size, dev)
     loader = DataLoader(
-        ImageFolderRows(dataset, rows, spec.input_size, spec.mean, spec.std, spec.preprocess),
+        ImageFolderRows(dataset, rows, spec.input_size, spec.mean, spec.std, spec.preprocess, spec.interpolation),
         batch_size=batch_size, num_workers=default_workers() if workers is None else workers,
         pin_memory=dev.type == "cuda",
     )

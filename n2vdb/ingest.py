@@ -75,7 +75,9 @@ def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: I
     if options.limit is not None and options.limit < 1:
         raise UsageError("--limit must be at least 1")
     extract.pick_device(options.device)  # an unusable device fails before anything is written
-    layer_spec = registry.resolve_layer(model, layer)
+    prep = registry.preprocessing(registry.check_model(model))
+    size = options.input_size or prep.size
+    layer_spec = registry.resolve_layer(model, layer, size)
     weights_id, mean, std = weights_mod.identify(model, options.weights, options.seed)
     preprocess = options.preprocess or "torchvision"  # every weights n2vdb loads are torchvision's
     if preprocess == "caffe":
@@ -89,9 +91,10 @@ def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: I
     importer.verify_unchanged(con, dataset_id, name, dataset)  # new, resumed, sharded or merged alike
     spec = probes.ProbeSpec(
         model=model, layer=layer, module=layer_spec.module, relu=layer_spec.relu, weights=weights_id,
-        dataset_id=dataset_id, input_size=options.input_size or registry.input_size(model),
+        dataset_id=dataset_id, input_size=size,
         mean=tuple(mean), std=tuple(std), limit=options.limit, quantile=options.quantile,
-        iou_mode=options.iou_mode, preprocess=preprocess, train=options.train)
+        iou_mode=options.iou_mode, preprocess=preprocess, train=options.train, kind=layer_spec.layout.kind,
+        layout=layer_spec.layout.encode(), interpolation=prep.interpolation)
     return ProbeSpecAndData(spec, dataset)
 
 
@@ -117,7 +120,7 @@ def _ingest(store: Store, model: str, layer: str, options: IngestOptions) -> int
             probe, created = probes.get_or_create(con, spec)
             net = None
             if probe.status == "extracting" and extract.remaining_rows(con, probe, spec, dataset):
-                net = weights_mod.load(model, options.weights, options.seed).net
+                net = weights_mod.load(model, options.weights, options.seed, spec.input_size).net
     if probe.status == "complete":
         say(f"probe {probe.probe_id} is already complete; nothing to do")
         return probe.probe_id
@@ -139,11 +142,18 @@ def _ingest(store: Store, model: str, layer: str, options: IngestOptions) -> int
         if needs_thresholds:
             say(f"probe {probe.probe_id}: thresholds")
             extract.compute_thresholds(store, probe, spec.quantile)
-        say(f"probe {probe.probe_id}: single-filter IoU")
-        iou_stage.run(store, probe, dataset, spec.iou_mode, workers, extract.pick_device(options.device))
+        if spec.kind == "vector":  # no spatial extent: the segmentation stages do not apply
+            say(f"probe {probe.probe_id}: a vector layer; single-filter IoU and segmentation do not apply")
+            with store.writing() as con:
+                probes.set_status(con, probe.probe_id, "embeddings")
+            probe.status = "embeddings"
+        else:
+            say(f"probe {probe.probe_id}: single-filter IoU")
+            iou_stage.run(store, probe, dataset, spec.iou_mode, workers, extract.pick_device(options.device))
     if probe.status == "embeddings":
         say(f"probe {probe.probe_id}: concept embeddings")
-        embed_stage.run(store, probe, dataset, spec.train, workers, extract.pick_device(options.device))
+        embed_stage.run(store, probe, dataset, spec.train, workers, extract.pick_device(options.device),
+                        segmentation=spec.kind != "vector")
     return probe.probe_id
 
 

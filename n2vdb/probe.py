@@ -50,6 +50,11 @@ class ProbeSpec:
     # 'torchvision': (pixel / 255 - mean) / std; 'caffe': (pixel - mean) / std on 0..255 (NetDissect-Lite)
     preprocess: str = "torchvision"
     train: TrainSettings = field(default_factory=TrainSettings)
+    # What the layer puts out (n2vdb.models.layers): kind 'map' | 'tokens' | 'vector' (a vector has no
+    # segmentation stages), and how it reads as [K, H, W]: nchw | nhwc | tokens:PREFIX:GHxGW | vector.
+    kind: str = "map"
+    layout: str = "nchw"
+    interpolation: str = "bilinear"  # the resize filter the weights' preprocessing names
 
     def extraction_settings(self) -> dict:
         return {k: v for k, v in self.settings().items() if k not in ("quantile", "iou_mode", "train")}

@@ -79,7 +79,7 @@ def extract_shard(con: duckdb.DuckDBPyConnection, model: str, layer: str, option
         done.update(pq.read_table(part, columns=["image_id"]).column(0).to_pylist())
     todo = [r for r in mine if r.image_id not in done]
     if todo:
-        net = weights_mod.load(model, options.weights, options.seed).net
+        net = weights_mod.load(model, options.weights, options.seed, spec.input_size).net
         batches = extract.stream(spec, dataset, todo, net, options.device, options.batch_size, options.workers,
                                  (len(mine) - len(todo), len(mine)))
         shape = next(batches)

@@ -32,7 +32,14 @@ UNION ALL SELECT 'probes past thresholds without one threshold per filter',
           AND (SELECT count(*) FROM filters f WHERE f.probe_id = p.probe_id) <> p.n_filters)
 UNION ALL SELECT 'probes past IoU without IoU rows',
        (SELECT count(*) FROM probes p WHERE p.status IN ('embeddings', 'complete')
+          AND coalesce(p.settings->>'kind', 'map') <> 'vector'
           AND NOT EXISTS (SELECT 1 FROM filter_concept_iou i WHERE i.probe_id = p.probe_id))
+UNION ALL SELECT 'vector probes with segmentation rows (IoU, segmentation embeddings or per-image IoU)',
+       (SELECT count(*) FROM probes p WHERE p.settings->>'kind' = 'vector' AND (
+            EXISTS (SELECT 1 FROM filter_concept_iou i WHERE i.probe_id = p.probe_id)
+         OR EXISTS (SELECT 1 FROM embeddings e WHERE e.probe_id = p.probe_id AND e.kind = 'segmentation')
+         OR EXISTS (SELECT 1 FROM image_concept_scores s WHERE s.probe_id = p.probe_id
+                    AND s.method IN ('best_filter', 'segmentation'))))
 UNION ALL SELECT 'complete probes without embeddings',
        (SELECT count(*) FROM probes p WHERE p.status = 'complete'
           AND NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.probe_id = p.probe_id))

@@ -133,7 +133,8 @@ def test_every_setting_reaches_the_probe_key():
                      dataset_id=1, input_size=227, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
     changes = dict(model="vgg16", layer="conv4", module="features.9", relu=True, weights="random:seed=1",
                    dataset_id=2, input_size=224, mean=(0.0, 0.2, 0.3), std=(1.0, 2.0, 1.0), limit=10,
-                   quantile=0.99, iou_mode="netdissect", preprocess="caffe", train=TrainSettings(epochs=3))
+                   quantile=0.99, iou_mode="netdissect", preprocess="caffe", train=TrainSettings(epochs=3),
+                   kind="tokens", layout="tokens:1:14x14", interpolation="bicubic")
     assert set(changes) == {f for f in ProbeSpec.__dataclass_fields__}
     keys = {base.key}
     for field, value in changes.items():
@@ -204,10 +205,10 @@ def test_layer_registry():
     assert registry.resolve_layer("alexnet", "conv5").module == "features.11"
     assert registry.resolve_layer("vgg16", "conv5_3").module == "features.29"
     assert registry.resolve_layer("resnet18", "layer4.1.conv2").module == "layer4.1.conv2"
-    shapes = {name: shape for name, _, shape in registry.output_shapes("alexnet")}
-    assert shapes["conv5"] == (256, 13, 13)
+    shapes = {row["layer"]: row["output"] for row in registry.layer_table("alexnet")}
+    assert shapes["conv5"] == "256x13x13"
     assert isinstance(torchvision.models.vgg16(weights=None).features[29], torch.nn.ReLU)
-    assert all(isinstance(torchvision.models.alexnet(weights=None).features[int(p.split(".")[1])], torch.nn.ReLU)
+    assert all(isinstance(torchvision.models.alexnet(weights=None).get_submodule(p), torch.nn.ReLU)
                for p in registry.FRIENDLY["alexnet"].values())
 
 

@@ -81,7 +81,7 @@ def classification_inputs(con, probe: Probe, dataset_id: int):
 
 
 def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, settings: TrainSettings,
-             workers: int, device: torch.device) -> list[tuple[str, pa.Table]]:
+             workers: int, device: torch.device, segmentation_applies: bool = True) -> list[tuple[str, pa.Table]]:
     k = probe.n_filters
     tables: list[tuple[str, pa.Table]] = []
 
@@ -91,7 +91,7 @@ def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDatase
         " WHERE ic.dataset_id = ? AND c.level = 'pixel' AND i.split = 'train'"
         " AND ic.image_id IN (SELECT image_id FROM activations WHERE probe_id = ?)",
         [probe.dataset_id, probe.activation_probe]).fetchall()}
-    seg_concepts = sorted(pixel)
+    seg_concepts = sorted(pixel) if segmentation_applies else []  # not for a vector layer
     if seg_concepts:
         source = cached(store_examples(con, probe, dataset, pixel, workers))
         say(f"training {len(seg_concepts)} segmentation embeddings ({settings.epochs} epochs)")
@@ -135,12 +135,12 @@ def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDatase
 
 
 def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: TrainSettings, workers: int = 0,
-        device: str | torch.device = "cpu") -> None:
+        device: str | torch.device = "cpu", segmentation: bool = True) -> None:
     """Train everything over a shared read connection; write all rows in one short transaction.
     Segmentation embeddings (the pixel-heavy part) train on DEVICE; classification, on N x K pooled
     features, is cheap on the CPU."""
     with store.reading() as con:
-        tables = _compute(con, probe, dataset, settings, workers, torch.device(device))
+        tables = _compute(con, probe, dataset, settings, workers, torch.device(device), segmentation)
     with store.writing() as con, transaction(con):
         con.execute("DELETE FROM embeddings WHERE probe_id = ?", [probe.probe_id])
         con.execute("DELETE FROM image_concept_scores WHERE probe_id = ?"

@@ -1,4 +1,5 @@
-"""Resolving --weights: 'imagenet' (torchvision's default, via the torch hub cache), 'random' or a file."""
+"""Resolving --weights: 'imagenet' (torchvision's default weights via the torch hub cache; timm's default
+weights via the Hugging Face cache), 'random' or a file (a state dict: .pth, .pt or .safetensors)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,8 @@ import torchvision
 from torch import nn
 
 from n2vdb.errors import ModelError, WeightsUnavailable
-from n2vdb.models.registry import build
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from n2vdb.models import timm_models
+from n2vdb.models.registry import IMAGENET_MEAN, IMAGENET_STD, build, preprocessing  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,15 @@ def hub_checkpoint(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def _imagenet(model: str) -> LoadedModel:
+def _imagenet(model: str, input_size: int | None) -> LoadedModel:
+    if timm_models.is_timm(model):
+        path = timm_models.pretrained_file(model)
+        try:
+            net = build(model, input_size, pretrained_file=str(path))
+        except RuntimeError as exc:  # load_state_dict's complaint
+            first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+            raise ModelError(f"weights in {path} do not fit {model}: {first[:200]}") from None
+        return _loaded(model, net, f"imagenet:{timm_models.weights_tag(model)}")
     entry = torchvision.models.get_model_weights(model).DEFAULT
     cached = hub_checkpoint(entry.url)
     if not cached.exists():
@@ -48,27 +55,39 @@ def _imagenet(model: str) -> LoadedModel:
             raise WeightsUnavailable(
                 f"cannot download {entry.url}; put that file at {cached} (TORCH_HOME sets the cache directory)"
             ) from None
-    net = build(model)
+    net = build(model, input_size)
     state = torch.load(cached, map_location="cpu", weights_only=True)
     _load(net, state, str(cached))
-    transforms = entry.transforms()
-    mean = tuple(getattr(transforms, "mean", IMAGENET_MEAN))
-    std = tuple(getattr(transforms, "std", IMAGENET_STD))
-    return LoadedModel(net, f"imagenet:{entry}", mean, std)
+    return _loaded(model, net, f"imagenet:{entry}")
 
 
-def _random(model: str, seed: int) -> LoadedModel:
+def _loaded(model: str, net: nn.Module, weights_id: str) -> LoadedModel:
+    prep = preprocessing(model)
+    return LoadedModel(net, weights_id, prep.mean, prep.std)
+
+
+def _random(model: str, seed: int, input_size: int | None) -> LoadedModel:
     torch.manual_seed(seed)
-    return LoadedModel(build(model), f"random:seed={seed}", IMAGENET_MEAN, IMAGENET_STD)
+    return _loaded(model, build(model, input_size), f"random:seed={seed}")
 
 
-def _from_file(model: str, path: Path) -> LoadedModel:
-    if not path.is_file():
-        raise ModelError(f"weights file {path} does not exist")
+def _read_state(path: Path):
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise ModelError(f"reading {path} needs the safetensors package: pip install safetensors") from None
     except Exception as exc:  # noqa: BLE001 - pickle, zip and tensor errors alike
         raise ModelError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _from_file(model: str, path: Path, input_size: int | None) -> LoadedModel:
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist")
+    state = _read_state(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -78,11 +97,11 @@ def _from_file(model: str, path: Path) -> LoadedModel:
     last_2d = [v for v in state.values() if hasattr(v, "dim") and v.dim() == 2]
     kwargs = {"num_classes": last_2d[-1].shape[0]} if last_2d else {}
     try:
-        net = build(model, **kwargs)
+        net = build(model, input_size, **kwargs)
     except TypeError:
-        net = build(model)
+        net = build(model, input_size)
     _load(net, state, str(path))
-    return LoadedModel(net, identify(model, str(path))[0], IMAGENET_MEAN, IMAGENET_STD)
+    return _loaded(model, net, identify(model, str(path))[0])
 
 
 def _load(net: nn.Module, state: dict, source: str) -> None:
@@ -93,27 +112,28 @@ def _load(net: nn.Module, state: dict, source: str) -> None:
         raise ModelError(f"weights in {source} do not fit {type(net).__name__}: {first[:200]}") from None
 
 
-def load(model: str, weights: str = "imagenet", seed: int = 0) -> LoadedModel:
+def load(model: str, weights: str = "imagenet", seed: int = 0, input_size: int | None = None) -> LoadedModel:
     if weights == "imagenet":
-        loaded = _imagenet(model)
+        loaded = _imagenet(model, input_size)
     elif weights == "random":
-        loaded = _random(model, seed)
+        loaded = _random(model, seed, input_size)
     else:
-        loaded = _from_file(model, Path(weights).expanduser())
+        loaded = _from_file(model, Path(weights).expanduser(), input_size)
     loaded.net.eval()
     return loaded
 
 
 def identify(model: str, weights: str = "imagenet", seed: int = 0) -> tuple[str, tuple, tuple]:
-    """(weights id, mean, std) without building the network: enough to key a probe."""
+    """(weights id, mean, std) without building the network: enough to key a probe. Mean and std are
+    those of the model's default weights (registry.preprocessing), whichever weights are chosen."""
+    prep = preprocessing(model)
     if weights == "imagenet":
-        entry = torchvision.models.get_model_weights(model).DEFAULT
-        transforms = entry.transforms()
-        return (f"imagenet:{entry}", tuple(getattr(transforms, "mean", IMAGENET_MEAN)),
-                tuple(getattr(transforms, "std", IMAGENET_STD)))
+        if timm_models.is_timm(model):
+            return f"imagenet:{timm_models.weights_tag(model)}", prep.mean, prep.std
+        return f"imagenet:{torchvision.models.get_model_weights(model).DEFAULT}", prep.mean, prep.std
     if weights == "random":
-        return f"random:seed={seed}", IMAGENET_MEAN, IMAGENET_STD
+        return f"random:seed={seed}", prep.mean, prep.std
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ModelError(f"--weights {weights}: expected imagenet, random or an existing state-dict file")
-    return f"file:{path.name}:sha256={_file_sha256(path)[:16]}", IMAGENET_MEAN, IMAGENET_STD
+    return f"file:{path.name}:sha256={_file_sha256(path)[:16]}", prep.mean, prep.std
