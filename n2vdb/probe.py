@@ -73,8 +73,15 @@ class ProbeSpec:
         return _digest(self.settings())
 
 
+# Settings added after probes were first stored, at the value every earlier probe had. They are left
+# out of the key at that value, so the same command after an upgrade still finds (resumes, or skips)
+# the probes a database already holds; any other value is part of the key.
+_LATER_DEFAULTS = {"preprocess": "torchvision", "kind": "map", "layout": "nchw", "interpolation": "bilinear"}
+
+
 def _digest(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
+    keyed = {k: v for k, v in data.items() if k not in _LATER_DEFAULTS or v != _LATER_DEFAULTS[k]}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:20]
 
 
 @dataclass

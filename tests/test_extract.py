@@ -224,3 +224,13 @@ def test_resnet18_layer4_end_to_end(tmp_path, synthetic_dir):
     con = duckdb.connect(str(db), read_only=True)
     assert con.execute("SELECT n_filters, height, width, status FROM probes").fetchall() == [(512, 7, 7, "complete")]
     assert con.execute("SELECT count(*) FROM activations").fetchone()[0] == 24
+
+
+def test_probe_keys_of_earlier_releases_still_match():
+    """A database made before preprocess/kind/layout/interpolation existed keeps its keys: the same
+    command resumes or skips its probes. The literal is the key n2vdb 09c02e6 gave this spec."""
+    spec = ProbeSpec(model="alexnet", layer="conv5", module="features.11", relu=True, weights="random:seed=0",
+                     dataset_id=1, input_size=227, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    assert spec.key == "b5c80559823321422c9a"
+    assert ProbeSpec(**{**spec.__dict__, "preprocess": "caffe"}).key != spec.key
+    assert ProbeSpec(**{**spec.__dict__, "kind": "tokens", "layout": "tokens:1:14x14"}).key != spec.key
