@@ -67,33 +67,111 @@ def test_loss_matches_pixel_loop(kind):
         assert got[c].item() == pytest.approx(-total, rel=1e-5)
 
 
-def test_joint_training_equals_one_concept_at_a_time():
-    """With one batch per epoch, the joint trainer must give each concept exactly the weights that
-    training it alone (its own images, alpha and loss) gives."""
-    examples = planted_examples(n=24, k=6, size=5, members=(1, 3, 4))
+def rare_and_frequent_examples(n=40, k=6, size=5, seed=2):
+    """planted_examples plus concept 9 in one train image and concept 10 in two (and one val image)."""
+    examples = planted_examples(n=n, k=k, size=size, members=(1, 3, 4), seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    train = [i for i, ex in enumerate(examples) if ex.split == "train"]
+    val = [i for i, ex in enumerate(examples) if ex.split == "val"]
+    extra = {train[3]: [9], train[5]: [10], train[17]: [10], val[0]: [10]}
+    for i, concepts in extra.items():
+        ex = examples[i]
+        new_masks = torch.rand(len(concepts), size, size, generator=gen) < 0.4
+        examples[i] = SegExample(ex.image_id, ex.split, ex.binary, np.concatenate([ex.concept_ids, concepts]),
+                                 torch.cat([ex.masks, new_masks]))
+    return examples
+
+
+def reference_one_concept(examples, concept, k, *, init, alpha, lr, epochs, batch, orders, loss="paper",
+                          use_bias=False):
+    """The reference's recipe for one concept, written plainly: its own train images in the epoch's
+    order, batches of BATCH, loss summed over pixels and divided by the batch's own count, autograd
+    through F.interpolate, torch's SGD with momentum."""
     train = [ex for ex in examples if ex.split == "train"]
-    k, lr, epochs, batch = 6, 0.01, 3, len(train)
-    joint = segmentation.train(lambda: examples, [7, 8], k, epochs=epochs, lr=lr, batch_size=batch, seed=4)
-    init = (torch.rand(k, 2, generator=torch.Generator().manual_seed(4)) * 2 - 1) / np.sqrt(k)
-    alpha = segmentation.compute_alpha(lambda: examples, {7: 0, 8: 1})
-    for j, concept in enumerate((7, 8)):
-        w = init[:, j].clone().requires_grad_()
-        optimiser = torch.optim.SGD([w], lr=lr, momentum=0.9)
-        for _ in range(epochs):
+    w = init.clone().requires_grad_()
+    b = torch.zeros((), requires_grad=True)
+    optimiser = torch.optim.SGD([w, b] if use_bias else [w], lr=lr, momentum=0.9)
+    for epoch in range(epochs):
+        mine = [train[r] for r in np.argsort(orders[epoch]) if concept in train[r].concept_ids]
+        for start in range(0, len(mine), batch):
+            chunk = mine[start:start + batch]
             optimiser.zero_grad()
-            loss = 0
-            for ex in train:
-                if concept not in ex.concept_ids:
-                    continue
-                mask = ex.masks[list(ex.concept_ids).index(concept)].float()
-                logit = torch.einsum("khw,k->hw", ex.binary.float(), w)
-                up = F.interpolate(logit[None, None], size=mask.shape, mode="bilinear", align_corners=True)[0, 0]
-                m = torch.sigmoid(up)
-                a = alpha[j]
-                loss = loss - (a * mask * m + (1 - a) * (1 - mask) * (1 - m)).sum()
-            (loss / batch).backward()
+            total = 0
+            for ex in chunk:
+                y = ex.masks[list(ex.concept_ids).index(concept)].float()
+                logit = torch.einsum("khw,k->hw", ex.binary.float(), w) + b
+                z = F.interpolate(logit[None, None], size=y.shape, mode="bilinear", align_corners=True)[0, 0]
+                if loss == "paper":
+                    m = torch.sigmoid(z)
+                    total = total - (alpha * y * m + (1 - alpha) * (1 - y) * (1 - m)).sum()
+                else:
+                    total = total - (alpha * y * F.logsigmoid(z) + (1 - alpha) * (1 - y) * F.logsigmoid(-z)).sum()
+            (total / len(chunk)).backward()
             optimiser.step()
-        torch.testing.assert_close(joint.weights[:, j], w.detach(), rtol=1e-4, atol=1e-6)
+    return w.detach(), b.detach()
+
+
+@pytest.mark.parametrize("loss,use_bias", [("paper", False), ("loglik", True)])
+def test_joint_training_equals_one_concept_at_a_time(loss, use_bias):
+    """Joint training must give every concept, rare (1 or 2 train images) or frequent, exactly the
+    weights that the reference's per-concept training gives: own batches, own count, own steps."""
+    examples = rare_and_frequent_examples()
+    concepts = [7, 8, 9, 10]
+    k, lr, epochs, batch, seed = 6, 0.01, 4, 4, 4
+    joint = segmentation.train(lambda: examples, concepts, k, epochs=epochs, lr=lr, batch_size=batch, seed=seed,
+                               loss=loss, use_bias=use_bias)
+    gen = torch.Generator().manual_seed(seed)
+    init = (torch.rand(k, len(concepts), generator=gen) * 2 - 1) / np.sqrt(k)
+    n_train = sum(ex.split == "train" for ex in examples)
+    orders = [segmentation.epoch_order(gen, n_train) for _ in range(epochs)]
+    alpha = segmentation.compute_alpha(lambda: examples, {c: j for j, c in enumerate(concepts)})
+    counts = {c: sum(c in ex.concept_ids for ex in examples if ex.split == "train") for c in concepts}
+    assert counts[9] == 1 and counts[10] == 2 and counts[7] > 3 * batch
+    for j, concept in enumerate(concepts):
+        w, b = reference_one_concept(examples, concept, k, init=init[:, j], alpha=alpha[j], lr=lr, epochs=epochs,
+                                     batch=batch, orders=orders, loss=loss, use_bias=use_bias)
+        torch.testing.assert_close(joint.weights[:, j], w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(joint.bias[j], b, rtol=1e-4, atol=1e-6)
+        assert not torch.equal(w, init[:, j])  # it trained
+
+
+@pytest.mark.parametrize("loss", ["paper", "loglik"])
+def test_fast_gradient_equals_autograd_through_interpolate(loss):
+    """The scatter / matrix-upsampling / written-out gradient path against autograd on the plain
+    formulation, on non-square maps and masks (so the two axes cannot be confused)."""
+    from n2vdb.embed.examples import iter_blocks
+
+    gen = torch.Generator().manual_seed(5)
+    k, h, w, sh, sw = 5, 4, 6, 9, 13
+    examples = []
+    for i in range(6):
+        ids = np.array([3, 8] if i % 2 else [8])
+        examples.append(SegExample(i, "train", torch.rand(k, h, w, generator=gen) < 0.3, ids,
+                                   torch.rand(len(ids), sh, sw, generator=gen) < 0.5))
+    block = next(iter_blocks(examples, 100))
+    column = {3: 0, 8: 1}
+    weights = torch.randn(k, 2, generator=gen)
+    bias = torch.randn(2, generator=gen)
+    alpha = torch.tensor([0.7, 0.9])
+    pairs, cols = segmentation._pairs_in(block, column, train_only=True)
+    scale = torch.rand(len(pairs), generator=gen)
+    geo = segmentation._Geometry(block, torch.device("cpu"))
+    grad_w, grad_b = torch.zeros(k, 2), torch.zeros(2)
+    segmentation._accumulate(block, pairs, cols, weights, bias, alpha, scale, loss, geo, grad_w, grad_b)
+    torch.testing.assert_close(geo.up(torch.eye(6)[None, :4].repeat(2, 1, 1)),
+                               F.interpolate(torch.eye(6)[None, None, :4].repeat(2, 1, 1, 1), size=(sh, sw),
+                                             mode="bilinear", align_corners=True)[:, 0])
+    w_ref, b_ref = weights.clone().requires_grad_(), bias.clone().requires_grad_()
+    total = 0
+    for p, c, s in zip(pairs, cols, scale):
+        ex = examples[block.pair_image[p]]
+        y = ex.masks[list(ex.concept_ids).index(block.pair_concept[p])].float()
+        logit = torch.einsum("khw,k->hw", ex.binary.float(), w_ref[:, c]) + b_ref[c]
+        z = F.interpolate(logit[None, None], size=(sh, sw), mode="bilinear", align_corners=True)[0, 0]
+        total = total + s * segmentation.concept_loss(z, y, alpha[c], loss)
+    total.backward()
+    torch.testing.assert_close(grad_w, w_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_b, b_ref.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_classification_planted_presence():
@@ -162,22 +240,47 @@ def test_stage_writes_scores_and_sufficiency(tmp_path, synthetic_dir):
     assert wrong == 0
 
 
-def test_packed_cache_round_trips_and_shuffles_like_a_list():
-    import random
-
-    from n2vdb.embed.examples import cached
+def test_cache_round_trips_in_image_order_and_streams_over_budget():
+    from n2vdb.embed.examples import CachedBlocks, cached
 
     examples = planted_examples(n=20, k=5, size=6, members=(1, 2, 3))
-    packed = cached(lambda: iter(examples))
-    assert packed.nbytes < sum(ex.binary.numel() + ex.masks.numel() for ex in examples) / 7
-    for original, restored in zip(examples, packed()):
-        assert restored.image_id == original.image_id and restored.split == original.split
-        assert torch.equal(restored.binary, original.binary) and torch.equal(restored.masks, original.masks)
-        assert list(restored.concept_ids) == list(original.concept_ids)
-    order = [ex.image_id for ex in packed.train_order(random.Random(3))]
-    expected = [ex.image_id for ex in examples if ex.split == "train"]
-    random.Random(3).shuffle(expected)
-    assert order == expected
+    shuffled = examples[::-1]
+    packed = cached(lambda: iter(shuffled))
+    assert isinstance(packed, CachedBlocks)
+    # 4 bytes per on value of a binary map, one bit per mask pixel (rows padded to bytes)
+    assert packed.nbytes == sum(4 * int(ex.binary.sum()) + len(ex.concept_ids) * ((36 + 7) // 8) for ex in examples)
+    restored = list(packed())
+    assert [ex.image_id for ex in restored] == [ex.image_id for ex in examples]  # image order
+    for original, back in zip(examples, restored):
+        assert back.split == original.split
+        assert torch.equal(back.binary, original.binary) and torch.equal(back.masks, original.masks)
+        assert list(back.concept_ids) == list(original.concept_ids)
     def streamed():
         return iter(examples)
     assert cached(streamed, budget_bytes=100) is streamed  # over budget: streams on every call instead
+    # cached and streamed sources train to the same weights (one block either way)
+    a = segmentation.train(packed, [7, 8], 5, epochs=2, lr=0.05, batch_size=4)
+    b = segmentation.train(streamed, [7, 8], 5, epochs=2, lr=0.05, batch_size=4)
+    torch.testing.assert_close(a.weights, b.weights)
+    np.testing.assert_allclose(a.val_iou, b.val_iou)
+
+
+def test_evaluate_matches_direct_iou():
+    examples = planted_examples(n=30, k=6, size=5, members=(1, 3, 4))
+    weights = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    per_image: list = []
+    train_iou, val_iou = segmentation.evaluate(lambda: examples, {7: 0, 8: 1}, weights, torch.zeros(2), per_image)
+    for j, concept in enumerate((7, 8)):
+        for split, got in (("train", train_iou[j]), ("val", val_iou[j])):
+            inter = union = 0
+            for ex in examples:
+                if ex.split != split or concept not in ex.concept_ids:
+                    continue
+                y = ex.masks[list(ex.concept_ids).index(concept)]
+                z = F.interpolate(torch.einsum("khw,k->hw", ex.binary.float(), weights[:, j])[None, None],
+                                  size=y.shape, mode="bilinear", align_corners=True)[0, 0]
+                inter += int(((z > 0) & y).sum())
+                union += int(((z > 0) | y).sum())
+                if split == "val":
+                    assert (ex.image_id, concept, int(((z > 0) & y).sum()), int(((z > 0) | y).sum())) in per_image
+            assert got == pytest.approx(inter / union)
