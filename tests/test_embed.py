@@ -183,8 +183,47 @@ def test_classification_planted_presence():
     result = classification.train(features * 5, labels, is_val, [11, 12], epochs=30)
     assert result.weights[:, 0].abs().argmax().item() == 3
     assert result.weights[:, 1].abs().argmax().item() == 6
-    assert (result.val_accuracy > 0.9).all()
+    # 30 epochs of the reference's own-batch steps (fewer than one per joint batch) leave a
+    # threshold error of a few percent on a 0.4 cut; ranking is near perfect.
+    assert (result.val_accuracy > 0.85).all()
     assert (result.val_ap > 0.9).all()
+
+
+def test_classification_joint_equals_one_concept_at_a_time():
+    """Per concept, the reference's recipe written plainly (its balanced sample in the epoch's order,
+    batches of its own, mean BCE over each batch, torch's SGD and StepLR) gives the joint weights, for
+    a concept with one positive train image, one with two, and a frequent one."""
+    gen = torch.Generator().manual_seed(3)
+    n, k, batch, epochs, lr, seed = 120, 5, 8, 4, 0.1, 7
+    features = torch.rand(n, k, generator=gen)
+    is_val = torch.arange(n) % 4 == 0
+    train_rows = torch.nonzero(~is_val).squeeze(1)
+    labels = torch.zeros(n, 3, dtype=torch.bool)
+    labels[train_rows[5], 0] = True
+    labels[train_rows[[9, 40]], 1] = True
+    labels[:, 2] = features[:, 1] > 0.5
+    labels[torch.nonzero(is_val).squeeze(1)[:2], :2] = True
+    joint = classification.train(features, labels, is_val, [1, 2, 3], epochs=epochs, lr=lr, batch_size=batch, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    train_x, train_y = features[~is_val], labels[~is_val]
+    classification.balanced_sample(labels[is_val], g)
+    init = (torch.rand(k, 3, generator=g) * 2 - 1) / np.sqrt(k)
+    draws = [(classification.balanced_sample(train_y, g), torch.randperm(len(train_x), generator=g))
+             for _ in range(epochs)]
+    for j in range(3):
+        w, b = init[:, j].clone().requires_grad_(), torch.zeros((), requires_grad=True)
+        optimiser = torch.optim.SGD([w, b], lr=lr, momentum=0.9)
+        schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, epochs // 2), gamma=0.1)
+        for selection, order in draws:
+            mine = [int(i) for i in order if selection[i, j]]
+            for start in range(0, len(mine), batch):
+                idx = mine[start:start + batch]
+                optimiser.zero_grad()
+                F.binary_cross_entropy_with_logits(train_x[idx] @ w + b, train_y[idx, j].float()).backward()
+                optimiser.step()
+            schedule.step()
+        torch.testing.assert_close(joint.weights[:, j], w.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(joint.bias[j], b.detach(), rtol=1e-4, atol=1e-6)
 
 
 def test_balanced_sample_and_average_precision():

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from n2vdb.embed.batches import MaskedMomentum, own_batches, stepped_columns
 from n2vdb.embed.examples import CachedBlocks, ExampleSource, PairBlock, blocks_of
 
 LOSSES = ("paper", "loglik")
@@ -164,26 +165,6 @@ def _accumulate(block, pairs, cols, weights, bias, alpha, scale, loss_kind, geo,
     grad_w.view(-1).index_add_(0, filt * n_cols + cols_t[slot], g_small[slot * geo.hw + pos])
 
 
-def _steps(block: PairBlock, pairs: np.ndarray, cols: np.ndarray, order: np.ndarray, batch_size: int):
-    """Per step t: (pair indices, columns, 1 / own batch count) of every concept's t-th batch, each
-    concept taking its images in the epoch's ORDER (order[r] = rank of block image r)."""
-    rank = order[block.pair_image[pairs]]
-    by = np.lexsort((rank, cols))  # by column, then epoch order
-    pairs, cols = pairs[by], cols[by]
-    starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
-    group_start = np.repeat(starts, np.diff(np.r_[starts, len(cols)]))
-    position = np.arange(len(cols)) - group_start
-    step = position // batch_size
-    group_size = np.repeat(np.diff(np.r_[starts, len(cols)]), np.diff(np.r_[starts, len(cols)]))
-    batch_start = step * batch_size
-    count = np.minimum(batch_size, group_size - batch_start)
-    by_step = np.argsort(step, kind="stable")
-    step, pairs, cols, count = step[by_step], pairs[by_step], cols[by_step], count[by_step]
-    bounds = np.flatnonzero(np.r_[True, step[1:] != step[:-1], True])
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        yield pairs[a:b], cols[a:b], 1.0 / count[a:b]
-
-
 def epoch_order(gen: torch.Generator, n_train: int) -> np.ndarray:
     """The epoch's order of a block's train images (a uniform permutation; concept c's batches are
     its images taken in this order)."""
@@ -207,9 +188,8 @@ def train(source: ExampleSource | CachedBlocks, concept_ids: Sequence[int], n_fi
     keep = torch.ones_like(init) if keep is None else keep.float().to(device)
     weights = init * keep
     bias = torch.zeros(n_cols, device=device)
-    velocity_w, velocity_b = torch.zeros_like(weights), torch.zeros_like(bias)
+    sgd_w, sgd_b = MaskedMomentum(weights), MaskedMomentum(bias)
     alpha = compute_alpha(source, column).to(device)
-    momentum = 0.9
     for _ in range(epochs):
         for block in blocks_of(source):
             geo = _Geometry(block, device)
@@ -217,22 +197,18 @@ def train(source: ExampleSource | CachedBlocks, concept_ids: Sequence[int], n_fi
             train_images = np.flatnonzero(block.is_train)
             order = np.zeros(len(block.image_ids), np.int64)
             order[train_images] = epoch_order(gen, len(train_images))
-            for step_pairs, step_cols, scale in _steps(block, pairs, cols, order, batch_size):
+            for chosen, scale in own_batches(cols, order[block.pair_image[pairs]], batch_size):
+                step_pairs, step_cols = pairs[chosen], cols[chosen]
                 grad_w, grad_b = torch.zeros_like(weights), torch.zeros_like(bias)
                 scale_t = torch.from_numpy(scale).float().to(device)
                 for start in range(0, len(step_pairs), CHUNK_PAIRS):
                     part = slice(start, start + CHUNK_PAIRS)
                     _accumulate(block, step_pairs[part], step_cols[part], weights, bias, alpha, scale_t[part],
                                 loss, geo, grad_w, grad_b if use_bias else None)
-                # SGD with momentum (torch's rule: v = m v + g; w -= lr v), stepping only the
-                # concepts that had a batch in this step, as their own optimiser would.
-                stepped = torch.zeros(n_cols, dtype=torch.bool, device=device)
-                stepped[torch.from_numpy(np.unique(step_cols)).to(device)] = True
-                velocity_w = torch.where(stepped, momentum * velocity_w + grad_w * keep, velocity_w)
-                weights = weights - lr * velocity_w * stepped
+                stepped = stepped_columns(step_cols, n_cols, device)
+                weights = sgd_w.step(weights, grad_w * keep, stepped, lr)
                 if use_bias:
-                    velocity_b = torch.where(stepped, momentum * velocity_b + grad_b, velocity_b)
-                    bias = bias - lr * velocity_b * stepped
+                    bias = sgd_b.step(bias, grad_b, stepped, lr)
     train_iou, val_iou = evaluate(source, column, weights, bias)
     return SegResult(concept_ids, weights.cpu(), bias.cpu().clone(), alpha.cpu(), train_iou, val_iou)
 
