@@ -117,7 +117,8 @@ def ingest(
     bias: Annotated[bool, typer.Option(help="Learn a bias for segmentation embeddings")] = False,
     cls_lr: Annotated[float, typer.Option(help="Classification embedding learning rate")] = 0.1,
     cls_batch: Annotated[int, typer.Option(help="Classification batch size")] = 64,
-    sufficiency: Annotated[bool, typer.Option(help="Retrain with the top-F filters for F = 1, 2, 4, ...")] = False,
+    sufficiency: Annotated[bool, typer.Option(help="Retrain with the top-F filters for the reference's F grids")] = False,
+    sufficiency_grid: Annotated[Optional[str], typer.Option(help="F values for --sufficiency, e.g. 1,2,4,8 [default: the reference's]")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward batch")] = 32,
     workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes")] = None,
     shard: Annotated[Optional[str], typer.Option(help="Extract only shard i/N (or auto under torchrun) into --shard-dir")] = None,
@@ -127,8 +128,10 @@ def ingest(
     """Extract a layer's activations and compute thresholds, IoUs and embeddings (resumes if interrupted)."""
     if loss not in ("paper", "loglik"):
         raise UsageError("--loss must be paper or loglik")
+    from n2vdb.embed.stage import parse_grid  # here, not at the top: it imports torch
     train = TrainSettings(epochs=epochs, seg_lr=seg_lr, seg_batch=seg_batch, seg_loss=loss, seg_bias=bias,
-                          cls_lr=cls_lr, cls_batch=cls_batch, seed=seed, sufficiency=sufficiency)
+                          cls_lr=cls_lr, cls_batch=cls_batch, seed=seed, sufficiency=sufficiency,
+                          sufficiency_grid=parse_grid(sufficiency_grid) if sufficiency_grid else None)
     options = dict(dataset=dataset, weights=weights, seed=seed, device=device, limit=limit, input_size=input_size,
                    quantile=quantile, iou_mode=iou_mode, batch_size=batch_size, workers=workers, train=train)
     if shard is not None:

@@ -70,6 +70,7 @@ def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: I
     if options.limit is not None and options.limit < 1:
         raise UsageError("--limit must be at least 1")
     extract.pick_device(options.device)  # an unusable device fails before anything is written
+    embed_stage.check_grid(options.train.sufficiency_grid)
     layer_spec = registry.resolve_layer(model, layer)
     weights_id, mean, std = weights_mod.identify(model, options.weights, options.seed)
     name = options.dataset or default_dataset(con)

@@ -30,6 +30,7 @@ class TrainSettings:
     cls_batch: int = 64
     seed: int = 0
     sufficiency: bool = False
+    sufficiency_grid: tuple[int, ...] | None = None  # None: the reference's grids (embed/stage.py)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class ProbeSpec:
 
     def settings(self) -> dict:
         data = asdict(self)
+        if data["train"]["sufficiency_grid"] is None:
+            del data["train"]["sufficiency_grid"]  # keeps the keys of probes made before the option
+        else:
+            data["train"]["sufficiency_grid"] = list(data["train"]["sufficiency_grid"])
         data["mean"], data["std"] = list(self.mean), list(self.std)
         return data
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from n2vdb import api
 from n2vdb.embed import classification, segmentation
 from n2vdb.embed.examples import SegExample
-from n2vdb.embed.stage import sufficiency_grid, top_filters
+from n2vdb.embed.stage import parse_grid, sufficiency_grid, top_filters
+from n2vdb.errors import UsageError
 from n2vdb.probe import TrainSettings
 
 
@@ -237,7 +238,14 @@ def test_balanced_sample_and_average_precision():
 
 
 def test_sufficiency_grid_and_top_filters():
-    assert sufficiency_grid(256) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert sufficiency_grid(256) == [*range(1, 129), 160, 192, 224]  # the reference's segmentation grid
+    assert sufficiency_grid(256, "classification") == [1, 2, 3, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 80, 100, 128]
+    assert sufficiency_grid(96, "classification") == [1, 2, 3, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 80]
+    assert sufficiency_grid(256, grid=(300, 4, 1, 4)) == [1, 4]
+    assert parse_grid("8, 1,2") == (1, 2, 8)
+    for bad in ("1,x", "0,2", ","):
+        with pytest.raises(UsageError, match="sufficiency-grid"):
+            parse_grid(bad)
     w = torch.tensor([[0.1, -3.0], [-2.0, 0.2], [0.5, 1.0]])
     assert top_filters(w, 1).tolist() == [[0, 1], [1, 0], [0, 0]]
     examples = planted_examples()
@@ -263,11 +271,11 @@ def test_stage_writes_scores_and_sufficiency(tmp_path, synthetic_dir):
     db = tmp_path / "s.duckdb"
     api.add_dataset(synthetic_dir, "synthetic", db)
     api.ingest("alexnet", "conv5", db, dataset="synthetic", weights="random", limit=30, workers=0,
-               train=TrainSettings(epochs=2, sufficiency=True))
+               train=TrainSettings(epochs=2, sufficiency=True, sufficiency_grid=(1, 4, 300)))
     con = duckdb.connect(str(db), read_only=True)
     grid = con.execute("SELECT kind, list(DISTINCT n_filters ORDER BY n_filters) FROM embeddings GROUP BY kind"
                        " ORDER BY kind").fetchall()
-    assert grid == [(kind, [1, 2, 4, 8, 16, 32, 64, 128, 256]) for kind in ("classification", "segmentation")]
+    assert grid == [(kind, [1, 4, 256]) for kind in ("classification", "segmentation")]  # 300 > K: capped
     nonzero = con.execute("SELECT n_filters, max(len(list_filter(weights, lambda w: w <> 0))) FROM embeddings"
                           " WHERE kind = 'segmentation' GROUP BY 1 ORDER BY 1").fetchall()
     assert all(count <= f for f, count in nonzero)
@@ -323,3 +331,26 @@ def test_evaluate_matches_direct_iou():
                 if split == "val":
                     assert (ex.image_id, concept, int(((z > 0) & y).sum()), int(((z > 0) | y).sum())) in per_image
             assert got == pytest.approx(inter / union)
+
+
+def test_sufficiency_grid_is_part_of_the_probe_key():
+    from dataclasses import replace
+
+    from n2vdb.probe import ProbeSpec
+
+    spec = ProbeSpec(model="m", layer="l", module="l", relu=True, weights="w", dataset_id=1, input_size=8,
+                     mean=(0.0,), std=(1.0,))
+    other = replace(spec, train=TrainSettings(sufficiency_grid=(1, 2)))
+    assert spec.key != other.key and spec.extraction_key == other.extraction_key
+    assert "sufficiency_grid" not in spec.settings()["train"]  # keys of older probes are unchanged
+
+
+def test_bad_sufficiency_grid_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "n2vdb", "ingest", "alexnet", "conv5", "--sufficiency",
+                             "--sufficiency-grid", "1,two", "--db", str(tmp_path / "x.duckdb")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "--sufficiency-grid" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.duckdb").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import duckdb
 import numpy as np
 import pyarrow as pa
@@ -11,19 +13,41 @@ from n2vdb import activations as acts_store
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.embed import classification, segmentation
 from n2vdb.embed.examples import cached, store_examples
+from n2vdb.errors import UsageError
 from n2vdb.probe import Probe, TrainSettings, set_status
 from n2vdb.progress import say
 from n2vdb.store.connection import transaction
 from n2vdb.store.sessions import Store
 
 
-def sufficiency_grid(k: int) -> list[int]:
-    """1, 2, 4, ... below K (K itself is the full embedding)."""
-    grid, f = [], 1
-    while f < k:
-        grid.append(f)
-        f *= 2
-    return grid
+# The reference's grids (ruthcfong/net2vec): segmentation every F from 1 to 128 then 160, 192, 224;
+# classification 1, 2, 3, 5, 10, 15, ..., 50, 80, 100, 128.
+REFERENCE_GRIDS = {
+    "segmentation": (*range(1, 129), 160, 192, 224),
+    "classification": (1, 2, 3, *range(5, 51, 5), 80, 100, 128),
+}
+
+
+def sufficiency_grid(k: int, kind: str = "segmentation", grid: Sequence[int] | None = None) -> list[int]:
+    """The F values to retrain with for KIND: GRID if given, else the reference's, below K (K itself is
+    the full embedding)."""
+    chosen = REFERENCE_GRIDS[kind] if grid is None else grid
+    return sorted({int(f) for f in chosen if 0 < f < k})
+
+
+def parse_grid(text: str) -> tuple[int, ...]:
+    """'1,2,4,8' -> (1, 2, 4, 8); anything else is a UsageError that says what to type."""
+    try:
+        values = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise UsageError(f"--sufficiency-grid {text!r}: give filter counts separated by commas, e.g. 1,2,4,8") from None
+    check_grid(values)
+    return values
+
+
+def check_grid(grid: Sequence[int] | None) -> None:
+    if grid is not None and (not grid or min(grid) < 1):
+        raise UsageError("--sufficiency-grid needs one or more filter counts of at least 1, e.g. 1,2,4,8")
 
 
 def top_filters(weights: torch.Tensor, f: int) -> torch.Tensor:
@@ -105,7 +129,7 @@ def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDatase
         segmentation.evaluate(source, column, seg.weights, seg.bias, per_image, device)
         tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", per_image)))
         if settings.sufficiency:
-            for f in sufficiency_grid(k):
+            for f in sufficiency_grid(k, "segmentation", settings.sufficiency_grid):
                 say(f"sufficiency: segmentation with the top {f} filters")
                 part = segmentation.train(source, seg_concepts, k, keep=top_filters(seg.weights, f), **seg_kwargs)
                 tables.append(("embeddings", _rows(probe.probe_id, "segmentation", f, part.concept_ids,
@@ -125,7 +149,7 @@ def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDatase
                 for n, j in torch.nonzero(val_labels).tolist()]
         tables.append(("image_concept_scores", _score_rows(probe.probe_id, "classification", rows)))
         if settings.sufficiency:
-            for f in sufficiency_grid(k):
+            for f in sufficiency_grid(k, "classification", settings.sufficiency_grid):
                 part = classification.train(features, labels, is_val, cls_concepts,
                                             keep=top_filters(cls.weights, f), **cls_kwargs)
                 tables.append(("embeddings", _rows(probe.probe_id, "classification", f, part.concept_ids,
