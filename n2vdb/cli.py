@@ -157,6 +157,11 @@ def _summary(probe_id: int, model: str, layer: str, db, start: float) -> None:
     summary = api.query("single-vs-embedding", db, probe=probe_id)
     overall = [r for r in summary.to_pylist() if r["category"] == "all"]
     stderr.print(f"probe {probe_id}: {model} {layer} done in {time.perf_counter() - start:.1f} s")
+    stages = api.query("stage-timings", db, probe=probe_id).to_pylist()
+    if stages:
+        stderr.print("stages: " + ", ".join(f"{r['stage']} {r['seconds']:.1f} s ({r['ms_per_image']} ms/image)"
+                                            for r in stages)
+                     + f"; peak RSS {max(r['peak_rss_mb'] for r in stages):.0f} MB", markup=False)
     if overall:
         row = overall[0]
         stderr.print(f"mean val IoU over {row['concepts']} concepts: best single filter "

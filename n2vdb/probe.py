@@ -155,7 +155,9 @@ def list_probes(con: duckdb.DuckDBPyConnection) -> list[dict]:
     cur = con.execute(
         "SELECT p.probe_id, p.model, p.layer, p.weights, d.name AS dataset, p.n_filters,"
         " p.height || 'x' || p.width AS map, p.status, p.settings->>'quantile' AS quantile,"
-        " p.settings->>'iou_mode' AS iou_mode, p.source_probe_id, p.created_at"
+        " p.settings->>'iou_mode' AS iou_mode, p.source_probe_id, p.created_at,"
+        " (SELECT string_agg(t.stage || ' ' || round(t.seconds, 1) || ' s', ', ' ORDER BY t.recorded_at)"
+        "  FROM stage_timings t WHERE t.probe_id = p.probe_id) AS stage_seconds"
         " FROM probes p JOIN datasets d USING (dataset_id) ORDER BY p.probe_id")
     names = [d[0] for d in cur.description]
     return [dict(zip(names, r)) for r in cur.fetchall()]

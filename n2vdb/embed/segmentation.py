@@ -58,6 +58,15 @@ def compute_alpha(source: ExampleSource | CachedBlocks, column: dict[int, int]) 
     return torch.from_numpy(1 - total / np.maximum(count, 1)).float()
 
 
+def counts(source: ExampleSource | CachedBlocks, column: dict[int, int]) -> tuple[int, int]:
+    """(images, train (image, concept) pairs of the trained concepts) in the source."""
+    images = pairs = 0
+    for block in blocks_of(source):
+        images += len(block.image_ids)
+        pairs += len(_pairs_in(block, column, train_only=True)[0])
+    return images, pairs
+
+
 def concept_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor, kind: str = "paper") -> torch.Tensor:
     """Per-(image, concept) loss summed over pixels. logits, labels [..., sh, sw]; alpha broadcasts to [...]."""
     a = alpha[..., None, None]

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from n2vdb import activations as acts_store
+from n2vdb import activations as acts_store, timings
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.embed import classification, segmentation
 from n2vdb.embed.examples import cached, store_examples
@@ -105,9 +105,10 @@ def classification_inputs(con, probe: Probe, dataset_id: int):
 
 
 def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, settings: TrainSettings,
-             workers: int, device: torch.device) -> list[tuple[str, pa.Table]]:
+             workers: int, device: torch.device) -> tuple[list[tuple[str, pa.Table]], list[timings.StageTiming]]:
     k = probe.n_filters
     tables: list[tuple[str, pa.Table]] = []
+    records: list[timings.StageTiming] = []
 
     pixel = {c for (c,) in con.execute(
         "SELECT DISTINCT ic.concept_id FROM image_concepts ic JOIN concepts c USING (dataset_id, concept_id)"
@@ -117,45 +118,57 @@ def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDatase
         [probe.dataset_id, probe.activation_probe]).fetchall()}
     seg_concepts = sorted(pixel)
     if seg_concepts:
-        source = cached(store_examples(con, probe, dataset, pixel, workers))
-        say(f"training {len(seg_concepts)} segmentation embeddings ({settings.epochs} epochs)")
-        seg_kwargs = dict(epochs=settings.epochs, lr=settings.seg_lr, batch_size=settings.seg_batch,
-                          loss=settings.seg_loss, use_bias=settings.seg_bias, seed=settings.seed, device=device)
-        seg = segmentation.train(source, seg_concepts, k, **seg_kwargs)
-        tables.append(("embeddings", _rows(probe.probe_id, "segmentation", k, seg.concept_ids, seg.weights,
-                                           seg.bias, seg.train_iou, seg.val_iou)))
-        column = {int(c): j for j, c in enumerate(seg.concept_ids)}
-        per_image: list = []
-        segmentation.evaluate(source, column, seg.weights, seg.bias, per_image, device)
-        tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", per_image)))
+        with timings.timed("segmentation") as timing:
+            source = cached(store_examples(con, probe, dataset, pixel, workers))
+            say(f"training {len(seg_concepts)} segmentation embeddings ({settings.epochs} epochs)")
+            seg_kwargs = dict(epochs=settings.epochs, lr=settings.seg_lr, batch_size=settings.seg_batch,
+                              loss=settings.seg_loss, use_bias=settings.seg_bias, seed=settings.seed, device=device)
+            seg = segmentation.train(source, seg_concepts, k, **seg_kwargs)
+            tables.append(("embeddings", _rows(probe.probe_id, "segmentation", k, seg.concept_ids, seg.weights,
+                                               seg.bias, seg.train_iou, seg.val_iou)))
+            column = {int(c): j for j, c in enumerate(seg.concept_ids)}
+            per_image: list = []
+            segmentation.evaluate(source, column, seg.weights, seg.bias, per_image, device)
+            tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", per_image)))
+        timing.images, timing.pairs = segmentation.counts(source, column)
+        records.append(timing)
         if settings.sufficiency:
-            for f in sufficiency_grid(k, "segmentation", settings.sufficiency_grid):
-                say(f"sufficiency: segmentation with the top {f} filters")
-                part = segmentation.train(source, seg_concepts, k, keep=top_filters(seg.weights, f), **seg_kwargs)
-                tables.append(("embeddings", _rows(probe.probe_id, "segmentation", f, part.concept_ids,
-                                                   part.weights, part.bias, part.train_iou, part.val_iou)))
+            with timings.timed("segmentation-sufficiency", timing.images, timing.pairs) as timing:
+                for f in sufficiency_grid(k, "segmentation", settings.sufficiency_grid):
+                    say(f"sufficiency: segmentation with the top {f} filters")
+                    part = segmentation.train(source, seg_concepts, k, keep=top_filters(seg.weights, f), **seg_kwargs)
+                    tables.append(("embeddings", _rows(probe.probe_id, "segmentation", f, part.concept_ids,
+                                                       part.weights, part.bias, part.train_iou, part.val_iou)))
+            records.append(timing)
 
     image_ids, features, labels, is_val, cls_concepts = classification_inputs(con, probe, probe.dataset_id)
     if len(cls_concepts) and bool(is_val.any()):
-        say(f"training {len(cls_concepts)} classification embeddings")
-        cls_kwargs = dict(epochs=settings.epochs, lr=settings.cls_lr, batch_size=settings.cls_batch,
-                          seed=settings.seed)
-        cls = classification.train(features, labels, is_val, cls_concepts, **cls_kwargs)
-        tables.append(("embeddings", _rows(probe.probe_id, "classification", k, cls.concept_ids, cls.weights,
-                                           cls.bias, cls.train_accuracy, cls.val_accuracy, cls.val_ap)))
-        val_ids = image_ids[is_val.numpy()]
-        val_labels = labels[is_val]
-        rows = [(int(val_ids[n]), int(cls_concepts[j]), None, None, float(cls.val_scores[n, j]))
-                for n, j in torch.nonzero(val_labels).tolist()]
-        tables.append(("image_concept_scores", _score_rows(probe.probe_id, "classification", rows)))
+        train_labels = labels[~is_val]
+        n_pos = train_labels.sum(0)
+        cls_pairs = int((2 * torch.minimum(n_pos, len(train_labels) - n_pos)).sum())  # balanced samples
+        with timings.timed("classification", len(image_ids), cls_pairs) as timing:
+            say(f"training {len(cls_concepts)} classification embeddings")
+            cls_kwargs = dict(epochs=settings.epochs, lr=settings.cls_lr, batch_size=settings.cls_batch,
+                              seed=settings.seed)
+            cls = classification.train(features, labels, is_val, cls_concepts, **cls_kwargs)
+            tables.append(("embeddings", _rows(probe.probe_id, "classification", k, cls.concept_ids, cls.weights,
+                                               cls.bias, cls.train_accuracy, cls.val_accuracy, cls.val_ap)))
+            val_ids = image_ids[is_val.numpy()]
+            val_labels = labels[is_val]
+            rows = [(int(val_ids[n]), int(cls_concepts[j]), None, None, float(cls.val_scores[n, j]))
+                    for n, j in torch.nonzero(val_labels).tolist()]
+            tables.append(("image_concept_scores", _score_rows(probe.probe_id, "classification", rows)))
+        records.append(timing)
         if settings.sufficiency:
-            for f in sufficiency_grid(k, "classification", settings.sufficiency_grid):
-                part = classification.train(features, labels, is_val, cls_concepts,
-                                            keep=top_filters(cls.weights, f), **cls_kwargs)
-                tables.append(("embeddings", _rows(probe.probe_id, "classification", f, part.concept_ids,
-                                                   part.weights, part.bias, part.train_accuracy,
-                                                   part.val_accuracy, part.val_ap)))
-    return tables
+            with timings.timed("classification-sufficiency", len(image_ids), cls_pairs) as timing:
+                for f in sufficiency_grid(k, "classification", settings.sufficiency_grid):
+                    part = classification.train(features, labels, is_val, cls_concepts,
+                                                keep=top_filters(cls.weights, f), **cls_kwargs)
+                    tables.append(("embeddings", _rows(probe.probe_id, "classification", f, part.concept_ids,
+                                                       part.weights, part.bias, part.train_accuracy,
+                                                       part.val_accuracy, part.val_ap)))
+            records.append(timing)
+    return tables, records
 
 
 def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: TrainSettings, workers: int = 0,
@@ -164,13 +177,14 @@ def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: TrainSetti
     Segmentation embeddings (the pixel-heavy part) train on DEVICE; classification, on N x K pooled
     features, is cheap on the CPU."""
     with store.reading() as con:
-        tables = _compute(con, probe, dataset, settings, workers, torch.device(device))
+        tables, records = _compute(con, probe, dataset, settings, workers, torch.device(device))
     with store.writing() as con, transaction(con):
         con.execute("DELETE FROM embeddings WHERE probe_id = ?", [probe.probe_id])
         con.execute("DELETE FROM image_concept_scores WHERE probe_id = ?"
                     " AND method IN ('segmentation', 'classification')", [probe.probe_id])
         for name, table in tables:
             _insert(con, name, table)
+        timings.save(con, probe.probe_id, records)
         set_status(con, probe.probe_id, "complete")
     probe.status = "complete"
 
