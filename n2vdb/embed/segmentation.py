@@ -182,9 +182,11 @@ def epoch_order(gen: torch.Generator, n_train: int) -> np.ndarray:
 
 def train(source: ExampleSource | CachedBlocks, concept_ids: Sequence[int], n_filters: int, *, epochs: int = 30,
           lr: float = 1e-4, batch_size: int = 16, loss: str = "paper", use_bias: bool = False, seed: int = 0,
-          keep: torch.Tensor | None = None, device: str | torch.device = "cpu") -> SegResult:
+          keep: torch.Tensor | None = None, device: str | torch.device = "cpu",
+          per_image: list | None = None) -> SegResult:
     """Train every concept's embedding jointly. keep [K, C] (0/1) restricts each concept to some filters.
-    The weights live on DEVICE (a GPU where there is one); pairs move there chunk by chunk."""
+    The weights live on DEVICE (a GPU where there is one); pairs move there chunk by chunk. PER_IMAGE,
+    if given, collects the final evaluation's per-image val IoUs (see evaluate)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     device = torch.device(device)
@@ -218,7 +220,7 @@ def train(source: ExampleSource | CachedBlocks, concept_ids: Sequence[int], n_fi
                 weights = sgd_w.step(weights, grad_w * keep, stepped, lr)
                 if use_bias:
                     bias = sgd_b.step(bias, grad_b, stepped, lr)
-    train_iou, val_iou = evaluate(source, column, weights, bias)
+    train_iou, val_iou = evaluate(source, column, weights, bias, per_image)
     return SegResult(concept_ids, weights.cpu(), bias.cpu().clone(), alpha.cpu(), train_iou, val_iou)
 
 

@@ -123,12 +123,11 @@ def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDatase
             say(f"training {len(seg_concepts)} segmentation embeddings ({settings.epochs} epochs)")
             seg_kwargs = dict(epochs=settings.epochs, lr=settings.seg_lr, batch_size=settings.seg_batch,
                               loss=settings.seg_loss, use_bias=settings.seg_bias, seed=settings.seed, device=device)
-            seg = segmentation.train(source, seg_concepts, k, **seg_kwargs)
+            per_image: list = []
+            seg = segmentation.train(source, seg_concepts, k, per_image=per_image, **seg_kwargs)
             tables.append(("embeddings", _rows(probe.probe_id, "segmentation", k, seg.concept_ids, seg.weights,
                                                seg.bias, seg.train_iou, seg.val_iou)))
             column = {int(c): j for j, c in enumerate(seg.concept_ids)}
-            per_image: list = []
-            segmentation.evaluate(source, column, seg.weights, seg.bias, per_image, device)
             tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", per_image)))
         timing.images, timing.pairs = segmentation.counts(source, column)
         records.append(timing)
