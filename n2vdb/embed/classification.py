@@ -29,22 +29,19 @@ class ClsResult:
 
 
 def balanced_sample(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """labels [N, C] bool -> selection [N, C] bool: per concept, the minority class and an equal draw of the majority."""
+    """labels [N, C] bool -> selection [N, C] bool: per concept, the minority class and an equal draw of
+    the majority (the majority images with the smallest of one uniform noise draw), all columns at once."""
     n, c = labels.shape
-    chosen = torch.zeros(n, c, dtype=torch.bool)
     noise = torch.rand(n, c, generator=gen)
-    for j in range(c):
-        pos = labels[:, j]
-        n_pos = int(pos.sum())
-        n_neg = n - n_pos
-        if n_pos == 0 or n_neg == 0:
-            continue
-        minority = pos if n_pos <= n_neg else ~pos
-        size = min(n_pos, n_neg)
-        chosen[minority, j] = True
-        majority = torch.nonzero(~minority).squeeze(1)
-        pick = majority[torch.argsort(noise[majority, j])[:size]]
-        chosen[pick, j] = True
+    n_pos = labels.sum(0)
+    n_neg = n - n_pos
+    minority = torch.where(n_pos <= n_neg, labels, ~labels)  # [N, C]
+    size = torch.minimum(n_pos, n_neg)
+    order = torch.argsort(noise.masked_fill(minority, float("inf")), dim=0, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(0, order, torch.arange(n).unsqueeze(1).expand(n, c).contiguous())
+    chosen = minority | (rank < size)
+    chosen[:, size == 0] = False  # a concept on every image or on none has no balanced sample
     return chosen
 
 
