@@ -76,10 +76,11 @@ def data_synth(
     size: Annotated[int, typer.Option(help="Image size in px (segmentations at half)")] = 227,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     name: Annotated[str, typer.Option(help="Register under this name ('' to skip)")] = "synthetic",
+    profile: Annotated[str, typer.Option(help="builtin (29 concepts) | broden (Broden's categories and density)")] = "builtin",
     db: Db = None,
 ):
     """Write the built-in concept set as a Broden-format directory and register it."""
-    root = api.synth(path, images, size, seed, name or None, db)
+    root = api.synth(path, images, size, seed, name or None, db, profile=profile)
     stderr.print(f"wrote {images} images to {root}" + (f", registered as {name!r}" if name else ""))
 
 
@@ -117,7 +118,8 @@ def ingest(
     bias: Annotated[bool, typer.Option(help="Learn a bias for segmentation embeddings")] = False,
     cls_lr: Annotated[float, typer.Option(help="Classification embedding learning rate")] = 0.1,
     cls_batch: Annotated[int, typer.Option(help="Classification batch size")] = 64,
-    sufficiency: Annotated[bool, typer.Option(help="Retrain with the top-F filters for F = 1, 2, 4, ...")] = False,
+    sufficiency: Annotated[bool, typer.Option(help="Retrain with the top-F filters for the reference's F grids")] = False,
+    sufficiency_grid: Annotated[Optional[str], typer.Option(help="F values for --sufficiency, e.g. 1,2,4,8 [default: the reference's]")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward batch")] = 32,
     workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes")] = None,
     shard: Annotated[Optional[str], typer.Option(help="Extract only shard i/N (or auto under torchrun) into --shard-dir")] = None,
@@ -127,8 +129,10 @@ def ingest(
     """Extract a layer's activations and compute thresholds, IoUs and embeddings (resumes if interrupted)."""
     if loss not in ("paper", "loglik"):
         raise UsageError("--loss must be paper or loglik")
+    from n2vdb.embed.stage import parse_grid  # here, not at the top: it imports torch
     train = TrainSettings(epochs=epochs, seg_lr=seg_lr, seg_batch=seg_batch, seg_loss=loss, seg_bias=bias,
-                          cls_lr=cls_lr, cls_batch=cls_batch, seed=seed, sufficiency=sufficiency)
+                          cls_lr=cls_lr, cls_batch=cls_batch, seed=seed, sufficiency=sufficiency,
+                          sufficiency_grid=parse_grid(sufficiency_grid) if sufficiency_grid else None)
     options = dict(dataset=dataset, weights=weights, seed=seed, device=device, limit=limit, input_size=input_size,
                    quantile=quantile, iou_mode=iou_mode, preprocess=preprocess, batch_size=batch_size,
                    workers=workers, train=train)
@@ -155,6 +159,11 @@ def _summary(probe_id: int, model: str, layer: str, db, start: float) -> None:
     summary = api.query("single-vs-embedding", db, probe=probe_id)
     overall = [r for r in summary.to_pylist() if r["category"] == "all"]
     stderr.print(f"probe {probe_id}: {model} {layer} done in {time.perf_counter() - start:.1f} s")
+    stages = api.query("stage-timings", db, probe=probe_id).to_pylist()
+    if stages:
+        stderr.print("stages: " + ", ".join(f"{r['stage']} {r['seconds']:.1f} s ({r['ms_per_image']} ms/image)"
+                                            for r in stages)
+                     + f"; peak RSS {max(r['peak_rss_mb'] for r in stages):.0f} MB", markup=False)
     if overall and overall[0]["concepts"]:  # none for a vector layer, which has no segmentation
         row = overall[0]
         stderr.print(f"mean val IoU over {row['concepts']} concepts: best single filter "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import duckdb
 
-from n2vdb import extract, probe as probes
+from n2vdb import extract, probe as probes, timings
 from n2vdb.data import importer
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.data.synth import generate
@@ -75,6 +75,7 @@ def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: I
     if options.limit is not None and options.limit < 1:
         raise UsageError("--limit must be at least 1")
     extract.pick_device(options.device)  # an unusable device fails before anything is written
+    embed_stage.check_grid(options.train.sufficiency_grid)
     prep = registry.preprocessing(registry.check_model(model))
     size = options.input_size or prep.size
     layer_spec = registry.resolve_layer(model, layer, size)
@@ -130,18 +131,24 @@ def _ingest(store: Store, model: str, layer: str, options: IngestOptions) -> int
     if probe.status == "extracting":
         if net is not None:
             say(f"probe {probe.probe_id}: extracting activations")
-            extract.extract(store, probe, spec, dataset, net, options.device, options.batch_size, workers)
+            with timings.timed("extraction") as timing:
+                extract.extract(store, probe, spec, dataset, net, options.device, options.batch_size, workers)
+            timings.record(store, probe, timing)
         with store.reading() as con:
             probe = probes.load(con, probe.probe_id)
         say(f"probe {probe.probe_id}: thresholds")
-        extract.compute_thresholds(store, probe, spec.quantile)
+        with timings.timed("thresholds") as timing:
+            extract.compute_thresholds(store, probe, spec.quantile)
+        timings.record(store, probe, timing)
     if probe.status == "iou":
         with store.reading() as con:
             needs_thresholds = probe.source_probe_id is not None or not _has_thresholds(con, probe)
             probe = probes.load(con, probe.probe_id)
         if needs_thresholds:
             say(f"probe {probe.probe_id}: thresholds")
-            extract.compute_thresholds(store, probe, spec.quantile)
+            with timings.timed("thresholds") as timing:
+                extract.compute_thresholds(store, probe, spec.quantile)
+            timings.record(store, probe, timing)
         if spec.kind == "vector":  # no spatial extent: the segmentation stages do not apply
             say(f"probe {probe.probe_id}: a vector layer; single-filter IoU and segmentation do not apply")
             with store.writing() as con:
@@ -149,7 +156,9 @@ def _ingest(store: Store, model: str, layer: str, options: IngestOptions) -> int
             probe.status = "embeddings"
         else:
             say(f"probe {probe.probe_id}: single-filter IoU")
-            iou_stage.run(store, probe, dataset, spec.iou_mode, workers, extract.pick_device(options.device))
+            with timings.timed("iou") as timing:
+                iou_stage.run(store, probe, dataset, spec.iou_mode, workers, extract.pick_device(options.device))
+            timings.record(store, probe, timing, count_pairs=True)
     if probe.status == "embeddings":
         say(f"probe {probe.probe_id}: concept embeddings")
         embed_stage.run(store, probe, dataset, spec.train, workers, extract.pick_device(options.device),

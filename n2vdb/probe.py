@@ -31,6 +31,7 @@ class TrainSettings:
     cls_batch: int = 64
     seed: int = 0
     sufficiency: bool = False
+    sufficiency_grid: tuple[int, ...] | None = None  # None: the reference's grids (embed/stage.py)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ class ProbeSpec:
 
     def settings(self) -> dict:
         data = asdict(self)
+        if data["train"]["sufficiency_grid"] is None:
+            del data["train"]["sufficiency_grid"]  # keeps the keys of probes made before the option
+        else:
+            data["train"]["sufficiency_grid"] = list(data["train"]["sufficiency_grid"])
         data["mean"], data["std"] = list(self.mean), list(self.std)
         return data
 
@@ -166,7 +171,9 @@ def list_probes(con: duckdb.DuckDBPyConnection) -> list[dict]:
     cur = con.execute(
         "SELECT p.probe_id, p.model, p.layer, p.weights, d.name AS dataset, p.n_filters,"
         " p.height || 'x' || p.width AS map, p.status, p.settings->>'quantile' AS quantile,"
-        " p.settings->>'iou_mode' AS iou_mode, p.source_probe_id, p.created_at"
+        " p.settings->>'iou_mode' AS iou_mode, p.source_probe_id, p.created_at,"
+        " (SELECT string_agg(t.stage || ' ' || round(t.seconds, 1) || ' s', ', ' ORDER BY t.recorded_at)"
+        "  FROM stage_timings t WHERE t.probe_id = p.probe_id) AS stage_seconds"
         " FROM probes p JOIN datasets d USING (dataset_id) ORDER BY p.probe_id")
     names = [d[0] for d in cur.description]
     return [dict(zip(names, r)) for r in cur.fetchall()]

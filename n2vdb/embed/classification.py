@@ -1,8 +1,9 @@
 """Net2Vec classification embeddings (method.md section 5): image-level presence from pooled activations.
 
-All concepts train at once (W [K, C]); each epoch every concept draws its own balanced sample (all
-images of its minority class plus as many of the majority), and a mini-batch contributes, per
-concept, only the images of that concept's sample, scaled by the nominal batch size.
+All concepts train at once (W [K, C]), each as the reference trains it alone: every epoch a concept
+draws its own balanced sample (all images of its minority class plus as many of the majority), takes
+it in the epoch's order in batches of BATCH_SIZE, averages the loss over each batch's own count, and
+steps (momentum included) only on its own batches (n2vdb.embed.batches).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from n2vdb.embed.batches import MaskedMomentum, own_batches, stepped_columns
 
 
 @dataclass
@@ -27,22 +29,19 @@ class ClsResult:
 
 
 def balanced_sample(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """labels [N, C] bool -> selection [N, C] bool: per concept, the minority class and an equal draw of the majority."""
+    """labels [N, C] bool -> selection [N, C] bool: per concept, the minority class and an equal draw of
+    the majority (the majority images with the smallest of one uniform noise draw), all columns at once."""
     n, c = labels.shape
-    chosen = torch.zeros(n, c, dtype=torch.bool)
     noise = torch.rand(n, c, generator=gen)
-    for j in range(c):
-        pos = labels[:, j]
-        n_pos = int(pos.sum())
-        n_neg = n - n_pos
-        if n_pos == 0 or n_neg == 0:
-            continue
-        minority = pos if n_pos <= n_neg else ~pos
-        size = min(n_pos, n_neg)
-        chosen[minority, j] = True
-        majority = torch.nonzero(~minority).squeeze(1)
-        pick = majority[torch.argsort(noise[majority, j])[:size]]
-        chosen[pick, j] = True
+    n_pos = labels.sum(0)
+    n_neg = n - n_pos
+    minority = torch.where(n_pos <= n_neg, labels, ~labels)  # [N, C]
+    size = torch.minimum(n_pos, n_neg)
+    order = torch.argsort(noise.masked_fill(minority, float("inf")), dim=0, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(0, order, torch.arange(n).unsqueeze(1).expand(n, c).contiguous())
+    chosen = minority | (rank < size)
+    chosen[:, size == 0] = False  # a concept on every image or on none has no balanced sample
     return chosen
 
 
@@ -76,27 +75,32 @@ def train(features: torch.Tensor, labels: torch.Tensor, is_val: torch.Tensor, co
     val_selection = balanced_sample(val_y, gen)
     bound = 1 / np.sqrt(n_filters)
     keep = torch.ones(n_filters, n_concepts) if keep is None else keep.float()
-    raw = ((torch.rand(n_filters, n_concepts, generator=gen) * 2 - 1) * bound * keep).requires_grad_()
-    bias = torch.zeros(n_concepts, requires_grad=True)
-    optimiser = torch.optim.SGD([raw, bias], lr=lr, momentum=0.9)
-    schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, epochs // 2), gamma=0.1)
-    for _ in range(epochs):
-        selection = balanced_sample(train_y, gen).float()
+    weights = (torch.rand(n_filters, n_concepts, generator=gen) * 2 - 1) * bound * keep
+    bias = torch.zeros(n_concepts)
+    sgd_w, sgd_b = MaskedMomentum(weights), MaskedMomentum(bias)
+    step_size = max(1, epochs // 2)  # lr x 0.1 halfway, as the reference's StepLR
+    targets = train_y.float()
+    for epoch in range(epochs):
+        lr_now = lr * 0.1 ** (epoch // step_size)
+        selection = balanced_sample(train_y, gen)
         order = torch.randperm(len(train_x), generator=gen)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            sel = selection[idx]
-            if not sel.any():
-                continue
-            logits = train_x[idx] @ (raw * keep) + bias
-            loss = F.binary_cross_entropy_with_logits(logits, train_y[idx].float(), reduction="none")
-            optimiser.zero_grad()
-            ((loss * sel).sum() / batch_size).backward()
-            optimiser.step()
-        schedule.step()
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order))
+        images, cols = (t.numpy() for t in torch.nonzero(selection, as_tuple=True))
+        for chosen, scale in own_batches(cols, rank.numpy()[images], batch_size):
+            img = torch.from_numpy(images[chosen])
+            col = torch.from_numpy(cols[chosen])
+            x = train_x[img]
+            logits = (x * weights[:, col].T).sum(1) + bias[col]
+            # d BCE-with-logits / d logit = sigmoid(z) - y, over the batch's own count
+            residual = (torch.sigmoid(logits) - targets[img, col]) * torch.from_numpy(scale).float()
+            grad_w = torch.zeros(n_concepts, n_filters).index_add_(0, col, x * residual[:, None]).T
+            grad_b = torch.zeros(n_concepts).index_add_(0, col, residual)
+            stepped = stepped_columns(cols[chosen], n_concepts)
+            weights = sgd_w.step(weights, grad_w * keep, stepped, lr_now)
+            bias = sgd_b.step(bias, grad_b, stepped, lr_now)
     with torch.no_grad():
-        weights = (raw * keep).detach()
-        b = bias.detach().clone()
+        b = bias.clone()
         val_logits = val_x @ weights + b
         train_logits = train_x @ weights + b
         train_acc = _accuracy(train_logits, train_y, balanced_sample(train_y, gen))

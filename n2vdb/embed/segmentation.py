@@ -1,16 +1,26 @@
 """Net2Vec segmentation embeddings (method.md section 4), all concepts trained at once.
 
-One weight matrix W [K, C]; concept c's logit map is upsample(sum_k W[k, c] B_k + b_c). Each concept
-sees only its own train images, its own alpha and its own loss: a mini-batch of images contributes,
-for each concept, the loss summed over the batch images that contain that concept, divided by the
-nominal batch size. Per epoch every concept therefore receives the same total gradient as the
-reference code's per-concept batches of that size; only the step boundaries differ.
+One weight matrix W [K, C]; concept c's logit map is upsample(sum_k W[k, c] B_k + b_c). Training is
+the reference's, concept by concept: each epoch draws one order of the train images; concept c takes
+its own images in that order in batches of BATCH_SIZE (the last one smaller), its loss summed over a
+batch's pixels and divided by that batch's own count, and SGD with momentum steps c only on its own
+batches. Step t of the joint trainer is every concept's t-th batch at once, so each concept gets
+exactly the updates training it alone would give (tests/test_embed.py checks this for a rare and a
+frequent concept).
+
+The arithmetic is arranged for speed, not changed:
+- binary maps are sparse (a filter is on at ~0.5% of positions), so the H x W logits of a pair are a
+  scatter of W's entries over the image's on values, and the gradient a gather back;
+- bilinear upsampling (align_corners=True) is linear and separable: up = A_h X A_w^T with fixed
+  [sh, H] and [sw, W] matrices, and its backward is A_h^T G A_w, two small matrix products;
+- the loss's gradient with respect to the upsampled logits is written out (it needs one sigmoid per
+  pixel), so nothing per pixel is kept for autograd;
+- pairs go through in chunks small enough for the per-pixel passes to stay in cache.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,9 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from n2vdb.embed.examples import ExampleSource, SegExample
+from n2vdb.embed.batches import MaskedMomentum, own_batches, stepped_columns
+from n2vdb.embed.examples import CachedBlocks, ExampleSource, PairBlock, blocks_of
 
 LOSSES = ("paper", "loglik")
+_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], np.uint8)
+CHUNK_PAIRS = 128  # (image, concept) pairs per pass: 128 x 113 x 113 floats = 6.5 MB
 
 
 @dataclass
@@ -33,19 +46,25 @@ class SegResult:
     val_iou: np.ndarray
 
 
-def compute_alpha(source: ExampleSource, column: dict[int, int]) -> torch.Tensor:
+def compute_alpha(source: ExampleSource | CachedBlocks, column: dict[int, int]) -> torch.Tensor:
     """alpha_c = 1 - mean over train images containing c of the fraction of pixels labelled c."""
-    total = torch.zeros(len(column), dtype=torch.float64)
-    count = torch.zeros(len(column), dtype=torch.float64)
-    for ex in source():
-        if ex.split != "train":
-            continue
-        for j, c in enumerate(ex.concept_ids):
-            col = column.get(int(c))
-            if col is not None:
-                total[col] += ex.masks[j].double().mean()
-                count[col] += 1
-    return (1 - total / count.clamp_min(1)).float()
+    total = np.zeros(len(column))
+    count = np.zeros(len(column))
+    for block in blocks_of(source):
+        pairs, cols = _pairs_in(block, column, train_only=True)
+        sh, sw = block.mask_shape
+        np.add.at(total, cols, block.mask_pixels[pairs] / (sh * sw))
+        np.add.at(count, cols, 1)
+    return torch.from_numpy(1 - total / np.maximum(count, 1)).float()
+
+
+def counts(source: ExampleSource | CachedBlocks, column: dict[int, int]) -> tuple[int, int]:
+    """(images, train (image, concept) pairs of the trained concepts) in the source."""
+    images = pairs = 0
+    for block in blocks_of(source):
+        images += len(block.image_ids)
+        pairs += len(_pairs_in(block, column, train_only=True)[0])
+    return images, pairs
 
 
 def concept_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor, kind: str = "paper") -> torch.Tensor:
@@ -61,113 +80,183 @@ def concept_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor
     return -per_pixel.sum(dim=(-2, -1))
 
 
-def _batch_terms(batch: Sequence[SegExample], column: dict[int, int], weights: torch.Tensor, bias: torch.Tensor):
-    """Per segmentation size in the batch: (image index [P], concept columns [P], labels [P, sh, sw],
-    logits [P, sh, sw]) for every (image, concept present in it) pair, and nothing else."""
-    by_size: dict[tuple[int, int], list[SegExample]] = {}
-    for ex in batch:
-        if any(int(c) in column for c in ex.concept_ids):
-            by_size.setdefault(tuple(ex.masks.shape[1:]), []).append(ex)
-    for size, group in by_size.items():
-        images, cols, labels = [], [], []
-        for n, ex in enumerate(group):
-            for j, c in enumerate(ex.concept_ids):
-                col = column.get(int(c))
-                if col is not None:
-                    images.append(n)
-                    cols.append(col)
-                    labels.append(ex.masks[j])
-        device = weights.device
-        images_t, cols_t = torch.tensor(images, device=device), torch.tensor(cols, device=device)
-        union, pair_to_union = torch.unique(cols_t, return_inverse=True)
-        binary = torch.stack([ex.binary for ex in group]).to(device).float()  # [n, K, H, W]
-        small = torch.einsum("nkhw,kc->nchw", binary, weights[:, union])  # [n, U, H, W], cheap at H x W
-        pairs = small[images_t, pair_to_union] + bias[cols_t][:, None, None]  # [P, H, W]
-        # Upsampling is linear, so logits are formed at H x W and upsampled once per (image, concept).
-        logits = F.interpolate(pairs[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
-        yield images_t, cols_t, torch.stack(labels).to(device).float(), logits
+def loss_gradient(logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor,
+                  kind: str) -> torch.Tensor:
+    """d (scale_p * concept_loss_p) / d logits, computed in place of LOGITS [P, sh, sw] (which it
+    overwrites; labels bool [P, sh, sw]; alpha, scale [P]). With s = sigmoid(z):
+    paper: L = -[a y s + (1-a)(1-y)(1-s)], so dL/dz = s (1-s) (y ? -a : 1-a);
+    loglik: L = -[a y log s + (1-a)(1-y) log(1-s)], so dL/dz = y ? a (s-1) : (1-a) s."""
+    a, k = alpha[:, None, None], scale[:, None, None]
+    s = logits.sigmoid_()
+    if kind == "paper":
+        s.addcmul_(s, s, value=-1)  # s (1 - s), in one pass
+        return s.mul_(torch.where(labels, -a * k, (1 - a) * k))
+    if kind == "loglik":
+        return s.mul_(torch.where(labels, a * k, (1 - a) * k)).sub_(torch.where(labels, a * k, 0))
+    raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
 
 
-def _epoch_order(source: ExampleSource, rng: random.Random, window: int = 512):
-    """Train examples in a fresh random order: a full shuffle for cached examples, a bounded shuffle
-    buffer for streamed ones (a full shuffle too when they number no more than the window)."""
-    if hasattr(source, "train_order"):
-        yield from source.train_order(rng)
-        return
-    buffer: list[SegExample] = []
-    for ex in source():
-        if ex.split != "train":
-            continue
-        buffer.append(ex)
-        if len(buffer) >= window:
-            yield buffer.pop(rng.randrange(len(buffer)))
-    rng.shuffle(buffer)
-    yield from buffer
+def upsample_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in]: 1-D bilinear interpolation with align_corners=True, read off torch's own."""
+    eye = torch.eye(n_in, dtype=torch.float64)[None]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=True)[0].T.float().contiguous()
 
 
-def train(source: ExampleSource, concept_ids: Sequence[int], n_filters: int, *, epochs: int = 30,
+class _Geometry:
+    """The fixed maps of one block shape, on the training device."""
+
+    def __init__(self, block: PairBlock, device: torch.device) -> None:
+        k, h, w = block.map_shape
+        self.k, self.hw = k, h * w
+        self.h, self.w = h, w
+        self.a_h = upsample_matrix(h, block.mask_shape[0]).to(device)
+        self.a_w = upsample_matrix(w, block.mask_shape[1]).to(device)
+        self.device = device
+
+    def up(self, small: torch.Tensor) -> torch.Tensor:
+        """[P, H, W] -> [P, sh, sw]: A_h X A_w^T as one flat product and one batched one (a
+        broadcast matmul of small matrices is an order of magnitude slower on the CPU)."""
+        p = small.shape[0]
+        along_w = (small.reshape(p * self.h, self.w) @ self.a_w.T).view(p, self.h, -1)
+        return torch.bmm(self.a_h.expand(p, -1, -1), along_w)
+
+    def down(self, grad: torch.Tensor) -> torch.Tensor:
+        """The adjoint: [P, sh, sw] -> [P, H, W], A_h^T G A_w."""
+        p = grad.shape[0]
+        along_h = torch.bmm(self.a_h.T.expand(p, -1, -1), grad)  # [P, H, sw]
+        return (along_h.reshape(p * self.h, -1) @ self.a_w).view(p, self.h, self.w)
+
+
+def _pairs_in(block: PairBlock, column: dict[int, int], train_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(pair indices, their columns) of the block's pairs whose concept is being trained."""
+    ids = np.fromiter(column, np.int64, len(column))
+    cols = np.fromiter(column.values(), np.int64, len(column))
+    order = np.argsort(ids)
+    ids, cols = ids[order], cols[order]
+    at = np.searchsorted(ids, block.pair_concept).clip(0, max(len(ids) - 1, 0))
+    known = (ids[at] == block.pair_concept) if len(ids) else np.zeros(len(block.pair_concept), bool)
+    if train_only:
+        known &= block.is_train[block.pair_image]
+    pairs = np.flatnonzero(known)
+    return pairs, cols[at[pairs]]
+
+
+def _entries(block: PairBlock, pairs: np.ndarray, geo: _Geometry):
+    """For every on value of every pair's image: (pair slot, filter, position), as device tensors."""
+    images = block.pair_image[pairs]
+    starts, stops = block.offsets[images], block.offsets[images + 1]
+    lengths = stops - starts
+    slot = np.repeat(np.arange(len(pairs)), lengths)
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    flat = torch.from_numpy(block.active[np.repeat(starts, lengths) + within].astype(np.int64)).to(geo.device)
+    return torch.from_numpy(slot).to(geo.device), flat // geo.hw, flat % geo.hw
+
+
+def _upsampled_logits(block, pairs, cols_t, weights, bias, geo):
+    """Logits [P, sh, sw] of the pairs, and what their backward needs."""
+    slot, filt, pos = _entries(block, pairs, geo)
+    small = torch.zeros(len(pairs) * geo.hw, device=geo.device)
+    small.index_add_(0, slot * geo.hw + pos, weights[filt, cols_t[slot]])
+    small = small.view(len(pairs), geo.h, geo.w) + bias[cols_t][:, None, None]
+    return geo.up(small), (slot, filt, pos)
+
+
+def _accumulate(block, pairs, cols, weights, bias, alpha, scale, loss_kind, geo, grad_w, grad_b=None):
+    """Add the gradient of sum_p scale_p * loss_p over PAIRS to grad_w [K, C] and grad_b [C] (if given)."""
+    cols_t = torch.from_numpy(cols).to(geo.device)
+    logits, (slot, filt, pos) = _upsampled_logits(block, pairs, cols_t, weights, bias, geo)
+    labels = block.labels(pairs).to(geo.device)
+    g_up = loss_gradient(logits, labels, alpha[cols_t], scale, loss_kind)
+    if grad_b is not None:  # upsampling preserves constants, so d/db is the sum over pixels
+        grad_b.index_add_(0, cols_t, g_up.sum((1, 2)))
+    g_small = geo.down(g_up).reshape(-1)
+    n_cols = grad_w.shape[1]
+    grad_w.view(-1).index_add_(0, filt * n_cols + cols_t[slot], g_small[slot * geo.hw + pos])
+
+
+def epoch_order(gen: torch.Generator, n_train: int) -> np.ndarray:
+    """The epoch's order of a block's train images (a uniform permutation; concept c's batches are
+    its images taken in this order)."""
+    return torch.randperm(n_train, generator=gen).numpy()
+
+
+def train(source: ExampleSource | CachedBlocks, concept_ids: Sequence[int], n_filters: int, *, epochs: int = 30,
           lr: float = 1e-4, batch_size: int = 16, loss: str = "paper", use_bias: bool = False, seed: int = 0,
-          keep: torch.Tensor | None = None, device: str | torch.device = "cpu") -> SegResult:
+          keep: torch.Tensor | None = None, device: str | torch.device = "cpu",
+          per_image: list | None = None) -> SegResult:
     """Train every concept's embedding jointly. keep [K, C] (0/1) restricts each concept to some filters.
-    The weights live on DEVICE (a GPU where there is one); examples move there batch by batch."""
+    The weights live on DEVICE (a GPU where there is one); pairs move there chunk by chunk. PER_IMAGE,
+    if given, collects the final evaluation's per-image val IoUs (see evaluate)."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    device = torch.device(device)
     concept_ids = np.asarray(concept_ids, dtype=np.int64)
     column = {int(c): j for j, c in enumerate(concept_ids)}
+    n_cols = len(column)
     gen = torch.Generator().manual_seed(seed)
     bound = 1 / math.sqrt(n_filters)
-    init = ((torch.rand(n_filters, len(column), generator=gen) * 2 - 1) * bound).to(device)
+    init = ((torch.rand(n_filters, n_cols, generator=gen) * 2 - 1) * bound).to(device)
     keep = torch.ones_like(init) if keep is None else keep.float().to(device)
-    raw = (init * keep).requires_grad_()
-    bias = torch.zeros(len(column), device=device, requires_grad=use_bias)
-    params = [raw, bias] if use_bias else [raw]
-    optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    weights = init * keep
+    bias = torch.zeros(n_cols, device=device)
+    sgd_w, sgd_b = MaskedMomentum(weights), MaskedMomentum(bias)
     alpha = compute_alpha(source, column).to(device)
-    rng = random.Random(seed)
     for _ in range(epochs):
-        batch: list[SegExample] = []
-        for ex in _epoch_order(source, rng):
-            batch.append(ex)
-            if len(batch) == batch_size:
-                _step(batch, column, raw * keep, bias, alpha, loss, batch_size, optimiser)
-                batch = []
-        if batch:
-            _step(batch, column, raw * keep, bias, alpha, loss, batch_size, optimiser)
-    weights = (raw * keep).detach()
-    train_iou, val_iou = evaluate(source, column, weights, bias.detach())
-    return SegResult(concept_ids, weights.cpu(), bias.detach().cpu().clone(), alpha.cpu(), train_iou, val_iou)
-
-
-def _step(batch, column, weights, bias, alpha, loss_kind, batch_size, optimiser) -> None:
-    optimiser.zero_grad()
-    total = torch.zeros((), device=weights.device)
-    for _, cols, labels, logits in _batch_terms(batch, column, weights, bias):
-        total = total + concept_loss(logits, labels, alpha[cols], loss_kind).sum()
-    if total.requires_grad:
-        (total / batch_size).backward()
-        optimiser.step()
+        for block in blocks_of(source):
+            geo = _Geometry(block, device)
+            pairs, cols = _pairs_in(block, column, train_only=True)
+            train_images = np.flatnonzero(block.is_train)
+            order = np.zeros(len(block.image_ids), np.int64)
+            order[train_images] = epoch_order(gen, len(train_images))
+            for chosen, scale in own_batches(cols, order[block.pair_image[pairs]], batch_size):
+                step_pairs, step_cols = pairs[chosen], cols[chosen]
+                grad_w, grad_b = torch.zeros_like(weights), torch.zeros_like(bias)
+                scale_t = torch.from_numpy(scale).float().to(device)
+                for start in range(0, len(step_pairs), CHUNK_PAIRS):
+                    part = slice(start, start + CHUNK_PAIRS)
+                    _accumulate(block, step_pairs[part], step_cols[part], weights, bias, alpha, scale_t[part],
+                                loss, geo, grad_w, grad_b if use_bias else None)
+                stepped = stepped_columns(step_cols, n_cols, device)
+                weights = sgd_w.step(weights, grad_w * keep, stepped, lr)
+                if use_bias:
+                    bias = sgd_b.step(bias, grad_b, stepped, lr)
+    train_iou, val_iou = evaluate(source, column, weights, bias, per_image)
+    return SegResult(concept_ids, weights.cpu(), bias.cpu().clone(), alpha.cpu(), train_iou, val_iou)
 
 
 @torch.no_grad()
-def evaluate(source: ExampleSource, column: dict[int, int], weights: torch.Tensor, bias: torch.Tensor,
-             per_image: list | None = None, device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+def evaluate(source: ExampleSource | CachedBlocks, column: dict[int, int], weights: torch.Tensor,
+             bias: torch.Tensor, per_image: list | None = None,
+             device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Set IoU per concept and split of M = sigmoid(logits) > 0.5, over images containing the concept.
     per_image, if given, collects (image_id, concept_id, intersection, union) for val images."""
     c = len(column)
     inter = {s: np.zeros(c) for s in ("train", "val")}
     union = {s: np.zeros(c) for s in ("train", "val")}
-    concept_of = {j: cid for cid, j in column.items()}
-    if device is not None:
-        weights, bias = weights.to(device), bias.to(device)
-    for ex in source():
-        for _, cols, labels, logits in _batch_terms([ex], column, weights, bias):
-            pred = logits > 0  # sigmoid(x) > 0.5
-            lab = labels > 0.5
-            i = (pred & lab).flatten(1).sum(1).cpu().numpy()
-            u = (pred | lab).flatten(1).sum(1).cpu().numpy()
-            idx = cols.cpu().numpy()
-            np.add.at(inter[ex.split], idx, i)
-            np.add.at(union[ex.split], idx, u)
-            if per_image is not None and ex.split == "val":
-                for j, ii, uu in zip(idx, i, u):
-                    per_image.append((ex.image_id, concept_of[int(j)], int(ii), int(uu)))
+    concept_of = np.zeros(c, np.int64)
+    for cid, j in column.items():
+        concept_of[j] = cid
+    device = torch.device(device) if device is not None else weights.device
+    weights, bias = weights.to(device), bias.to(device)
+    for block in blocks_of(source):
+        geo = _Geometry(block, device)
+        pairs, cols = _pairs_in(block, column, train_only=False)
+        for start in range(0, len(pairs), CHUNK_PAIRS):
+            part_pairs, part_cols = pairs[start:start + CHUNK_PAIRS], cols[start:start + CHUNK_PAIRS]
+            logits, _ = _upsampled_logits(block, part_pairs, torch.from_numpy(part_cols).to(device), weights,
+                                          bias, geo)
+            # Counted on packed bits: sigmoid(x) > 0.5 packed, ANDed with the stored mask bits.
+            pred = np.packbits((logits > 0).flatten(1).cpu().numpy(), axis=1)
+            i = _POPCOUNT[pred & block.mask_bits[part_pairs]].sum(1, dtype=np.int64)
+            u = _POPCOUNT[pred].sum(1, dtype=np.int64) + block.mask_pixels[part_pairs] - i
+            is_train = block.is_train[block.pair_image[part_pairs]]
+            for split, chosen in (("train", is_train), ("val", ~is_train)):
+                np.add.at(inter[split], part_cols[chosen], i[chosen])
+                np.add.at(union[split], part_cols[chosen], u[chosen])
+            if per_image is not None:
+                val = ~is_train
+                image_ids = block.image_ids[block.pair_image[part_pairs[val]]]
+                per_image.extend(zip(image_ids.tolist(), concept_of[part_cols[val]].tolist(),
+                                     i[val].astype(np.int64).tolist(), u[val].astype(np.int64).tolist()))
     iou = {s: np.where(union[s] > 0, inter[s] / np.maximum(union[s], 1), np.nan) for s in inter}
     return iou["train"], iou["val"]

@@ -2,28 +2,52 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import duckdb
 import numpy as np
 import pyarrow as pa
 import torch
 
-from n2vdb import activations as acts_store
+from n2vdb import activations as acts_store, timings
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.embed import classification, segmentation
 from n2vdb.embed.examples import cached, store_examples
+from n2vdb.errors import UsageError
 from n2vdb.probe import Probe, TrainSettings, set_status
 from n2vdb.progress import say
 from n2vdb.store.connection import transaction
 from n2vdb.store.sessions import Store
 
 
-def sufficiency_grid(k: int) -> list[int]:
-    """1, 2, 4, ... below K (K itself is the full embedding)."""
-    grid, f = [], 1
-    while f < k:
-        grid.append(f)
-        f *= 2
-    return grid
+# The reference's grids (ruthcfong/net2vec): segmentation every F from 1 to 128 then 160, 192, 224;
+# classification 1, 2, 3, 5, 10, 15, ..., 50, 80, 100, 128.
+REFERENCE_GRIDS = {
+    "segmentation": (*range(1, 129), 160, 192, 224),
+    "classification": (1, 2, 3, *range(5, 51, 5), 80, 100, 128),
+}
+
+
+def sufficiency_grid(k: int, kind: str = "segmentation", grid: Sequence[int] | None = None) -> list[int]:
+    """The F values to retrain with for KIND: GRID if given, else the reference's, below K (K itself is
+    the full embedding)."""
+    chosen = REFERENCE_GRIDS[kind] if grid is None else grid
+    return sorted({int(f) for f in chosen if 0 < f < k})
+
+
+def parse_grid(text: str) -> tuple[int, ...]:
+    """'1,2,4,8' -> (1, 2, 4, 8); anything else is a UsageError that says what to type."""
+    try:
+        values = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise UsageError(f"--sufficiency-grid {text!r}: give filter counts separated by commas, e.g. 1,2,4,8") from None
+    check_grid(values)
+    return values
+
+
+def check_grid(grid: Sequence[int] | None) -> None:
+    if grid is not None and (not grid or min(grid) < 1):
+        raise UsageError("--sufficiency-grid needs one or more filter counts of at least 1, e.g. 1,2,4,8")
 
 
 def top_filters(weights: torch.Tensor, f: int) -> torch.Tensor:
@@ -81,9 +105,11 @@ def classification_inputs(con, probe: Probe, dataset_id: int):
 
 
 def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, settings: TrainSettings,
-             workers: int, device: torch.device, segmentation_applies: bool = True) -> list[tuple[str, pa.Table]]:
+             workers: int, device: torch.device, segmentation_applies: bool = True
+             ) -> tuple[list[tuple[str, pa.Table]], list[timings.StageTiming]]:
     k = probe.n_filters
     tables: list[tuple[str, pa.Table]] = []
+    records: list[timings.StageTiming] = []
 
     pixel = {c for (c,) in con.execute(
         "SELECT DISTINCT ic.concept_id FROM image_concepts ic JOIN concepts c USING (dataset_id, concept_id)"
@@ -93,45 +119,56 @@ def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDatase
         [probe.dataset_id, probe.activation_probe]).fetchall()}
     seg_concepts = sorted(pixel) if segmentation_applies else []  # not for a vector layer
     if seg_concepts:
-        source = cached(store_examples(con, probe, dataset, pixel, workers))
-        say(f"training {len(seg_concepts)} segmentation embeddings ({settings.epochs} epochs)")
-        seg_kwargs = dict(epochs=settings.epochs, lr=settings.seg_lr, batch_size=settings.seg_batch,
-                          loss=settings.seg_loss, use_bias=settings.seg_bias, seed=settings.seed, device=device)
-        seg = segmentation.train(source, seg_concepts, k, **seg_kwargs)
-        tables.append(("embeddings", _rows(probe.probe_id, "segmentation", k, seg.concept_ids, seg.weights,
-                                           seg.bias, seg.train_iou, seg.val_iou)))
-        column = {int(c): j for j, c in enumerate(seg.concept_ids)}
-        per_image: list = []
-        segmentation.evaluate(source, column, seg.weights, seg.bias, per_image, device)
-        tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", per_image)))
+        with timings.timed("segmentation") as timing:
+            source = cached(store_examples(con, probe, dataset, pixel, workers))
+            say(f"training {len(seg_concepts)} segmentation embeddings ({settings.epochs} epochs)")
+            seg_kwargs = dict(epochs=settings.epochs, lr=settings.seg_lr, batch_size=settings.seg_batch,
+                              loss=settings.seg_loss, use_bias=settings.seg_bias, seed=settings.seed, device=device)
+            per_image: list = []
+            seg = segmentation.train(source, seg_concepts, k, per_image=per_image, **seg_kwargs)
+            tables.append(("embeddings", _rows(probe.probe_id, "segmentation", k, seg.concept_ids, seg.weights,
+                                               seg.bias, seg.train_iou, seg.val_iou)))
+            column = {int(c): j for j, c in enumerate(seg.concept_ids)}
+            tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", per_image)))
+        timing.images, timing.pairs = segmentation.counts(source, column)
+        records.append(timing)
         if settings.sufficiency:
-            for f in sufficiency_grid(k):
-                say(f"sufficiency: segmentation with the top {f} filters")
-                part = segmentation.train(source, seg_concepts, k, keep=top_filters(seg.weights, f), **seg_kwargs)
-                tables.append(("embeddings", _rows(probe.probe_id, "segmentation", f, part.concept_ids,
-                                                   part.weights, part.bias, part.train_iou, part.val_iou)))
+            with timings.timed("segmentation-sufficiency", timing.images, timing.pairs) as timing:
+                for f in sufficiency_grid(k, "segmentation", settings.sufficiency_grid):
+                    say(f"sufficiency: segmentation with the top {f} filters")
+                    part = segmentation.train(source, seg_concepts, k, keep=top_filters(seg.weights, f), **seg_kwargs)
+                    tables.append(("embeddings", _rows(probe.probe_id, "segmentation", f, part.concept_ids,
+                                                       part.weights, part.bias, part.train_iou, part.val_iou)))
+            records.append(timing)
 
     image_ids, features, labels, is_val, cls_concepts = classification_inputs(con, probe, probe.dataset_id)
     if len(cls_concepts) and bool(is_val.any()):
-        say(f"training {len(cls_concepts)} classification embeddings")
-        cls_kwargs = dict(epochs=settings.epochs, lr=settings.cls_lr, batch_size=settings.cls_batch,
-                          seed=settings.seed)
-        cls = classification.train(features, labels, is_val, cls_concepts, **cls_kwargs)
-        tables.append(("embeddings", _rows(probe.probe_id, "classification", k, cls.concept_ids, cls.weights,
-                                           cls.bias, cls.train_accuracy, cls.val_accuracy, cls.val_ap)))
-        val_ids = image_ids[is_val.numpy()]
-        val_labels = labels[is_val]
-        rows = [(int(val_ids[n]), int(cls_concepts[j]), None, None, float(cls.val_scores[n, j]))
-                for n, j in torch.nonzero(val_labels).tolist()]
-        tables.append(("image_concept_scores", _score_rows(probe.probe_id, "classification", rows)))
+        train_labels = labels[~is_val]
+        n_pos = train_labels.sum(0)
+        cls_pairs = int((2 * torch.minimum(n_pos, len(train_labels) - n_pos)).sum())  # balanced samples
+        with timings.timed("classification", len(image_ids), cls_pairs) as timing:
+            say(f"training {len(cls_concepts)} classification embeddings")
+            cls_kwargs = dict(epochs=settings.epochs, lr=settings.cls_lr, batch_size=settings.cls_batch,
+                              seed=settings.seed)
+            cls = classification.train(features, labels, is_val, cls_concepts, **cls_kwargs)
+            tables.append(("embeddings", _rows(probe.probe_id, "classification", k, cls.concept_ids, cls.weights,
+                                               cls.bias, cls.train_accuracy, cls.val_accuracy, cls.val_ap)))
+            val_ids = image_ids[is_val.numpy()]
+            val_labels = labels[is_val]
+            rows = [(int(val_ids[n]), int(cls_concepts[j]), None, None, float(cls.val_scores[n, j]))
+                    for n, j in torch.nonzero(val_labels).tolist()]
+            tables.append(("image_concept_scores", _score_rows(probe.probe_id, "classification", rows)))
+        records.append(timing)
         if settings.sufficiency:
-            for f in sufficiency_grid(k):
-                part = classification.train(features, labels, is_val, cls_concepts,
-                                            keep=top_filters(cls.weights, f), **cls_kwargs)
-                tables.append(("embeddings", _rows(probe.probe_id, "classification", f, part.concept_ids,
-                                                   part.weights, part.bias, part.train_accuracy,
-                                                   part.val_accuracy, part.val_ap)))
-    return tables
+            with timings.timed("classification-sufficiency", len(image_ids), cls_pairs) as timing:
+                for f in sufficiency_grid(k, "classification", settings.sufficiency_grid):
+                    part = classification.train(features, labels, is_val, cls_concepts,
+                                                keep=top_filters(cls.weights, f), **cls_kwargs)
+                    tables.append(("embeddings", _rows(probe.probe_id, "classification", f, part.concept_ids,
+                                                       part.weights, part.bias, part.train_accuracy,
+                                                       part.val_accuracy, part.val_ap)))
+            records.append(timing)
+    return tables, records
 
 
 def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: TrainSettings, workers: int = 0,
@@ -140,13 +177,14 @@ def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: TrainSetti
     Segmentation embeddings (the pixel-heavy part) train on DEVICE; classification, on N x K pooled
     features, is cheap on the CPU."""
     with store.reading() as con:
-        tables = _compute(con, probe, dataset, settings, workers, torch.device(device), segmentation)
+        tables, records = _compute(con, probe, dataset, settings, workers, torch.device(device), segmentation)
     with store.writing() as con, transaction(con):
         con.execute("DELETE FROM embeddings WHERE probe_id = ?", [probe.probe_id])
         con.execute("DELETE FROM image_concept_scores WHERE probe_id = ?"
                     " AND method IN ('segmentation', 'classification')", [probe.probe_id])
         for name, table in tables:
             _insert(con, name, table)
+        timings.save(con, probe.probe_id, records)
         set_status(con, probe.probe_id, "complete")
     probe.status = "complete"
 
