@@ -174,45 +174,6 @@ def models(model: Annotated[Optional[str], typer.Argument()] = None, fmt: Format
 
 # -- queries -----------------------------------------------------------------------------------
 
-def _query_arguments(query: queries.NamedQuery, args: list[str], params: list[str]) -> dict[str, str]:
-    values: dict[str, str] = {}
-    positional = [p for p in query.params if p.required]
-    optional_by_flag = {}
-    for p in query.params:
-        optional_by_flag[f"--{p.name}"] = p.name
-        optional_by_flag[f"--{p.name.replace('_', '-')}"] = p.name
-        if len(p.name) == 1:
-            optional_by_flag[f"-{p.name}"] = p.name
-    i = 0
-    loose = []
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("-") and arg not in ("-",):
-            flag, eq, inline = arg.partition("=")
-            if flag not in optional_by_flag:
-                raise UsageError(f"query {query.name} has no option {flag}; usage: {query.usage()}")
-            if eq:
-                values[optional_by_flag[flag]] = inline
-            else:
-                if i + 1 >= len(args):
-                    raise UsageError(f"option {flag} needs a value")
-                values[optional_by_flag[flag]] = args[i + 1]
-                i += 1
-        else:
-            loose.append(arg)
-        i += 1
-    if len(loose) > len(positional):
-        raise UsageError(f"query {query.name} takes {len(positional)} argument(s); usage: {query.usage()}")
-    for param, value in zip(positional, loose):
-        values[param.name] = value
-    for item in params:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise UsageError(f"-p expects key=value, got {item!r}")
-        values[key.strip()] = value
-    return values
-
-
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def query(
     ctx: typer.Context,
@@ -228,7 +189,7 @@ def query(
         _show(pa.Table.from_pylist(rows), fmt)
         return
     named = queries.get(name)
-    values = _query_arguments(named, list(ctx.args), param)
+    values = queries.parse_query_args(named, list(ctx.args), param)
     _show(api.query(name, db, **values), fmt, limit, title=name)
 
 
@@ -252,6 +213,14 @@ def sql(
         else:
             raise UsageError("give SQL as an argument, with --file, or on stdin")
     _show(api.sql(statement, db, write), fmt, limit)
+
+
+@app.command()
+def shell(db: Db = None, fmt: Format = None):
+    """Interactive SQL, named queries as .query NAME ARGS (.help); with piped stdin, runs it as a script."""
+    from n2vdb import shell as shell_mod
+
+    raise typer.Exit(shell_mod.main(db, fmt))
 
 
 # -- seeing it ---------------------------------------------------------------------------------
