@@ -225,3 +225,13 @@ def report(out: str | Path, db: PathLike = None, probe: int | None = None, cards
     with read_connection(db) as con:
         probe_obj, dataset = _probe_and_dataset(con, probe)
         return report_mod.build(con, probe_obj, dataset, Path(out), cards)
+
+
+def export(dest: str | Path, db: PathLike = None, probe: int | None = None, progress=None) -> dict[str, int]:
+    """Copy the public tables to DEST: a directory (one Parquet file per table plus schema.sql) or a
+    SQLAlchemy URL (sqlite:///FILE, postgresql://...). With PROBE, only that probe's rows and its
+    dataset's, replacing what an earlier export of them left there. Returns rows written per table."""
+    from n2vdb import export as export_mod
+
+    with read_connection(db) as con:
+        return export_mod.export(con, str(dest), probe, progress)

@@ -16,7 +16,7 @@ import typer
 from n2vdb import __version__, api, queries
 from n2vdb.errors import N2vdbError, UsageError
 from n2vdb.probe import TrainSettings
-from n2vdb.progress import stderr
+from n2vdb.progress import say, stderr
 from n2vdb.render.output import FORMATS, render
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -221,6 +221,17 @@ def shell(db: Db = None, fmt: Format = None):
     from n2vdb import shell as shell_mod
 
     raise typer.Exit(shell_mod.main(db, fmt))
+
+
+@app.command()
+def export(
+    dest: Annotated[str, typer.Argument(help="A directory (Parquet) or a URL: sqlite:///FILE, postgresql://USER@HOST/DB")],
+    probe: Annotated[Optional[int], typer.Option("--probe", help="Only this probe (and its dataset); replaces its rows there")] = None,
+    db: Db = None,
+):
+    """Copy the public tables to Parquet files or a SQL server, in bounded chunks."""
+    counts = api.export(dest, db, probe, progress=lambda table, rows: say(f"{table}: {rows} rows"))
+    stderr.print(f"exported {sum(counts.values())} rows in {len(counts)} tables")
 
 
 # -- seeing it ---------------------------------------------------------------------------------
