@@ -19,7 +19,7 @@ from n2vdb import queries  # noqa: E402
 from n2vdb.data.broden import BrodenDataset  # noqa: E402
 from n2vdb.probe import Probe  # noqa: E402
 from n2vdb.render import grids  # noqa: E402
-from n2vdb.render.output import _cell  # noqa: E402
+from n2vdb.render.output import cell, formatted_columns  # noqa: E402
 
 CATEGORY_COLOURS = {"color": "tab:red", "object": "tab:blue", "part": "tab:green", "material": "tab:brown",
                     "scene": "tab:purple", "texture": "tab:orange"}
@@ -37,7 +37,9 @@ def _table(rows: list[dict], columns: list[str] | None = None) -> str:
         return "<p><em>no rows</em></p>"
     columns = columns or list(rows[0])
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in columns) + "</tr>" for r in rows)
+    formats = formatted_columns(rows, columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(formats[c](r[c]))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -147,8 +149,8 @@ def _card(con, probe: Probe, dataset: BrodenDataset, out: Path, row: dict) -> st
     hist = _histogram(per_image, out / "cards" / f"{slug}-hist.png", f"{name}: embedding")
     nearest = queries.run(con, "nearest", probe=probe.probe_id, concept=name, k=5).to_pylist()
     return (f"<div class='card' id='{slug}'><h3>{html.escape(name)} ({html.escape(row['category'])})</h3>"
-            f"<p>embedding val IoU {_cell(row['embedding_iou'])}, best single filter {row['best_filter']} "
-            f"val IoU {_cell(row['single_filter_iou'])}</p><div class='row'>"
+            f"<p>embedding val IoU {cell(row['embedding_iou'])}, best single filter {row['best_filter']} "
+            f"val IoU {cell(row['single_filter_iou'])}</p><div class='row'>"
             f"<img src='cards/{hist}' alt='per-image IoU histogram'>"
             f"{_table(nearest, ['rank', 'concept', 'similarity'])}</div>"
             f"<p>Embedding, images across the per-image IoU distribution:</p>"
