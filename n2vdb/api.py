@@ -15,23 +15,22 @@ import re
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 
 from n2vdb import probe as probes_mod
 from n2vdb import queries
-from n2vdb.data import fetch as fetch_mod
-from n2vdb.data import importer, synth as synth_mod
 from n2vdb.errors import QueryError
 from n2vdb.store import migrate, read_connection, write_connection
 
-# torch-backed modules (ingest, models, activations) are imported inside the functions that need
-# them, so queries and SQL answer without paying torch's import time.
+# torch-backed modules (ingest, models, activations), numpy and the dataset modules are imported inside
+# the functions that need them, so queries and SQL answer without paying their import time.
 
 PathLike = str | os.PathLike | None
 
 
 def add_dataset(path: str | Path, name: str, db: PathLike = None) -> int:
+    from n2vdb.data import importer
+
     with write_connection(db) as con:
         return importer.add_dataset(con, path, name)
 
@@ -39,6 +38,8 @@ def add_dataset(path: str | Path, name: str, db: PathLike = None) -> int:
 def synth(path: str | Path, images: int = 300, size: int = 227, seed: int = 0, name: str | None = "synthetic",
           db: PathLike = None) -> Path:
     """Generate a Broden-format concept set at PATH; registers it under NAME unless NAME is None."""
+    from n2vdb.data import synth as synth_mod
+
     root = synth_mod.generate(path, images=images, size=size, seed=seed)
     if name:
         add_dataset(root, name, db)
@@ -46,10 +47,14 @@ def synth(path: str | Path, images: int = 300, size: int = 227, seed: int = 0, n
 
 
 def fetch_broden(release: str, directory: str | Path) -> Path:
+    from n2vdb.data import fetch as fetch_mod
+
     return fetch_mod.fetch(release, Path(directory))
 
 
 def datasets(db: PathLike = None) -> pa.Table:
+    from n2vdb.data import importer
+
     with read_connection(db) as con:
         return pa.Table.from_pylist(importer.list_datasets(con))
 
@@ -136,6 +141,8 @@ def activations(probe_id: int, db: PathLike = None, image_ids: list[int] | None 
                 ) -> tuple[np.ndarray, np.ndarray]:
     """A probe's activations, dequantised: (image ids [N], float32 [N, K, H, W]), aligned by row.
     Each value is within half its (image, filter) quantisation step, scale / 2, of the float activation."""
+    import numpy as np
+
     from n2vdb import activations as acts_store
 
     with read_connection(db) as con:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -9,17 +10,47 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
-import duckdb
-import pyarrow as pa
 import typer
 
-from n2vdb import __version__, api, queries
+from n2vdb import __version__
 from n2vdb.errors import N2vdbError, UsageError
-from n2vdb.probe import TrainSettings
-from n2vdb.progress import say, stderr
-from n2vdb.render.output import FORMATS, render
+from n2vdb.render.output import FORMATS
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+
+class _NotImported(Exception):
+    """Stands in for the errors of a module not imported yet: none of them can be in flight."""
+
+
+class _Deferred:
+    """A module, or one name in it, imported when a command first uses it: `n2vdb --help` and a
+    named query must not pay for torch, numpy, matplotlib or the modules of commands they do not run."""
+
+    def __init__(self, module: str, name: str | None = None):
+        self._module, self._name = module, name
+
+    def _resolve(self):
+        found = importlib.import_module(self._module)
+        return getattr(found, self._name) if self._name else found
+
+    def __getattr__(self, attr: str):
+        if attr == "Error" and self._module not in sys.modules:
+            return _NotImported  # `except duckdb.Error` runs for every exit, --help's too
+        return getattr(self._resolve(), attr)
+
+    def __call__(self, *args, **kwargs):
+        return self._resolve()(*args, **kwargs)
+
+
+duckdb = _Deferred("duckdb")
+pa = _Deferred("pyarrow")
+api = _Deferred("n2vdb.api")
+queries = _Deferred("n2vdb.queries")
+TrainSettings = _Deferred("n2vdb.probe", "TrainSettings")
+say = _Deferred("n2vdb.progress", "say")
+stderr = _Deferred("n2vdb.progress", "stderr")
+render = _Deferred("n2vdb.render.output", "render")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Net2Vec as a database: how CNN filters encode concepts, queried with SQL.")
 data_app = typer.Typer(no_args_is_help=True, help="Register, generate and fetch concept datasets.")
 db_app = typer.Typer(no_args_is_help=True, help="Schema status and upgrades.")
