@@ -22,8 +22,9 @@ from n2vdb.render import grids  # noqa: E402
 from n2vdb.render.output import cell, formatted_columns  # noqa: E402
 
 # Okabe and Ito's colour-blind-safe palette: six hues no two of which are read as the same.
-CATEGORY_COLOURS = {"object": "#0072B2", "part": "#009E73", "material": "#E69F00", "color": "#D55E00",
-                    "scene": "#CC79A7", "texture": "#56B4E9"}
+# The four pixel-level categories (the scatter and the curves) take the four hues furthest apart.
+CATEGORY_COLOURS = {"object": "#0072B2", "part": "#009E73", "color": "#D55E00", "material": "#CC79A7",
+                    "scene": "#E69F00", "texture": "#56B4E9"}
 _SPARE_COLOURS = ("#000000", "#F0E442", "#999999")
 
 
