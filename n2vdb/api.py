@@ -13,25 +13,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from n2vdb import probe as probes_mod
 from n2vdb import queries
-from n2vdb.data import fetch as fetch_mod
-from n2vdb.data import importer, synth as synth_mod
-from n2vdb.data.names import file_stem
-from n2vdb.data.writing import os_errors
 from n2vdb.store import migrate, read_connection, write_connection
 from n2vdb.store.connection import sandbox
 
-# torch-backed modules (ingest, models, activations) are imported inside the functions that need
-# them, so queries and SQL answer without paying torch's import time.
+# torch-backed modules (ingest, models, activations), numpy and the dataset modules are imported inside
+# the functions that need them, so queries and SQL answer without paying their import time.
 
 PathLike = str | os.PathLike | None
 
 
 def add_dataset(path: str | Path, name: str, db: PathLike = None) -> int:
+    from n2vdb.data import importer
+
     importer.check_name(name)  # before a database is created for nothing
     with write_connection(db) as con:
         return importer.add_dataset(con, path, name)
@@ -41,6 +38,9 @@ def synth(path: str | Path, images: int = 300, size: int = 227, seed: int = 0, n
           db: PathLike = None, profile: str = "builtin") -> Path:
     """Generate a Broden-format concept set at PATH (PROFILE: builtin, or broden for Broden's
     categories and density); registers it under NAME unless NAME is None."""
+    from n2vdb.data import importer, synth as synth_mod
+    from n2vdb.data.writing import os_errors
+
     if name:
         importer.check_name(name)  # before any file is written
     with os_errors("write the concept set", path):
@@ -51,10 +51,14 @@ def synth(path: str | Path, images: int = 300, size: int = 227, seed: int = 0, n
 
 
 def fetch_broden(release: str, directory: str | Path) -> Path:
+    from n2vdb.data import fetch as fetch_mod
+
     return fetch_mod.fetch(release, Path(directory))
 
 
 def datasets(db: PathLike = None) -> pa.Table:
+    from n2vdb.data import importer
+
     with read_connection(db) as con:
         return pa.Table.from_pylist(importer.list_datasets(con))
 
@@ -134,6 +138,8 @@ def activations(probe_id: int, db: PathLike = None, image_ids: list[int] | None 
                 ) -> tuple[np.ndarray, np.ndarray]:
     """A probe's activations, dequantised: (image ids [N], float32 [N, K, H, W]), aligned by row.
     Each value is within half its (image, filter) quantisation step, scale / 2, of the float activation."""
+    import numpy as np
+
     from n2vdb import activations as acts_store
 
     with read_connection(db) as con:
@@ -189,6 +195,7 @@ def show_concept(concept: str, db: PathLike = None, probe: int | None = None, me
     """A PNG grid of images at quantiles of the concept's per-image IoU under METHOD
     ('segmentation' = the embedding, 'best_filter') among images containing it; over='all': of its
     classification score over every image (the paper's non-maximal view). Returns (path, samples, values)."""
+    from n2vdb.data.names import file_stem
     from n2vdb.errors import UsageError
     from n2vdb.render import grids
 
@@ -200,7 +207,7 @@ def show_concept(concept: str, db: PathLike = None, probe: int | None = None, me
         probe_obj, dataset = _probe_and_dataset(con, probe)
         name = queries.resolve_concept(con, concept, probe_obj.dataset_id)
         if over == "all":
-            target = Path(out) if out else Path("n2v_out") / f"concept-{name}-all-probe{probe_obj.probe_id}.png"
+            target = Path(out) if out else Path("n2v_out") / f"concept-{file_stem(name)}-all-probe{probe_obj.probe_id}.png"
             return grids.distribution_grid(con, probe_obj, dataset, name, target)
         concept_id = con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?",
                                  [probe_obj.dataset_id, name]).fetchone()[0]
@@ -243,3 +250,13 @@ def report(out: str | Path, db: PathLike = None, probe: int | None = None, cards
     with read_connection(db) as con:
         probe_obj, dataset = _probe_and_dataset(con, probe)
         return report_mod.build(con, probe_obj, dataset, Path(out), cards)
+
+
+def export(dest: str | Path, db: PathLike = None, probe: int | None = None, progress=None) -> dict[str, int]:
+    """Copy the public tables to DEST: a directory (one Parquet file per table plus schema.sql) or a
+    SQLAlchemy URL (sqlite:///FILE, postgresql://...). With PROBE, only that probe's rows and its
+    dataset's, replacing what an earlier export of them left there. Returns rows written per table."""
+    from n2vdb import export as export_mod
+
+    with read_connection(db) as con:
+        return export_mod.export(con, str(dest), probe, progress)

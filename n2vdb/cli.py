@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -9,17 +10,47 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
-import duckdb
-import pyarrow as pa
 import typer
 
-from n2vdb import __version__, api, queries
+from n2vdb import __version__
 from n2vdb.errors import N2vdbError, UsageError
-from n2vdb.probe import TrainSettings
-from n2vdb.progress import stderr
-from n2vdb.render.output import FORMATS, render
+from n2vdb.render.output import FORMATS
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+
+class _NotImported(Exception):
+    """Stands in for the errors of a module not imported yet: none of them can be in flight."""
+
+
+class _Deferred:
+    """A module, or one name in it, imported when a command first uses it: `n2vdb --help` and a
+    named query must not pay for torch, numpy, matplotlib or the modules of commands they do not run."""
+
+    def __init__(self, module: str, name: str | None = None):
+        self._module, self._name = module, name
+
+    def _resolve(self):
+        found = importlib.import_module(self._module)
+        return getattr(found, self._name) if self._name else found
+
+    def __getattr__(self, attr: str):
+        if attr == "Error" and self._module not in sys.modules:
+            return _NotImported  # `except duckdb.Error` runs for every exit, --help's too
+        return getattr(self._resolve(), attr)
+
+    def __call__(self, *args, **kwargs):
+        return self._resolve()(*args, **kwargs)
+
+
+duckdb = _Deferred("duckdb")
+pa = _Deferred("pyarrow")
+api = _Deferred("n2vdb.api")
+queries = _Deferred("n2vdb.queries")
+TrainSettings = _Deferred("n2vdb.probe", "TrainSettings")
+say = _Deferred("n2vdb.progress", "say")
+stderr = _Deferred("n2vdb.progress", "stderr")
+render = _Deferred("n2vdb.render.output", "render")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Net2Vec as a database: how CNN filters encode concepts, queried with SQL.")
 data_app = typer.Typer(no_args_is_help=True, help="Register, generate and fetch concept datasets.")
 db_app = typer.Typer(no_args_is_help=True, help="Schema status and upgrades.")
@@ -185,45 +216,6 @@ def models(model: Annotated[Optional[str], typer.Argument()] = None, fmt: Format
 
 # -- queries -----------------------------------------------------------------------------------
 
-def _query_arguments(query: queries.NamedQuery, args: list[str], params: list[str]) -> dict[str, str]:
-    values: dict[str, str] = {}
-    positional = [p for p in query.params if p.required]
-    optional_by_flag = {}
-    for p in query.params:
-        optional_by_flag[f"--{p.name}"] = p.name
-        optional_by_flag[f"--{p.name.replace('_', '-')}"] = p.name
-        if len(p.name) == 1:
-            optional_by_flag[f"-{p.name}"] = p.name
-    i = 0
-    loose = []
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("-") and arg not in ("-",):
-            flag, eq, inline = arg.partition("=")
-            if flag not in optional_by_flag:
-                raise UsageError(f"query {query.name} has no option {flag}; usage: {query.usage()}")
-            if eq:
-                values[optional_by_flag[flag]] = inline
-            else:
-                if i + 1 >= len(args):
-                    raise UsageError(f"option {flag} needs a value")
-                values[optional_by_flag[flag]] = args[i + 1]
-                i += 1
-        else:
-            loose.append(arg)
-        i += 1
-    if len(loose) > len(positional):
-        raise UsageError(f"query {query.name} takes {len(positional)} argument(s); usage: {query.usage()}")
-    for param, value in zip(positional, loose):
-        values[param.name] = value
-    for item in params:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise UsageError(f"-p expects key=value, got {item!r}")
-        values[key.strip()] = value
-    return values
-
-
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def query(
     ctx: typer.Context,
@@ -239,7 +231,7 @@ def query(
         _show(pa.Table.from_pylist(rows), fmt)
         return
     named = queries.get(name)
-    values = _query_arguments(named, list(ctx.args), param)
+    values = queries.parse_query_args(named, list(ctx.args), param)
     _show(api.query(name, db, **values), fmt, limit, title=name)
 
 
@@ -284,6 +276,25 @@ def _read_sql_file(file: Path) -> str:
         raise UsageError(f"{file} is not a UTF-8 text file of SQL") from None
     except OSError as exc:
         raise UsageError(f"cannot read {file}: {exc.strerror}") from None
+
+
+@app.command()
+def shell(db: Db = None, fmt: Format = None):
+    """Interactive SQL, named queries as .query NAME ARGS (.help); with piped stdin, runs it as a script."""
+    from n2vdb import shell as shell_mod
+
+    raise typer.Exit(shell_mod.main(db, fmt))
+
+
+@app.command()
+def export(
+    dest: Annotated[str, typer.Argument(help="A directory (Parquet) or a URL: sqlite:///FILE, postgresql://USER@HOST/DB")],
+    probe: Annotated[Optional[int], typer.Option("--probe", help="Only this probe (and its dataset); replaces its rows there")] = None,
+    db: Db = None,
+):
+    """Copy the public tables to Parquet files or a SQL server, in bounded chunks."""
+    counts = api.export(dest, db, probe, progress=lambda table, rows: say(f"{table}: {rows} rows"))
+    stderr.print(f"exported {sum(counts.values())} rows in {len(counts)} tables")
 
 
 # -- seeing it ---------------------------------------------------------------------------------

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import duckdb
 
@@ -17,15 +15,12 @@ from n2vdb.embed import stage as embed_stage
 from n2vdb.errors import UsageError
 from n2vdb.models import registry, weights as weights_mod
 from n2vdb.progress import say
+from n2vdb.resources import home
 from n2vdb.stats import iou as iou_stage
 from n2vdb.store.connection import first, transaction
 from n2vdb.store.sessions import Store
 
 SYNTHETIC = "synthetic"
-
-
-def home() -> Path:
-    return Path(os.environ.get("N2VDB_HOME") or Path.home() / ".cache" / "n2vdb")
 
 
 def ensure_synthetic(con: duckdb.DuckDBPyConnection, images: int = 300, size: int = 227, seed: int = 0) -> int:

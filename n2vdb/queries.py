@@ -110,6 +110,48 @@ def get(name: str, directory: Path | None = None) -> NamedQuery:
     return found[name]
 
 
+def parse_query_args(query: NamedQuery, args: list[str], params: list[str]) -> dict[str, str]:
+    """Command-line words for a named query -> raw parameter values (bind() converts them): ARGs fill the
+    required parameters in order, --name VALUE / --name=VALUE (and -k for one-letter names) the others,
+    and PARAMS are key=value items (the CLI's -p). Shared by `n2vdb query` and the shell's `.query`."""
+    values: dict[str, str] = {}
+    positional = [p for p in query.params if p.required]
+    optional_by_flag = {}
+    for p in query.params:
+        optional_by_flag[f"--{p.name}"] = p.name
+        optional_by_flag[f"--{p.name.replace('_', '-')}"] = p.name
+        if len(p.name) == 1:
+            optional_by_flag[f"-{p.name}"] = p.name
+    i = 0
+    loose = []
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-") and arg not in ("-",):
+            flag, eq, inline = arg.partition("=")
+            if flag not in optional_by_flag:
+                raise UsageError(f"query {query.name} has no option {flag}; usage: {query.usage()}")
+            if eq:
+                values[optional_by_flag[flag]] = inline
+            else:
+                if i + 1 >= len(args):
+                    raise UsageError(f"option {flag} needs a value")
+                values[optional_by_flag[flag]] = args[i + 1]
+                i += 1
+        else:
+            loose.append(arg)
+        i += 1
+    if len(loose) > len(positional):
+        raise UsageError(f"query {query.name} takes {len(positional)} argument(s); usage: {query.usage()}")
+    for param, value in zip(positional, loose):
+        values[param.name] = value
+    for item in params:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UsageError(f"-p expects key=value, got {item!r}")
+        values[key.strip()] = value
+    return values
+
+
 def resolve_concept(con: duckdb.DuckDBPyConnection, name: str, dataset_id: int | None) -> str:
     """The stored concept name for what the user typed: exact, else without the Broden suffix (-c, -s ...)."""
     where, args = ("WHERE dataset_id = ?", [dataset_id]) if dataset_id is not None else ("", [])

@@ -11,3 +11,10 @@ def sql_dir(name: str) -> Path:
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"n2vdb is installed without its {name}/ directory")
+
+
+def home() -> Path:
+    """n2vdb's own files (the built-in concept set, shell history): N2VDB_HOME, else ~/.cache/n2vdb."""
+    import os
+
+    return Path(os.environ.get("N2VDB_HOME") or Path.home() / ".cache" / "n2vdb")

@@ -1,4 +1,11 @@
-"""One renderer for every result: a rich table on a terminal, csv when piped, or what -f asks for."""
+"""One renderer for every result: a rich table on a terminal, csv when piped, or what -f asks for.
+
+Views for people (table, markdown) format each column once: scores at a fixed number of decimals,
+other decimals at one precision chosen for the column, integral values as integers, so the digits
+line up down the column. Machine formats (csv, tsv, json, jsonl) keep every digit.
+
+pyarrow and rich are imported where they are used: the CLI imports this module for FORMATS alone.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,13 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable, Sequence
 from typing import IO
 
-import pyarrow as pa
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
 FORMATS = ("table", "csv", "tsv", "json", "jsonl", "markdown")
-_SCORE_COLUMN = re.compile(r"iou|score|similarity|share|accuracy|_r$|ratio")
+SCORE_COLUMN = re.compile(r"iou|score|similarity|share|accuracy|_ap$|_r$|ratio|^r$")
+SCORE_DECIMALS = 4
+SIGNIFICANT = 4  # digits kept for the largest value of a column of other decimals
 _BAR_WIDTH = 10
 
 
@@ -29,7 +34,30 @@ def _plain(value) -> object:
     return value
 
 
-def _cell(value) -> str:
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def column_formatter(name: str, values: Sequence) -> Callable[[object], str]:
+    """How to show every value of one column, decided from its name and all of its values."""
+    numbers = [v for v in values if isinstance(v, float) and not math.isnan(v)]
+    if not numbers or any(not (_missing(v) or isinstance(v, (int, float))) for v in values):
+        return cell
+    if all(v.is_integer() and abs(v) < 1e15 for v in numbers):
+        return lambda v: "" if _missing(v) else str(int(v))  # counts that arrived as doubles
+    if SCORE_COLUMN.search(name) and all(abs(v) <= 1 for v in numbers):
+        decimals = SCORE_DECIMALS
+    else:
+        largest = max(abs(v) for v in numbers)
+        if largest >= 1e6 or largest < 1e-4 and largest != 0:
+            return lambda v: "" if _missing(v) else f"{v:.{SIGNIFICANT - 1}e}"
+        whole_digits = max(1, math.floor(math.log10(largest)) + 1) if largest else 1
+        decimals = max(0, SIGNIFICANT - whole_digits)
+    return lambda v: "" if _missing(v) else f"{v:.{decimals}f}"
+
+
+def cell(value) -> str:
+    """One value on its own (lists, text, a lone number), for places without a column around it."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -37,9 +65,13 @@ def _cell(value) -> str:
             return ""
         return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.4e}"
     if isinstance(value, list):
-        head = ", ".join(_cell(v) for v in value[:4])
+        head = ", ".join(cell(v) for v in value[:4])
         return f"[{head}, … {len(value)} values]" if len(value) > 4 else f"[{head}]"
     return str(value)
+
+
+def formatted_columns(rows: list[dict], names: Sequence[str]) -> dict[str, Callable[[object], str]]:
+    return {n: column_formatter(n, [r[n] for r in rows]) for n in names}
 
 
 def _bar(value: float) -> str:
@@ -48,42 +80,47 @@ def _bar(value: float) -> str:
     return "█" * full + ("▌" if filled - full >= 0.5 else "")
 
 
-def _table(result: pa.Table, limit: int | None, title: str | None) -> Table:
+def _table(result, limit: int | None, title: str | None):
+    import pyarrow as pa
+    from rich.table import Table
+    from rich.text import Text
+
     rows = result.to_pylist()
     shown = rows[:limit] if limit else rows
-    table = Table(title=title, show_lines=False, header_style="bold")
-    numeric = {}
+    # Text objects throughout: a concept named "[bold]dog" is shown as typed, never as markup.
+    table = Table(title=Text(title) if title else None, show_lines=False, header_style="bold")
     for field in result.schema:
         is_num = pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_decimal(field.type)
-        numeric[field.name] = is_num
-        table.add_column(field.name, justify="right" if is_num else "left")
+        table.add_column(Text(field.name), justify="right" if is_num else "left")
     bars = {
         f.name for f in result.schema
-        if pa.types.is_floating(f.type) and _SCORE_COLUMN.search(f.name)
-        and all(r[f.name] is None or (isinstance(r[f.name], float) and (math.isnan(r[f.name]) or 0 <= r[f.name] <= 1))
-                for r in rows)
+        if pa.types.is_floating(f.type) and SCORE_COLUMN.search(f.name)
+        and all(_missing(r[f.name]) or 0 <= r[f.name] <= 1 for r in rows)
     }
+    formats = formatted_columns(shown, result.column_names)
     for row in shown:
         cells = []
         for name in result.column_names:
             value = row[name]
-            text = Text(_cell(value))
-            if name in bars and isinstance(value, float) and not math.isnan(value):
-                text = Text.assemble((_bar(value).ljust(_BAR_WIDTH), "cyan"), " ", _cell(value))
+            text = Text(formats[name](value))
+            if name in bars and not _missing(value):
+                text = Text.assemble((_bar(value).ljust(_BAR_WIDTH), "cyan"), " ", formats[name](value))
             cells.append(text)
         table.add_row(*cells)
     if limit and len(rows) > limit:
-        table.caption = f"{limit} of {len(rows)} rows (--limit)"
+        table.caption = Text(f"{limit} of {len(rows)} rows (--limit)", no_wrap=True, overflow="ignore")
     return table
 
 
-def render(result: pa.Table, fmt: str | None = None, *, limit: int | None = None, title: str | None = None,
+def render(result, fmt: str | None = None, *, limit: int | None = None, title: str | None = None,
            stream: IO | None = None) -> None:
     stream = stream or sys.stdout
     fmt = fmt or default_format(stream)
     rows = result.to_pylist()
     names = result.column_names
     if fmt == "table":
+        from rich.console import Console
+
         Console(file=stream, highlight=False).print(_table(result, limit, title))
     elif fmt in ("csv", "tsv"):
         writer = csv.writer(stream, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
@@ -97,10 +134,12 @@ def render(result: pa.Table, fmt: str | None = None, *, limit: int | None = None
         for row in rows:
             stream.write(json.dumps({n: _plain(row[n]) for n in names}, default=str) + "\n")
     elif fmt == "markdown":
-        stream.write("| " + " | ".join(names) + " |\n")
+        shown = rows[:limit] if limit else rows
+        formats = formatted_columns(shown, names)
+        stream.write("| " + " | ".join(n.replace("|", "\\|") for n in names) + " |\n")
         stream.write("|" + "|".join("---" for _ in names) + "|\n")
-        for row in rows:
-            stream.write("| " + " | ".join(_cell(row[n]).replace("|", "\\|") for n in names) + " |\n")
+        for row in shown:
+            stream.write("| " + " | ".join(formats[n](row[n]).replace("|", "\\|") for n in names) + " |\n")
     else:
         raise ValueError(f"unknown format {fmt!r}")
 
@@ -111,4 +150,3 @@ def _csv_value(value):
     if isinstance(value, float) and math.isnan(value):
         return ""
     return value
-

@@ -21,10 +21,20 @@ from n2vdb.data.names import file_stem  # noqa: E402
 from n2vdb.errors import NotFound  # noqa: E402
 from n2vdb.probe import Probe  # noqa: E402
 from n2vdb.render import grids  # noqa: E402
-from n2vdb.render.output import _cell  # noqa: E402
+from n2vdb.render.output import cell, formatted_columns  # noqa: E402
 
-CATEGORY_COLOURS = {"color": "tab:red", "object": "tab:blue", "part": "tab:green", "material": "tab:brown",
-                    "scene": "tab:purple", "texture": "tab:orange"}
+# Okabe and Ito's colour-blind-safe palette: six hues no two of which are read as the same.
+# The four pixel-level categories (the scatter and the curves) take the four hues furthest apart.
+CATEGORY_COLOURS = {"object": "#0072B2", "part": "#009E73", "color": "#D55E00", "material": "#CC79A7",
+                    "scene": "#E69F00", "texture": "#56B4E9"}
+_SPARE_COLOURS = ("#000000", "#F0E442", "#999999")
+
+
+def category_colour(category: str) -> str:
+    """The category's colour in every plot and table; categories beyond Broden's six get the spares."""
+    if category in CATEGORY_COLOURS:
+        return CATEGORY_COLOURS[category]
+    return _SPARE_COLOURS[sum(category.encode()) % len(_SPARE_COLOURS)]
 
 
 def _save(fig, path: Path) -> str:
@@ -34,20 +44,41 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def _table(rows: list[dict], columns: list[str] | None = None) -> str:
+def _table(rows: list[dict], columns: list[str] | None = None, interactive: bool = False) -> str:
+    """An HTML table; interactive ones sort by a click on a header and filter as one types (SCRIPT)."""
     if not rows:
         return "<p><em>no rows</em></p>"
     columns = columns or list(rows[0])
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in columns) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    formats = formatted_columns(rows, columns)
+    if not interactive:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(formats[c](r[c]))}</td>" for c in columns) + "</tr>"
+                       for r in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    head = "".join(f"<th><button type='button' data-column='{i}'>{html.escape(c)}</button></th>"
+                   for i, c in enumerate(columns))
+    body = []
+    for r in rows:
+        cells = []
+        for c in columns:
+            value = r[c]
+            shown = html.escape(formats[c](value))
+            if c == "category" and isinstance(value, str):
+                shown = f"<span class='swatch' style='background:{category_colour(value)}'></span>{shown}"
+            # the sort key: full precision for numbers, the text otherwise
+            key = "" if value is None else html.escape(repr(value) if isinstance(value, float) else str(value))
+            cells.append(f"<td data-key='{key}'>{shown}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<div class='sortable'><input type='search' placeholder='filter rows' aria-label='filter rows'> "
+            f"<span class='count'>{len(rows)} rows</span><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 def _scatter(scores: list[dict], path: Path) -> str:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for category in sorted({r["category"] for r in scores}):
         pts = [(r["single_filter_iou"], r["embedding_iou"]) for r in scores if r["category"] == category]
-        ax.scatter(*zip(*pts), s=18, label=category, color=CATEGORY_COLOURS.get(category))
+        ax.scatter(*zip(*pts), s=18, label=category, color=category_colour(category))
     top = max(max(r["single_filter_iou"], r["embedding_iou"]) for r in scores) * 1.05
     ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
     ax.set(xlabel="best single filter, val IoU", ylabel="embedding, val IoU", title="Per concept")
@@ -79,7 +110,7 @@ def _sufficiency(rows: list[dict], path: Path) -> str:
     fig, ax = plt.subplots(figsize=(6, 4))
     for category in sorted({r["category"] for r in rows}):
         pts = sorted((r["n_filters"], r["mean_share_of_full"]) for r in rows if r["category"] == category)
-        ax.plot(*zip(*pts), marker="o", label=category, color=CATEGORY_COLOURS.get(category))
+        ax.plot(*zip(*pts), marker="o", label=category, color=category_colour(category))
     ax.axhline(0.9, color="grey", ls="--", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="filters kept (top |w|)", ylabel="val IoU / full embedding's", title="Sufficiency")
@@ -96,7 +127,45 @@ def _histogram(values: list[float], path: Path, title: str) -> str:
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 img{max-width:100%}table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}
-.card{border:1px solid #ddd;padding:1em;margin:1em 0}.row{display:flex;gap:1em;flex-wrap:wrap;align-items:flex-start}"""
+.card{border:1px solid #ddd;padding:1em;margin:1em 0}.row{display:flex;gap:1em;flex-wrap:wrap;align-items:flex-start}
+th button{font:inherit;font-weight:bold;border:0;background:none;cursor:pointer;padding:0}
+th[aria-sort=ascending] button::after{content:" \\25B2"}th[aria-sort=descending] button::after{content:" \\25BC"}
+.sortable input{margin:.5em 0;padding:3px 6px;width:16em}.count{color:#666;font-size:13px}
+.swatch{display:inline-block;width:.8em;height:.8em;border-radius:50%;margin-right:.4em;vertical-align:-1px}"""
+
+# Sorting and filtering, inline: the report opens from disk with no server and no CDN.
+SCRIPT = """
+document.querySelectorAll('.sortable').forEach(function (box) {
+  var body = box.querySelector('tbody'), search = box.querySelector('input'), count = box.querySelector('.count');
+  var rows = Array.prototype.slice.call(body.rows);
+  function key(row, i) { return row.cells[i].getAttribute('data-key'); }
+  box.querySelectorAll('th button').forEach(function (button) {
+    button.addEventListener('click', function () {
+      var i = +button.getAttribute('data-column'), th = button.parentNode;
+      var down = th.getAttribute('aria-sort') !== 'descending';
+      box.querySelectorAll('th').forEach(function (h) { h.removeAttribute('aria-sort'); });
+      th.setAttribute('aria-sort', down ? 'descending' : 'ascending');
+      var numeric = rows.every(function (r) { var k = key(r, i); return k === '' || !isNaN(parseFloat(k)); });
+      rows.sort(function (a, b) {
+        var x = key(a, i), y = key(b, i);
+        if (x === '' || y === '') { return (x === '') - (y === ''); }  // empty cells last either way
+        var order = numeric ? parseFloat(x) - parseFloat(y) : x.localeCompare(y);
+        return down ? -order : order;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+  search.addEventListener('input', function () {
+    var words = search.value.toLowerCase().split(/\\s+/).filter(Boolean), shown = 0;
+    rows.forEach(function (r) {
+      var text = r.textContent.toLowerCase();
+      var match = words.every(function (w) { return text.indexOf(w) >= 0; });
+      r.hidden = !match; shown += match;
+    });
+    count.textContent = shown + ' of ' + rows.length + ' rows';
+  });
+});
+"""
 
 
 def build(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, out: Path, cards: int = 8) -> Path:
@@ -113,30 +182,37 @@ def build(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, 
              f"dataset {html.escape(dataset.root.name)}</p>",
              "<h2>Single filter vs embedding</h2><div class='row'>"]
     if seg:
-        parts.append(f"<img src='{_scatter(seg, out / 'scatter.png')}' alt='per-concept scatter'>")
-        parts.append(f"<img src='{_bars(summary, out / 'categories.png')}' alt='per-category bars'>")
+        parts.append(_img(_scatter(seg, out / "scatter.png"), "per-concept scatter"))
+        parts.append(_img(_bars(summary, out / "categories.png"), "per-category bars"))
     parts.append("</div>" + _table(summary))
     curve = q("sufficiency-curve")
     parts.append("<h2>Sufficiency</h2>")
     if len({r["n_filters"] for r in curve}) > 1:
-        parts.append(f"<img src='{_sufficiency(curve, out / 'sufficiency.png')}' alt='sufficiency curves'>")
+        parts.append(_img(_sufficiency(curve, out / "sufficiency.png"), "sufficiency curves"))
     else:
         parts.append("<p>No sufficiency runs for this probe: ingest with <code>--sufficiency</code>.</p>")
     parts.append("<h2>Filter exclusivity</h2>")
-    parts.append(f"<img src='{_exclusivity(q('exclusivity'), out / 'exclusivity.png')}' alt='exclusivity'>")
+    parts.append(_img(_exclusivity(q("exclusivity"), out / "exclusivity.png"), "exclusivity"))
     in_embeddings = q("embedding-exclusivity")
     if sum(r["filters"] for r in in_embeddings):
         plot = _exclusivity(in_embeddings, out / "embedding-exclusivity.png", "share_of_filters",
                             "segmentation embeddings giving the filter a weight >= 0.5 x their largest")
-        parts.append(f"<img src='{plot}' alt='exclusivity in the embeddings'>")
+        parts.append(_img(plot, "exclusivity in the embeddings"))
     parts.append("<h2>Concepts</h2>" + _table(scores, ["concept", "category", "best_filter", "single_filter_iou",
-                                                          "embedding_iou", "classification_accuracy"]))
+                                                          "embedding_iou", "classification_accuracy"],
+                                                interactive=True))
     for r in seg[:cards]:
         parts.append(_card(con, probe, dataset, out, r))
     page = out / "index.html"
     page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>n2vdb probe {probe.probe_id}"
-                    f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+                    f"</title><style>{STYLE}</style></head><body>{''.join(parts)}<script>{SCRIPT}</script>"
+                    "</body></html>")
     return page
+
+
+def _img(src: str, alt: str) -> str:
+    """Images load as they scroll into view, so a report with many cards opens at once."""
+    return f"<img loading='lazy' src='{html.escape(src)}' alt='{html.escape(alt)}'>"
 
 
 def _card(con, probe: Probe, dataset: BrodenDataset, out: Path, row: dict) -> str:
@@ -160,11 +236,11 @@ def _card(con, probe: Probe, dataset: BrodenDataset, out: Path, row: dict) -> st
         overall = ""
     nearest = queries.run(con, "nearest", probe=probe.probe_id, concept=name, k=5).to_pylist()
     return (f"<div class='card' id='{slug}'><h3>{html.escape(name)} ({html.escape(row['category'])})</h3>"
-            f"<p>embedding val IoU {_cell(row['embedding_iou'])}, best single filter {row['best_filter']} "
-            f"val IoU {_cell(row['single_filter_iou'])}</p><div class='row'>"
-            f"<img src='cards/{hist}' alt='per-image IoU histogram'>"
+            f"<p>embedding val IoU {cell(row['embedding_iou'])}, best single filter {row['best_filter']} "
+            f"val IoU {cell(row['single_filter_iou'])}</p><div class='row'>"
+            f"{_img(f'cards/{hist}', 'per-image IoU histogram')}"
             f"{_table(nearest, ['rank', 'concept', 'similarity'])}</div>"
             f"<p>Embedding, images across the per-image IoU distribution:</p>"
-            f"<img src='cards/{embedding_grid.name}' alt='{html.escape(name)} embedding grid'>"
-            f"<p>Best single filter:</p><img src='cards/{filter_grid.name}' alt='{html.escape(name)} filter grid'>"
+            f"{_img(f'cards/{embedding_grid.name}', f'{name} embedding grid')}"
+            f"<p>Best single filter:</p>{_img(f'cards/{filter_grid.name}', f'{name} filter grid')}"
             f"{overall}</div>")
