@@ -142,7 +142,10 @@ def test_every_setting_reaches_the_probe_key():
     assert len(keys) == len(changes) + 1
     for field in TrainSettings.__dataclass_fields__:
         value = getattr(TrainSettings(), field)
-        other = (not value) if isinstance(value, bool) else ("loglik" if isinstance(value, str) else value * 2 + 1)
+        if value is None:  # an optional setting (sufficiency_grid): any given value
+            other = (1, 2)
+        else:
+            other = (not value) if isinstance(value, bool) else ("loglik" if isinstance(value, str) else value * 2 + 1)
         assert replace(base, train=TrainSettings(**{field: other})).key != base.key, field
     # analysis settings do not change what is extracted
     assert replace(base, quantile=0.9).extraction_key == base.extraction_key
