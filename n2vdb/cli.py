@@ -216,7 +216,9 @@ def models(model: Annotated[Optional[str], typer.Argument()] = None, fmt: Format
 
 # -- queries -----------------------------------------------------------------------------------
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# --help is the query's own (generated from its .sql header), so click must not take it first.
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+             add_help_option=False)
 def query(
     ctx: typer.Context,
     name: Annotated[Optional[str], typer.Argument(help="Query name; omit to list them")] = None,
@@ -225,7 +227,11 @@ def query(
     fmt: Format = None,
     limit: Limit = None,
 ):
-    """Run a named analysis from queries/ (arguments and --options as its header declares)."""
+    """Run a named analysis from queries/ (arguments and --options as its header declares; NAME --help
+    shows them)."""
+    if "--help" in ctx.args or name == "--help":
+        typer.echo(ctx.get_help() if name in (None, "--help") else queries.get(name).help())
+        raise typer.Exit()
     if name is None:
         rows = [{"query": q.name, "usage": q.usage(), "description": q.description} for q in queries.load_all().values()]
         _show(pa.Table.from_pylist(rows), fmt)

@@ -60,6 +60,24 @@ class NamedQuery:
             parts.append(shown)
         return f"n2vdb query {self.name} " + " ".join(parts)
 
+    def help(self) -> str:
+        """`n2vdb query NAME --help`: generated from the file's header, so it cannot fall out of step."""
+        lines = [f"Usage: {self.usage()} [--db PATH] [-f FORMAT] [--limit N] [-p key=value]", "",
+                 f"  {self.description}", "", f"Parameters (declared in queries/{self.path.name}):"]
+        for p in self.params:
+            flag = p.name.upper() if p.required else f"--{p.name.replace('_', '-')}"
+            if len(p.name) == 1 and not p.required:
+                flag = f"-{p.name}, {flag}"
+            kind = f"one of {', '.join(p.choices)}" if p.choices else p.type.lower()
+            if p.type == "PROBE":
+                default = "default: the newest complete probe"
+            elif p.required:
+                default = "required"
+            else:
+                default = f"default: {p.default}"
+            lines.append(f"  {flag:<22} {kind}; {default}")
+        return "\n".join(lines)
+
 
 def _parse(path: Path) -> NamedQuery:
     text = path.read_text()

@@ -302,3 +302,18 @@ def test_sql_write_flag(tmp_path, filled):
 
 def test_results_are_arrow_tables(filled):
     assert isinstance(api.query("exclusivity", filled[0]), pa.Table)
+
+
+@pytest.mark.parametrize("name", sorted(queries.load_all()))
+def test_query_help_is_generated_from_the_header(name):
+    named = queries.get(name)
+    result = run_cli("query", name, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"Usage: n2vdb query {name}") and named.description in result.stdout
+    for param in named.params:
+        shown = param.name.upper() if param.required else f"--{param.name.replace('_', '-')}"
+        listed = result.stdout.split("Parameters (declared in", 1)[1].splitlines()[1:]
+        line = next(line for line in listed if shown in line.split(";")[0])
+        assert (param.default or "") in line or param.type == "PROBE" or param.required
+        for choice in param.choices:
+            assert choice in line
