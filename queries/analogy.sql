@@ -7,12 +7,9 @@
 -- param: probe PROBE
 -- param: kind CHOICE(segmentation,classification) = segmentation
 WITH unit AS (
-    SELECT c.name, c.category,
-           list_transform(e.weights, lambda w: w / sqrt(list_dot_product(e.weights, e.weights))) AS v
-    FROM embeddings e
-    JOIN probes p USING (probe_id)
-    JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = e.concept_id
-    WHERE e.probe_id = $probe AND e.kind = $kind AND e.n_filters = p.n_filters
+    SELECT name, category, list_transform(weights, lambda w: w / sqrt(list_dot_product(weights, weights))) AS v
+    FROM full_embeddings
+    WHERE probe_id = $probe AND kind = $kind
 ),
 query AS (
     SELECT list_transform(list_zip(a.v, b.v, c.v), lambda t: t[1] - t[2] + t[3]) AS v

@@ -3,18 +3,12 @@
 -- param: k INTEGER = 5
 -- param: probe PROBE
 -- param: kind CHOICE(segmentation,classification) = segmentation
-WITH full_embeddings AS (
-    SELECT e.concept_id, c.category, e.weights
-    FROM embeddings e
-    JOIN probes p USING (probe_id)
-    JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = e.concept_id
-    WHERE e.probe_id = $probe AND e.kind = $kind AND e.n_filters = p.n_filters
-),
+WITH mine AS (SELECT concept_id, category, weights FROM full_embeddings WHERE probe_id = $probe AND kind = $kind),
 ranked AS (
     SELECT a.concept_id, a.category AS from_category, b.category AS to_category,
            row_number() OVER (PARTITION BY a.concept_id
                               ORDER BY list_cosine_similarity(a.weights, b.weights) DESC, b.concept_id) AS rank
-    FROM full_embeddings a JOIN full_embeddings b ON a.concept_id <> b.concept_id
+    FROM mine a JOIN mine b ON a.concept_id <> b.concept_id
 ),
 counted AS (
     SELECT from_category, to_category, count(*) AS hits

@@ -3,16 +3,14 @@
 -- param: probe PROBE
 -- param: share DOUBLE = 0.5
 -- param: kind CHOICE(segmentation,classification) = segmentation
-WITH full_embeddings AS (
-    SELECT e.concept_id, e.weights, list_max(list_transform(e.weights, lambda w: abs(w))) AS largest
-    FROM embeddings e
-    JOIN probes p USING (probe_id)
-    JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = e.concept_id
-    WHERE e.probe_id = $probe AND e.kind = $kind AND e.n_filters = p.n_filters AND c.level = 'pixel'
+WITH mine AS (
+    SELECT concept_id, weights, list_max(list_transform(weights, lambda w: abs(w))) AS largest
+    FROM full_embeddings
+    WHERE probe_id = $probe AND kind = $kind AND level = 'pixel'
 ),
 large AS (  -- (concept, filter) pairs whose normalised weight reaches the share
     SELECT f.concept_id, u.position - 1 AS filter
-    FROM full_embeddings f,
+    FROM mine f,
          unnest(f.weights) WITH ORDINALITY AS u(w, position)
     WHERE f.largest > 0 AND u.w / f.largest >= $share
 ),

@@ -3,15 +3,8 @@
 -- param: probe_a PROBE
 -- param: probe_b PROBE
 -- param: kind CHOICE(segmentation,classification) = segmentation
-WITH full_embeddings AS (
-    SELECT e.probe_id, c.name, e.weights
-    FROM embeddings e
-    JOIN probes p USING (probe_id)
-    JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = e.concept_id
-    WHERE e.probe_id IN ($probe_a, $probe_b) AND e.kind = $kind AND e.n_filters = p.n_filters
-),
-a AS (SELECT name, weights FROM full_embeddings WHERE probe_id = $probe_a),
-b AS (SELECT name, weights FROM full_embeddings WHERE probe_id = $probe_b),
+WITH a AS (SELECT name, weights FROM full_embeddings WHERE probe_id = $probe_a AND kind = $kind),
+b AS (SELECT name, weights FROM full_embeddings WHERE probe_id = $probe_b AND kind = $kind),
 shared AS (SELECT a.name, a.weights AS wa, b.weights AS wb FROM a JOIN b USING (name)),
 pairs AS (
     SELECT list_cosine_similarity(x.wa, y.wa) AS sim_a, list_cosine_similarity(x.wb, y.wb) AS sim_b

@@ -1,13 +1,7 @@
 -- name: exclusivity
 -- description: Share of filters that are the best single filter (train IoU) for 0, 1, 2-5, 6-9, 10-14, 15-19, 20+ pixel-level concepts.
 -- param: probe PROBE
-WITH best AS (
-    SELECT b.concept_id, b.filter
-    FROM best_filters b
-    JOIN probes p USING (probe_id)
-    JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = b.concept_id
-    WHERE b.probe_id = $probe AND c.level = 'pixel'
-),
+WITH best AS (SELECT concept_id, filter FROM best_pixel_filters WHERE probe_id = $probe),
 per_filter AS (
     SELECT f.filter, count(b.concept_id) AS n_concepts
     FROM filters f LEFT JOIN best b USING (filter)

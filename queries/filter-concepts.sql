@@ -2,13 +2,7 @@
 -- description: Per filter, the pixel-level concepts it is the best single filter for (train IoU), with their val IoUs.
 -- param: probe PROBE
 -- param: min_concepts INTEGER = 1
-WITH best AS (
-    SELECT b.concept_id, b.filter
-    FROM best_filters b
-    JOIN probes p USING (probe_id)
-    JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = b.concept_id
-    WHERE b.probe_id = $probe AND c.level = 'pixel'
-)
+WITH best AS (SELECT concept_id, filter FROM best_pixel_filters WHERE probe_id = $probe)
 SELECT b.filter,
        count(*) AS n_concepts,
        string_agg(c.name, ', ' ORDER BY v.iou DESC) AS concepts,

@@ -4,18 +4,12 @@
 -- param: k INTEGER = 10
 -- param: probe PROBE
 -- param: kind CHOICE(segmentation,classification) = segmentation
-WITH full_embeddings AS (
-    SELECT e.concept_id, c.name, c.category, e.weights
-    FROM embeddings e
-    JOIN probes p USING (probe_id)
-    JOIN concepts c ON c.dataset_id = p.dataset_id AND c.concept_id = e.concept_id
-    WHERE e.probe_id = $probe AND e.kind = $kind AND e.n_filters = p.n_filters
-),
-target AS (SELECT concept_id, weights FROM full_embeddings WHERE name = $concept)
+WITH mine AS (SELECT concept_id, name, category, weights FROM full_embeddings WHERE probe_id = $probe AND kind = $kind),
+target AS (SELECT concept_id, weights FROM mine WHERE name = $concept)
 SELECT row_number() OVER (ORDER BY similarity DESC) AS rank, concept, category, similarity
 FROM (
     SELECT f.name AS concept, f.category, list_cosine_similarity(f.weights, t.weights) AS similarity
-    FROM full_embeddings f, target t
+    FROM mine f, target t
     WHERE f.concept_id <> t.concept_id
 )
 ORDER BY similarity DESC
