@@ -96,6 +96,9 @@ def test_parquet_of_one_probe_and_errors(ingested_db, tmp_path):
         api.export("nosuchdialect://x/y", ingested_db)
 
 
+JSON_COLUMNS = ("settings", "provenance")  # the probes columns DuckDB keeps as JSON
+
+
 def _decode_sqlite(column: str, value):
     if column in ("scales", "pooled", "weights", "categories") and isinstance(value, str) and value[:1] == "[":
         return json.loads(value)
@@ -131,7 +134,8 @@ def test_sqlite_export_matches_duckdb_and_is_idempotent_per_probe(ingested_db, t
         if table == "probes":
             expected = source_rows(ingested_db, table)
             for row in expected + got:
-                row["settings"] = json.loads(row["settings"]) if isinstance(row["settings"], str) else row["settings"]
+                for column in JSON_COLUMNS:
+                    row[column] = json.loads(row[column]) if isinstance(row[column], str) else row[column]
             assert_same_rows(expected, got, table)
             continue
         assert_same_rows(source_rows(ingested_db, table), got, table, _decode_sqlite)
@@ -226,7 +230,8 @@ def test_postgres_export_uses_arrays_and_jsonb_and_matches_duckdb(ingested_db, p
         expected = source_rows(ingested_db, table)
         if table == "probes":
             for row in expected:
-                row["settings"] = json.loads(row["settings"])
+                for column in JSON_COLUMNS:
+                    row[column] = json.loads(row[column])
         assert_same_rows(expected, got, table, _decode_postgres)
     api.export(postgres_url, ingested_db, probe=1)
     assert _counts(driver_url) == counts

@@ -37,6 +37,7 @@ def test_offline_table_sets_the_papers_numbers_beside_n2vdbs(reproduced):
     (probe_id,) = con.execute("SELECT probe_id FROM probes WHERE model = 'alexnet'").fetchone()
     settings = con.execute("SELECT settings->>'preprocess', weights FROM probes WHERE probe_id = ?",
                            [probe_id]).fetchone()
+    con.close()
     assert settings == ("caffe", "random:seed=0")
     seg = {r["category"]: r for r in api.query("single-vs-embedding", db, probe=probe_id).to_pylist()}
     for category in reproduce.SEG_CATEGORIES:

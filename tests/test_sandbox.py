@@ -235,3 +235,21 @@ def test_cli_refusals_are_one_line(world):
     written = cli("sql", "SELECT name FROM concepts ORDER BY 1", "-o", str(directory / "names.csv"), "--db", str(db))
     assert written.returncode == 0 and written.stdout == ""
     assert "dog" in (directory / "names.csv").read_text()
+
+
+def test_connections_of_one_process_share_one_sealed_instance(world):
+    """DuckDB shares one instance (and its settings) among a process's connections to a file: a second
+    reader joins the sealed one, and a connection n2vdb did not make is named, not a traceback."""
+    directory, db, _ = world
+    with read_connection(db) as outer:
+        with read_connection(db) as inner:
+            assert inner.execute("SELECT count(*) FROM images").fetchone()[0] == 4
+            with pytest.raises(duckdb.Error, match="disabled"):
+                inner.execute(f"COPY (SELECT 1) TO '{directory}/x.csv'")
+        assert outer.execute("SELECT count(*) FROM concepts").fetchone()[0] > 0
+    own = duckdb.connect(str(db), read_only=True)
+    try:
+        with pytest.raises(N2vdbError, match="a duckdb.connect of your own"):
+            api.query("nearest", db, concept="dog")
+    finally:
+        own.close()

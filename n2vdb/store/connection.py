@@ -62,7 +62,9 @@ def _connect_once(path: str | os.PathLike | None, read_only: bool) -> duckdb.Duc
     if not read_only and not target.parent.exists():
         raise N2vdbError(f"cannot create database {target}: directory {target.parent} does not exist")
     try:
-        con = duckdb.connect(str(target), read_only=read_only, config=_OPEN_CONFIG)
+        # DuckDB's buffer cache would otherwise grow towards 80% of RAM as a large probe is read.
+        config = {**_OPEN_CONFIG, "memory_limit": os.environ.get("N2VDB_DUCKDB_MEMORY", "1GB")}
+        con = duckdb.connect(str(target), read_only=read_only, config=config)
     except duckdb.IOException as exc:
         message = str(exc)
         holder = _LOCK_HOLDER.search(message)
@@ -73,11 +75,13 @@ def _connect_once(path: str | os.PathLike | None, read_only: bool) -> duckdb.Duc
             ) from None
         raise N2vdbError(f"cannot open database {target}: {message.splitlines()[0]}") from None
     except duckdb.Error as exc:
+        if "different configuration" in str(exc):
+            raise N2vdbError(f"{target} is already open in this process through a connection n2vdb did not make "
+                             "(a duckdb.connect of your own?): close it first") from None
         raise N2vdbError(f"cannot open database {target}: {str(exc).splitlines()[0]}") from None
     # DuckDB draws its own progress bar on stdout, which would corrupt piped output.
+    # A per-connection setting, which seal() leaves open to connections that join a sealed instance.
     con.execute("SET enable_progress_bar = false")
-    # DuckDB's buffer cache would otherwise grow towards 80% of RAM as a large probe is read.
-    con.execute("SET memory_limit = ?", [os.environ.get("N2VDB_DUCKDB_MEMORY", "1GB")])
     return con
 
 
@@ -98,10 +102,18 @@ def seal(con: duckdb.DuckDBPyConnection, *, file_system: bool = True) -> None:
     - disabled_filesystems = LocalFileSystem (read-only connections): not even the files DuckDB would
       allow for the open database (ATTACH of it READ_WRITE after a DETACH, spill files) can be opened;
       reads continue through the handle opened before. A writer keeps the local file system for its
-      write-ahead log, so `sql --write` also refuses ATTACH and DETACH (n2vdb.sandbox);
+      write-ahead log, so `sql --write` also refuses ATTACH, DETACH and USE (n2vdb.adhoc);
     - temp_directory = '': nothing spills to disk; a query that outgrows N2VDB_DUCKDB_MEMORY fails;
     - lock_configuration = true, last: none of the above can be SET back from SQL.
     """
+    if first(con.execute("SELECT current_setting('lock_configuration')"))[0]:
+        # Connections of one process to one file share DuckDB's instance and its settings: a later
+        # one joins an instance sealed before, which seal() checks instead of setting again.
+        if first(con.execute("SELECT current_setting('enable_external_access')"))[0]:
+            raise N2vdbError("the database is open in this process with an unsealed, locked configuration; "
+                             "close the other connection first")
+        return
+    con.execute("SET allowed_configs = ['enable_progress_bar']")  # harmless, and per connection
     con.execute("SET temp_directory = ''")
     con.execute("SET enable_external_access = false")
     if file_system:
