@@ -60,9 +60,10 @@ def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
     from n2vdb.ingest import IngestOptions, ingest as run_ingest
     from n2vdb.store.sessions import Store
 
+    settings = IngestOptions(**options)  # nonsense is refused before the database is touched
     with write_connection(db):
         pass  # create and upgrade the database before the ingest's short sessions begin
-    return run_ingest(Store(db), model, layer, IngestOptions(**options))
+    return run_ingest(Store(db), model, layer, settings)
 
 
 def ingest_shard(model: str, layer: str, shard: str, shard_dir: str | Path, db: PathLike = None,

@@ -124,8 +124,6 @@ def ingest(
     db: Db = None,
 ):
     """Extract a layer's activations and compute thresholds, IoUs and embeddings (resumes if interrupted)."""
-    if loss not in ("paper", "loglik"):
-        raise UsageError("--loss must be paper or loglik")
     train = TrainSettings(epochs=epochs, seg_lr=seg_lr, seg_batch=seg_batch, seg_loss=loss, seg_bias=bias,
                           cls_lr=cls_lr, cls_batch=cls_batch, seed=seed, sufficiency=sufficiency)
     options = dict(dataset=dataset, weights=weights, seed=seed, device=device, limit=limit, input_size=input_size,

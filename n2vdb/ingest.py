@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import torch
 
-from n2vdb import extract, probe as probes
+from n2vdb import extract, probe as probes, validate
 from n2vdb.data import importer
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.data.synth import generate
 from n2vdb.embed import stage as embed_stage
-from n2vdb.errors import UsageError
+from n2vdb.errors import ModelError, UsageError
 from n2vdb.models import registry, weights as weights_mod
 from n2vdb.progress import say
 from n2vdb.stats import iou as iou_stage
@@ -47,6 +48,11 @@ def default_dataset(con: duckdb.DuckDBPyConnection) -> str:
     return SYNTHETIC
 
 
+# Inputs below 16 px leave nothing of a CNN's deeper layers; above 2048 px one image's activations
+# reach gigabytes. A model that needs more (or less) fails the layer check below with its reason.
+INPUT_SIZES = (16, 2048)
+
+
 @dataclass
 class IngestOptions:
     dataset: str | None = None
@@ -61,14 +67,56 @@ class IngestOptions:
     workers: int | None = None
     train: probes.TrainSettings = probes.TrainSettings()
 
+    def __post_init__(self) -> None:
+        """Every setting is checked before anything is written (the Python API is a front door too)."""
+        if self.dataset is not None and (not isinstance(self.dataset, str) or not self.dataset.strip()):
+            raise UsageError("--dataset is empty; `n2vdb data list` shows the registered names")
+        if not isinstance(self.weights, str) or not self.weights.strip():
+            raise UsageError("--weights is empty; give imagenet, random or a state-dict file")
+        validate.whole("--seed", self.seed, 0, 2**63 - 1)
+        if self.limit is not None:
+            validate.whole("--limit", self.limit, 1)
+        if self.input_size is not None:  # 0 is refused, not taken for the default
+            validate.whole("--input-size", self.input_size, *INPUT_SIZES)
+        if isinstance(self.quantile, bool) or not isinstance(self.quantile, (int, float)) \
+                or not 0 < self.quantile < 1:
+            raise UsageError(f"--quantile must lie strictly between 0 and 1 (0.995 = top 0.5%), got {self.quantile!r}")
+        validate.choice("--iou-mode", self.iou_mode, iou_stage.MODES)
+        validate.whole("--batch-size", self.batch_size, 1)
+        if self.workers is not None:
+            validate.whole("--workers", self.workers, 0, 256)
+        if not isinstance(self.train, probes.TrainSettings):
+            raise UsageError("train= expects an n2vdb.probe.TrainSettings")
+
+
+def layer_output_shape(model: str, layer: registry.LayerSpec, input_size: int) -> tuple[int, int, int]:
+    """(K, H, W) of LAYER for one input of INPUT_SIZE px, or a ModelError saying why n2vdb cannot use it.
+
+    The model runs on PyTorch's meta device: shapes only, no weights and no arithmetic, so the check is
+    instant even for a large model and runs before the probe row is created. Extend it here when n2vdb
+    learns other output layouts."""
+    with torch.device("meta"):
+        net = registry.build(model).eval()
+    tap = extract.LayerTap(net, layer.module, layer.relu)
+    try:
+        out = tap(torch.zeros(1, 3, input_size, input_size, device="meta"))
+    except Exception as exc:  # noqa: BLE001 - any failure of the forward pass means the same to the user
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{model} cannot compute layer {layer.name!r} from {input_size} px inputs ({reason[:200]}); "
+                         "try another --input-size or layer") from None
+    finally:
+        tap.handle.remove()
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+    if shape is None or len(shape) != 4 or min(shape) < 1:
+        shown = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
+        raise ModelError(f"layer {layer.name!r} of {model} outputs {shown}; n2vdb needs (B, K, H, W) "
+                         f"feature maps: pick a convolutional layer (`n2vdb models {model}` lists them)")
+    return shape[1], shape[2], shape[3]
+
 
 def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: IngestOptions) -> ProbeSpecAndData:
-    if options.iou_mode not in iou_stage.MODES:
-        raise UsageError(f"--iou-mode {options.iou_mode!r}: choose one of {', '.join(iou_stage.MODES)}")
-    if not 0 < options.quantile < 1:
-        raise UsageError("--quantile must lie strictly between 0 and 1 (0.995 = top 0.5%)")
-    if options.limit is not None and options.limit < 1:
-        raise UsageError("--limit must be at least 1")
+    if not isinstance(layer, str) or not layer.strip():
+        raise UsageError(f"the layer name is empty; `n2vdb models {model}` lists the layers")
     extract.pick_device(options.device)  # an unusable device fails before anything is written
     layer_spec = registry.resolve_layer(model, layer)
     weights_id, mean, std = weights_mod.identify(model, options.weights, options.seed)
@@ -82,6 +130,8 @@ def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: I
         dataset_id=dataset_id, input_size=options.input_size or registry.input_size(model),
         mean=tuple(mean), std=tuple(std), limit=options.limit, quantile=options.quantile,
         iou_mode=options.iou_mode, train=options.train)
+    if probes.load_by_key(con, spec.key) is None:  # an existing probe passed this check when it was made
+        layer_output_shape(model, layer_spec, spec.input_size)
     return ProbeSpecAndData(spec, BrodenDataset.open(path))
 
 

@@ -123,6 +123,21 @@ CASES = [
          "does not exist", 1),
     Case("no database yet (reading)", ["probes", "--db", "{tmp}/absent.duckdb"], "no database at", 1),
     Case("database from a newer n2vdb", ["probes", "--db", "{db}"], "newer than this n2vdb", 1, _newer_schema),
+    # settings and errors (issue 11)
+    Case("segmentation batch of 0", INGEST + ["--seg-batch", "0"], "--seg-batch must be at least 1", 2),
+    Case("learning rate NaN", INGEST + ["--seg-lr", "nan"], "--seg-lr must be a finite number above 0", 2),
+    Case("no training epochs", INGEST + ["--epochs", "0"], "--epochs must be at least 1", 2),
+    Case("negative epochs", INGEST + ["--epochs", "-3"], "--epochs must be at least 1", 2),
+    Case("input size 0 (not the default)", INGEST + ["--input-size", "0"], "--input-size must be between 16 and 2048", 2),
+    Case("input size 100000", INGEST + ["--input-size", "100000"], "--input-size must be between 16 and 2048", 2),
+    Case("input size too small for the layer", INGEST + ["--input-size", "16"],
+         "alexnet cannot compute layer 'conv5' from 16 px inputs", 2),
+    Case("forward batch of 0", INGEST + ["--batch-size", "0"], "--batch-size must be at least 1", 2),
+    Case("negative worker count", INGEST + ["--workers", "-1"], "--workers must be between 0", 2),
+    Case("layer whose output is not a feature map", ["ingest", "alexnet", "classifier.0", "--weights", "random",
+         "--db", "{db}"], "outputs shape (1, 9216); n2vdb needs (B, K, H, W)", 2),
+    Case("empty layer name", ["ingest", "alexnet", "", "--weights", "random", "--db", "{db}"],
+         "the layer name is empty", 2),
 ]
 
 
