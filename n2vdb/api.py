@@ -187,6 +187,15 @@ def _probe_and_dataset(con, probe_id: int | None):
     return probe, BrodenDataset.open(path)
 
 
+def _png_path(out: str | Path) -> Path:
+    from n2vdb.errors import UsageError
+
+    path = Path(out)
+    if path.is_dir() or path.suffix.lower() != ".png":
+        raise UsageError(f"--out {path}: give the name of a .png file to write")
+    return path
+
+
 def show_concept(concept: str, db: PathLike = None, probe: int | None = None, method: str = "segmentation",
                  out: str | Path | None = None) -> tuple[Path, list, list[float]]:
     """A PNG grid of images at quantiles of the concept's per-image IoU under METHOD
@@ -201,7 +210,7 @@ def show_concept(concept: str, db: PathLike = None, probe: int | None = None, me
         name = queries.resolve_concept(con, concept, probe_obj.dataset_id)
         concept_id = con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?",
                                  [probe_obj.dataset_id, name]).fetchone()[0]
-        target = Path(out) if out else Path("n2v_out") / f"concept-{name}-{method}-probe{probe_obj.probe_id}.png"
+        target = _png_path(out) if out else Path("n2v_out") / f"concept-{name}-{method}-probe{probe_obj.probe_id}.png"
         path, samples = grids.concept_grid(con, probe_obj, dataset, concept_id, name, method, target)
         values = [v for (v,) in con.execute(
             "SELECT iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = ?",
@@ -213,9 +222,15 @@ def show_filter(filter_id: int, db: PathLike = None, probe: int | None = None,
                 out: str | Path | None = None) -> tuple[Path, list]:
     from n2vdb.render import grids
 
+    from n2vdb.errors import N2vdbError
+
     with read_connection(db) as con:
         probe_obj, dataset = _probe_and_dataset(con, probe)
-        target = Path(out) if out else Path("n2v_out") / f"filter-{filter_id}-probe{probe_obj.probe_id}.png"
+        thresholds = con.execute("SELECT count(*) FROM filters WHERE probe_id = ?", [probe_obj.probe_id]).fetchone()[0]
+        if not probe_obj.n_filters or thresholds != probe_obj.n_filters:
+            raise N2vdbError(f"probe {probe_obj.probe_id} has no thresholds yet (it is at stage {probe_obj.status}): "
+                             "finish it by running its `n2vdb ingest` command again")
+        target = _png_path(out) if out else Path("n2v_out") / f"filter-{filter_id}-probe{probe_obj.probe_id}.png"
         return grids.filter_grid(con, probe_obj, dataset, filter_id, target)
 
 

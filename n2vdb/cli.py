@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -12,11 +14,17 @@ from typing import Annotated, Optional
 import duckdb
 import pyarrow as pa
 import typer
+from rich.text import Text
+
+try:  # typer 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import ClickException
 
 from n2vdb import __version__, api, queries
-from n2vdb.errors import N2vdbError, UsageError
+from n2vdb.errors import N2vdbError, UsageError, describe_os_error
 from n2vdb.probe import TrainSettings
-from n2vdb.progress import stderr
+from n2vdb.progress import ClosedOutput, stderr
 from n2vdb.render.output import FORMATS, render
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -323,19 +331,64 @@ def db_upgrade(db: Db = None):
 
 def main() -> None:
     """Console entry point: one line on stderr and a non-zero exit for every user error."""
+    sys.exit(_run())
+
+
+def _run() -> int:
     debug = os.environ.get("N2VDB_DEBUG") == "1"
+    signal.signal(signal.SIGTERM, _terminated)  # unwind (roll back, stop DataLoader workers) instead of dying
+    if sys.stdout is None:  # started with stdout closed: fail on the first write, not on a None
+        sys.stdout = ClosedOutput()
     try:
-        app(standalone_mode=True)
+        try:
+            code = app(standalone_mode=False)  # click's errors and Ctrl-C come here instead of exiting
+        finally:
+            sys.stdout.flush()  # an output error (a full disk, a closed pipe) is reported here, not at exit
+    except (KeyboardInterrupt, typer.Abort, Terminated) as exc:
+        return _interrupted(143 if isinstance(exc, Terminated) else 130)
+    except ClickException as exc:
+        exc.show()
+        return exc.exit_code
     except N2vdbError as exc:
-        if debug:
-            traceback.print_exc()
-        stderr.print(f"[red]Error:[/red] {exc}", highlight=False, markup=True)
-        sys.exit(exc.exit_code)
+        return _fail(str(exc), exc.exit_code, debug)
     except duckdb.Error as exc:
-        if debug:
-            traceback.print_exc()
-        stderr.print(f"[red]Error:[/red] database: {api.describe_sql_error(exc)}", highlight=False)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        stderr.print("interrupted; run the same command again to resume")
-        sys.exit(130)
+        return _fail(f"database: {api.describe_sql_error(exc)}", 1, debug)
+    except OSError as exc:
+        return _fail(describe_os_error(exc), 1, debug)
+    except UnicodeDecodeError as exc:
+        return _fail(f"input is not UTF-8 text ({exc.reason} at byte {exc.start}); give a text file", 1, debug)
+    except MemoryError:
+        return _fail("out of memory; try a smaller --batch-size, --limit or input", 1, debug)
+    if code == 130:  # typer turns Ctrl-C into a silent exit 130
+        return _interrupted(130)
+    return code or 0
+
+
+class Terminated(Exception):
+    """SIGTERM, raised where the process is so that transactions roll back and workers stop."""
+
+
+def _terminated(_signum, _frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
+def _interrupted(code: int) -> int:
+    _print_error_line("interrupted; run the same command again to resume", prefix=False)
+    return code
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    _print_error_line(message)
+    return code
+
+
+def _print_error_line(message: str, prefix: bool = True) -> None:
+    """User text is printed as it is: a Text is never parsed as markup."""
+    line = Text(" ".join(message.splitlines()))
+    if prefix:
+        line = Text("Error: ", style="red") + line
+    with contextlib.suppress(OSError):
+        stderr.print(line, highlight=False)

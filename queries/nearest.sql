@@ -1,7 +1,7 @@
 -- name: nearest
 -- description: Concepts nearest to CONCEPT by cosine similarity of their full embeddings (method.md section 8).
 -- param: concept CONCEPT
--- param: k INTEGER = 10
+-- param: k INTEGER(1..) = 10
 -- param: probe PROBE
 -- param: kind CHOICE(segmentation,classification) = segmentation
 WITH full_embeddings AS (

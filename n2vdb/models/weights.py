@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +45,8 @@ def _imagenet(model: str) -> LoadedModel:
     cached = hub_checkpoint(entry.url)
     if not cached.exists():
         try:
-            torch.hub.load_state_dict_from_url(entry.url, progress=True, check_hash=False)
+            with contextlib.redirect_stdout(sys.stderr):  # torch.hub prints "Downloading: ..." on stdout
+                torch.hub.load_state_dict_from_url(entry.url, progress=True, check_hash=False)
         except Exception:  # noqa: BLE001 - any download failure means the same thing to the user
             raise WeightsUnavailable(
                 f"cannot download {entry.url}; put that file at {cached} (TORCH_HOME sets the cache directory)"
@@ -68,6 +71,10 @@ def _from_file(model: str, path: Path) -> LoadedModel:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and tensor errors alike
+        with path.open("rb") as handle:
+            head = handle.read(2)
+        if head != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
+            raise ModelError(f"cannot read weights file {path}: not a PyTorch state dict (torch.save file)") from None
         raise ModelError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
