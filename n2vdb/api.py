@@ -169,12 +169,13 @@ def db_check(db: PathLike = None) -> pa.Table:
     return query("integrity", db)
 
 
-def db_upgrade(db: PathLike = None) -> list[str]:
+def db_upgrade(db: PathLike = None, adopt: bool = False) -> list[str]:
+    """Apply pending migrations; ADOPT adds n2vdb's schema to a DuckDB file that holds other tables."""
     from n2vdb.store.connection import connect
 
     con = connect(db, read_only=False)
     try:
-        return [f"{m.version:04d}_{m.name}" for m in migrate.upgrade(con)]
+        return [f"{m.version:04d}_{m.name}" for m in migrate.upgrade(con, adopt=adopt)]
     finally:
         con.close()
 

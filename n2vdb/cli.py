@@ -323,9 +323,10 @@ def db_check(db: Db = None, fmt: Format = None):
 
 
 @db_app.command("upgrade")
-def db_upgrade(db: Db = None):
+def db_upgrade(db: Db = None, adopt: Annotated[bool, typer.Option(
+        "--adopt", help="Add n2vdb's tables to a DuckDB file that already holds other tables")] = False):
     """Apply pending migrations (commands that write do this on their own)."""
-    applied = api.db_upgrade(db)
+    applied = api.db_upgrade(db, adopt)
     stderr.print(f"applied {', '.join(applied)}" if applied else "database is up to date")
 
 
