@@ -365,13 +365,19 @@ def _run() -> int:
     return code or 0
 
 
-class Terminated(Exception):
+class Terminated(BaseException):  # like KeyboardInterrupt: no `except Exception` swallows it
     """SIGTERM, raised where the process is so that transactions roll back and workers stop."""
 
 
 def _terminated(_signum, _frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    if os.getpid() != _MAIN_PID:  # a forked worker (a pool's, a DataLoader's) inherits this: end as asked
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise Terminated
+
+
+_MAIN_PID = os.getpid()
 
 
 def _interrupted(code: int) -> int:

@@ -280,3 +280,32 @@ def test_a_foreign_duckdb_file_gets_no_n2vdb_tables(tmp_path, synthetic_dir):
     api.add_dataset(synthetic_dir, "s", db)  # now it is n2vdb's too, and the other table is untouched
     assert api.sql("SELECT * FROM sales", db).to_pylist() == [{"id": 1, "amount": 2.5}]
     assert api.datasets(db).num_rows == 1
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_ingest_says_how_to_resume_and_stops_its_workers(tmp_path, synthetic_dir, sig, code):
+    db = tmp_path / "i.duckdb"
+    api.add_dataset(synthetic_dir, "synthetic", db)
+    command = [a if a != "0" else "2" for a in ingest_command(db)] + ["--batch-size", "4"]  # 2 DataLoader workers
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "N2VDB_QUIET": "0"},
+                               start_new_session=True)
+    for line in process.stderr:
+        if "extracting activations" in line:
+            break
+    time.sleep(1.0)
+    if sig == signal.SIGINT:
+        os.killpg(process.pid, sig)  # as Ctrl-C in a terminal: the whole process group
+    else:
+        process.send_signal(sig)  # as `kill`: the main process only
+    sent = time.monotonic()
+    rest = process.stderr.read()  # EOF once every process holding stderr (workers too) has gone
+    process.wait()
+    elapsed = time.monotonic() - sent
+    assert process.returncode == code, rest
+    assert rest.strip().splitlines()[-1] == "interrupted; run the same command again to resume", rest
+    assert "Traceback" not in rest
+    assert elapsed < 4.0, elapsed
+    check(db)
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    check(db)

@@ -125,3 +125,16 @@ def test_db_check_flags_nan_and_infinity(db_copy, damage):
 def test_a_sound_database_has_no_nan(ingested_db):
     checks = {r["check_name"]: r["violations"] for r in api.db_check(ingested_db).to_pylist()}
     assert checks["NaN or infinite stored numbers"] == 0
+
+
+def test_user_text_is_printed_as_typed(tmp_path, synthetic_dir):
+    """A name that looks like rich markup is registered and echoed literally (it used to commit, then crash)."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "m.duckdb"
+    result = subprocess.run([sys.executable, "-m", "n2vdb", "data", "add", str(synthetic_dir), "--name", "[/x]",
+                             "--db", str(db)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "dataset '[/x]' registered" in result.stderr
+    assert api.datasets(db).column("name").to_pylist() == ["[/x]"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from torch import nn
 
 from n2vdb.errors import ModelError, WeightsUnavailable
 from n2vdb.models.registry import build
+from n2vdb.progress import say
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,7 +46,8 @@ def _imagenet(model: str) -> LoadedModel:
     cached = hub_checkpoint(entry.url)
     if not cached.exists():
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # torch.hub prints "Downloading: ..." on stdout
+            say(f"downloading {entry.url} to {cached}")
+            with contextlib.redirect_stdout(io.StringIO()):  # torch.hub says the same on stdout, the data stream
                 torch.hub.load_state_dict_from_url(entry.url, progress=True, check_hash=False)
         except Exception:  # noqa: BLE001 - any download failure means the same thing to the user
             raise WeightsUnavailable(
