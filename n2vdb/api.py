@@ -69,9 +69,10 @@ def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
     from n2vdb.ingest import IngestOptions, ingest as run_ingest
     from n2vdb.store.sessions import Store
 
+    settings = IngestOptions(**options)  # nonsense is refused before the database is touched
     with write_connection(db):
         pass  # create and upgrade the database before the ingest's short sessions begin
-    return run_ingest(Store(db), model, layer, IngestOptions(**options))
+    return run_ingest(Store(db), model, layer, settings)
 
 
 def ingest_shard(model: str, layer: str, shard: str, shard_dir: str | Path, db: PathLike = None,
@@ -172,12 +173,13 @@ def db_check(db: PathLike = None) -> pa.Table:
     return query("integrity", db)
 
 
-def db_upgrade(db: PathLike = None) -> list[str]:
+def db_upgrade(db: PathLike = None, adopt: bool = False) -> list[str]:
+    """Apply pending migrations; ADOPT adds n2vdb's schema to a DuckDB file that holds other tables."""
     from n2vdb.store.connection import connect
 
     con = connect(db, read_only=False)
     try:
-        return [f"{m.version:04d}_{m.name}" for m in migrate.upgrade(con)]
+        return [f"{m.version:04d}_{m.name}" for m in migrate.upgrade(con, adopt=adopt)]
     finally:
         con.close()
 
@@ -188,6 +190,15 @@ def _probe_and_dataset(con, probe_id: int | None):
     probe = probes_mod.load(con, probe_id if probe_id is not None else probes_mod.latest(con))
     path = con.execute("SELECT path FROM datasets WHERE dataset_id = ?", [probe.dataset_id]).fetchone()[0]
     return probe, BrodenDataset.open(path)
+
+
+def _png_path(out: str | Path) -> Path:
+    from n2vdb.errors import UsageError
+
+    path = Path(out)
+    if path.is_dir() or path.suffix.lower() != ".png":
+        raise UsageError(f"--out {path}: give the name of a .png file to write")
+    return path
 
 
 def show_concept(concept: str, db: PathLike = None, probe: int | None = None, method: str = "segmentation",
@@ -212,7 +223,7 @@ def show_concept(concept: str, db: PathLike = None, probe: int | None = None, me
         concept_id = con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?",
                                  [probe_obj.dataset_id, name]).fetchone()[0]
         stem = f"concept-{file_stem(name)}-{method}-probe{probe_obj.probe_id}"
-        target = Path(out) if out else Path("n2v_out") / f"{stem}.png"
+        target = _png_path(out) if out else Path("n2v_out") / f"{stem}.png"
         path, samples = grids.concept_grid(con, probe_obj, dataset, concept_id, name, method, target)
         values = [v for (v,) in con.execute(
             "SELECT iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = ?",
@@ -224,9 +235,15 @@ def show_filter(filter_id: int, db: PathLike = None, probe: int | None = None,
                 out: str | Path | None = None) -> tuple[Path, list]:
     from n2vdb.render import grids
 
+    from n2vdb.errors import N2vdbError
+
     with read_connection(db) as con:
         probe_obj, dataset = _probe_and_dataset(con, probe)
-        target = Path(out) if out else Path("n2v_out") / f"filter-{filter_id}-probe{probe_obj.probe_id}.png"
+        thresholds = con.execute("SELECT count(*) FROM filters WHERE probe_id = ?", [probe_obj.probe_id]).fetchone()[0]
+        if not probe_obj.n_filters or thresholds != probe_obj.n_filters:
+            raise N2vdbError(f"probe {probe_obj.probe_id} has no thresholds yet (it is at stage {probe_obj.status}): "
+                             "finish it by running its `n2vdb ingest` command again")
+        target = _png_path(out) if out else Path("n2v_out") / f"filter-{filter_id}-probe{probe_obj.probe_id}.png"
         return grids.filter_grid(con, probe_obj, dataset, filter_id, target)
 
 

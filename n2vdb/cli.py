@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -12,8 +14,13 @@ from typing import Annotated, Optional
 
 import typer
 
+try:  # typer 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import ClickException
+
 from n2vdb import __version__
-from n2vdb.errors import N2vdbError, UsageError
+from n2vdb.errors import N2vdbError, UsageError, describe_os_error
 from n2vdb.render.output import FORMATS
 
 
@@ -158,8 +165,6 @@ def ingest(
     db: Db = None,
 ):
     """Extract a layer's activations and compute thresholds, IoUs and embeddings (resumes if interrupted)."""
-    if loss not in ("paper", "loglik"):
-        raise UsageError("--loss must be paper or loglik")
     from n2vdb.embed.stage import parse_grid  # here, not at the top: it imports torch
     train = TrainSettings(epochs=epochs, seg_lr=seg_lr, seg_batch=seg_batch, seg_loss=loss, seg_bias=bias,
                           cls_lr=cls_lr, cls_batch=cls_batch, seed=seed, sufficiency=sufficiency,
@@ -388,29 +393,89 @@ def db_check(db: Db = None, fmt: Format = None):
 
 
 @db_app.command("upgrade")
-def db_upgrade(db: Db = None):
+def db_upgrade(db: Db = None, adopt: Annotated[bool, typer.Option(
+        "--adopt", help="Add n2vdb's tables to a DuckDB file that already holds other tables")] = False):
     """Apply pending migrations (commands that write do this on their own)."""
-    applied = api.db_upgrade(db)
+    applied = api.db_upgrade(db, adopt)
     stderr.print(f"applied {', '.join(applied)}" if applied else "database is up to date")
 
 
 def main() -> None:
     """Console entry point: one line on stderr and a non-zero exit for every user error."""
-    debug = os.environ.get("N2VDB_DEBUG") == "1"
-    try:
-        app(standalone_mode=True)
-    except N2vdbError as exc:
-        if debug:
-            traceback.print_exc()
-        stderr.print(f"[red]Error:[/red] {exc}", highlight=False, markup=True)
-        sys.exit(exc.exit_code)
-    except duckdb.Error as exc:
-        if debug:
-            traceback.print_exc()
-        from n2vdb.adhoc import describe_error
+    sys.exit(_run())
 
-        stderr.print(f"[red]Error:[/red] database: {describe_error(exc)}", highlight=False)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        stderr.print("interrupted; run the same command again to resume")
-        sys.exit(130)
+
+def _run() -> int:
+    debug = os.environ.get("N2VDB_DEBUG") == "1"
+    signal.signal(signal.SIGTERM, _terminated)  # unwind (roll back, stop DataLoader workers) instead of dying
+    if sys.stdout is None:  # started with stdout closed: fail on the first write, not on a None
+        from n2vdb.progress import ClosedOutput
+
+        sys.stdout = ClosedOutput()
+    try:
+        try:
+            code = app(standalone_mode=False)  # click's errors and Ctrl-C come here instead of exiting
+        finally:
+            sys.stdout.flush()  # an output error (a full disk, a closed pipe) is reported here, not at exit
+    except (KeyboardInterrupt, typer.Abort, Terminated) as exc:
+        return _interrupted(143 if isinstance(exc, Terminated) else 130)
+    except ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except N2vdbError as exc:
+        return _fail(str(exc), exc.exit_code, debug)
+    except duckdb.Error as exc:
+        return _fail(f"database: {_describe_sql_error(exc)}", 1, debug)
+    except OSError as exc:
+        return _fail(describe_os_error(exc), 1, debug)
+    except UnicodeDecodeError as exc:
+        return _fail(f"input is not UTF-8 text ({exc.reason} at byte {exc.start}); give a text file", 1, debug)
+    except MemoryError:
+        return _fail("out of memory; try a smaller --batch-size, --limit or input", 1, debug)
+    if code == 130:  # typer turns Ctrl-C into a silent exit 130
+        return _interrupted(130)
+    return code or 0
+
+
+class Terminated(BaseException):  # like KeyboardInterrupt: no `except Exception` swallows it
+    """SIGTERM, raised where the process is so that transactions roll back and workers stop."""
+
+
+def _terminated(_signum, _frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    if os.getpid() != _MAIN_PID:  # a forked worker (a pool's, a DataLoader's) inherits this: end as asked
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise Terminated
+
+
+_MAIN_PID = os.getpid()
+
+
+def _describe_sql_error(exc) -> str:
+    from n2vdb.adhoc import describe_error
+
+    return describe_error(exc)
+
+
+def _interrupted(code: int) -> int:
+    _print_error_line("interrupted; run the same command again to resume", prefix=False)
+    return code
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    _print_error_line(message)
+    return code
+
+
+def _print_error_line(message: str, prefix: bool = True) -> None:
+    """User text is printed as it is: a Text is never parsed as markup."""
+    from rich.text import Text
+
+    line = Text(" ".join(message.splitlines()))
+    if prefix:
+        line = Text("Error: ", style="red") + line
+    with contextlib.suppress(OSError):
+        stderr.print(line, highlight=False)

@@ -1,5 +1,7 @@
 """Every error a user can cause is an N2vdbError: the CLI prints its message on one line."""
 
+import errno
+
 
 class N2vdbError(Exception):
     """A user-facing error. The message says what went wrong and what to do."""
@@ -35,3 +37,28 @@ class QueryError(N2vdbError):
 
 class NotFound(UsageError):
     """An unknown concept, probe or dataset name."""
+
+
+_OS_HINTS = {
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.ENOSPC: "free some space and run the command again",
+    errno.EDQUOT: "free some space and run the command again",
+    errno.ENAMETOOLONG: "a file name is too long for the file system",
+    errno.ENOTDIR: "a file stands where a directory is needed",
+    errno.EEXIST: "a file of that name is in the way",
+    errno.EISDIR: "that is a directory; give a file name",
+    errno.EPIPE: "the reader of the output closed it early",
+    errno.EBADF: "redirect it to a file or /dev/null",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An operating-system error on one line: what failed, on which path, and what to do."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    if isinstance(exc.filename, str) and len(exc.filename) > 120:
+        where = f" ({exc.filename[:60]}...{exc.filename[-40:]})"
+    hint = _OS_HINTS.get(exc.errno)
+    return f"{reason}{where}" + (f": {hint}" if hint else "")

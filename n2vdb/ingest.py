@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from n2vdb import extract, probe as probes, timings
+from n2vdb import extract, probe as probes, timings, validate
 from n2vdb.data import importer
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.data.synth import generate
@@ -44,6 +44,11 @@ def default_dataset(con: duckdb.DuckDBPyConnection) -> str:
     return SYNTHETIC
 
 
+# Inputs below 16 px leave nothing of a CNN's deeper layers; above 2048 px one image's activations
+# reach gigabytes. A model that needs more (or less) fails the layer check below with its reason.
+INPUT_SIZES = (16, 2048)
+
+
 @dataclass
 class IngestOptions:
     dataset: str | None = None
@@ -59,16 +64,33 @@ class IngestOptions:
     workers: int | None = None
     train: probes.TrainSettings = probes.TrainSettings()
 
+    def __post_init__(self) -> None:
+        """Every setting is checked before anything is written (the Python API is a front door too)."""
+        if self.dataset is not None and (not isinstance(self.dataset, str) or not self.dataset.strip()):
+            raise UsageError("--dataset is empty; `n2vdb data list` shows the registered names")
+        if not isinstance(self.weights, str) or not self.weights.strip():
+            raise UsageError("--weights is empty; give imagenet, random or a state-dict file")
+        validate.whole("--seed", self.seed, 0, 2**63 - 1)
+        if self.limit is not None:
+            validate.whole("--limit", self.limit, 1)
+        if self.input_size is not None:  # 0 is refused, not taken for the default
+            validate.whole("--input-size", self.input_size, *INPUT_SIZES)
+        if isinstance(self.quantile, bool) or not isinstance(self.quantile, (int, float)) \
+                or not 0 < self.quantile < 1:
+            raise UsageError(f"--quantile must lie strictly between 0 and 1 (0.995 = top 0.5%), got {self.quantile!r}")
+        validate.choice("--iou-mode", self.iou_mode, iou_stage.MODES)
+        if self.preprocess is not None:
+            validate.choice("--preprocess", self.preprocess, extract.PREPROCESS)
+        validate.whole("--batch-size", self.batch_size, 1)
+        if self.workers is not None:
+            validate.whole("--workers", self.workers, 0, 256)
+        if not isinstance(self.train, probes.TrainSettings):
+            raise UsageError("train= expects an n2vdb.probe.TrainSettings")
+
 
 def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: IngestOptions) -> ProbeSpecAndData:
-    if options.iou_mode not in iou_stage.MODES:
-        raise UsageError(f"--iou-mode {options.iou_mode!r}: choose one of {', '.join(iou_stage.MODES)}")
-    if options.preprocess not in (None, *extract.PREPROCESS):
-        raise UsageError(f"--preprocess {options.preprocess!r}: choose one of {', '.join(extract.PREPROCESS)}")
-    if not 0 < options.quantile < 1:
-        raise UsageError("--quantile must lie strictly between 0 and 1 (0.995 = top 0.5%)")
-    if options.limit is not None and options.limit < 1:
-        raise UsageError("--limit must be at least 1")
+    if not isinstance(layer, str) or not layer.strip():
+        raise UsageError(f"the layer name is empty; `n2vdb models {model}` lists the layers")
     extract.pick_device(options.device)  # an unusable device fails before anything is written
     embed_stage.check_grid(options.train.sufficiency_grid)
     prep = registry.preprocessing(registry.check_model(model))

@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass, field
 
 import duckdb
 
-from n2vdb import provenance
+from n2vdb import provenance, validate
 from n2vdb.errors import NotFound
 from n2vdb.store.connection import first
 
 STAGES = ("extracting", "iou", "embeddings", "complete")
+SEG_LOSSES = ("paper", "loglik")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,18 @@ class TrainSettings:
     seed: int = 0
     sufficiency: bool = False
     sufficiency_grid: tuple[int, ...] | None = None  # None: the reference's grids (embed/stage.py)
+
+    def __post_init__(self) -> None:
+        # Refused here, not in the CLI: a zero batch or a NaN rate would store NaN weights marked complete.
+        validate.whole("--epochs", self.epochs, 1)
+        validate.positive("--seg-lr", self.seg_lr)
+        validate.whole("--seg-batch", self.seg_batch, 1)
+        validate.choice("--loss", self.seg_loss, SEG_LOSSES)
+        validate.flag("--bias", self.seg_bias)
+        validate.positive("--cls-lr", self.cls_lr)
+        validate.whole("--cls-batch", self.cls_batch, 1)
+        validate.whole("--seed", self.seed, 0, 2**63 - 1)
+        validate.flag("--sufficiency", self.sufficiency)
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,15 @@
     -- name: nearest
     -- description: Nearest concepts by cosine similarity of L2-normalised embeddings.
     -- param: concept CONCEPT                  (required: no default)
-    -- param: k INTEGER = 10
+    -- param: k INTEGER(1..) = 10
     -- param: kind CHOICE(segmentation,classification) = segmentation
 
 Only the leading comment block is parsed. Parameters are bound by DuckDB as $name, never pasted into
 the SQL; every declared parameter must be used and every used one declared. Types: INTEGER, DOUBLE,
 VARCHAR, BOOLEAN, CHOICE(a,b,...), PROBE (a probe id; default: the newest complete probe) and CONCEPT
-(a concept name; 'red' finds 'red-c'; unknown names get close matches).
+(a concept name; 'red' finds 'red-c'; unknown names get close matches). INTEGER is 32-bit and may be
+bounded, INTEGER(1..) or INTEGER(0..100). A default of NULL means "no value"; a value the user types is
+never special, so `NULL` typed as a concept is an unknown concept.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ _PARAM = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)\s+(?P<type>[A-Z]+(?:\([^)]*\))
 _USED = re.compile(r"\$([a-z_][a-z0-9_]*)")
 _STRINGS_AND_COMMENTS = re.compile(r"'(?:[^']|'')*'|--[^\n]*")
 _SIMPLE_TYPES = {"INTEGER", "DOUBLE", "VARCHAR", "BOOLEAN", "PROBE", "CONCEPT"}
+_BOUNDS = re.compile(r"^INTEGER\((?P<low>-?\d+)?\.\.(?P<high>-?\d+)?\)$")
+INT32 = (-(2**31), 2**31 - 1)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Param:
     type: str
     default: str | None  # None = required; 'NULL' = optional without a value
     choices: tuple[str, ...] = ()
+    bounds: tuple[int, int] = INT32  # INTEGER only
 
     @property
     def required(self) -> bool:
@@ -93,13 +98,17 @@ def _parse(path: Path) -> NamedQuery:
             match = _PARAM.match(value)
             if not match:
                 raise N2vdbError(f"{path.name} line {number}: bad parameter declaration {value!r}")
-            kind, choices = match["type"], ()
+            kind, choices, bounds = match["type"], (), INT32
             if kind.startswith("CHOICE("):
                 choices = tuple(c.strip() for c in kind[7:-1].split(","))
                 kind = "CHOICE"
+            elif _BOUNDS.match(kind):
+                low, high = _BOUNDS.match(kind).group("low", "high")
+                bounds = (max(INT32[0], int(low)) if low else INT32[0], min(INT32[1], int(high)) if high else INT32[1])
+                kind = "INTEGER"
             elif kind not in _SIMPLE_TYPES:
                 raise N2vdbError(f"{path.name} line {number}: unknown parameter type {kind}")
-            params.append(Param(match["name"], kind, match["default"], choices))
+            params.append(Param(match["name"], kind, match["default"], choices, bounds))
         elif key in ("name", "description"):
             meta[key] = value
     name = meta.get("name") or path.stem
@@ -185,12 +194,14 @@ def resolve_concept(con: duckdb.DuckDBPyConnection, name: str, dataset_id: int |
 
 
 def _convert(con, query: NamedQuery, param: Param, raw, dataset_id: int | None):
-    if raw is None or raw == "NULL":
-        return None
     text = str(raw)
     try:
         if param.type == "INTEGER":
-            return int(text)
+            number = int(text)
+            low, high = param.bounds
+            if not low <= number <= high:
+                raise UsageError(f"query {query.name}: {param.name} must be between {low} and {high}, got {number}")
+            return number
         if param.type == "DOUBLE":
             return float(text)
         if param.type == "BOOLEAN":
@@ -214,13 +225,17 @@ def bind(con: duckdb.DuckDBPyConnection, query: NamedQuery, values: dict[str, ob
     bound: dict[str, object] = {}
     dataset_id = None
     for param in sorted(query.params, key=lambda p: p.type == "CONCEPT"):  # probes first: concepts need its dataset
-        raw = values.get(param.name, param.default)
+        given = values.get(param.name)  # None = not given; what the user typed is never special, not even NULL
+        raw = given if given is not None else (None if param.default == "NULL" else param.default)
         if param.type == "PROBE":
-            probe_id = probes.latest(con) if raw in (None, "NULL") else _convert(con, query, Param("probe", "INTEGER", None), raw, None)
+            probe_id = probes.latest(con) if raw is None else _convert(con, query, Param("probe", "INTEGER", None), raw, None)
             dataset_id = probes.load(con, probe_id).dataset_id
             bound[param.name] = probe_id
             continue
         if raw is None:
+            if param.default == "NULL":
+                bound[param.name] = None
+                continue
             raise UsageError(f"query {query.name} needs {param.name.upper()}; usage: {query.usage()}")
         bound[param.name] = _convert(con, query, param, _unquote(raw), dataset_id)
     return bound

@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from n2vdb import activations as acts_store
@@ -108,12 +110,93 @@ def _probe_dirs(root: Path) -> list[Path]:
     return directories
 
 
+_PART_SCHEMA = acts_store.to_arrow(0, np.zeros(0, np.int64), np.zeros((0, 1, 1, 1), np.uint8),
+                                   np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32)).drop(["probe_id"]).schema
+
+
+def _read_meta(spec_file: Path) -> dict:
+    try:
+        meta = json.loads(spec_file.read_text())
+        shape = meta["shape"]
+        ok = (isinstance(meta["shards"], int) and meta["shards"] >= 1 and isinstance(meta["options"], dict)
+              and len(shape) == 3 and all(isinstance(d, int) and d >= 1 for d in shape)
+              and all(isinstance(meta[k], str) for k in ("model", "layer", "key")))
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise N2vdbError(f"{spec_file} is not a shard spec n2vdb wrote; extract the shards again into an empty --shard-dir")
+    return meta
+
+
+def check_parts(con: duckdb.DuckDBPyConnection, directory: Path, meta: dict, spec: probes.ProbeSpec) -> list[str]:
+    """Every Parquet part of DIRECTORY, checked before anything is written: n2vdb's schema, blobs of the
+    layer's size, image ids of this dataset that belong to the shard holding them, and every image of
+    the probe exactly once. Returns the part paths."""
+    count = meta["shards"]
+    k, h, w = meta["shape"]
+    stale = sorted(d.name for d in directory.glob("shard-*") if not d.name.endswith(f"-of-{count}"))
+    if stale:
+        raise N2vdbError(f"{directory.name} holds shards of another run ({stale[0]}; this one has {count} shards): "
+                         "remove them, or extract again into an empty --shard-dir")
+
+    def refuse(what: str) -> N2vdbError:
+        return N2vdbError(f"{directory.name}: {what}; extract that shard again (delete its directory first)")
+
+    parts = sorted(directory.glob(f"shard-*-of-{count}/part-*.parquet"))
+    for part in parts:
+        try:
+            schema = pq.read_schema(part)
+        except (OSError, ValueError, pa.ArrowException):
+            raise refuse(f"{part.relative_to(directory)} is not a readable Parquet file") from None
+        if [(f.name, f.type) for f in schema] != [(f.name, f.type) for f in _PART_SCHEMA]:
+            raise refuse(f"{part.relative_to(directory)} does not have the columns n2vdb writes "
+                         f"({', '.join(f'{f.name} {f.type}' for f in _PART_SCHEMA)})")
+    expected = len(spec_rows(spec, con))
+    if not parts:
+        raise refuse("no Parquet parts")
+    rows = con.execute(
+        """WITH part AS (
+               SELECT image_id, scales, codes, pooled,
+                      regexp_extract(filename, 'shard-(\\d+)-of-', 1)::INTEGER AS shard
+               FROM read_parquet($parts, filename = true))
+           SELECT count(*) FILTER (WHERE octet_length(codes) <> $khw OR len(scales) <> $k OR len(pooled) <> $k),
+                  count(*) FILTER (WHERE image_id % $count <> shard),
+                  count(*) FILTER (WHERE image_id NOT IN (SELECT image_id FROM images WHERE dataset_id = $dataset)
+                                      OR ($limit IS NOT NULL AND image_id >= $limit)),
+                  count(*) - count(DISTINCT image_id), count(DISTINCT image_id),
+                  min(image_id) FILTER (WHERE octet_length(codes) <> $khw OR len(scales) <> $k OR len(pooled) <> $k),
+                  min(image_id) FILTER (WHERE image_id NOT IN (SELECT image_id FROM images WHERE dataset_id = $dataset)
+                                            OR ($limit IS NOT NULL AND image_id >= $limit))
+           FROM part""",
+        {"parts": [str(p) for p in parts], "khw": k * h * w, "k": k, "count": count,
+         "dataset": spec.dataset_id, "limit": spec.limit}).fetchone()
+    wrong_size, wrong_shard, unknown, duplicates, distinct, first_bad_size, first_unknown = rows
+    if wrong_size:
+        raise refuse(f"{wrong_size} row(s) do not hold a {k}x{h}x{w} layer (image {first_bad_size} first)")
+    if unknown:
+        raise refuse(f"{unknown} row(s) name images this probe does not have (image {first_unknown} first)")
+    if wrong_shard:
+        raise refuse(f"{wrong_shard} row(s) sit in a shard that does not own their image")
+    if duplicates:
+        raise refuse(f"{duplicates} image(s) appear in more than one part")
+    if distinct != expected:
+        raise refuse(f"the parts hold {distinct} of the probe's {expected} images")
+    return [str(p) for p in parts]
+
+
+def spec_rows(spec: probes.ProbeSpec, con: duckdb.DuckDBPyConnection) -> list[int]:
+    """Image ids a probe extracts: the first --limit rows of its dataset, or all."""
+    ids = [i for (i,) in con.execute("SELECT image_id FROM images WHERE dataset_id = ? ORDER BY image_id",
+                                     [spec.dataset_id]).fetchall()]
+    return ids[: spec.limit] if spec.limit else ids
+
+
 def _merge_one(store: Store, directory: Path) -> int:
     with store.writing() as con:
         spec_file = directory / "spec.json"
         if not spec_file.exists():
             raise N2vdbError(f"{directory} has no spec.json: no shard has written a batch yet")
-        meta = json.loads(spec_file.read_text())
+        meta = _read_meta(spec_file)
         count = meta["shards"]
         missing = [i for i in range(count) if not (directory / f"shard-{i}-of-{count}" / "done").exists()]
         if missing:
@@ -121,10 +204,10 @@ def _merge_one(store: Store, directory: Path) -> int:
                              f"(`n2vdb ingest ... --shard {missing[0]}/{count}`) and merge again")
         options = _options_from(meta["options"])
         made = make_spec(con, meta["model"], meta["layer"], options)
-        if made.spec.key != meta["key"]:
+        if made.spec.key != meta["key"] or directory.name != f"probe-{meta['key']}":
             raise N2vdbError(f"{directory.name} was extracted with other settings or another dataset than this "
                              "database holds")
-        parts = [str(p) for p in sorted(directory.glob("shard-*/part-*.parquet"))]
+        parts = check_parts(con, directory, meta, made.spec)
         with transaction(con):  # the probe and its activations arrive together
             probe, _ = probes.get_or_create(con, made.spec)
             if probe.status == "extracting":

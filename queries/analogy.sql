@@ -3,7 +3,7 @@
 -- param: a CONCEPT
 -- param: b CONCEPT
 -- param: c CONCEPT
--- param: k INTEGER = 5
+-- param: k INTEGER(1..) = 5
 -- param: probe PROBE
 -- param: kind CHOICE(segmentation,classification) = segmentation
 WITH unit AS (

@@ -1,7 +1,7 @@
 -- name: best-filters
 -- description: A concept's top single filters by train IoU, beside the filters its segmentation embedding weights most.
 -- param: concept CONCEPT
--- param: k INTEGER = 10
+-- param: k INTEGER(1..) = 10
 -- param: probe PROBE
 WITH target AS (
     SELECT c.concept_id FROM concepts c JOIN probes p USING (dataset_id)

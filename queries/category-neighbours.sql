@@ -1,6 +1,6 @@
 -- name: category-neighbours
 -- description: For concepts of each category, the share of their K nearest neighbours (cosine) in each category.
--- param: k INTEGER = 5
+-- param: k INTEGER(1..) = 5
 -- param: probe PROBE
 -- param: kind CHOICE(segmentation,classification) = segmentation
 WITH mine AS (SELECT concept_id, category, weights FROM full_embeddings WHERE probe_id = $probe AND kind = $kind),

@@ -1,7 +1,7 @@
 -- name: filter-concepts
 -- description: Per filter, the pixel-level concepts it is the best single filter for (train IoU), with their val IoUs.
 -- param: probe PROBE
--- param: min_concepts INTEGER = 1
+-- param: min_concepts INTEGER(0..) = 1
 WITH best AS (SELECT concept_id, filter FROM best_pixel_filters WHERE probe_id = $probe)
 SELECT b.filter,
        count(*) AS n_concepts,

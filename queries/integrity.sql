@@ -59,4 +59,16 @@ UNION ALL SELECT 'IoU, embedding or score rows of unknown probes, filters or con
             WHERE ic.dataset_id = p.dataset_id AND ic.image_id = s.image_id AND ic.concept_id = s.concept_id))
 UNION ALL SELECT 'IoU rows whose iou disagrees with intersection / union',
        (SELECT count(*) FROM filter_concept_iou
-        WHERE union_ <= 0 OR intersection > union_ OR abs(iou - intersection / union_) > 1e-9);
+        WHERE union_ <= 0 OR intersection > union_ OR abs(iou - intersection / union_) > 1e-9)
+-- NaN or infinity anywhere is a result computed from nonsense (a NULL score is "not defined", and allowed).
+UNION ALL SELECT 'NaN or infinite stored numbers',
+       (SELECT count(*) FROM filters
+        WHERE NOT (isfinite(threshold) AND isfinite(threshold_bound) AND isfinite(max_value) AND isfinite(mean_value)))
+     + (SELECT count(*) FROM filter_concept_iou WHERE NOT isfinite(iou))
+     + (SELECT count(*) FROM embeddings
+        WHERE len(list_filter(weights, lambda x: NOT isfinite(x))) > 0 OR NOT isfinite(bias)
+           OR NOT isfinite(train_score) OR NOT isfinite(val_score) OR NOT isfinite(val_ap))
+     + (SELECT count(*) FROM image_concept_scores WHERE NOT isfinite(iou) OR NOT isfinite(score))
+     + (SELECT count(*) FROM activations
+        WHERE len(list_filter(scales, lambda x: NOT isfinite(x))) > 0
+           OR len(list_filter(pooled, lambda x: NOT isfinite(x))) > 0);

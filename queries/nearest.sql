@@ -1,7 +1,7 @@
 -- name: nearest
 -- description: Concepts nearest to CONCEPT by cosine similarity of their full embeddings (method.md section 8).
 -- param: concept CONCEPT
--- param: k INTEGER = 10
+-- param: k INTEGER(1..) = 10
 -- param: probe PROBE
 -- param: kind CHOICE(segmentation,classification) = segmentation
 WITH mine AS (SELECT concept_id, name, category, weights FROM full_embeddings WHERE probe_id = $probe AND kind = $kind),

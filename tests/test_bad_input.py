@@ -32,6 +32,9 @@ class Case:
     message: str
     code: int
     prepare: Callable[[Path, Path], None] | None = None  # (dataset copy, tmp) -> None
+    env: dict[str, str] | None = None  # extra environment ({tmp} filled in)
+    stdout: str | None = None  # None = captured (must stay empty); 'closed'; or a path such as /dev/full
+    db_sql: str | None = None  # applied to the database copy before the call (and before its fingerprint)
 
 
 def _replace(rel: str, content: bytes):
@@ -109,7 +112,7 @@ CASES = [
     Case("weights file of the wrong architecture", ["ingest", "alexnet", "conv5", "--weights", "{tmp}/w.pth",
          "--db", "{db}"], "do not fit AlexNet", 2, _weights("wrong")),
     Case("weights file that is not a checkpoint", ["ingest", "alexnet", "conv5", "--weights", "{tmp}/w.pth",
-         "--db", "{db}"], "cannot read weights file", 2, _weights("garbage")),
+         "--db", "{db}"], "not a PyTorch state dict", 2, _weights("garbage")),
     Case("quantile out of range", INGEST + ["--quantile", "1.5"], "--quantile must lie", 2),
     Case("GPU asked for that is not there", INGEST + ["--device", "cuda:99"], "CUDA device(s)", 2),
     Case("unknown device", INGEST + ["--device", "tpu"], "expected auto, cpu, cuda", 2),
@@ -156,6 +159,61 @@ CASES = [
     Case("empty dataset name", ["data", "add", "{data}", "--name", "", "--db", "{db}"], "cannot be empty", 2),
     Case("data synth under a file", ["data", "synth", "{data}/index.csv/set", "--images", "2", "--db", "{db}"],
          "cannot write the concept set in", 1),
+    # the SQL sandbox (issue 11; every escape in tests/test_sandbox.py)
+    Case("re-attaching the database writable", ["sql", "ATTACH '{tmp}/s.duckdb' AS s (READ_WRITE); USE s; "
+         "DETACH n2v; ATTACH '{db}' AS w (READ_WRITE); DROP TABLE w.embeddings", "--db", "{db}"],
+         "LocalFileSystem has been disabled", 1),
+    Case("COPY over another file", ["sql", "COPY (SELECT 'x') TO '{tmp}/other.duckdb' (FORMAT csv)", "--db", "{db}"],
+         "SQL in n2vdb opens no files", 1, lambda d, t: (t / "other.duckdb").write_bytes(b"precious")),
+    Case("INSTALL an extension", ["sql", "INSTALL httpfs", "--db", "{db}"], "SQL in n2vdb opens no files", 1),
+    Case("--write with its own transaction", ["sql", "--write", "DELETE FROM embeddings; COMMIT", "--db", "{db}"],
+         "--write already runs everything as one transaction", 2),
+    Case("--write that fails half way", ["sql", "--write", "DELETE FROM embeddings; SELECT * FROM nope",
+         "--db", "{db}"], "nope does not exist", 1),
+    # settings and errors (issue 11)
+    Case("segmentation batch of 0", INGEST + ["--seg-batch", "0"], "--seg-batch must be at least 1", 2),
+    Case("learning rate NaN", INGEST + ["--seg-lr", "nan"], "--seg-lr must be a finite number above 0", 2),
+    Case("no training epochs", INGEST + ["--epochs", "0"], "--epochs must be at least 1", 2),
+    Case("negative epochs", INGEST + ["--epochs", "-3"], "--epochs must be at least 1", 2),
+    Case("input size 0 (not the default)", INGEST + ["--input-size", "0"], "--input-size must be between 16 and 2048", 2),
+    Case("input size 100000", INGEST + ["--input-size", "100000"], "--input-size must be between 16 and 2048", 2),
+    Case("input size too small for the layer", INGEST + ["--input-size", "16"],
+         "alexnet does not run on 16 px input", 2),
+    Case("forward batch of 0", INGEST + ["--batch-size", "0"], "--batch-size must be at least 1", 2),
+    Case("negative worker count", INGEST + ["--workers", "-1"], "--workers must be between 0", 2),
+    Case("layer whose output reads as no map, tokens or vector", ["ingest", "vit_b_16",
+         "encoder.layers.encoder_layer_0.self_attention.out_proj", "--weights", "random", "--db", "{db}"],
+         "never runs", 2),
+    Case("empty layer name", ["ingest", "alexnet", "", "--weights", "random", "--db", "{db}"],
+         "the layer name is empty", 2),
+    Case("markup in a concept name", ["query", "nearest", "[/x]", "--db", "{db}"], "unknown concept '[/x]'", 2),
+    Case("markup in SQL", ["sql", 'SELECT "[/oops]"', "--db", "{db}"], 'column "[/oops]" was not found', 1),
+    Case("markup in a model name", ["models", "[/m]"], "unknown model '[/m]'", 2),
+    Case("negative -k", ["query", "nearest", "red", "-k", "-5", "--db", "{db}"], "k must be between 1 and", 2),
+    Case("-k beyond 64 bits", ["query", "nearest", "red", "-k", "99999999999999999999", "--db", "{db}"],
+         "k must be between 1 and 2147483647", 2),
+    Case("NULL as a concept", ["query", "nearest", "NULL", "--db", "{db}"], "unknown concept 'NULL'", 2),
+    Case("database directory that is a file", ["data", "add", "{data}", "--name", "x", "--db", "{tmp}/afile/x.duckdb"],
+         "Not a directory", 1, lambda d, t: (t / "afile").write_text("")),
+    Case("report --out that is a file", ["report", "--out", "{tmp}/afile", "--db", "{db}"],
+         "a file of that name is in the way", 1, lambda d, t: (t / "afile").write_text("")),
+    Case("show --out that is a directory", ["show", "filter", "3", "--out", "{tmp}", "--db", "{db}"],
+         "give the name of a .png file", 2),
+    Case("show --out below a file", ["show", "filter", "3", "--out", "{tmp}/afile/x.png", "--db", "{db}"],
+         "a file of that name is in the way", 1, lambda d, t: (t / "afile").write_text("")),
+    Case("stdout on a full disk", ["probes", "--db", "{db}"], "No space left on device", 1, stdout="/dev/full"),
+    Case("stdout closed", ["probes", "--db", "{db}"], "standard output is closed", 1, stdout="closed"),
+    Case("busy timeout that is not a number", ["probes", "--db", "{db}"],
+         "N2VDB_BUSY_TIMEOUT='abc': expected a number of seconds", 2, env={"N2VDB_BUSY_TIMEOUT": "abc"}),
+    Case("binary SQL file", ["sql", "--file", "{tmp}/binary.sql", "--db", "{db}"], "is not a UTF-8 text file of SQL", 2,
+         lambda d, t: (t / "binary.sql").write_bytes(b"\xff\xfe\x00\xd0SELECT")),
+    Case("show filter on a probe without thresholds", ["show", "filter", "3", "--probe", "1", "--db", "{db}"],
+         "has no thresholds yet", 1, db_sql="DELETE FROM filters; UPDATE probes SET status = 'iou'"),
+    Case("imagenet weights offline", ["ingest", "alexnet", "conv5", "--workers", "0", "--db", "{db}"],
+         "cannot download", 1, env={"TORCH_HOME": "{tmp}/torch"}),
+    Case("foreign DuckDB file", ["data", "add", "{data}", "--name", "x", "--db", "{tmp}/other.duckdb"],
+         "not an n2vdb database (it holds sales)", 1,
+         lambda d, t: duckdb.connect(str(t / "other.duckdb")).execute("CREATE TABLE sales (x INTEGER)").close()),
 ]
 
 
@@ -183,11 +241,20 @@ def test_bad_input(tmp_path, db_copy, synthetic_dir, case):
     if "--dataset" in case.argv and "x" in case.argv:
         from n2vdb import api
         api.add_dataset(data, "x", db_copy)
+    if case.db_sql:
+        con = duckdb.connect(str(db_copy))
+        con.execute(case.db_sql)
+        con.close()
     before = fingerprint(db_copy)
     argv = [a.format(db=db_copy, data=data, tmp=tmp_path) for a in case.argv]
-    result = subprocess.run([sys.executable, "-m", "n2vdb", *argv], capture_output=True, text=True,
-                            env={**os.environ, "N2VDB_HOME": str(tmp_path / "home")})
+    env = {**os.environ, "N2VDB_HOME": str(tmp_path / "home"),
+           **{k: v.format(tmp=tmp_path) for k, v in (case.env or {}).items()}}
+    with open(case.stdout if case.stdout not in (None, "closed") else os.devnull, "w") as out:
+        result = subprocess.run([sys.executable, "-m", "n2vdb", *argv], text=True, env=env, stderr=subprocess.PIPE,
+                                stdout=subprocess.PIPE if case.stdout is None else out,
+                                preexec_fn=(lambda: os.close(1)) if case.stdout == "closed" else None)
     assert result.returncode == case.code, result.stderr
+    assert not result.stdout, result.stdout  # stdout carries only data: nothing on an error
     assert case.message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

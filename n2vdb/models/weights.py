@@ -3,7 +3,9 @@ weights via the Hugging Face cache), 'random' or a file (a state dict: .pth, .pt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from torch import nn
 from n2vdb.errors import ModelError, WeightsUnavailable
 from n2vdb.models import timm_models
 from n2vdb.models.registry import IMAGENET_MEAN, IMAGENET_STD, build, preprocessing  # noqa: F401 - re-exported
+from n2vdb.progress import say
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,9 @@ def _imagenet(model: str, input_size: int | None) -> LoadedModel:
     cached = hub_checkpoint(entry.url)
     if not cached.exists():
         try:
-            torch.hub.load_state_dict_from_url(entry.url, progress=True, check_hash=False)
+            say(f"downloading {entry.url} to {cached}")
+            with contextlib.redirect_stdout(io.StringIO()):  # torch.hub says the same on stdout, the data stream
+                torch.hub.load_state_dict_from_url(entry.url, progress=True, check_hash=False)
         except Exception:  # noqa: BLE001 - any download failure means the same thing to the user
             raise WeightsUnavailable(
                 f"cannot download {entry.url}; put that file at {cached} (TORCH_HOME sets the cache directory)"
@@ -81,6 +86,10 @@ def _read_state(path: Path):
     except ImportError:
         raise ModelError(f"reading {path} needs the safetensors package: pip install safetensors") from None
     except Exception as exc:  # noqa: BLE001 - pickle, zip and tensor errors alike
+        with path.open("rb") as handle:
+            head = handle.read(2)
+        if head != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
+            raise ModelError(f"cannot read weights file {path}: not a PyTorch state dict (torch.save file)") from None
         raise ModelError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import duckdb
 
-from n2vdb.errors import DatabaseBusy, N2vdbError
+from n2vdb.errors import DatabaseBusy, N2vdbError, UsageError
 
 DEFAULT_DB = "n2v.duckdb"
 _LOCK_HOLDER = re.compile(r"held in (?P<prog>\S+) \(PID (?P<pid>\d+)\)")
@@ -30,7 +30,14 @@ def db_path(path: str | os.PathLike | None = None) -> Path:
 
 def busy_wait_s() -> float:
     """How long an open waits for another process's write lock (an ingest holds it in short sessions)."""
-    return float(os.environ.get("N2VDB_BUSY_TIMEOUT", "5"))
+    text = os.environ.get("N2VDB_BUSY_TIMEOUT", "5")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):  # NaN fails too: it would make the wait endless
+        raise UsageError(f"N2VDB_BUSY_TIMEOUT={text!r}: expected a number of seconds, e.g. 5")
+    return seconds
 
 
 def connect(path: str | os.PathLike | None = None, *, read_only: bool,

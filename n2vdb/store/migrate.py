@@ -72,8 +72,27 @@ def pending(con: duckdb.DuckDBPyConnection, directory: Path | None = None) -> li
     return _check(applied(con), available(directory))
 
 
+def foreign_objects(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Tables, views and sequences of a database that n2vdb has never upgraded (empty for a new file)."""
+    if applied(con):
+        return []
+    names = [n for (n,) in con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database()"
+        " UNION ALL SELECT sequence_name FROM duckdb_sequences()"
+        " WHERE database_name = current_database() AND NOT temporary ORDER BY 1").fetchall()]
+    return [n for n in names if n != "schema_migrations"]
+
+
+def _not_ours(names: list[str]) -> str:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"this DuckDB file is not an n2vdb database (it holds {shown})"
+
+
 def check_readable(con: duckdb.DuckDBPyConnection) -> None:
     """A reader needs a database that this version understands and that is fully upgraded."""
+    foreign = foreign_objects(con)
+    if foreign:
+        raise N2vdbError(f"{_not_ours(foreign)}: pass the --db of an n2vdb database")
     todo = pending(con)
     if todo:
         raise N2vdbError(
@@ -81,8 +100,15 @@ def check_readable(con: duckdb.DuckDBPyConnection) -> None:
         )
 
 
-def upgrade(con: duckdb.DuckDBPyConnection, directory: Path | None = None) -> list[Migration]:
-    """Apply pending migrations in order, each in its own transaction. Returns what was applied."""
+def upgrade(con: duckdb.DuckDBPyConnection, directory: Path | None = None, adopt: bool = False) -> list[Migration]:
+    """Apply pending migrations in order, each in its own transaction. Returns what was applied.
+
+    n2vdb's schema goes only into an empty file or one n2vdb made: a DuckDB file holding other tables
+    is refused unless ADOPT (`n2vdb db upgrade --adopt`) says to add n2vdb's tables beside them."""
+    foreign = foreign_objects(con)
+    if foreign and not adopt:
+        raise N2vdbError(f"{_not_ours(foreign)}; n2vdb will not add its tables to it: use another --db, or "
+                         "run `n2vdb db upgrade --adopt` to add them beside the others")
     con.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, sha256 VARCHAR NOT NULL,"

@@ -58,11 +58,11 @@ class Store:
     @contextlib.contextmanager
     def exclusive_writer(self) -> Iterator[None]:
         """One writing process per database: a second ingest fails at once instead of interleaving."""
-        key = self.path.resolve()
+        key = self.path.resolve()  # the file itself: a symlinked --db must find the same lock
         if key in _WRITING:
             yield
             return
-        lock_path = self.path.with_name(self.path.name + ".writer.lock")
+        lock_path = key.with_name(key.name + ".writer.lock")
         with open(lock_path, "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
