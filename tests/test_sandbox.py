@@ -239,7 +239,8 @@ def test_cli_refusals_are_one_line(world):
 
 def test_connections_of_one_process_share_one_sealed_instance(world):
     """DuckDB shares one instance (and its settings) among a process's connections to a file: a second
-    reader joins the sealed one, and a connection n2vdb did not make is named, not a traceback."""
+    reader joins the sealed one, a plain duckdb.connect is sealed with it, and one opened with other
+    settings is named in one line."""
     directory, db, _ = world
     with read_connection(db) as outer:
         with read_connection(db) as inner:
@@ -247,9 +248,17 @@ def test_connections_of_one_process_share_one_sealed_instance(world):
             with pytest.raises(duckdb.Error, match="disabled"):
                 inner.execute(f"COPY (SELECT 1) TO '{directory}/x.csv'")
         assert outer.execute("SELECT count(*) FROM concepts").fetchone()[0] > 0
-    own = duckdb.connect(str(db), read_only=True)
+    own = duckdb.connect(str(db), read_only=True)  # a notebook's own connection shares the instance
     try:
-        with pytest.raises(N2vdbError, match="a duckdb.connect of your own"):
-            api.query("nearest", db, concept="dog")
+        assert api.sql("SELECT count(*) AS n FROM images", db).to_pylist() == [{"n": 4}]
+        with pytest.raises(duckdb.Error, match="disabled"):  # ... and is sealed with it
+            own.execute(f"COPY (SELECT 1) TO '{directory}/x.csv'")
     finally:
         own.close()
+    configured = duckdb.connect(str(db), read_only=True, config={"threads": 1})
+    try:
+        with pytest.raises(N2vdbError, match="a duckdb.connect of your own"):
+            api.sql("SELECT 1", db)
+    finally:
+        configured.close()
+    assert not (directory / "x.csv").exists()

@@ -69,9 +69,7 @@ def _connect_once(path: str | os.PathLike | None, read_only: bool) -> duckdb.Duc
     if not read_only and not target.parent.exists():
         raise N2vdbError(f"cannot create database {target}: directory {target.parent} does not exist")
     try:
-        # DuckDB's buffer cache would otherwise grow towards 80% of RAM as a large probe is read.
-        config = {**_OPEN_CONFIG, "memory_limit": os.environ.get("N2VDB_DUCKDB_MEMORY", "1GB")}
-        con = duckdb.connect(str(target), read_only=read_only, config=config)
+        con = duckdb.connect(str(target), read_only=read_only)
     except duckdb.IOException as exc:
         message = str(exc)
         holder = _LOCK_HOLDER.search(message)
@@ -86,19 +84,29 @@ def _connect_once(path: str | os.PathLike | None, read_only: bool) -> duckdb.Duc
             raise N2vdbError(f"{target} is already open in this process through a connection n2vdb did not make "
                              "(a duckdb.connect of your own?): close it first") from None
         raise N2vdbError(f"cannot open database {target}: {str(exc).splitlines()[0]}") from None
-    # DuckDB draws its own progress bar on stdout, which would corrupt piped output.
-    # A per-connection setting, which seal() leaves open to connections that join a sealed instance.
+    # DuckDB draws its own progress bar on stdout, which would corrupt piped output. A per-connection
+    # setting, which seal() leaves open to the connections that join a sealed instance.
     con.execute("SET enable_progress_bar = false")
+    # The process's connections to one file share one DuckDB instance and its global settings, set
+    # by the first of them (not passed at open, so that a plain duckdb.connect can share it too).
+    if not _locked(con):
+        for name, value in _GLOBAL_SETTINGS.items():
+            con.execute(f"SET {name} = ?", [value])
+        # DuckDB's buffer cache would otherwise grow towards 80% of RAM as a large probe is read.
+        con.execute("SET memory_limit = ?", [os.environ.get("N2VDB_DUCKDB_MEMORY", "1GB")])
     return con
 
 
-# Settings fixed when the file is opened: nothing is fetched or loaded behind the user's back.
-_OPEN_CONFIG = {
+# Nothing is fetched or loaded behind the user's back, on any connection.
+_GLOBAL_SETTINGS = {
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
     "allow_community_extensions": False,
-    "allow_unsigned_extensions": False,
 }
+
+
+def _locked(con: duckdb.DuckDBPyConnection) -> bool:
+    return bool(first(con.execute("SELECT current_setting('lock_configuration')"))[0])
 
 
 def seal(con: duckdb.DuckDBPyConnection, *, file_system: bool = True) -> None:
@@ -113,7 +121,7 @@ def seal(con: duckdb.DuckDBPyConnection, *, file_system: bool = True) -> None:
     - temp_directory = '': nothing spills to disk; a query that outgrows N2VDB_DUCKDB_MEMORY fails;
     - lock_configuration = true, last: none of the above can be SET back from SQL.
     """
-    if first(con.execute("SELECT current_setting('lock_configuration')"))[0]:
+    if _locked(con):
         # Connections of one process to one file share DuckDB's instance and its settings: a later
         # one joins an instance sealed before, which seal() checks instead of setting again.
         if first(con.execute("SELECT current_setting('enable_external_access')"))[0]:
