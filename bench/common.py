@@ -79,7 +79,7 @@ def save_result(name: str, headline: str, figures: dict, command: list[str] | No
     if "\n" in headline:
         raise ValueError("a bench headline is one line")
     record = {"name": name, "command": shlex.join(command or this_command()),
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "wall_s": round(time.time() - _STARTED, 1), "machine": machine(), "headline": headline, "figures": figures}
     directory = Path(directory or RESULTS)
     directory.mkdir(parents=True, exist_ok=True)

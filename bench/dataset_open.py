@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from common import save_result
+
 from n2vdb.data import fingerprint
 from n2vdb.data.broden import BrodenDataset
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
 from common import save_result
+
 from n2vdb import queries
 from n2vdb.store import read_connection, write_connection
 

@@ -29,20 +29,20 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # order. Sizes are chosen so the whole rerun takes at most about 15 minutes on two idle cores.
 BENCHES = {
     "extract": ("extraction vs a bare forward pass, same loader, same run", ["--images", "300"], {}),
-    "dissect": ("single-filter IoU vs NetDissect-Lite's own per-unit algorithm (`tally_job`, its shortcuts "
-                "included)", ["--images", "120"], {"OMP_NUM_THREADS": "1"}),
+    "dissect": ("single-filter IoU vs NetDissect-Lite's own per-unit algorithm (`tally_job`, its shortcuts included)",
+                ["--images", "120"], {"OMP_NUM_THREADS": "1"}),
     "embed": ("all concepts jointly vs one at a time (reference recipe), same in-memory data",
               ["--images", "300", "--epochs", "3"], {"OMP_NUM_THREADS": "1"}),
-    "scale": ("whole ingest at Broden density (the broden profile: ~31 pixel concepts per image) vs a bare "
-              "forward pass, at each size; the largest size's ratios and a linear projection to all of Broden",
-              ["--sizes", "250,500", "--threads", "1"], {}),
+    "scale": (("whole ingest at Broden density (`n2vdb data synth --profile broden`) vs a bare forward "
+               "pass, at each size; the largest size's ratios and a linear projection to all of Broden"),
+              ["--threads", "1"], {}),
     "query": ("latency of the named queries on a study-sized database", [], {}),
-    "dataset_open": ("a Broden-sized index (five paths per row, each resolved inside the directory): opening, and "
-                     "the fingerprint every ingest and merge verifies", ["63000"], {}),
+    "dataset_open": (("a Broden-sized index (five paths per row, each resolved inside the directory): opening, "
+                      "and the fingerprint every ingest and merge verifies"), ["63000"], {}),
     "netdissect_agreement": ("`--iou-mode netdissect` vs NetDissect-Lite's published tally",
                              ["--images", "120", "--threads", "1"], {}),
-    "backbones": ("whole ingests across model families (CNN maps, Swin channels-last, ViT tokens, fc vectors; "
-                  "torchvision and timm), `db check` at the end", ["--limit", "24", "--epochs", "1"], {}),
+    "backbones": (("whole ingests across model families (CNN maps, Swin channels-last, ViT tokens, fc vectors; "
+                   "torchvision and timm), `db check` at the end"), ["--limit", "24", "--epochs", "1"], {}),
 }
 # bench scripts with a main that write no result, and why
 NO_RESULT = {"readme": "this generator"}
