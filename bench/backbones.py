@@ -12,7 +12,7 @@ import argparse
 import importlib.util
 import time
 
-from common import peak_rss_mib, scratch
+from common import peak_rss_mib, save_result, scratch
 from n2vdb import api
 from n2vdb.models import registry
 from n2vdb.probe import TrainSettings
@@ -44,6 +44,7 @@ def main() -> None:
     print(f"{args.limit} of {args.images} built-in images, random weights, {args.epochs} epoch(s), workers 0")
     print("| family | model | layer | output | kind | stored | ingest s |")
     print("|---|---|---|---|---|---|---|")
+    seconds_of = {}
     for family, model, layer in FAMILIES:
         if (only and model not in only) or (model.startswith("timm:") and not has_timm):
             continue
@@ -53,10 +54,17 @@ def main() -> None:
         api.ingest(model, layer, db, dataset="synthetic", weights="random", limit=args.limit, workers=0,
                    train=TrainSettings(epochs=args.epochs))
         seconds = time.perf_counter() - start
+        seconds_of[f"{model} {layer}"] = seconds
         print(f"| {family} | {model} | {layer} | {row['output']} | {row['kind']} | {row['stored']} | {seconds:.1f} |",
               flush=True)
     failed = [r["check_name"] for r in api.db_check(db).to_pylist() if r["violations"]]
     print(f"db check: {'clean' if not failed else 'FAILED ' + ', '.join(failed)}; peak RSS {peak_rss_mib():.0f} MiB")
+    slowest = max(seconds_of, key=seconds_of.get)
+    save_result("backbones", f"{len(seconds_of)} families, {min(seconds_of.values()):.1f}-{max(seconds_of.values()):.1f} s "
+                f"per ingest (slowest {slowest} {seconds_of[slowest]:.1f} s); db check "
+                f"{'clean' if not failed else 'FAILED'}",
+                {"images": args.images, "limit": args.limit, "epochs": args.epochs, "ingest_s": seconds_of,
+                 "db_check_failed": failed, "timm": has_timm, "peak_rss_mib": peak_rss_mib()})
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import save_result
+
 from n2vdb.data import fingerprint
 from n2vdb.data.broden import BrodenDataset
 
@@ -50,6 +52,8 @@ def main(rows: int) -> None:
         fingerprint.take(dataset)
         took = time.perf_counter() - start
     print(f"{rows} rows, {rows * 5} paths: open {opened:.2f} s, fingerprint {took:.2f} s")
+    save_result("dataset_open", f"{rows:,} rows, {rows * 5:,} paths: open {opened:.1f} s; fingerprint {took:.1f} s",
+                {"rows": rows, "paths": rows * 5, "open_s": opened, "fingerprint_s": took})
 
 
 if __name__ == "__main__":

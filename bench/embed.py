@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import ingested, peak_rss_mib
+from common import ingested, peak_rss_mib, save_result
 from n2vdb import probe as probes
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.embed import segmentation
@@ -85,6 +85,11 @@ def main() -> None:
     print(f"decoding once      {decode:7.2f} s   (read and packed before either run; not in the ratio)")
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"peak RSS           {peak_rss_mib():.0f} MiB")
+    per_epoch = joint / args.epochs / n_train * 1000
+    save_result("embed", f"{alone / joint:.1f}x; {per_epoch:.2f} s per epoch per 1,000 images",
+                {"train_images": n_train, "concepts": len(concepts), "pairs": pairs, "epochs": args.epochs,
+                 "joint_s": joint, "one_at_a_time_s": alone, "speedup": alone / joint, "decode_s": decode,
+                 "s_per_epoch_per_1000": per_epoch, "peak_rss_mib": peak_rss_mib()})
     tmp.cleanup()
 
 

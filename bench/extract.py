@@ -15,7 +15,7 @@ import duckdb
 import torch
 from torch.utils.data import DataLoader
 
-from common import peak_rss_mib, scratch
+from common import peak_rss_mib, save_result, scratch
 from n2vdb import extract, probe as probes
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.ingest import IngestOptions, make_spec
@@ -76,6 +76,12 @@ def main() -> None:
     print(f"storage       {raw / (n * k * h * w):.3f} bytes/value as written, "
           f"{size / (n * k * h * w):.3f} bytes/value for the whole database file")
     print(f"peak RSS      {peak_rss_mib():.0f} MiB")
+    written, on_disk = raw / (n * k * h * w), size / (n * k * h * w)
+    save_result("extract", f"{bare / extraction:.2f}x of a bare forward pass ({n / extraction:.0f} vs {n / bare:.0f} "
+                f"img/s); {written:.2f} bytes per value as written, {on_disk:.2f} for the whole database file",
+                {"images": n, "bare_img_s": n / bare, "extraction_img_s": n / extraction, "ratio": bare / extraction,
+                 "thresholds_s": thresholds, "bytes_per_value_written": written,
+                 "bytes_per_value_file": on_disk, "peak_rss_mib": peak_rss_mib()})
     tmp.cleanup()
 
 

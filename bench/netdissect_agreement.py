@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from common import scratch  # noqa: E402
+from common import save_result, scratch  # noqa: E402
 from test_netdissect import netdissect_lite  # noqa: E402
 
 from n2vdb import activations as acts_store  # noqa: E402
@@ -87,6 +87,16 @@ def main():
           f"top label agrees on {(top_s == top_f).sum()} of {len(top_s)} units; "
           f"max |threshold - float percentile| {np.abs(thresholds - float_thresholds).max():.2e}")
     print(f"tally over {args.images} images: netdissect {t_netdissect:.2f} s, net2vec {t_net2vec:.2f} s")
+    agree = int((top_s == top_f).sum())
+    save_result("netdissect_agreement",
+                f"{same:,} of {len(expected):,} (unit, label) pairs identical on the stored values; on float "
+                f"activations max |dIoU| {diff.max():.1e}, top label {agree} of {len(top_s)} units; tally "
+                f"{t_netdissect:.1f} s, {t_netdissect / args.images * 1000:.0f} ms per image (net2vec mode {t_net2vec:.1f} s)",
+                {"images": args.images, "pairs_identical": same, "pairs": len(expected), "pairs_stored": len(stored),
+                 "max_abs_diou_float": float(diff.max()), "mean_abs_diou_float": float(diff.mean()),
+                 "top_label_agrees": agree, "units": len(top_s),
+                 "max_threshold_diff": float(np.abs(thresholds - float_thresholds).max()),
+                 "tally_netdissect_s": t_netdissect, "tally_net2vec_s": t_net2vec})
     tmp.cleanup()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from common import save_result
 
 from n2vdb import queries
 from n2vdb.store import read_connection, write_connection
@@ -74,6 +75,7 @@ def main() -> None:
               f"in {time.perf_counter() - start:.1f} s ({db.stat().st_size / 1e6:.0f} MB)")
         cases = [("nearest", {"concept": "concept17"}), ("exclusivity", {}), ("compare-probes", {"concept": "concept17"}),
                  ("single-vs-embedding", {}), ("best-filters", {"concept": "concept17"})]
+        medians = {}
         with read_connection(db) as con:
             for name, params in cases:
                 queries.run(con, name, **params)  # warm
@@ -82,8 +84,13 @@ def main() -> None:
                     t = time.perf_counter()
                     queries.run(con, name, **params)
                     times.append((time.perf_counter() - t) * 1000)
+                medians[name] = statistics.median(times)
                 print(f"{name:22s} median {statistics.median(times):7.1f} ms   max {max(times):7.1f} ms   "
                       f"goal < 100 ms: {'yes' if statistics.median(times) < 100 else 'NO'}")
+    save_result("query", f"{min(medians.values()):.0f}-{max(medians.values()):.0f} ms per named query (median of "
+                f"{args.repeats}, warm); {args.probes} probes x {args.concepts:,} concepts x {args.filters} filters",
+                {"probes": args.probes, "concepts": args.concepts, "filters": args.filters, "repeats": args.repeats,
+                 "median_ms": medians})
 
 
 if __name__ == "__main__":

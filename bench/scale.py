@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import save_result
+
 BRODEN_IMAGES = 63_305
 STAGES = ("extraction", "thresholds", "iou", "segmentation", "classification")
 TRAINING = ("segmentation", "classification")
@@ -104,6 +106,28 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(results: list[dict]) -> tuple[str, dict]:
+    """The README's one-line headline and its figures: the largest size's ratios, the peak RSS range, the projection."""
+    last = results[-1]
+    n, fwd = last["images"], last["forward_s"]
+    ratios = {s: last["stages"].get(s, {}).get("seconds", 0.0) / fwd for s in STAGES}
+    ingest = sum(v["seconds"] for v in last["stages"].values()) / fwd
+    seg = last["stages"].get("segmentation", {})
+    rate = (seg.get("pairs") or 0) * last["epochs"] / seg["seconds"] if seg.get("seconds") else 0.0
+    to30 = 30 / last["epochs"]
+    hours = sum(v["seconds"] * (to30 if s in TRAINING else 1) for s, v in last["stages"].items()) \
+        * BRODEN_IMAGES / n / 3600
+    rss = [r["peak_rss_mb"] / 1000 for r in results]
+    concepts = last["concepts"]
+    headline = (f"{n:,} images ({concepts.get('segmentation', 0):,} seg + {concepts.get('classification', 0):,} cls "
+                f"concepts, {last['epochs']} epochs): " + ", ".join(f"{s} {ratios[s]:.2f}x" for s in STAGES)
+                + f", ingest {ingest:.1f}x the forward pass; {rate:,.0f} training pairs/s; peak RSS "
+                f"{rss[0]:.2f} GB at {results[0]['images']:,} to {rss[-1]:.2f} GB at {n:,}; projected {hours:.1f} h "
+                f"for {BRODEN_IMAGES:,} images")
+    return headline, {"sizes": [r["images"] for r in results], "ratios_to_forward": ratios, "ingest_ratio": ingest,
+                      "segmentation_pairs_per_s": rate, "projected_hours": hours, "runs": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="250,500,1000")
@@ -130,9 +154,12 @@ def main() -> None:
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)  # so the saved result records the runs' thread count
     print(f"torch threads: {args.threads or torch.get_num_threads()}; CPU cores: {os.cpu_count()}; "
           f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(table(results))
+    save_result("scale", *summary(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
