@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from n2vdb import api
 from n2vdb.store import write_connection
+from common import save_result
 from query import fill  # bench/query.py
 
 
@@ -67,6 +68,7 @@ def main() -> None:
         targets = [("parquet directory", str(Path(tmp) / "parquet")), ("sqlite", f"sqlite:///{tmp}/export.db")]
         if args.postgres:
             targets.append(("postgresql", args.postgres))
+        timings = {}
         for label, dest in targets:
             start = time.perf_counter()
             counts = api.export(dest, db)
@@ -75,6 +77,14 @@ def main() -> None:
             api.export(dest, db, probe=1)
             print(f"{label:<18} {sum(counts.values()):>9,} rows {elapsed:6.1f} s; re-export of probe 1 "
                   f"{time.perf_counter() - again:5.1f} s; peak RSS so far {_peak_mib():.0f} MiB")
+            timings[label] = {"rows": sum(counts.values()), "seconds": round(elapsed, 2),
+                              "reexport_seconds": round(time.perf_counter() - again, 2)}
+        size_mb = db.stat().st_size / 1e6
+    rows = next(iter(timings.values()))["rows"]
+    parts = ", ".join(f"{label} {t['seconds']:.1f} s (again {t['reexport_seconds']:.1f} s)" for label, t in timings.items())
+    save_result("export", f"{args.images}-image probe ({size_mb:.0f} MB DuckDB, {rows:,} rows): {parts}; "
+                f"peak RSS {_peak_mib():.0f} MiB", {"targets": timings, "db_mb": round(size_mb, 1),
+                                                     "peak_rss_mib": round(_peak_mib())})
 
 
 def _peak_mib() -> float:

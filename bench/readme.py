@@ -43,6 +43,9 @@ BENCHES = {
                              ["--images", "120", "--threads", "1"], {}),
     "backbones": (("whole ingests across model families (CNN maps, Swin channels-last, ViT tokens, fc vectors; "
                    "torchvision and timm), `db check` at the end"), ["--limit", "24", "--epochs", "1"], {}),
+    "startup": ("cold-process latency of the CLI beside `python3 -c pass`, same run", ["--repeats", "5"], {}),
+    "export": ("`n2vdb export` of a generated probe to Parquet and SQLite (PostgreSQL with `--postgres URL`)",
+               ["--images", "500"], {}),
 }
 # bench scripts with a main that write no result, and why
 NO_RESULT = {"readme": "this generator"}

@@ -153,6 +153,8 @@ def _stream(relation: duckdb.DuckDBPyRelation, path: Path) -> None:
 def register_files(con: duckdb.DuckDBPyConnection, reads: Mapping[str, str | Path]) -> None:
     """Show each NAME=PATH to the SQL as a view, read by pyarrow (the connection itself has no file
     system). PATH is a Parquet or CSV file, a directory of them, or a glob."""
+    if not reads:
+        return  # pyarrow.dataset costs 0.15 s to import: only when asked for
     import pyarrow.csv as pacsv
     import pyarrow.dataset as ds
 
