@@ -12,10 +12,11 @@ import argparse
 import importlib.util
 import time
 
-from common import peak_rss_mib, save_result, scratch
 from n2vdb import api
 from n2vdb.models import registry
 from n2vdb.probe import TrainSettings
+
+from common import peak_rss_mib, save_result, scratch
 
 FAMILIES = [  # (family, model, layer)
     ("AlexNet (CNN map)", "alexnet", "conv5"),

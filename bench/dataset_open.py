@@ -13,10 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import save_result
-
 from n2vdb.data import fingerprint
 from n2vdb.data.broden import BrodenDataset
+
+from common import save_result
 
 
 def build(root: Path, rows: int) -> None:

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import ingested, peak_rss_mib, save_result
 from n2vdb import activations as acts_store
 from n2vdb import probe as probes
 from n2vdb.data.broden import BrodenDataset, decode_mask
 from n2vdb.stats import iou as iou_stage
 from n2vdb.store import read_connection
+
+from common import ingested, peak_rss_mib, save_result
 
 
 def channel_maps(dataset, row):

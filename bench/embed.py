@@ -18,12 +18,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import ingested, peak_rss_mib, save_result
 from n2vdb import probe as probes
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.embed import segmentation
 from n2vdb.embed.examples import cached, store_examples
 from n2vdb.store import read_connection
+
+from common import ingested, peak_rss_mib, save_result
 
 
 def one_at_a_time(source, concepts, k, epochs, lr=1e-4, batch_size=16, seed=0):

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from n2vdb import api
 from n2vdb.store import write_connection
+
 from common import save_result
 from query import fill  # bench/query.py
 

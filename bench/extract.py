@@ -15,13 +15,15 @@ import duckdb
 import torch
 from torch.utils.data import DataLoader
 
-from common import peak_rss_mib, save_result, scratch
-from n2vdb import extract, probe as probes
+from n2vdb import extract
+from n2vdb import probe as probes
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.ingest import IngestOptions, make_spec
 from n2vdb.models import weights
 from n2vdb.store import write_connection
 from n2vdb.store.sessions import Store
+
+from common import peak_rss_mib, save_result, scratch
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from common import save_result, scratch  # noqa: E402
 from test_netdissect import netdissect_lite  # noqa: E402
 
 from n2vdb import activations as acts_store  # noqa: E402
@@ -28,8 +27,11 @@ from n2vdb import probe as probes  # noqa: E402
 from n2vdb.data.broden import BrodenDataset  # noqa: E402
 from n2vdb.models import weights  # noqa: E402
 from n2vdb.probe import TrainSettings  # noqa: E402
-from n2vdb.stats import iou as iou_stage, netdissect  # noqa: E402
+from n2vdb.stats import iou as iou_stage  # noqa: E402
+from n2vdb.stats import netdissect
 from n2vdb.store import read_connection  # noqa: E402
+
+from common import save_result, scratch  # noqa: E402
 
 
 def float_activations(root, n_images):

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from common import save_result
 
 from n2vdb import queries
 from n2vdb.store import read_connection, write_connection
+
+from common import save_result
 
 
 def fill(db: Path, n_probes: int, n_concepts: int, k: int) -> None:

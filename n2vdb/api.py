@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -22,6 +23,9 @@ from n2vdb.store.connection import sandbox
 
 # torch-backed modules (ingest, models, activations), numpy and the dataset modules are imported inside
 # the functions that need them, so queries and SQL answer without paying their import time.
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PathLike = str | os.PathLike | None
 
@@ -38,7 +42,8 @@ def synth(path: str | Path, images: int = 300, size: int = 227, seed: int = 0, n
           db: PathLike = None, profile: str = "builtin") -> Path:
     """Generate a Broden-format concept set at PATH (PROFILE: builtin, or broden for Broden's
     categories and density); registers it under NAME unless NAME is None."""
-    from n2vdb.data import importer, synth as synth_mod
+    from n2vdb.data import importer
+    from n2vdb.data import synth as synth_mod
     from n2vdb.data.writing import os_errors
 
     if name:
@@ -66,7 +71,8 @@ def datasets(db: PathLike = None) -> pa.Table:
 def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
     """Run or resume every stage of a probe. Options are IngestOptions fields; training settings may be
     passed as train=TrainSettings(...)."""
-    from n2vdb.ingest import IngestOptions, ingest as run_ingest
+    from n2vdb.ingest import IngestOptions
+    from n2vdb.ingest import ingest as run_ingest
     from n2vdb.store.sessions import Store
 
     settings = IngestOptions(**options)  # nonsense is refused before the database is touched
@@ -233,9 +239,8 @@ def show_concept(concept: str, db: PathLike = None, probe: int | None = None, me
 
 def show_filter(filter_id: int, db: PathLike = None, probe: int | None = None,
                 out: str | Path | None = None) -> tuple[Path, list]:
-    from n2vdb.render import grids
-
     from n2vdb.errors import N2vdbError
+    from n2vdb.render import grids
 
     with read_connection(db) as con:
         probe_obj, dataset = _probe_and_dataset(con, probe)

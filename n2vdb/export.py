@@ -163,7 +163,7 @@ def _redacted(url: str) -> str:
 
 
 def _column_type(duck_type: str, dialect: str):
-    from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Double, Integer, LargeBinary, REAL, SmallInteger, Text
+    from sqlalchemy import JSON, REAL, BigInteger, Boolean, DateTime, Double, Integer, LargeBinary, SmallInteger, Text
 
     if duck_type.endswith("[]"):
         if dialect == "postgresql":

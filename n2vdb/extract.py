@@ -21,7 +21,6 @@ from n2vdb.stats.quantile import TopQuantile
 from n2vdb.store.connection import first, transaction
 from n2vdb.store.sessions import Store
 
-
 PREPROCESS = ("torchvision", "caffe")
 # NetDissect-Lite (and the Net2Vec reference): Caffe's BGR mean (109.5388, 118.6897, 124.6901)
 # subtracted from the BGR image, whose channels are then flipped back to RGB, divided by 255 x 0.224:

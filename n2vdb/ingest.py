@@ -6,14 +6,16 @@ from dataclasses import dataclass
 
 import duckdb
 
-from n2vdb import extract, probe as probes, timings, validate
+from n2vdb import extract, timings, validate
+from n2vdb import probe as probes
 from n2vdb.data import importer
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.data.synth import generate
 from n2vdb.data.writing import os_errors
 from n2vdb.embed import stage as embed_stage
 from n2vdb.errors import UsageError
-from n2vdb.models import registry, weights as weights_mod
+from n2vdb.models import registry
+from n2vdb.models import weights as weights_mod
 from n2vdb.progress import say
 from n2vdb.resources import home
 from n2vdb.stats import iou as iou_stage

@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from n2vdb import activations as acts_store
-from n2vdb import extract, probe as probes
+from n2vdb import extract
+from n2vdb import probe as probes
 from n2vdb.errors import N2vdbError, UsageError
 from n2vdb.ingest import IngestOptions, ingest, make_spec
 from n2vdb.models import weights as weights_mod

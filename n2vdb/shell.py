@@ -24,8 +24,7 @@ from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.filters import Condition
 from prompt_toolkit.history import FileHistory
 
-from n2vdb import queries
-from n2vdb import adhoc
+from n2vdb import adhoc, queries
 from n2vdb.errors import N2vdbError, NotFound, UsageError
 from n2vdb.render.output import FORMATS, default_format, render
 from n2vdb.resources import home

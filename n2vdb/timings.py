@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import duckdb
 
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far (ru_maxrss: KB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

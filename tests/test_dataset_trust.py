@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
+from conftest import write_image, write_mask
 
 from n2vdb import api
 from n2vdb.data import fingerprint, importer
@@ -19,8 +20,6 @@ from n2vdb.data.broden import MAX_SIDE, BrodenDataset, dataset_file
 from n2vdb.data.names import MAX_STEM, file_stem
 from n2vdb.errors import DatasetError, UsageError
 from n2vdb.store import write_connection
-
-from conftest import write_image, write_mask
 
 
 def cli(*args, env=None):

@@ -8,12 +8,13 @@ import duckdb
 import numpy as np
 import pytest
 import torch
+from conftest import write_image, write_mask
 from PIL import Image
 
-from conftest import write_image, write_mask
-from helpers import planted_probe
 from n2vdb import api
 from n2vdb.stats import pil_resize
+
+from helpers import planted_probe
 
 CATEGORIES = ["color", "object", "part", "material", "scene", "texture"]  # category.csv order (not index.csv's)
 # number, name, label.csv category cell, {category: coverage} as c_<category>.csv states it

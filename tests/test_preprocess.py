@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from conftest import write_broden
 from PIL import Image
 
-from conftest import write_broden
 from n2vdb import extract
+from n2vdb.data import importer
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.ingest import IngestOptions, make_spec
 from n2vdb.store import write_connection
-from n2vdb.data import importer
 
 
 @pytest.fixture

@@ -6,14 +6,13 @@ import duckdb
 import pytest
 import torch
 import torchvision
+from test_bad_input import fingerprint
 
 from n2vdb import api
 from n2vdb.errors import ModelError, UsageError
 from n2vdb.ingest import IngestOptions
 from n2vdb.models import registry
 from n2vdb.probe import TrainSettings
-
-from test_bad_input import fingerprint
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import duckdb
-import pytest
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.input import create_pipe_input

@@ -10,8 +10,7 @@ import pytest
 
 from n2vdb.errors import DatabaseBusy, N2vdbError
 from n2vdb.resources import sql_dir
-from n2vdb.store import connect, read_connection, write_connection
-from n2vdb.store import migrate
+from n2vdb.store import connect, migrate, read_connection, write_connection
 
 PUBLIC_TABLES = {"datasets", "images", "concepts", "image_concepts", "probes", "filters", "filter_concept_iou",
                  "embeddings", "image_concept_scores", "activations", "schema_migrations"}

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from n2vdb import activations as acts_store, timings
+from n2vdb import activations as acts_store
+from n2vdb import timings
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.embed import classification, segmentation
 from n2vdb.embed.examples import cached, store_examples
@@ -18,7 +19,6 @@ from n2vdb.probe import Probe, TrainSettings, set_status
 from n2vdb.progress import say
 from n2vdb.store.connection import transaction
 from n2vdb.store.sessions import Store
-
 
 # The reference's grids (ruthcfong/net2vec): segmentation every F from 1 to 128 then 160, 192, 224;
 # classification 1, 2, 3, 5, 10, 15, ..., 50, 80, 100, 128.

@@ -150,7 +150,7 @@ def listed_modules(model: str, net: nn.Module) -> dict[str, str]:
     repeated blocks (members of a Sequential, ModuleList or ModuleDict of one class) four levels deep."""
     listed = dict(FRIENDLY.get(model, {}))
     shown = set(listed.values())
-    for path, module in net.named_modules():
+    for path, _module in net.named_modules():
         depth = path.count(".") + 1 if path else 0
         if not path or path in shown or depth > 4:
             continue
