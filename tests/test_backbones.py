@@ -211,7 +211,7 @@ def test_preprocessing_from_timm_data_config():
 def test_images_resized_with_the_weights_interpolation_without_a_crop(synthetic_dir):
     dataset = BrodenDataset.open(synthetic_dir)
     row = dataset.rows[0]
-    rows = ImageFolderRows(dataset, [row], 50, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic")
+    rows = ImageFolderRows(dataset, [row], 50, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), interpolation="bicubic")
     _, tensor, error = rows[0]
     img = Image.open(dataset.image_path(row)).convert("RGB").resize((50, 50), Image.BICUBIC)
     expected = (np.asarray(img, np.float32) / 255 - 0.5) / 0.25
