@@ -38,12 +38,13 @@ def add_dataset(path: str | Path, name: str, db: PathLike = None) -> int:
 
 
 def synth(path: str | Path, images: int = 300, size: int = 227, seed: int = 0, name: str | None = "synthetic",
-          db: PathLike = None) -> Path:
-    """Generate a Broden-format concept set at PATH; registers it under NAME unless NAME is None."""
+          db: PathLike = None, profile: str = "builtin") -> Path:
+    """Generate a Broden-format concept set at PATH (PROFILE: builtin, or broden for Broden's
+    categories and density); registers it under NAME unless NAME is None."""
     if name:
         importer.check_name(name)  # before any file is written
     with os_errors("write the concept set", path):
-        root = synth_mod.generate(path, images=images, size=size, seed=seed)
+        root = synth_mod.generate_profile(path, profile, images=images, size=size, seed=seed)
     if name:
         add_dataset(root, name, db)
     return root

@@ -76,10 +76,11 @@ def data_synth(
     size: Annotated[int, typer.Option(help="Image size in px (segmentations at half)")] = 227,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     name: Annotated[str, typer.Option(help="Register under this name ('' to skip)")] = "synthetic",
+    profile: Annotated[str, typer.Option(help="builtin (29 concepts) | broden (Broden's categories and density)")] = "builtin",
     db: Db = None,
 ):
     """Write the built-in concept set as a Broden-format directory and register it."""
-    root = api.synth(path, images, size, seed, name or None, db)
+    root = api.synth(path, images, size, seed, name or None, db, profile=profile)
     stderr.print(f"wrote {images} images to {root}" + (f", registered as {name!r}" if name else ""))
 
 
