@@ -216,3 +216,28 @@ def test_batches_mixing_sizes_give_each_image_its_counts(tmp_path):
             assert batch.label_area[n] == lab.sum()
             seen += 1
     assert seen == sum(len(truth_masks(root, r)) for r in rows)
+
+
+def test_spilled_overlaps_give_the_same_best_filter_scores(tmp_path):
+    """run() reads pass one's overlaps back from a spill file; decoding again must give the same rows."""
+    from n2vdb import probe as probes
+    from n2vdb.data.broden import BrodenDataset
+    from n2vdb.stats import iou as iou_stage
+
+    root = broden_density(tmp_path / "dense")
+    acts = np.maximum(np.random.default_rng(6).normal(size=(6, 5, 8, 8)), 0).astype(np.float32)
+    db = tmp_path / "t.duckdb"
+    probe_id, _ = planted_probe(db, root, acts, quantile=0.9)
+    con = duckdb.connect(str(db), read_only=True)
+    probe, dataset = probes.load(con, probe_id), BrodenDataset.open(root)
+    thresholds = iou_stage.thresholds_for(con, probe_id, "net2vec")
+    spill = iou_stage.OverlapSpill()
+    totals = iou_stage.tally(con, probe, dataset, thresholds, "net2vec", spill=spill)
+    best = iou_stage.best_filters(totals)
+    spilled = iou_stage.per_image_best(con, probe, dataset, thresholds, "net2vec", best, overlaps=spill)
+    again = iou_stage.per_image_best(con, probe, dataset, thresholds, "net2vec", best)
+    assert spilled.num_rows > 50 and spilled.equals(again)
+    stored = con.execute("SELECT image_id, concept_id, intersection, union_ FROM image_concept_scores"
+                         " WHERE method = 'best_filter' ORDER BY 1, 2").fetchall()
+    assert stored == sorted(zip(*(again.column(c).to_pylist() for c in ("image_id", "concept_id",
+                                                                        "intersection", "union_"))))

@@ -9,6 +9,7 @@ is NetDissect-Lite's tally instead, with its own denominator (stats/netdissect.p
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+import tempfile
 from dataclasses import dataclass
 
 import duckdb
@@ -226,9 +227,44 @@ class IouTotals:
         return np.divide(self.intersection[split], union, out=np.zeros(union.shape), where=union > 0)
 
 
+class OverlapSpill:
+    """The first pass's overlaps in a temporary file, intersections sparse (most are zero: a filter's
+    mask is small), so that the per-image best-filter scores read them back instead of decoding
+    every mask a second time. Memory stays at one batch; disk holds ~8 bytes per non-zero
+    intersection plus 4 per (image, filter)."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile(prefix="n2vdb-iou-")
+        self.batches = 0
+
+    def add(self, batch: BatchOverlaps) -> None:
+        inter = batch.intersection.round().to(torch.int32).flatten()
+        at = torch.nonzero(inter).flatten()
+        for array in (batch.image_ids, batch.pair_image.astype(np.int32), batch.concept_ids,
+                      batch.mask_area.round().to(torch.int32).numpy(), batch.label_area.round().to(torch.int32).numpy(),
+                      at.to(torch.int32).numpy(), inter[at].numpy()):
+            np.save(self.file, array, allow_pickle=False)
+        self.batches += 1
+
+    def __iter__(self) -> Iterator[BatchOverlaps]:
+        self.file.seek(0)
+        for _ in range(self.batches):
+            image_ids, pair_image, concept_ids, mask_area, label_area, at, values = (
+                np.load(self.file, allow_pickle=False) for _ in range(7))
+            inter = torch.zeros(len(concept_ids) * mask_area.shape[1])
+            inter[torch.from_numpy(at).long()] = torch.from_numpy(values).float()
+            yield BatchOverlaps(image_ids, pair_image.astype(np.int64), concept_ids,
+                                inter.view(len(concept_ids), -1), torch.from_numpy(mask_area).float(),
+                                torch.from_numpy(label_area).float())
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def tally(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, thresholds: torch.Tensor,
-          mode: str, workers: int = 0, masks: Iterable | None = None, device: str | torch.device = "cpu"
-          ) -> IouTotals:
+          mode: str, workers: int = 0, masks: Iterable | None = None, device: str | torch.device = "cpu",
+          spill: OverlapSpill | None = None) -> IouTotals:
+    """Set totals over every image; SPILL, if given, keeps each batch's overlaps for per_image_best."""
     concept_ids = np.array(sorted(dataset.labels), dtype=np.int64)
     split_of = _split_lookup(dataset)
     k = probe.n_filters
@@ -240,6 +276,8 @@ def tally(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, 
         task = bar.add_task("single-filter IoU", total=total)
         for batch in iter_batch_overlaps(con, probe, dataset, thresholds, mode, workers, masks=masks, device=device):
             bar.advance(task, len(batch.image_ids))
+            if spill is not None:
+                spill.add(batch)
             if not len(batch.concept_ids):
                 continue
             cols = torch.from_numpy(np.searchsorted(concept_ids, batch.concept_ids))
@@ -286,12 +324,16 @@ def _iou_table(probe_id: int, totals: IouTotals) -> pa.Table:
 
 
 def per_image_best(con, probe: Probe, dataset: BrodenDataset, thresholds: torch.Tensor, mode: str,
-                   best: dict[int, int], workers: int = 0, device: str | torch.device = "cpu") -> pa.Table:
-    """Per-image IoU of each concept's best filter, on every image containing the concept."""
+                   best: dict[int, int], workers: int = 0, device: str | torch.device = "cpu",
+                   overlaps: Iterable[BatchOverlaps] | None = None) -> pa.Table:
+    """Per-image IoU of each concept's best filter, on every image containing the concept; from
+    OVERLAPS (an OverlapSpill of the tally) where given, else computed again."""
+    if overlaps is None:
+        overlaps = iter_batch_overlaps(con, probe, dataset, thresholds, mode, workers, device=device)
     concept_ids = np.array(sorted(dataset.labels), dtype=np.int64)
     best_of = np.array([best.get(int(c), -1) for c in concept_ids], dtype=np.int64)  # -1: no best filter
     out: dict[str, list] = {k: [] for k in ("image_id", "concept_id", "intersection", "union_")}
-    for batch in iter_batch_overlaps(con, probe, dataset, thresholds, mode, workers, device=device):
+    for batch in overlaps:
         f = best_of[np.searchsorted(concept_ids, batch.concept_ids)]
         keep = np.flatnonzero(f >= 0)
         pairs, f = torch.from_numpy(keep), torch.from_numpy(f[keep])
@@ -322,12 +364,18 @@ def run(store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: 
     replaces, never duplicates)."""
     with store.reading() as con:
         thresholds = thresholds_for(con, probe.probe_id, mode)
+        spill = None
         if mode == "netdissect":
             totals = netdissect.tally(con, probe, dataset, workers, device)
         else:
-            totals = tally(con, probe, dataset, thresholds, mode, workers, device=device)
+            spill = OverlapSpill()
+            totals = tally(con, probe, dataset, thresholds, mode, workers, device=device, spill=spill)
         best = best_filters(totals)
-        scores = per_image_best(con, probe, dataset, thresholds, mode, best, workers, device)
+        try:
+            scores = per_image_best(con, probe, dataset, thresholds, mode, best, workers, device, overlaps=spill)
+        finally:
+            if spill is not None:
+                spill.close()
     with store.writing() as con, transaction(con):
         con.execute("DELETE FROM filter_concept_iou WHERE probe_id = ?", [probe.probe_id])
         con.execute("DELETE FROM image_concept_scores WHERE probe_id = ? AND method = 'best_filter'",
