@@ -1,13 +1,17 @@
 """Thresholds and single-filter IoU of an existing probe beside a bare forward pass, in one run.
 
     python bench/iou_stage.py --db DB [--probe ID] [--repeat 3] [--workers 2]
+    python bench/iou_stage.py --images 1000 [--repeat 3]   (a broden-profile set, extracted here)
 
-The probe's database is copied to a scratch file first, so its rows and status stay as they were.
+The probe's database is copied to a scratch file first, so its rows and status stay as they were;
+with --images, a broden-profile set of that size is generated and an alexnet conv5 probe (random
+weights) extracted into the scratch database instead.
 Each repetition times, in turn: a bare forward pass of the probe's model up to its layer over the
 probe's images (the extraction DataLoader, results discarded; random weights of the same
 architecture cost the same), the thresholds stage (extract.compute_thresholds) and the IoU stage
 (iou.run), then the IoU stage's parts on their own: mask decoding alone, the tally pass, the
-per-image best-filter pass. It prints one line per repetition and the median ratios to the
+per-image best-filter scores read back from the tally's spill; the rest of the stage is its
+DuckDB write. It prints one line per repetition and the median ratios to the
 forward pass (issue 15's goal: thresholds + IoU <= 0.25x).
 """
 
@@ -48,6 +52,19 @@ def forward_seconds(net, spec: dict, model: str, dataset: BrodenDataset, rows, w
     return seconds
 
 
+def extracted(scratch: Path, db: Path, images: int, workers: int) -> None:
+    from n2vdb import api
+    from n2vdb.ingest import IngestOptions, make_spec
+    from n2vdb.store import write_connection
+
+    api.synth(scratch / "broden", images=images, name="broden", db=db, profile="broden")
+    with write_connection(db) as con:
+        spec = make_spec(con, "alexnet", "conv5", IngestOptions(dataset="broden", weights="random")).spec
+        probe, _ = probes.get_or_create(con, spec)
+        dataset = BrodenDataset.open(scratch / "broden")
+    extract.extract(Store(db), probe, spec, dataset, weights.load("alexnet", "random").net, "cpu", 32, workers)
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -56,7 +73,8 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", required=True, type=Path)
+    parser.add_argument("--db", type=Path)
+    parser.add_argument("--images", type=int, help="generate and extract a broden-profile set of N images")
     parser.add_argument("--probe", type=int)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
@@ -66,7 +84,12 @@ def main() -> None:
     os.environ["N2VDB_QUIET"] = "1"
     tmp = tempfile.TemporaryDirectory()
     db = Path(tmp.name) / "bench.duckdb"
-    shutil.copy(args.db, db)
+    if args.images:
+        extracted(Path(tmp.name), db, args.images, args.workers)
+    elif args.db:
+        shutil.copy(args.db, db)
+    else:
+        parser.error("pass --db or --images")
     con = duckdb.connect(str(db))
     probe_id = args.probe or probes.latest(con, complete_only=False)
     probe = probes.load(con, probe_id)
@@ -84,7 +107,7 @@ def main() -> None:
     net = weights.load(model, "random").net.eval()
     print(f"{model} {spec['layer']} probe {probe_id} ({mode}): {len(rows)} images, "
           f"{probe.n_filters}x{probe.height}x{probe.width}, {args.workers} workers, "
-          f"{torch.get_num_threads()} torch threads")
+          f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     header = f"{'rep':>3} {'forward':>8} {'thresh':>8} {'iou':>8} {'ratio':>6}"
     if args.parts:
         header += f" {'decode':>8} {'tally':>8} {'best':>8}"
@@ -101,14 +124,17 @@ def main() -> None:
             decode = timed(lambda: sum(1 for _ in iou.iter_masks(dataset, rows, args.workers)))
             with store.reading() as rcon:
                 thresholds = iou.thresholds_for(rcon, probe_id, mode)
+                spill = iou.OverlapSpill()
                 totals = None
 
                 def run_tally():
                     nonlocal totals
-                    totals = iou.tally(rcon, probe, dataset, thresholds, mode, args.workers)
+                    totals = iou.tally(rcon, probe, dataset, thresholds, mode, args.workers, spill=spill)
                 tal = timed(run_tally)
                 best = iou.best_filters(totals)
-                per = timed(lambda: iou.per_image_best(rcon, probe, dataset, thresholds, mode, best, args.workers))
+                per = timed(lambda: iou.per_image_best(rcon, probe, dataset, thresholds, mode, best,
+                                                       args.workers, overlaps=spill))
+                spill.close()
             line += f" {decode:8.2f} {tal:8.2f} {per:8.2f}"
         print(line, flush=True)
     print(f"median (thresholds + IoU) / forward = {statistics.median(ratios):.3f}  (goal <= 0.25)")

@@ -96,11 +96,12 @@ class LabelSide:
 def label_side(masks: torch.Tensor, layer: tuple[int, int] | None) -> LabelSide:
     """The label side of bool masks [C, sh, sw]; LAYER = the activation map's (H, W) in net2vec
     mode, None for masks only."""
-    area = masks.flatten(1).sum(dim=1)
     tab = upsample_patterns.table(*layer, *masks.shape[1:]) if layer is not None and len(masks) else None
     if tab is None:
-        return LabelSide(area, None, masks)
+        return LabelSide(masks.flatten(1).sum(dim=1), None, masks)
     counts = upsample_patterns.label_counts(masks, tab)
+    # Pattern 15 (all corners on) turns on every pixel of its cell, and every pixel has one cell.
+    area = counts[:, 15::16].sum(dim=1).round().long()
     # A cell holds at most tab.order.shape[1] pixels: counts that fit in a byte travel as bytes.
     return LabelSide(area, counts.to(torch.uint8 if tab.order.shape[1] <= 255 else torch.int32), None)
 
@@ -315,7 +316,7 @@ def _iou_table(probe_id: int, totals: IouTotals) -> pa.Table:
             "probe_id": pa.array(np.full(len(ks), probe_id, np.int32)),
             "filter": pa.array(ks.astype(np.int32)),
             "concept_id": pa.array(totals.concept_ids[cs].astype(np.int32)),
-            "split": pa.array([split] * len(ks), pa.string()),
+            "split": pa.repeat(pa.scalar(split, pa.string()), len(ks)),
             "intersection": totals.intersection[split][ks, cs],
             "union_": totals.union[split][ks, cs],
             "iou": totals.iou(split)[ks, cs],
@@ -351,7 +352,7 @@ def per_image_best(con, probe: Probe, dataset: BrodenDataset, thresholds: torch.
         "probe_id": pa.array(np.full(n, probe.probe_id, np.int32)),
         "image_id": pa.array(joined["image_id"].astype(np.int32)),
         "concept_id": pa.array(joined["concept_id"].astype(np.int32)),
-        "method": pa.array(["best_filter"] * n, pa.string()),
+        "method": pa.repeat(pa.scalar("best_filter", pa.string()), n),
         "intersection": inter, "union_": union,
         "iou": np.divide(inter, union, out=np.zeros(n), where=union > 0),
         "score": pa.nulls(n, pa.float64()),

@@ -134,9 +134,9 @@ def label_counts(labels: torch.Tensor, tab: PatternTable) -> torch.Tensor:
     out = torch.empty(n, tab.cells * 16, device=labels.device)
     order = tab.order.flatten()
     for start in range(0, n, _MASKS_PER_PRODUCT):
-        part = labels[start:start + _MASKS_PER_PRODUCT].flatten(1)
-        flat = torch.cat([part, part.new_zeros(len(part), 1)], dim=1).float()  # a zero column for padding
-        by_cell = torch.index_select(flat, 1, order).view(len(part), tab.cells, -1)  # [n, cells, m]
+        part = labels[start:start + _MASKS_PER_PRODUCT].flatten(1).view(torch.uint8)
+        flat = torch.cat([part, part.new_zeros(len(part), 1)], dim=1)  # a zero column for padding
+        by_cell = torch.index_select(flat, 1, order).view(len(part), tab.cells, -1).float()  # [n, cells, m]
         count = torch.bmm(by_cell.transpose(0, 1), tab.on)  # [cells, n, 16]
         out[start:start + len(part)] = count.transpose(0, 1).reshape(len(part), -1)
     return out
