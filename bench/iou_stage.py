@@ -116,6 +116,9 @@ def main() -> None:
     for rep in range(args.repeat):
         fwd = forward_seconds(net, spec, model, dataset, rows, args.workers)
         thr = timed(lambda: extract.compute_thresholds(store, probe, quantile))
+        with store.writing() as wcon:  # as in an ingest, the stage writes into empty tables (untimed)
+            wcon.execute("DELETE FROM filter_concept_iou WHERE probe_id = ?", [probe_id])
+            wcon.execute("DELETE FROM image_concept_scores WHERE probe_id = ? AND method = 'best_filter'", [probe_id])
         stage = timed(lambda: iou.run(store, probe, dataset, mode, args.workers))
         ratio = (thr + stage) / fwd
         ratios.append(ratio)

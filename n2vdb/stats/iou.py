@@ -107,7 +107,8 @@ def label_side(masks: torch.Tensor, layer: tuple[int, int] | None) -> LabelSide:
 
 
 class LabelRows(Dataset):
-    """(image_id, concept ids, LabelSide) per row, computed in worker processes."""
+    """(image_id, concept ids, LabelSide) per row, computed in worker processes. A worker sends numpy
+    arrays: pickled inline, where tensors would each cost a shared-memory file and its handover."""
 
     def __init__(self, dataset: BrodenDataset, rows: list[ImageRow], layer: tuple[int, int] | None):
         self.dataset, self.rows, self.layer = dataset, rows, layer
@@ -118,7 +119,8 @@ class LabelRows(Dataset):
     def __getitem__(self, index: int):
         row = self.rows[index]
         ids, masks = self.dataset.masks(row)
-        return row.image_id, ids, label_side(torch.from_numpy(masks), self.layer)
+        side = label_side(torch.from_numpy(masks), self.layer)
+        return row.image_id, ids, tuple(None if t is None else t.numpy() for t in (side.area, side.counts, side.masks))
 
 
 def iter_label_sides(dataset: BrodenDataset, rows: list[ImageRow], workers: int, layer: tuple[int, int] | None,
@@ -128,12 +130,11 @@ def iter_label_sides(dataset: BrodenDataset, rows: list[ImageRow], workers: int,
     if masks is not None:
         for image_id, ids, m in masks:
             yield int(image_id), ids, label_side(torch.as_tensor(m), layer)
-    elif not workers:
-        for index in range(len(rows)):
-            yield LabelRows(dataset, rows, layer)[index]
     else:
-        for image_id, ids, side in _in_workers(LabelRows(dataset, rows, layer), workers):
-            yield int(image_id), ids, side
+        source = LabelRows(dataset, rows, layer)
+        for image_id, ids, arrays in (_in_workers(source, workers) if workers else map(source.__getitem__,
+                                                                                        range(len(rows)))):
+            yield int(image_id), ids, LabelSide(*(None if a is None else torch.from_numpy(a) for a in arrays))
 
 
 def thresholds_for(con: duckdb.DuckDBPyConnection, probe_id: int, mode: str) -> torch.Tensor:
