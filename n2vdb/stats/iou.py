@@ -157,11 +157,13 @@ class BatchOverlaps:
 
 def iter_batch_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset,
                         thresholds: torch.Tensor, mode: str, workers: int, masks: Iterable | None = None,
-                        device: str | torch.device = "cpu", batch: int = 256) -> Iterator[BatchOverlaps]:
-    """BatchOverlaps per batch of stored activations, whatever DEVICE did the arithmetic.
+                        device: str | torch.device = "cpu", batch: int | None = None) -> Iterator[BatchOverlaps]:
+    """BatchOverlaps per BATCH stored images, whatever DEVICE did the arithmetic.
     masks, if given, replaces decoding: (image_id, concept ids, bool masks) in storage order
     (activations.stored_order)."""
     k, h, w = probe.n_filters, probe.height, probe.width
+    if batch is None:  # 256 images, fewer where a batch's activations would pass 2^24 floats (64 MB)
+        batch = max(1, min(256, (1 << 24) // (k * h * w)))
     rows = [dataset.rows[i] for i in acts_store.stored_order(con, probe.activation_probe)]  # masks decoded in the order activations stream
     sides = iter_label_sides(dataset, rows, workers, (h, w) if mode == "net2vec" else None, masks)
     device = torch.device(device)
