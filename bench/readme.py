@@ -31,6 +31,8 @@ BENCHES = {
     "extract": ("extraction vs a bare forward pass, same loader, same run", ["--images", "300"], {}),
     "dissect": ("single-filter IoU vs NetDissect-Lite's own per-unit algorithm (`tally_job`, its shortcuts included)",
                 ["--images", "120"], {"OMP_NUM_THREADS": "1"}),
+    "iou_stage": ("thresholds + single-filter IoU vs a bare forward pass over the same images, broden profile, "
+                  "alexnet conv5, same run", ["--images", "1000", "--repeat", "3"], {}),
     "embed": ("all concepts jointly vs one at a time (reference recipe), same in-memory data",
               ["--images", "300", "--epochs", "3"], {"OMP_NUM_THREADS": "1"}),
     "scale": (("whole ingest at Broden density (`n2vdb data synth --profile broden`) vs a bare forward "

@@ -3,6 +3,7 @@
 import duckdb
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import write_broden, write_image, write_mask
@@ -140,3 +141,103 @@ def test_planted_filter_equal_to_a_concept_mask_scores_one(tmp_path):
         assert got[(0, 40, split)] == 1.0
         assert got[(1, 41, split)] == 1.0
         assert got[(2, 40, split)] < 0.5
+
+
+def broden_density(root):
+    """Images at Broden's density: ~25 pixel-level concepts each (objects, parts in two part channels
+    sharing one label set and overlapping, materials, colours), a scene and two textures; three
+    segmentation sizes, two images of each, so batches mix sizes."""
+    rng = np.random.default_rng(11)
+    objects, parts, materials, colors = range(10, 20), range(100, 110), range(200, 206), range(300, 308)
+    labels = ([(n, f"obj{n}", "object(6)") for n in objects] + [(n, f"part{n}", "part(6)") for n in parts]
+              + [(n, f"mat{n}", "material(6)") for n in materials] + [(n, f"col{n}-c", "color(6)") for n in colors]
+              + [(900, "s1-s", "scene(3)"), (901, "s2-s", "scene(3)"), (950, "t1", "texture(6)"),
+                 (951, "t2", "texture(6)")])
+    rows = []
+    for i, (sh, sw) in enumerate([(25, 25), (19, 23), (25, 25), (12, 31), (19, 23), (12, 31)]):
+        stem = f"d/{i}"
+        write_image(root / "images" / f"{stem}.jpg", 2 * sh, 2 * sw, seed=i)
+        channels = {"object": (objects, 0.1), "part_1": (parts, 0.4), "part_2": (parts, 0.5),
+                    "material": (materials, 0.1), "color": (colors, 0.0)}
+        for name, (numbers, empty) in channels.items():
+            codes = rng.choice(list(numbers), size=(sh, sw))
+            codes[rng.random((sh, sw)) < empty] = 0
+            write_mask(root / "images" / f"{stem}_{name}.png", codes)
+        rows.append({"image": f"{stem}.jpg", "split": "train" if i % 3 else "val", "ih": 2 * sh, "iw": 2 * sw,
+                     "sh": sh, "sw": sw, "object": f"{stem}_object.png", "material": f"{stem}_material.png",
+                     "color": f"{stem}_color.png", "part": f"{stem}_part_1.png;{stem}_part_2.png",
+                     "scene": str(900 + i % 2), "texture": "950;951"})
+    return write_broden(root, rows, labels)
+
+
+@pytest.mark.parametrize("quantile", [0.6, 0.97])
+def test_broden_density_iou_matches_brute_force(tmp_path, quantile):
+    root = broden_density(tmp_path / "dense")
+    acts = np.maximum(np.random.default_rng(3).normal(size=(6, 7, 8, 8)), 0).astype(np.float32)
+    db = tmp_path / "t.duckdb"
+    probe_id, _ = planted_probe(db, root, acts, quantile=quantile)
+    _, stored = api.activations(probe_id, db)
+    con = duckdb.connect(str(db), read_only=True)
+    thresholds = np.array([t for (t,) in con.execute(
+        "SELECT threshold FROM filters WHERE probe_id = ? ORDER BY filter", [probe_id]).fetchall()])
+    got = {(f, c, s): (i, u) for f, c, s, i, u in con.execute(
+        "SELECT filter, concept_id, split, intersection, union_ FROM filter_concept_iou").fetchall()}
+    expected = brute_force(root, stored, thresholds)
+    assert len({c for _, c, _ in expected}) >= 30
+    assert got == {k: v for k, v in expected.items() if v[1] > 0}
+
+
+def test_batches_mixing_sizes_give_each_image_its_counts(tmp_path):
+    """Per (image, concept) overlaps from batches of two images of different sizes equal the brute force."""
+    import csv
+    from n2vdb import probe as probes
+    from n2vdb.data.broden import BrodenDataset
+    from n2vdb.stats import iou as iou_stage
+
+    root = broden_density(tmp_path / "dense")
+    acts = np.maximum(np.random.default_rng(4).normal(size=(6, 5, 8, 8)), 0).astype(np.float32)
+    db = tmp_path / "t.duckdb"
+    probe_id, _ = planted_probe(db, root, acts, quantile=0.8)
+    _, stored = api.activations(probe_id, db)
+    con = duckdb.connect(str(db), read_only=True)
+    thresholds = torch.tensor([t for (t,) in con.execute(
+        "SELECT threshold FROM filters WHERE probe_id = ? ORDER BY filter", [probe_id]).fetchall()])
+    probe, dataset = probes.load(con, probe_id), BrodenDataset.open(root)
+    rows = list(csv.DictReader((root / "index.csv").open()))
+    seen = 0
+    for batch in iou_stage.iter_batch_overlaps(con, probe, dataset, thresholds.float(), "net2vec", 0, batch=2):
+        for n, (image, concept) in enumerate(zip(batch.pair_image, batch.concept_ids)):
+            image_id = int(batch.image_ids[image])
+            lab = truth_masks(root, rows[image_id])[int(concept)]
+            for k in range(stored.shape[1]):
+                on = bilinear_align_corners(stored[image_id, k] > np.float32(thresholds[k]), *lab.shape) > 0.5
+                assert batch.intersection[n, k] == (on & lab).sum()
+                assert batch.mask_area[image, k] == on.sum()
+            assert batch.label_area[n] == lab.sum()
+            seen += 1
+    assert seen == sum(len(truth_masks(root, r)) for r in rows)
+
+
+def test_spilled_overlaps_give_the_same_best_filter_scores(tmp_path):
+    """run() reads pass one's overlaps back from a spill file; decoding again must give the same rows."""
+    from n2vdb import probe as probes
+    from n2vdb.data.broden import BrodenDataset
+    from n2vdb.stats import iou as iou_stage
+
+    root = broden_density(tmp_path / "dense")
+    acts = np.maximum(np.random.default_rng(6).normal(size=(6, 5, 8, 8)), 0).astype(np.float32)
+    db = tmp_path / "t.duckdb"
+    probe_id, _ = planted_probe(db, root, acts, quantile=0.9)
+    con = duckdb.connect(str(db), read_only=True)
+    probe, dataset = probes.load(con, probe_id), BrodenDataset.open(root)
+    thresholds = iou_stage.thresholds_for(con, probe_id, "net2vec")
+    spill = iou_stage.OverlapSpill()
+    totals = iou_stage.tally(con, probe, dataset, thresholds, "net2vec", spill=spill)
+    best = iou_stage.best_filters(totals)
+    spilled = iou_stage.per_image_best(con, probe, dataset, thresholds, "net2vec", best, overlaps=spill)
+    again = iou_stage.per_image_best(con, probe, dataset, thresholds, "net2vec", best)
+    assert spilled.num_rows > 50 and spilled.equals(again)
+    stored = con.execute("SELECT image_id, concept_id, intersection, union_ FROM image_concept_scores"
+                         " WHERE method = 'best_filter' ORDER BY 1, 2").fetchall()
+    assert stored == sorted(zip(*(again.column(c).to_pylist() for c in ("image_id", "concept_id",
+                                                                        "intersection", "union_"))))

@@ -9,6 +9,7 @@ is NetDissect-Lite's tally instead, with its own denominator (stats/netdissect.p
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+import tempfile
 from dataclasses import dataclass
 
 import duckdb
@@ -72,11 +73,68 @@ def iter_masks(dataset: BrodenDataset, rows: list[ImageRow], workers: int) -> It
             ids, masks = dataset.masks(row)
             yield row.image_id, ids, torch.from_numpy(masks)
         return
-    loader = DataLoader(MaskRows(dataset, rows), batch_size=32, num_workers=workers, collate_fn=_as_list,
-                        prefetch_factor=4)
+    for image_id, ids, masks in _in_workers(MaskRows(dataset, rows), workers):
+        yield int(image_id), ids, torch.from_numpy(masks)
+
+
+def _in_workers(rows: Dataset, workers: int) -> Iterator:
+    loader = DataLoader(rows, batch_size=32, num_workers=workers, collate_fn=_as_list, prefetch_factor=4)
     for chunk in loader:
-        for image_id, ids, masks in chunk:
-            yield int(image_id), ids, torch.from_numpy(masks)
+        yield from chunk
+
+
+@dataclass
+class LabelSide:
+    """What the IoU arithmetic needs of an image's concept masks: with a pattern table, their
+    per-cell counts (upsample_patterns.label_counts, small integers in COUNT_DTYPE) and not the
+    masks; without one, the masks."""
+    area: torch.Tensor  # [C] |L| per concept, int64
+    counts: torch.Tensor | None  # [C, cells * 16]
+    masks: torch.Tensor | None  # [C, sh, sw] bool
+
+
+def label_side(masks: torch.Tensor, layer: tuple[int, int] | None) -> LabelSide:
+    """The label side of bool masks [C, sh, sw]; LAYER = the activation map's (H, W) in net2vec
+    mode, None for masks only."""
+    tab = upsample_patterns.table(*layer, *masks.shape[1:]) if layer is not None and len(masks) else None
+    if tab is None:
+        return LabelSide(masks.flatten(1).sum(dim=1), None, masks)
+    counts = upsample_patterns.label_counts(masks, tab)
+    # Pattern 15 (all corners on) turns on every pixel of its cell, and every pixel has one cell.
+    area = counts[:, 15::16].sum(dim=1).round().long()
+    # A cell holds at most tab.order.shape[1] pixels: counts that fit in a byte travel as bytes.
+    return LabelSide(area, counts.to(torch.uint8 if tab.order.shape[1] <= 255 else torch.int32), None)
+
+
+class LabelRows(Dataset):
+    """(image_id, concept ids, LabelSide) per row, computed in worker processes. A worker sends numpy
+    arrays: pickled inline, where tensors would each cost a shared-memory file and its handover."""
+
+    def __init__(self, dataset: BrodenDataset, rows: list[ImageRow], layer: tuple[int, int] | None):
+        self.dataset, self.rows, self.layer = dataset, rows, layer
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        row = self.rows[index]
+        ids, masks = self.dataset.masks(row)
+        side = label_side(torch.from_numpy(masks), self.layer)
+        return row.image_id, ids, tuple(None if t is None else t.numpy() for t in (side.area, side.counts, side.masks))
+
+
+def iter_label_sides(dataset: BrodenDataset, rows: list[ImageRow], workers: int, layer: tuple[int, int] | None,
+                     masks: Iterable | None = None) -> Iterator:
+    """(image_id, concept ids, LabelSide) in row order; from MASKS ((image_id, ids, bool masks) in row
+    order) where given, else decoded (in WORKERS processes, if any)."""
+    if masks is not None:
+        for image_id, ids, m in masks:
+            yield int(image_id), ids, label_side(torch.as_tensor(m), layer)
+    else:
+        source = LabelRows(dataset, rows, layer)
+        for image_id, ids, arrays in (_in_workers(source, workers) if workers else map(source.__getitem__,
+                                                                                        range(len(rows)))):
+            yield int(image_id), ids, LabelSide(*(None if a is None else torch.from_numpy(a) for a in arrays))
 
 
 def thresholds_for(con: duckdb.DuckDBPyConnection, probe_id: int, mode: str) -> torch.Tensor:
@@ -85,30 +143,69 @@ def thresholds_for(con: duckdb.DuckDBPyConnection, probe_id: int, mode: str) -> 
     return netdissect.thresholds(con, probe_id) if mode == "netdissect" else acts_store.thresholds(con, probe_id)
 
 
-def iter_image_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset,
+@dataclass
+class BatchOverlaps:
+    """The overlaps of one batch of images, one row per (image, concept) pair, in image order and
+    concept order within an image; counts on the CPU, exact integers in float32."""
+    image_ids: np.ndarray  # [B]
+    pair_image: np.ndarray  # [N] index into image_ids
+    concept_ids: np.ndarray  # [N]
+    intersection: torch.Tensor  # [N, K]
+    mask_area: torch.Tensor  # [B, K] |M| per image and filter
+    label_area: torch.Tensor  # [N] |L| per pair
+
+
+def iter_batch_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset,
                         thresholds: torch.Tensor, mode: str, workers: int, masks: Iterable | None = None,
-                        device: str | torch.device = "cpu"):
-    """Per image: (image_id, concept ids [C], intersections [K, C], |M| [K], |L| [C]), the counts on
-    the CPU whatever DEVICE did the arithmetic.
+                        device: str | torch.device = "cpu", batch: int | None = None) -> Iterator[BatchOverlaps]:
+    """BatchOverlaps per BATCH stored images, whatever DEVICE did the arithmetic.
     masks, if given, replaces decoding: (image_id, concept ids, bool masks) in storage order
     (activations.stored_order)."""
-    shape = (probe.n_filters, probe.height, probe.width)
+    k, h, w = probe.n_filters, probe.height, probe.width
+    if batch is None:  # 256 images, fewer where a batch's activations would pass 2^24 floats (64 MB)
+        batch = max(1, min(256, (1 << 24) // (k * h * w)))
     rows = [dataset.rows[i] for i in acts_store.stored_order(con, probe.activation_probe)]  # masks decoded in the order activations stream
-    masks = iter(masks) if masks is not None else iter_masks(dataset, rows, workers)
+    sides = iter_label_sides(dataset, rows, workers, (h, w) if mode == "net2vec" else None, masks)
     device = torch.device(device)
     thresholds = thresholds.to(device)
-    for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape, batch=64):
+    for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, (k, h, w), batch=batch):
         values = (torch.from_numpy(codes).to(device).float()
                   * torch.from_numpy(scales).to(device)[:, :, None, None])
-        for i, image_id in enumerate(ids):
-            mask_id, concept_ids, concept_masks = next(masks)
-            assert mask_id == image_id, "activations and masks out of step"
-            concept_ids, concept_masks = np.asarray(concept_ids), torch.as_tensor(concept_masks)
-            if len(concept_ids) == 0:
-                yield int(image_id), concept_ids, None, None, None
-                continue
-            inter, mask_area = image_overlaps(values[i], thresholds, concept_masks.to(device), mode)
-            yield int(image_id), concept_ids, inter.cpu(), mask_area.cpu(), concept_masks.flatten(1).sum(dim=1)
+        decoded = []
+        for image_id in ids:
+            side_id, concept_ids, side = next(sides)
+            assert side_id == image_id, "activations and masks out of step"
+            decoded.append((np.asarray(concept_ids, dtype=np.int64), side))
+        sizes = np.array([len(c) for c, _ in decoded], dtype=np.int64)
+        first_pair = np.cumsum(sizes) - sizes
+        n = int(sizes.sum())
+        inter = torch.zeros(n, k)
+        mask_area = torch.zeros(len(ids), k)
+        label_area = torch.zeros(n)
+        if n:
+            label_area[:] = torch.cat([side.area for _, side in decoded]).float()
+        groups: dict[tuple[int, int], list[int]] = {}  # images with counts, by segmentation size: one table each
+        for i, (_, side) in enumerate(decoded):
+            if side.counts is not None:
+                row = dataset.rows[int(ids[i])]
+                groups.setdefault((row.sh, row.sw), []).append(i)
+            elif len(side.area):
+                image_inter, image_area = image_overlaps(values[i], thresholds, side.masks.to(device), mode)
+                inter[first_pair[i]:first_pair[i] + sizes[i]] = image_inter.T.cpu()
+                mask_area[i] = image_area.cpu()
+        for size, members in groups.items():
+            pairs = torch.from_numpy(np.concatenate([np.arange(first_pair[i], first_pair[i] + sizes[i])
+                                                     for i in members]))
+            tab = upsample_patterns.table_on(h, w, *size, device)
+            pair_image = torch.from_numpy(np.repeat(np.arange(len(members)), sizes[members])).to(device)
+            counts = torch.cat([decoded[i][1].counts for i in members]).to(device)
+            group_inter, group_area = upsample_patterns.batch_overlaps(
+                values[members] > thresholds.view(1, -1, 1, 1), counts, pair_image, tab)
+            inter[pairs] = group_inter.cpu()
+            mask_area[members] = group_area.cpu()
+        yield BatchOverlaps(np.asarray(ids, dtype=np.int64), np.repeat(np.arange(len(ids)), sizes),
+                            np.concatenate([c for c, _ in decoded]) if n else np.zeros(0, np.int64),
+                            inter, mask_area, label_area)
 
 
 def image_overlaps(acts: torch.Tensor, thresholds: torch.Tensor, concept_masks: torch.Tensor, mode: str
@@ -134,29 +231,77 @@ class IouTotals:
         return np.divide(self.intersection[split], union, out=np.zeros(union.shape), where=union > 0)
 
 
+class OverlapSpill:
+    """The first pass's overlaps in a temporary file, intersections sparse (most are zero: a filter's
+    mask is small), so that the per-image best-filter scores read them back instead of decoding
+    every mask a second time. Memory stays at one batch; disk holds ~8 bytes per non-zero
+    intersection plus 4 per (image, filter)."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile(prefix="n2vdb-iou-")
+        self.batches = 0
+
+    def add(self, batch: BatchOverlaps) -> None:
+        inter = batch.intersection.round().to(torch.int32).flatten()
+        at = torch.nonzero(inter).flatten()
+        for array in (batch.image_ids, batch.pair_image.astype(np.int32), batch.concept_ids,
+                      batch.mask_area.round().to(torch.int32).numpy(), batch.label_area.round().to(torch.int32).numpy(),
+                      at.to(torch.int32).numpy(), inter[at].numpy()):
+            np.save(self.file, array, allow_pickle=False)
+        self.batches += 1
+
+    def __iter__(self) -> Iterator[BatchOverlaps]:
+        self.file.seek(0)
+        for _ in range(self.batches):
+            image_ids, pair_image, concept_ids, mask_area, label_area, at, values = (
+                np.load(self.file, allow_pickle=False) for _ in range(7))
+            inter = torch.zeros(len(concept_ids) * mask_area.shape[1])
+            inter[torch.from_numpy(at).long()] = torch.from_numpy(values).float()
+            yield BatchOverlaps(image_ids, pair_image.astype(np.int64), concept_ids,
+                                inter.view(len(concept_ids), -1), torch.from_numpy(mask_area).float(),
+                                torch.from_numpy(label_area).float())
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def tally(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, thresholds: torch.Tensor,
-          mode: str, workers: int = 0, masks: Iterable | None = None, device: str | torch.device = "cpu"
-          ) -> IouTotals:
+          mode: str, workers: int = 0, masks: Iterable | None = None, device: str | torch.device = "cpu",
+          spill: OverlapSpill | None = None) -> IouTotals:
+    """Set totals over every image; SPILL, if given, keeps each batch's overlaps for per_image_best."""
     concept_ids = np.array(sorted(dataset.labels), dtype=np.int64)
-    column = {int(c): i for i, c in enumerate(concept_ids)}
-    split_of = {r.image_id: r.split for r in dataset.rows}
+    split_of = _split_lookup(dataset)
     k = probe.n_filters
-    inter = {s: np.zeros((k, len(concept_ids)), np.int64) for s in ("train", "val")}
-    union = {s: np.zeros((k, len(concept_ids)), np.int64) for s in ("train", "val")}
+    # Accumulated [C, K] (a pair's row adds to its concept's row), handed out as [K, C].
+    inter = {s: torch.zeros(len(concept_ids), k, dtype=torch.int64) for s in ("train", "val")}
+    union = {s: torch.zeros(len(concept_ids), k, dtype=torch.int64) for s in ("train", "val")}
     total = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?", [probe.activation_probe]))[0]
     with progress_bar() as bar:
         task = bar.add_task("single-filter IoU", total=total)
-        for image_id, ids, i_kc, m_k, l_c in iter_image_overlaps(con, probe, dataset, thresholds, mode, workers,
-                                                                 masks=masks, device=device):
-            bar.advance(task)
-            if i_kc is None:
+        for batch in iter_batch_overlaps(con, probe, dataset, thresholds, mode, workers, masks=masks, device=device):
+            bar.advance(task, len(batch.image_ids))
+            if spill is not None:
+                spill.add(batch)
+            if not len(batch.concept_ids):
                 continue
-            cols = np.array([column[int(c)] for c in ids])
-            split = split_of[image_id]
-            i_np = i_kc.round().long().numpy()
-            inter[split][:, cols] += i_np
-            union[split][:, cols] += (m_k[:, None] + l_c[None, :]).round().long().numpy() - i_np
-    return IouTotals(concept_ids, inter, union)
+            cols = torch.from_numpy(np.searchsorted(concept_ids, batch.concept_ids))
+            i_nk = batch.intersection.round().long()
+            u_nk = (batch.mask_area[batch.pair_image] + batch.label_area[:, None]).round().long() - i_nk
+            split = split_of[batch.image_ids[batch.pair_image]]
+            for code, name in enumerate(("train", "val")):
+                chosen = torch.from_numpy(split == code)
+                inter[name].index_add_(0, cols[chosen], i_nk[chosen])
+                union[name].index_add_(0, cols[chosen], u_nk[chosen])
+    return IouTotals(concept_ids, {s: t.T.numpy().copy() for s, t in inter.items()},
+                     {s: t.T.numpy().copy() for s, t in union.items()})
+
+
+def _split_lookup(dataset: BrodenDataset) -> np.ndarray:
+    """image_id -> 0 (train) or 1 (val)."""
+    split = np.zeros(max((r.image_id for r in dataset.rows), default=-1) + 1, np.int8)
+    for r in dataset.rows:
+        split[r.image_id] = 0 if r.split == "train" else 1
+    return split
 
 
 def best_filters(totals: IouTotals) -> dict[int, int]:
@@ -174,7 +319,7 @@ def _iou_table(probe_id: int, totals: IouTotals) -> pa.Table:
             "probe_id": pa.array(np.full(len(ks), probe_id, np.int32)),
             "filter": pa.array(ks.astype(np.int32)),
             "concept_id": pa.array(totals.concept_ids[cs].astype(np.int32)),
-            "split": pa.array([split] * len(ks), pa.string()),
+            "split": pa.repeat(pa.scalar(split, pa.string()), len(ks)),
             "intersection": totals.intersection[split][ks, cs],
             "union_": totals.union[split][ks, cs],
             "iou": totals.iou(split)[ks, cs],
@@ -183,30 +328,34 @@ def _iou_table(probe_id: int, totals: IouTotals) -> pa.Table:
 
 
 def per_image_best(con, probe: Probe, dataset: BrodenDataset, thresholds: torch.Tensor, mode: str,
-                   best: dict[int, int], workers: int = 0, device: str | torch.device = "cpu") -> pa.Table:
-    """Per-image IoU of each concept's best filter, on every image containing the concept."""
+                   best: dict[int, int], workers: int = 0, device: str | torch.device = "cpu",
+                   overlaps: Iterable[BatchOverlaps] | None = None) -> pa.Table:
+    """Per-image IoU of each concept's best filter, on every image containing the concept; from
+    OVERLAPS (an OverlapSpill of the tally) where given, else computed again."""
+    if overlaps is None:
+        overlaps = iter_batch_overlaps(con, probe, dataset, thresholds, mode, workers, device=device)
+    concept_ids = np.array(sorted(dataset.labels), dtype=np.int64)
+    best_of = np.array([best.get(int(c), -1) for c in concept_ids], dtype=np.int64)  # -1: no best filter
     out: dict[str, list] = {k: [] for k in ("image_id", "concept_id", "intersection", "union_")}
-    for image_id, ids, i_kc, m_k, l_c in iter_image_overlaps(con, probe, dataset, thresholds, mode, workers,
-                                                             device=device):
-        if i_kc is None:
-            continue
-        for j, c in enumerate(ids):
-            f = best.get(int(c))
-            if f is None:
-                continue
-            inter = int(round(float(i_kc[f, j])))
-            out["image_id"].append(image_id)
-            out["concept_id"].append(int(c))
-            out["intersection"].append(inter)
-            out["union_"].append(int(round(float(m_k[f] + l_c[j]))) - inter)
-    inter = np.array(out["intersection"], np.int64)
-    union = np.array(out["union_"], np.int64)
+    for batch in overlaps:
+        f = best_of[np.searchsorted(concept_ids, batch.concept_ids)]
+        keep = np.flatnonzero(f >= 0)
+        pairs, f = torch.from_numpy(keep), torch.from_numpy(f[keep])
+        images = torch.from_numpy(batch.pair_image[keep])
+        inter = batch.intersection[pairs, f].round().long()
+        union = (batch.mask_area[images, f] + batch.label_area[pairs]).round().long() - inter
+        out["image_id"].append(batch.image_ids[batch.pair_image[keep]])
+        out["concept_id"].append(batch.concept_ids[keep])
+        out["intersection"].append(inter.numpy())
+        out["union_"].append(union.numpy())
+    joined = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
+    inter, union = joined["intersection"].astype(np.int64), joined["union_"].astype(np.int64)
     n = len(inter)
     return pa.table({
         "probe_id": pa.array(np.full(n, probe.probe_id, np.int32)),
-        "image_id": pa.array(np.array(out["image_id"], np.int32)),
-        "concept_id": pa.array(np.array(out["concept_id"], np.int32)),
-        "method": pa.array(["best_filter"] * n, pa.string()),
+        "image_id": pa.array(joined["image_id"].astype(np.int32)),
+        "concept_id": pa.array(joined["concept_id"].astype(np.int32)),
+        "method": pa.repeat(pa.scalar("best_filter", pa.string()), n),
         "intersection": inter, "union_": union,
         "iou": np.divide(inter, union, out=np.zeros(n), where=union > 0),
         "score": pa.nulls(n, pa.float64()),
@@ -219,12 +368,18 @@ def run(store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: 
     replaces, never duplicates)."""
     with store.reading() as con:
         thresholds = thresholds_for(con, probe.probe_id, mode)
+        spill = None
         if mode == "netdissect":
             totals = netdissect.tally(con, probe, dataset, workers, device)
         else:
-            totals = tally(con, probe, dataset, thresholds, mode, workers, device=device)
+            spill = OverlapSpill()
+            totals = tally(con, probe, dataset, thresholds, mode, workers, device=device, spill=spill)
         best = best_filters(totals)
-        scores = per_image_best(con, probe, dataset, thresholds, mode, best, workers, device)
+        try:
+            scores = per_image_best(con, probe, dataset, thresholds, mode, best, workers, device, overlaps=spill)
+        finally:
+            if spill is not None:
+                spill.close()
     with store.writing() as con, transaction(con):
         con.execute("DELETE FROM filter_concept_iou WHERE probe_id = ?", [probe.probe_id])
         con.execute("DELETE FROM image_concept_scores WHERE probe_id = ? AND method = 'best_filter'",

@@ -11,6 +11,11 @@ torch's own interpolation (so ties at exactly 0.5 resolve as torch resolves them
     count_c[cell, q] = labelled pixels of concept c in the cell that pattern q turns on,
 
 which costs O(cells x 16) per concept and O(K x cells) per image instead of O(K x sh x sw).
+
+label_counts and batch_overlaps do the same for a batch of images at once (every concept mask of
+the batch in one product, every filter's cells in one gather), so the cost per image is a few
+tensor operations shared by the batch rather than a dozen dispatched per image. All sums are of
+integers below 2^24 in float32, hence exact in any order.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ class PatternTable:
 
 
 def cell_patterns(binary: torch.Tensor) -> torch.Tensor:
-    """binary [K, H, W] bool -> [K, (H-1)*(W-1)] pattern numbers: bits (y0,x0), (y0,x1), (y1,x0), (y1,x1)."""
-    b = binary.to(torch.int64)
+    """binary [K, H, W] bool -> [K, (H-1)*(W-1)] uint8 pattern numbers: bits (y0,x0), (y0,x1), (y1,x0), (y1,x1)."""
+    b = binary.to(torch.uint8)
     pattern = b[:, :-1, :-1] + 2 * b[:, :-1, 1:] + 4 * b[:, 1:, :-1] + 8 * b[:, 1:, 1:]
     return pattern.flatten(1)
 
@@ -105,7 +110,7 @@ def overlaps(binary: torch.Tensor, labels: torch.Tensor, tab: PatternTable) -> t
     # An all-off cell (pattern 0) turns no pixel on, and thresholded maps are sparse: only the
     # (filter, cell) pairs with some corner on contribute.
     filters, cells = torch.nonzero(pattern, as_tuple=True)
-    index = cells * 16 + pattern[filters, cells]
+    index = cells * 16 + pattern[filters, cells].long()
     device = labels.device
     mask_area = torch.zeros(k, device=device).index_add_(0, filters, tab.area.flatten()[index])
     flat = torch.cat([labels.flatten(1).float(), torch.zeros(c, 1, device=device)], dim=1)
@@ -113,4 +118,55 @@ def overlaps(binary: torch.Tensor, labels: torch.Tensor, tab: PatternTable) -> t
     count = torch.bmm(by_cell.transpose(0, 1), tab.on)  # [cells, C, 16]
     count = count.transpose(1, 2).reshape(tab.cells * 16, c)
     inter = torch.zeros(k, c, device=device).index_add_(0, filters, count[index])  # [K, C]
+    return inter, mask_area
+
+
+# Bounds on the temporaries of the batched functions (floats): masks per label_counts product,
+# gathered rows per index_add_.
+_MASKS_PER_PRODUCT = 256
+_GATHER_FLOATS = 1 << 22
+
+
+def label_counts(labels: torch.Tensor, tab: PatternTable) -> torch.Tensor:
+    """labels [N, sh, sw] bool (any images of one size) -> counts [N, cells * 16] float:
+    counts[n, cell * 16 + q] = pixels of mask n in the cell that pattern q turns on."""
+    n = len(labels)
+    out = torch.empty(n, tab.cells * 16, device=labels.device)
+    order = tab.order.flatten()
+    for start in range(0, n, _MASKS_PER_PRODUCT):
+        part = labels[start:start + _MASKS_PER_PRODUCT].flatten(1).view(torch.uint8)
+        flat = torch.cat([part, part.new_zeros(len(part), 1)], dim=1)  # a zero column for padding
+        by_cell = torch.index_select(flat, 1, order).view(len(part), tab.cells, -1).float()  # [n, cells, m]
+        count = torch.bmm(by_cell.transpose(0, 1), tab.on)  # [cells, n, 16]
+        out[start:start + len(part)] = count.transpose(0, 1).reshape(len(part), -1)
+    return out
+
+
+def batch_overlaps(binary: torch.Tensor, counts: torch.Tensor, pair_image: torch.Tensor, tab: PatternTable
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """binary [B, K, H, W] bool; counts [N, cells * 16] (label_counts, any dtype) of N concept masks, mask n
+    belonging to image pair_image[n] (non-decreasing) -> (intersections [N, K], |M| [B, K])."""
+    b, k = binary.shape[:2]
+    n, device = len(counts), counts.device
+    pattern = cell_patterns(binary.flatten(0, 1)).view(b, k, tab.cells)
+    images, filters, cells = torch.nonzero(pattern, as_tuple=True)
+    code = cells * 16 + pattern[images, filters, cells].long()
+    row = images * k + filters
+    mask_area = torch.zeros(b * k, device=device).index_add_(0, row, tab.area.flatten()[code]).view(b, k)
+    if n == 0:
+        return torch.zeros(0, k, device=device), mask_area
+    # Each image's masks in slots 0..C_b-1 of a padded [B, cells * 16, C_max] table, so that one
+    # gather reads, for every (image, filter, cell) on, the counts of all of that image's concepts.
+    per_image = torch.bincount(pair_image, minlength=b)
+    slot = torch.arange(n, device=device) - (torch.cumsum(per_image, 0) - per_image)[pair_image]
+    width = int(per_image.max())
+    table_rows = torch.zeros(b, tab.cells * 16, width, dtype=counts.dtype, device=device)
+    table_rows[pair_image, :, slot] = counts
+    table_rows = table_rows.view(b * tab.cells * 16, width)
+    source = images * (tab.cells * 16) + code
+    inter = torch.zeros(b * k, width, device=device)
+    step = max(1, _GATHER_FLOATS // width)
+    for start in range(0, len(row), step):
+        inter.index_add_(0, row[start:start + step], table_rows[source[start:start + step]].float())
+    inter = inter.view(b, k, width)[pair_image, :, slot]  # [N, K]
     return inter, mask_area
