@@ -52,20 +52,40 @@ def main() -> None:
         spec = registry.resolve_layer(model, layer)
         row = next(r for r in registry.layer_table(model) if r["module"] == spec.module)
         start = time.perf_counter()
-        api.ingest(model, layer, db, dataset="synthetic", weights="random", limit=args.limit, workers=0,
-                   train=TrainSettings(epochs=args.epochs))
+        api.ingest(
+            model,
+            layer,
+            db,
+            dataset="synthetic",
+            weights="random",
+            limit=args.limit,
+            workers=0,
+            train=TrainSettings(epochs=args.epochs),
+        )
         seconds = time.perf_counter() - start
         seconds_of[f"{model} {layer}"] = seconds
-        print(f"| {family} | {model} | {layer} | {row['output']} | {row['kind']} | {row['stored']} | {seconds:.1f} |",
-              flush=True)
+        print(
+            f"| {family} | {model} | {layer} | {row['output']} | {row['kind']} | {row['stored']} | {seconds:.1f} |",
+            flush=True,
+        )
     failed = [r["check_name"] for r in api.db_check(db).to_pylist() if r["violations"]]
     print(f"db check: {'clean' if not failed else 'FAILED ' + ', '.join(failed)}; peak RSS {peak_rss_mib():.0f} MiB")
     slowest = max(seconds_of, key=seconds_of.get)
-    save_result("backbones", f"{len(seconds_of)} families, {min(seconds_of.values()):.1f}-{max(seconds_of.values()):.1f} s "
-                f"per ingest (slowest {slowest} {seconds_of[slowest]:.1f} s); db check "
-                f"{'clean' if not failed else 'FAILED'}",
-                {"images": args.images, "limit": args.limit, "epochs": args.epochs, "ingest_s": seconds_of,
-                 "db_check_failed": failed, "timm": has_timm, "peak_rss_mib": peak_rss_mib()})
+    save_result(
+        "backbones",
+        f"{len(seconds_of)} families, {min(seconds_of.values()):.1f}-{max(seconds_of.values()):.1f} s "
+        f"per ingest (slowest {slowest} {seconds_of[slowest]:.1f} s); db check "
+        f"{'clean' if not failed else 'FAILED'}",
+        {
+            "images": args.images,
+            "limit": args.limit,
+            "epochs": args.epochs,
+            "ingest_s": seconds_of,
+            "db_check_failed": failed,
+            "timm": has_timm,
+            "peak_rss_mib": peak_rss_mib(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,7 @@ def ingested(images: int) -> tuple[Path, Path, tempfile.TemporaryDirectory]:
     from n2vdb.probe import TrainSettings
 
     root, db, tmp = scratch(images)
-    api.ingest("alexnet", "conv5", db, dataset="synthetic", weights="random", workers=0,
-               train=TrainSettings(epochs=1))
+    api.ingest("alexnet", "conv5", db, dataset="synthetic", weights="random", workers=0, train=TrainSettings(epochs=1))
     return root, db, tmp
 
 
@@ -67,20 +66,30 @@ def this_command() -> list[str]:
 
 def machine() -> dict:
     torch = sys.modules.get("torch")  # only if the bench used it: importing torch here would cost a second
-    return {"nproc": os.cpu_count(), "load_start": [round(x, 2) for x in _LOAD_AT_START],
-            "load_end": [round(x, 2) for x in os.getloadavg()],
-            "torch_threads": torch.get_num_threads() if torch else None,
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    return {
+        "nproc": os.cpu_count(),
+        "load_start": [round(x, 2) for x in _LOAD_AT_START],
+        "load_end": [round(x, 2) for x in os.getloadavg()],
+        "torch_threads": torch.get_num_threads() if torch else None,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
-def save_result(name: str, headline: str, figures: dict, command: list[str] | None = None,
-                directory: Path | None = None) -> Path:
+def save_result(
+    name: str, headline: str, figures: dict, command: list[str] | None = None, directory: Path | None = None
+) -> Path:
     """Write DIRECTORY/NAME.json (default bench/results/) and return its path; see the module docstring."""
     if "\n" in headline:
         raise ValueError("a bench headline is one line")
-    record = {"name": name, "command": shlex.join(command or this_command()),
-              "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-              "wall_s": round(time.time() - _STARTED, 1), "machine": machine(), "headline": headline, "figures": figures}
+    record = {
+        "name": name,
+        "command": shlex.join(command or this_command()),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "wall_s": round(time.time() - _STARTED, 1),
+        "machine": machine(),
+        "headline": headline,
+        "figures": figures,
+    }
     directory = Path(directory or RESULTS)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"

@@ -33,12 +33,18 @@ def build(root: Path, rows: int) -> None:
             folder = root / "images" / f"set{i % 40}"
             folder.mkdir(parents=True, exist_ok=True)
             stem = f"set{i % 40}/{i:06d}"
-            names = [f"{stem}.jpg", f"{stem}_color.png", f"{stem}_object.png", f"{stem}_part_1.png",
-                     f"{stem}_part_2.png"]
+            names = [
+                f"{stem}.jpg",
+                f"{stem}_color.png",
+                f"{stem}_object.png",
+                f"{stem}_part_1.png",
+                f"{stem}_part_2.png",
+            ]
             for name in names:
                 (root / "images" / name).touch()
-            writer.writerow([names[0], "train", 224, 224, 112, 112, names[1], names[2], "",
-                             f"{names[3]};{names[4]}", "5", ""])
+            writer.writerow(
+                [names[0], "train", 224, 224, 112, 112, names[1], names[2], "", f"{names[3]};{names[4]}", "5", ""]
+            )
 
 
 def main(rows: int) -> None:
@@ -52,8 +58,11 @@ def main(rows: int) -> None:
         fingerprint.take(dataset)
         took = time.perf_counter() - start
     print(f"{rows} rows, {rows * 5} paths: open {opened:.2f} s, fingerprint {took:.2f} s")
-    save_result("dataset_open", f"{rows:,} rows, {rows * 5:,} paths: open {opened:.1f} s; fingerprint {took:.1f} s",
-                {"rows": rows, "paths": rows * 5, "open_s": opened, "fingerprint_s": took})
+    save_result(
+        "dataset_open",
+        f"{rows:,} rows, {rows * 5:,} paths: open {opened:.1f} s; fingerprint {took:.1f} s",
+        {"rows": rows, "paths": rows * 5, "open_s": opened, "fingerprint_s": took},
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ from common import ingested, peak_rss_mib, save_result
 
 def channel_maps(dataset, row):
     """(label codes [channels, sh, sw], image-level labels) of one image, as NetDissect-Lite reads them."""
-    planes = [decode_mask(dataset.root / "images" / rel, (row.sh, row.sw)) for paths in row.masks.values()
-              for rel in paths]
+    planes = [
+        decode_mask(dataset.root / "images" / rel, (row.sh, row.sw)) for paths in row.masks.values() for rel in paths
+    ]
     codes = np.stack(planes) if planes else np.zeros((0, row.sh, row.sw), np.int64)
     return codes, [n for numbers in row.labels.values() for n in numbers]
 
@@ -95,8 +96,9 @@ def main() -> None:
         decoded = {r.image_id: dataset.masks(r) for r in dataset.rows}
         timings["decode"] = time.perf_counter() - start
         start = time.perf_counter()
-        totals = iou_stage.tally(con, probe, dataset, t, "net2vec",
-                                 masks=((i, *decoded[i]) for i in acts_store.stored_order(con, 1)))
+        totals = iou_stage.tally(
+            con, probe, dataset, t, "net2vec", masks=((i, *decoded[i]) for i in acts_store.stored_order(con, 1))
+        )
         timings["ours, decoded"] = time.perf_counter() - start
         start = time.perf_counter()
         channels = {r.image_id: channel_maps(dataset, r) for r in dataset.rows}
@@ -118,16 +120,29 @@ def main() -> None:
     print(f"alexnet conv5, {n} images, 256 units, {len(dataset.labels)} concepts: results identical")
     for name, seconds in timings.items():
         print(f"{name:32s} {seconds:7.2f} s  ({seconds / n * 1000:6.2f} ms/image)")
-    print(f"speed-up, tally alone (masks decoded beforehand for both): "
-          f"{timings['NetDissect-Lite alg., decoded'] / timings['ours, decoded']:.1f}x (goal >= 50x)")
-    print(f"speed-up, end to end (mask decoding included; n2vdb with {args.workers} decoding workers): "
-          f"{timings['NetDissect-Lite alg., end to end'] / timings['ours, end to end']:.1f}x")
+    print(
+        f"speed-up, tally alone (masks decoded beforehand for both): "
+        f"{timings['NetDissect-Lite alg., decoded'] / timings['ours, decoded']:.1f}x (goal >= 50x)"
+    )
+    print(
+        f"speed-up, end to end (mask decoding included; n2vdb with {args.workers} decoding workers): "
+        f"{timings['NetDissect-Lite alg., end to end'] / timings['ours, end to end']:.1f}x"
+    )
     print(f"peak RSS       {peak_rss_mib():.0f} MiB")
-    alone = timings['NetDissect-Lite alg., decoded'] / timings['ours, decoded']
-    end_to_end = timings['NetDissect-Lite alg., end to end'] / timings['ours, end to end']
-    save_result("dissect", f"{alone:.1f}x for the tally alone, {end_to_end:.1f}x with mask decoding; identical counts",
-                {"images": n, "seconds": timings, "speedup_tally": alone, "speedup_end_to_end": end_to_end,
-                 "identical": True, "peak_rss_mib": peak_rss_mib()})
+    alone = timings["NetDissect-Lite alg., decoded"] / timings["ours, decoded"]
+    end_to_end = timings["NetDissect-Lite alg., end to end"] / timings["ours, end to end"]
+    save_result(
+        "dissect",
+        f"{alone:.1f}x for the tally alone, {end_to_end:.1f}x with mask decoding; identical counts",
+        {
+            "images": n,
+            "seconds": timings,
+            "speedup_tally": alone,
+            "speedup_end_to_end": end_to_end,
+            "identical": True,
+            "peak_rss_mib": peak_rss_mib(),
+        },
+    )
     tmp.cleanup()
 
 

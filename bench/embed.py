@@ -37,15 +37,22 @@ def one_at_a_time(source, concepts, k, epochs, lr=1e-4, batch_size=16, seed=0):
         w = ((torch.rand(k) * 2 - 1) / math.sqrt(k)).requires_grad_()
         optimiser = torch.optim.SGD([w], lr=lr, momentum=0.9)
         for _ in range(epochs):
-            mine = [(ex, list(ex.concept_ids).index(concept)) for ex in source()
-                    if ex.split == "train" and concept in ex.concept_ids]
+            mine = [
+                (ex, list(ex.concept_ids).index(concept))
+                for ex in source()
+                if ex.split == "train" and concept in ex.concept_ids
+            ]
             rng.shuffle(mine)
             for start in range(0, len(mine), batch_size):
                 batch = mine[start : start + batch_size]
                 binary = torch.stack([ex.binary for ex, _ in batch]).float()
                 labels = torch.stack([ex.masks[i] for ex, i in batch]).float()
-                logits = F.interpolate(torch.einsum("nkhw,k->nhw", binary, w)[:, None], size=labels.shape[1:],
-                                       mode="bilinear", align_corners=True)[:, 0]
+                logits = F.interpolate(
+                    torch.einsum("nkhw,k->nhw", binary, w)[:, None],
+                    size=labels.shape[1:],
+                    mode="bilinear",
+                    align_corners=True,
+                )[:, 0]
                 loss = segmentation.concept_loss(logits, labels, alpha[j].expand(len(batch))).sum() / len(batch)
                 optimiser.zero_grad()
                 loss.backward()
@@ -79,18 +86,34 @@ def main() -> None:
         alone = time.perf_counter() - start
     n_train = sum(ex.split == "train" for ex in examples)
     pairs = sum(len(ex.concept_ids) for ex in examples if ex.split == "train")
-    print(f"alexnet conv5, {n_train} train images, {len(concepts)} concepts, {pairs} (image, concept) pairs, "
-          f"{args.epochs} epochs")
-    print(f"jointly            {joint:7.2f} s   {joint / args.epochs / n_train * 1000:6.2f} s per epoch per 1,000 images")
+    print(
+        f"alexnet conv5, {n_train} train images, {len(concepts)} concepts, {pairs} (image, concept) pairs, "
+        f"{args.epochs} epochs"
+    )
+    print(
+        f"jointly            {joint:7.2f} s   {joint / args.epochs / n_train * 1000:6.2f} s per epoch per 1,000 images"
+    )
     print(f"one at a time      {alone:7.2f} s   same in-memory examples: speed-up {alone / joint:.1f}x")
     print(f"decoding once      {decode:7.2f} s   (read and packed before either run; not in the ratio)")
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"peak RSS           {peak_rss_mib():.0f} MiB")
     per_epoch = joint / args.epochs / n_train * 1000
-    save_result("embed", f"{alone / joint:.1f}x; {per_epoch:.2f} s per epoch per 1,000 images",
-                {"train_images": n_train, "concepts": len(concepts), "pairs": pairs, "epochs": args.epochs,
-                 "joint_s": joint, "one_at_a_time_s": alone, "speedup": alone / joint, "decode_s": decode,
-                 "s_per_epoch_per_1000": per_epoch, "peak_rss_mib": peak_rss_mib()})
+    save_result(
+        "embed",
+        f"{alone / joint:.1f}x; {per_epoch:.2f} s per epoch per 1,000 images",
+        {
+            "train_images": n_train,
+            "concepts": len(concepts),
+            "pairs": pairs,
+            "epochs": args.epochs,
+            "joint_s": joint,
+            "one_at_a_time_s": alone,
+            "speedup": alone / joint,
+            "decode_s": decode,
+            "s_per_epoch_per_1000": per_epoch,
+            "peak_rss_mib": peak_rss_mib(),
+        },
+    )
     tmp.cleanup()
 
 

@@ -44,8 +44,11 @@ def main() -> None:
         dev = extract.pick_device(args.device)
         net = net.to(dev)
         tap = extract.LayerTap(net, spec.module, spec.relu)
-        loader = DataLoader(extract.ImageFolderRows(dataset, dataset.rows, spec.input_size, spec.mean, spec.std),
-                            batch_size=args.batch_size, num_workers=args.workers)
+        loader = DataLoader(
+            extract.ImageFolderRows(dataset, dataset.rows, spec.input_size, spec.mean, spec.std),
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+        )
         for _ in zip(range(2), loader):  # warm the workers and allocator
             pass
         tap(torch.zeros(2, 3, spec.input_size, spec.input_size, device=dev))
@@ -75,15 +78,27 @@ def main() -> None:
     print(f"bare forward  {n / bare:7.1f} img/s")
     print(f"extraction    {n / extraction:7.1f} img/s   ratio {bare / extraction:.2f}x of bare forward (goal >= 0.8)")
     print(f"thresholds    {thresholds:7.2f} s ({n / thresholds:.0f} img/s over stored activations)")
-    print(f"storage       {raw / (n * k * h * w):.3f} bytes/value as written, "
-          f"{size / (n * k * h * w):.3f} bytes/value for the whole database file")
+    print(
+        f"storage       {raw / (n * k * h * w):.3f} bytes/value as written, "
+        f"{size / (n * k * h * w):.3f} bytes/value for the whole database file"
+    )
     print(f"peak RSS      {peak_rss_mib():.0f} MiB")
     written, on_disk = raw / (n * k * h * w), size / (n * k * h * w)
-    save_result("extract", f"{bare / extraction:.2f}x of a bare forward pass ({n / extraction:.0f} vs {n / bare:.0f} "
-                f"img/s); {written:.2f} bytes per value as written, {on_disk:.2f} for the whole database file",
-                {"images": n, "bare_img_s": n / bare, "extraction_img_s": n / extraction, "ratio": bare / extraction,
-                 "thresholds_s": thresholds, "bytes_per_value_written": written,
-                 "bytes_per_value_file": on_disk, "peak_rss_mib": peak_rss_mib()})
+    save_result(
+        "extract",
+        f"{bare / extraction:.2f}x of a bare forward pass ({n / extraction:.0f} vs {n / bare:.0f} "
+        f"img/s); {written:.2f} bytes per value as written, {on_disk:.2f} for the whole database file",
+        {
+            "images": n,
+            "bare_img_s": n / bare,
+            "extraction_img_s": n / extraction,
+            "ratio": bare / extraction,
+            "thresholds_s": thresholds,
+            "bytes_per_value_written": written,
+            "bytes_per_value_file": on_disk,
+            "peak_rss_mib": peak_rss_mib(),
+        },
+    )
     tmp.cleanup()
 
 

@@ -28,7 +28,6 @@ import duckdb
 import torch
 from torch.utils.data import DataLoader
 
-from common import save_result
 from n2vdb import activations as acts_store
 from n2vdb import extract
 from n2vdb import probe as probes
@@ -37,13 +36,17 @@ from n2vdb.models import registry, weights
 from n2vdb.stats import iou
 from n2vdb.store.sessions import Store
 
+from common import save_result
+
 
 def forward_seconds(net, spec: dict, model: str, dataset: BrodenDataset, rows, workers: int) -> float:
     size = spec.get("input_size") or registry.input_size(model)
     tap = extract.LayerTap(net, spec["module"], spec["relu"])
-    loader = DataLoader(extract.ImageFolderRows(dataset, rows, size, spec["mean"], spec["std"],
-                                                spec.get("preprocess", "torchvision")),
-                        batch_size=32, num_workers=workers)
+    loader = DataLoader(
+        extract.ImageFolderRows(dataset, rows, size, spec["mean"], spec["std"], spec.get("preprocess", "torchvision")),
+        batch_size=32,
+        num_workers=workers,
+    )
     tap(torch.zeros(2, 3, size, size))
     start = time.perf_counter()
     for _, images, _ in loader:
@@ -79,8 +82,9 @@ def main() -> None:
     parser.add_argument("--probe", type=int)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--parts", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time the IoU stage's parts")
+    parser.add_argument(
+        "--parts", action=argparse.BooleanOptionalAction, default=True, help="also time the IoU stage's parts"
+    )
     args = parser.parse_args()
     os.environ["N2VDB_QUIET"] = "1"
     tmp = tempfile.TemporaryDirectory()
@@ -95,7 +99,8 @@ def main() -> None:
     probe_id = args.probe or probes.latest(con, complete_only=False)
     probe = probes.load(con, probe_id)
     model, settings, mode = con.execute(
-        "SELECT model, settings, settings->>'iou_mode' FROM probes WHERE probe_id = ?", [probe_id]).fetchone()
+        "SELECT model, settings, settings->>'iou_mode' FROM probes WHERE probe_id = ?", [probe_id]
+    ).fetchone()
     spec = json.loads(settings)
     path = con.execute("SELECT path FROM datasets WHERE dataset_id = ?", [probe.dataset_id]).fetchone()[0]
     quantile = spec.get("quantile", 0.995)
@@ -106,14 +111,16 @@ def main() -> None:
         rows = [dataset.rows[i] for i in acts_store.stored_order(rcon, probe.activation_probe)]
         n_pairs = sum(len(r.labels) for r in rows)
     net = weights.load(model, "random").net.eval()
-    print(f"{model} {spec['layer']} probe {probe_id} ({mode}): {len(rows)} images, "
-          f"{probe.n_filters}x{probe.height}x{probe.width}, {args.workers} workers, "
-          f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    print(
+        f"{model} {spec['layer']} probe {probe_id} ({mode}): {len(rows)} images, "
+        f"{probe.n_filters}x{probe.height}x{probe.width}, {args.workers} workers, "
+        f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
     header = f"{'rep':>3} {'forward':>8} {'thresh':>8} {'iou':>8} {'ratio':>6}"
     if args.parts:
         header += f" {'decode':>8} {'tally':>8} {'best':>8}"
     print(header + "   (seconds; ratio = (thresholds + iou) / forward)")
-    ratios, lines = [], []
+    ratios = []
     for rep in range(args.repeat):
         fwd = forward_seconds(net, spec, model, dataset, rows, args.workers)
         thr = timed(lambda: extract.compute_thresholds(store, probe, quantile))
@@ -134,19 +141,30 @@ def main() -> None:
                 def run_tally():
                     nonlocal totals
                     totals = iou.tally(rcon, probe, dataset, thresholds, mode, args.workers, spill=spill)
+
                 tal = timed(run_tally)
                 best = iou.best_filters(totals)
-                per = timed(lambda: iou.per_image_best(rcon, probe, dataset, thresholds, mode, best,
-                                                       args.workers, overlaps=spill))
+                per = timed(
+                    lambda: iou.per_image_best(
+                        rcon, probe, dataset, thresholds, mode, best, args.workers, overlaps=spill
+                    )
+                )
                 spill.close()
             line += f" {decode:8.2f} {tal:8.2f} {per:8.2f}"
         print(line, flush=True)
     print(f"median (thresholds + IoU) / forward = {statistics.median(ratios):.3f}  (goal <= 0.25)")
     median = statistics.median(ratios)
-    save_result("iou_stage", f"{len(rows)} images, broden profile: thresholds + single-filter IoU {median:.2f}x the "
-                f"forward pass (median of {args.repeat}; {min(ratios):.2f}-{max(ratios):.2f}; goal 0.25x)",
-                {"images": len(rows), "ratios": [round(r, 3) for r in ratios], "median_ratio": round(median, 3),
-                 "pairs": n_pairs})
+    save_result(
+        "iou_stage",
+        f"{len(rows)} images, broden profile: thresholds + single-filter IoU {median:.2f}x the "
+        f"forward pass (median of {args.repeat}; {min(ratios):.2f}-{max(ratios):.2f}; goal 0.25x)",
+        {
+            "images": len(rows),
+            "ratios": [round(r, 3) for r in ratios],
+            "median_ratio": round(median, 3),
+            "pairs": n_pairs,
+        },
+    )
     tmp.cleanup()
 
 

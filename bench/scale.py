@@ -40,8 +40,11 @@ def forward_pass(root: Path, workers: int, batch_size: int = 32) -> float:
     loaded = weights.load("alexnet", "random", 0)
     layer = registry.resolve_layer("alexnet", "conv5")
     tap = LayerTap(loaded.net.eval(), layer.module, layer.relu)
-    loader = DataLoader(ImageFolderRows(dataset, dataset.rows, registry.input_size("alexnet"), loaded.mean,
-                                        loaded.std), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(
+        ImageFolderRows(dataset, dataset.rows, registry.input_size("alexnet"), loaded.mean, loaded.std),
+        batch_size=batch_size,
+        num_workers=workers,
+    )
     start = time.perf_counter()
     with torch.no_grad():
         for _, images, _ in loader:
@@ -63,22 +66,43 @@ def one_size(images: int, epochs: int, workers: int) -> dict:
         synth_s = time.perf_counter() - start
         api.add_dataset(root, "broden-profile", db)
         forward = forward_pass(root, workers)
-        probe_id = api.ingest("alexnet", "conv5", db, dataset="broden-profile", weights="random", workers=workers,
-                              train=TrainSettings(epochs=epochs))
+        probe_id = api.ingest(
+            "alexnet",
+            "conv5",
+            db,
+            dataset="broden-profile",
+            weights="random",
+            workers=workers,
+            train=TrainSettings(epochs=epochs),
+        )
         with read_connection(db) as con:
-            rows = con.execute("SELECT stage, seconds, images, pairs FROM stage_timings WHERE probe_id = ?",
-                               [probe_id]).fetchall()
-            concepts = dict(con.execute("SELECT kind, count(*) FROM embeddings WHERE probe_id = ? GROUP BY 1",
-                                        [probe_id]).fetchall())
+            rows = con.execute(
+                "SELECT stage, seconds, images, pairs FROM stage_timings WHERE probe_id = ?", [probe_id]
+            ).fetchall()
+            concepts = dict(
+                con.execute(
+                    "SELECT kind, count(*) FROM embeddings WHERE probe_id = ? GROUP BY 1", [probe_id]
+                ).fetchall()
+            )
     stages = {s: {"seconds": sec, "images": n, "pairs": p} for s, sec, n, p in rows}
-    return {"images": images, "epochs": epochs, "synth_s": synth_s, "forward_s": forward, "stages": stages,
-            "concepts": concepts, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "images": images,
+        "epochs": epochs,
+        "synth_s": synth_s,
+        "forward_s": forward,
+        "stages": stages,
+        "concepts": concepts,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def table(results: list[dict]) -> str:
     lines = []
-    head = f"{'images':>7} {'forward':>8} " + " ".join(f"{s[:12]:>16}" for s in STAGES) + \
-        f" {'ingest':>12} {'seg pairs/s':>11} {'peak RSS':>9}"
+    head = (
+        f"{'images':>7} {'forward':>8} "
+        + " ".join(f"{s[:12]:>16}" for s in STAGES)
+        + f" {'ingest':>12} {'seg pairs/s':>11} {'peak RSS':>9}"
+    )
     lines += ["ms/image (ratio to the bare forward pass)", head]
     for r in results:
         n, fwd = r["images"], r["forward_s"]
@@ -89,20 +113,27 @@ def table(results: list[dict]) -> str:
         total = sum(v["seconds"] for v in r["stages"].values())
         seg = r["stages"].get("segmentation", {})
         rate = (seg.get("pairs") or 0) * r["epochs"] / seg["seconds"] if seg.get("seconds") else float("nan")
-        lines.append(f"{n:7d} {1000 * fwd / n:8.1f} " + " ".join(f"{c:>16}" for c in cells) +
-                     f" {total / fwd:11.2f}x {rate:11.0f} {r['peak_rss_mb']:7.0f}MB")
+        lines.append(
+            f"{n:7d} {1000 * fwd / n:8.1f} "
+            + " ".join(f"{c:>16}" for c in cells)
+            + f" {total / fwd:11.2f}x {rate:11.0f} {r['peak_rss_mb']:7.0f}MB"
+        )
     last = results[-1]
     scale = BRODEN_IMAGES / last["images"]
     to30 = 30 / last["epochs"]
     projected = {s: v["seconds"] * scale * (to30 if s in TRAINING else 1) for s, v in last["stages"].items()}
     fwd = last["forward_s"] * scale
-    lines.append(f"linear projection to {BRODEN_IMAGES:,} images from {last['images']} "
-                 f"(training x{to30:.0f} to 30 epochs): forward {fwd / 3600:.2f} h; "
-                 + ", ".join(f"{s} {projected.get(s, 0) / 3600:.2f} h" for s in STAGES)
-                 + f"; ingest {sum(projected.values()) / 3600:.2f} h = {sum(projected.values()) / fwd:.2f}x forward")
+    lines.append(
+        f"linear projection to {BRODEN_IMAGES:,} images from {last['images']} "
+        f"(training x{to30:.0f} to 30 epochs): forward {fwd / 3600:.2f} h; "
+        + ", ".join(f"{s} {projected.get(s, 0) / 3600:.2f} h" for s in STAGES)
+        + f"; ingest {sum(projected.values()) / 3600:.2f} h = {sum(projected.values()) / fwd:.2f}x forward"
+    )
     concepts = last["concepts"]
-    lines.append(f"concepts at {last['images']} images: {concepts.get('segmentation', 0)} segmentation, "
-                 f"{concepts.get('classification', 0)} classification; epochs {last['epochs']}")
+    lines.append(
+        f"concepts at {last['images']} images: {concepts.get('segmentation', 0)} segmentation, "
+        f"{concepts.get('classification', 0)} classification; epochs {last['epochs']}"
+    )
     return "\n".join(lines)
 
 
@@ -115,17 +146,27 @@ def summary(results: list[dict]) -> tuple[str, dict]:
     seg = last["stages"].get("segmentation", {})
     rate = (seg.get("pairs") or 0) * last["epochs"] / seg["seconds"] if seg.get("seconds") else 0.0
     to30 = 30 / last["epochs"]
-    hours = sum(v["seconds"] * (to30 if s in TRAINING else 1) for s, v in last["stages"].items()) \
-        * BRODEN_IMAGES / n / 3600
+    hours = (
+        sum(v["seconds"] * (to30 if s in TRAINING else 1) for s, v in last["stages"].items()) * BRODEN_IMAGES / n / 3600
+    )
     rss = [r["peak_rss_mb"] / 1000 for r in results]
     concepts = last["concepts"]
-    headline = (f"{n:,} images ({concepts.get('segmentation', 0):,} seg + {concepts.get('classification', 0):,} cls "
-                f"concepts, {last['epochs']} epochs): " + ", ".join(f"{s} {ratios[s]:.2f}x" for s in STAGES)
-                + f", ingest {ingest:.1f}x the forward pass; {rate:,.0f} training pairs/s; peak RSS "
-                f"{rss[0]:.2f} GB at {results[0]['images']:,} to {rss[-1]:.2f} GB at {n:,}; projected {hours:.1f} h "
-                f"for {BRODEN_IMAGES:,} images")
-    return headline, {"sizes": [r["images"] for r in results], "ratios_to_forward": ratios, "ingest_ratio": ingest,
-                      "segmentation_pairs_per_s": rate, "projected_hours": hours, "runs": results}
+    headline = (
+        f"{n:,} images ({concepts.get('segmentation', 0):,} seg + {concepts.get('classification', 0):,} cls "
+        f"concepts, {last['epochs']} epochs): "
+        + ", ".join(f"{s} {ratios[s]:.2f}x" for s in STAGES)
+        + f", ingest {ingest:.1f}x the forward pass; {rate:,.0f} training pairs/s; peak RSS "
+        f"{rss[0]:.2f} GB at {results[0]['images']:,} to {rss[-1]:.2f} GB at {n:,}; projected {hours:.1f} h "
+        f"for {BRODEN_IMAGES:,} images"
+    )
+    return headline, {
+        "sizes": [r["images"] for r in results],
+        "ratios_to_forward": ratios,
+        "ingest_ratio": ingest,
+        "segmentation_pairs_per_s": rate,
+        "projected_hours": hours,
+        "runs": results,
+    }
 
 
 def main() -> None:
@@ -147,8 +188,23 @@ def main() -> None:
         return
     results = []
     for size in (int(s) for s in args.sizes.split(",")):
-        out = subprocess.run([sys.executable, __file__, "--one", str(size), "--epochs", str(args.epochs),
-                              "--workers", str(args.workers), "--threads", str(args.threads)], capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                str(size),
+                "--epochs",
+                str(args.epochs),
+                "--workers",
+                str(args.workers),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if out.returncode:
             sys.exit(f"size {size} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -156,8 +212,10 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)  # so the saved result records the runs' thread count
-    print(f"torch threads: {args.threads or torch.get_num_threads()}; CPU cores: {os.cpu_count()}; "
-          f"load average at the end: {os.getloadavg()[0]:.1f}")
+    print(
+        f"torch threads: {args.threads or torch.get_num_threads()}; CPU cores: {os.cpu_count()}; "
+        f"load average at the end: {os.getloadavg()[0]:.1f}"
+    )
     print(table(results))
     save_result("scale", *summary(results))
     if args.json:

@@ -52,9 +52,12 @@ def main() -> None:
         print(f"{name:<38} {median:9.3f} {min(values):7.3f} {median - base:7.3f}")
     medians = {name: round(statistics.median(values), 3) for name, values in times.items()}
     help_s, sql_s, query_s = (medians[name] for name in list(cases)[1:])
-    save_result("startup", f"median of {args.repeats} cold processes: `--help` {help_s:.2f} s, `sql 'select 1'` "
-                f"{sql_s:.2f} s, a named query {query_s:.2f} s; `python3 -c pass` {base:.3f} s",
-                {"median_s": medians, "repeats": args.repeats})
+    save_result(
+        "startup",
+        f"median of {args.repeats} cold processes: `--help` {help_s:.2f} s, `sql 'select 1'` "
+        f"{sql_s:.2f} s, a named query {query_s:.2f} s; `python3 -c pass` {base:.3f} s",
+        {"median_s": medians, "repeats": args.repeats},
+    )
 
 
 if __name__ == "__main__":

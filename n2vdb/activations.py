@@ -29,18 +29,23 @@ def dequantise(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return codes.astype(np.float32) * scales[..., None, None]
 
 
-def to_arrow(probe_id: int, image_ids: np.ndarray, codes: np.ndarray, scales: np.ndarray,
-             pooled: np.ndarray) -> pa.Table:
+def to_arrow(
+    probe_id: int, image_ids: np.ndarray, codes: np.ndarray, scales: np.ndarray, pooled: np.ndarray
+) -> pa.Table:
     n = len(image_ids)
-    return pa.table({
-        "probe_id": pa.array(np.full(n, probe_id, np.int32)),
-        "image_id": pa.array(image_ids.astype(np.int32)),
-        "scales": pa.FixedSizeListArray.from_arrays(pa.array(scales.astype(np.float32).reshape(-1)),
-                                                   scales.shape[1]).cast(pa.list_(pa.float32())),
-        "codes": pa.array([codes[i].tobytes() for i in range(n)], pa.binary()),
-        "pooled": pa.FixedSizeListArray.from_arrays(pa.array(pooled.astype(np.float32).reshape(-1)),
-                                                   pooled.shape[1]).cast(pa.list_(pa.float32())),
-    })
+    return pa.table(
+        {
+            "probe_id": pa.array(np.full(n, probe_id, np.int32)),
+            "image_id": pa.array(image_ids.astype(np.int32)),
+            "scales": pa.FixedSizeListArray.from_arrays(
+                pa.array(scales.astype(np.float32).reshape(-1)), scales.shape[1]
+            ).cast(pa.list_(pa.float32())),
+            "codes": pa.array([codes[i].tobytes() for i in range(n)], pa.binary()),
+            "pooled": pa.FixedSizeListArray.from_arrays(
+                pa.array(pooled.astype(np.float32).reshape(-1)), pooled.shape[1]
+            ).cast(pa.list_(pa.float32())),
+        }
+    )
 
 
 def write(con: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
@@ -60,9 +65,13 @@ def stored_order(con: duckdb.DuckDBPyConnection, probe_id: int) -> list[int]:
     return [r[0] for r in con.execute("SELECT image_id FROM activations WHERE probe_id = ?", [probe_id]).fetchall()]
 
 
-def iter_codes(con: duckdb.DuckDBPyConnection, probe_id: int, shape: tuple[int, int, int],
-               image_ids: list[int] | None = None, batch: int = 256
-               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def iter_codes(
+    con: duckdb.DuckDBPyConnection,
+    probe_id: int,
+    shape: tuple[int, int, int],
+    image_ids: list[int] | None = None,
+    batch: int = 256,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Stream (image_ids, codes uint8 [n, K, H, W], scales float32 [n, K]) in storage order.
 
     No ORDER BY: DuckDB cannot sort a table of large blobs within a bounded memory (measured: a
@@ -87,9 +96,13 @@ def iter_codes(con: duckdb.DuckDBPyConnection, probe_id: int, shape: tuple[int, 
     cursor.close()
 
 
-def iter_activations(con: duckdb.DuckDBPyConnection, probe_id: int, shape: tuple[int, int, int],
-                     image_ids: list[int] | None = None, batch: int = 256
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_activations(
+    con: duckdb.DuckDBPyConnection,
+    probe_id: int,
+    shape: tuple[int, int, int],
+    image_ids: list[int] | None = None,
+    batch: int = 256,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (image_ids, float32 activations [n, K, H, W]) dequantised, in storage order."""
     for ids, codes, scales in iter_codes(con, probe_id, shape, image_ids, batch):
         yield ids, dequantise(codes, scales)

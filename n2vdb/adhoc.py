@@ -34,8 +34,10 @@ _WRITE_REFUSED = {
 # What a sandbox refusal means for the user, keyed by a fragment of DuckDB's message.
 _SANDBOX_HINTS = (
     ("read-only mode", "n2vdb sql is read-only; add --write to change the database"),
-    ("disabled by configuration", "SQL in n2vdb opens no files: --read NAME=PATH shows a file as a view, "
-                                  "--output FILE writes the result"),
+    (
+        "disabled by configuration",
+        "SQL in n2vdb opens no files: --read NAME=PATH shows a file as a view, --output FILE writes the result",
+    ),
     ("Loading external extensions is disabled", "SQL in n2vdb installs and loads no extensions"),
     ("has been locked", "the sandbox's settings cannot be changed from SQL"),
 )
@@ -79,8 +81,9 @@ def check_writable(found: list[duckdb.Statement]) -> None:
             raise UsageError(f"{reason} (statement: {statement.query.strip()[:60]})")
 
 
-def run(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False, output: Path | None = None
-        ) -> pa.Table | None:
+def run(
+    con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False, output: Path | None = None
+) -> pa.Table | None:
     """Run every statement of SQL on CON; return the last one's result, or stream it into OUTPUT
     (and return None). With write=True the statements are one transaction."""
     found = statements(sql)

@@ -38,8 +38,15 @@ def add_dataset(path: str | Path, name: str, db: PathLike = None) -> int:
         return importer.add_dataset(con, path, name)
 
 
-def synth(path: str | Path, images: int = 300, size: int = 227, seed: int = 0, name: str | None = "synthetic",
-          db: PathLike = None, profile: str = "builtin") -> Path:
+def synth(
+    path: str | Path,
+    images: int = 300,
+    size: int = 227,
+    seed: int = 0,
+    name: str | None = "synthetic",
+    db: PathLike = None,
+    profile: str = "builtin",
+) -> Path:
     """Generate a Broden-format concept set at PATH (PROFILE: builtin, or broden for Broden's
     categories and density); registers it under NAME unless NAME is None."""
     from n2vdb.data import importer
@@ -81,8 +88,7 @@ def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
     return run_ingest(Store(db), model, layer, settings)
 
 
-def ingest_shard(model: str, layer: str, shard: str, shard_dir: str | Path, db: PathLike = None,
-                 **options) -> Path:
+def ingest_shard(model: str, layer: str, shard: str, shard_dir: str | Path, db: PathLike = None, **options) -> Path:
     """Extract shard 'i/N' (or 'auto' under torchrun) of a probe into SHARD_DIR; the database is only read."""
     from n2vdb import shards
     from n2vdb.ingest import IngestOptions
@@ -114,9 +120,12 @@ def models(model: str | None = None) -> pa.Table:
 
     if model is None:
         friendly = registry.FRIENDLY
-        return pa.Table.from_pylist([
-            {"model": m, "friendly_layers": ", ".join(friendly.get(m, {})) or "(any dotted module path)"}
-            for m in registry.all_models()])
+        return pa.Table.from_pylist(
+            [
+                {"model": m, "friendly_layers": ", ".join(friendly.get(m, {})) or "(any dotted module path)"}
+                for m in registry.all_models()
+            ]
+        )
     if timm_models.is_timm(model) and "*" in model:
         return pa.Table.from_pylist([{"model": m} for m in timm_models.list_models(model)])
     return pa.Table.from_pylist(registry.layer_table(model))
@@ -127,8 +136,13 @@ def query(name: str, db: PathLike = None, **params) -> pa.Table:
         return queries.run(con, name, **params)
 
 
-def sql(statement: str, db: PathLike = None, write: bool = False, read: dict[str, str | Path] | None = None,
-        output: str | Path | None = None) -> pa.Table | None:
+def sql(
+    statement: str,
+    db: PathLike = None,
+    write: bool = False,
+    read: dict[str, str | Path] | None = None,
+    output: str | Path | None = None,
+) -> pa.Table | None:
     """Run ad-hoc SQL in the sandbox (docs/sandbox.md) and return the last statement's result.
 
     Read-only unless write=True, which runs all the statements as one transaction. read={NAME: PATH}
@@ -141,8 +155,9 @@ def sql(statement: str, db: PathLike = None, write: bool = False, read: dict[str
         return adhoc.run(con, statement, write=write, output=Path(output) if output is not None else None)
 
 
-def activations(probe_id: int, db: PathLike = None, image_ids: list[int] | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def activations(
+    probe_id: int, db: PathLike = None, image_ids: list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A probe's activations, dequantised: (image ids [N], float32 [N, K, H, W]), aligned by row.
     Each value is within half its (image, filter) quantisation step, scale / 2, of the float activation."""
     import numpy as np
@@ -163,8 +178,9 @@ def activations(probe_id: int, db: PathLike = None, image_ids: list[int] | None 
 def db_status(db: PathLike = None) -> pa.Table:
     path = Path(db or os.environ.get("N2VDB_DB") or "n2v.duckdb")
     if not path.exists():
-        return pa.Table.from_pylist([{"version": m.version, "name": m.name, "applied": False}
-                                     for m in migrate.available()])
+        return pa.Table.from_pylist(
+            [{"version": m.version, "name": m.name, "applied": False} for m in migrate.available()]
+        )
     from n2vdb.store.connection import connect
 
     con = connect(db, read_only=True)
@@ -207,8 +223,14 @@ def _png_path(out: str | Path) -> Path:
     return path
 
 
-def show_concept(concept: str, db: PathLike = None, probe: int | None = None, method: str = "segmentation",
-                 out: str | Path | None = None, over: str = "containing") -> tuple[Path, list, list[float]]:
+def show_concept(
+    concept: str,
+    db: PathLike = None,
+    probe: int | None = None,
+    method: str = "segmentation",
+    out: str | Path | None = None,
+    over: str = "containing",
+) -> tuple[Path, list, list[float]]:
     """A PNG grid of images at quantiles of the concept's per-image IoU under METHOD
     ('segmentation' = the embedding, 'best_filter') among images containing it; over='all': of its
     classification score over every image (the paper's non-maximal view). Returns (path, samples, values)."""
@@ -224,21 +246,29 @@ def show_concept(concept: str, db: PathLike = None, probe: int | None = None, me
         probe_obj, dataset = _probe_and_dataset(con, probe)
         name = queries.resolve_concept(con, concept, probe_obj.dataset_id)
         if over == "all":
-            target = Path(out) if out else Path("n2v_out") / f"concept-{file_stem(name)}-all-probe{probe_obj.probe_id}.png"
+            target = (
+                Path(out) if out else Path("n2v_out") / f"concept-{file_stem(name)}-all-probe{probe_obj.probe_id}.png"
+            )
             return grids.distribution_grid(con, probe_obj, dataset, name, target)
-        concept_id = con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?",
-                                 [probe_obj.dataset_id, name]).fetchone()[0]
+        concept_id = con.execute(
+            "SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?", [probe_obj.dataset_id, name]
+        ).fetchone()[0]
         stem = f"concept-{file_stem(name)}-{method}-probe{probe_obj.probe_id}"
         target = _png_path(out) if out else Path("n2v_out") / f"{stem}.png"
         path, samples = grids.concept_grid(con, probe_obj, dataset, concept_id, name, method, target)
-        values = [v for (v,) in con.execute(
-            "SELECT iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = ?",
-            [probe_obj.probe_id, concept_id, method]).fetchall()]
+        values = [
+            v
+            for (v,) in con.execute(
+                "SELECT iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = ?",
+                [probe_obj.probe_id, concept_id, method],
+            ).fetchall()
+        ]
     return path, samples, values
 
 
-def show_filter(filter_id: int, db: PathLike = None, probe: int | None = None,
-                out: str | Path | None = None) -> tuple[Path, list]:
+def show_filter(
+    filter_id: int, db: PathLike = None, probe: int | None = None, out: str | Path | None = None
+) -> tuple[Path, list]:
     from n2vdb.errors import N2vdbError
     from n2vdb.render import grids
 
@@ -246,14 +276,17 @@ def show_filter(filter_id: int, db: PathLike = None, probe: int | None = None,
         probe_obj, dataset = _probe_and_dataset(con, probe)
         thresholds = con.execute("SELECT count(*) FROM filters WHERE probe_id = ?", [probe_obj.probe_id]).fetchone()[0]
         if not probe_obj.n_filters or thresholds != probe_obj.n_filters:
-            raise N2vdbError(f"probe {probe_obj.probe_id} has no thresholds yet (it is at stage {probe_obj.status}): "
-                             "finish it by running its `n2vdb ingest` command again")
+            raise N2vdbError(
+                f"probe {probe_obj.probe_id} has no thresholds yet (it is at stage {probe_obj.status}): "
+                "finish it by running its `n2vdb ingest` command again"
+            )
         target = _png_path(out) if out else Path("n2v_out") / f"filter-{filter_id}-probe{probe_obj.probe_id}.png"
         return grids.filter_grid(con, probe_obj, dataset, filter_id, target)
 
 
-def reproduce(paper: str = "net2vec", db: PathLike = None, models: list[str] | None = None,
-              offline: bool | None = None, **options) -> tuple[pa.Table, list[str]]:
+def reproduce(
+    paper: str = "net2vec", db: PathLike = None, models: list[str] | None = None, offline: bool | None = None, **options
+) -> tuple[pa.Table, list[str]]:
     """Run the paper's setting and compare with its numbers: (table, notes). Offline (no Broden or no
     cached ImageNet weights, or offline=True) it runs on the built-in set with random weights.
     Options: limit, epochs, workers, device."""

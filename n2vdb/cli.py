@@ -57,8 +57,13 @@ say = _Deferred("n2vdb.progress", "say")
 stderr = _Deferred("n2vdb.progress", "stderr")
 render = _Deferred("n2vdb.render.output", "render")
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Net2Vec as a database: how CNN filters encode concepts, queried with SQL.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Net2Vec as a database: how CNN filters encode concepts, queried with SQL.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Register, generate and fetch concept datasets.")
 db_app = typer.Typer(no_args_is_help=True, help="Schema status and upgrades.")
 show_app = typer.Typer(no_args_is_help=True, help="Images across a score distribution, as PNG grids.")
@@ -67,7 +72,10 @@ app.add_typer(db_app, name="db")
 app.add_typer(show_app, name="show")
 
 Db = Annotated[Optional[Path], typer.Option("--db", envvar="N2VDB_DB", help="Database file [default: ./n2v.duckdb]")]
-Format = Annotated[Optional[str], typer.Option("--format", "-f", help=f"{'|'.join(FORMATS)} [default: table on a terminal, csv when piped]")]
+Format = Annotated[
+    Optional[str],
+    typer.Option("--format", "-f", help=f"{'|'.join(FORMATS)} [default: table on a terminal, csv when piped]"),
+]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Rows shown in the table view")]
 
 
@@ -87,12 +95,15 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version")
+    ] = False,
 ) -> None:
     """Net2Vec (Fong & Vedaldi, CVPR 2018) as a DuckDB database."""
 
 
 # -- data --------------------------------------------------------------------------------------
+
 
 @data_app.command("add")
 def data_add(path: Path, name: Annotated[str, typer.Option("--name", help="Name to register it under")], db: Db = None):
@@ -114,7 +125,9 @@ def data_synth(
     size: Annotated[int, typer.Option(help="Image size in px (segmentations at half)")] = 227,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     name: Annotated[str, typer.Option(help="Register under this name ('' to skip)")] = "synthetic",
-    profile: Annotated[str, typer.Option(help="builtin (29 concepts) | broden (Broden's categories and density)")] = "builtin",
+    profile: Annotated[
+        str, typer.Option(help="builtin (29 concepts) | broden (Broden's categories and density)")
+    ] = "builtin",
     db: Db = None,
 ):
     """Write the built-in concept set as a Broden-format directory and register it."""
@@ -136,19 +149,26 @@ def data_fetch(
 
 # -- ingest and probes -------------------------------------------------------------------------
 
+
 @app.command()
 def ingest(
     model: str,
     layer: str,
-    dataset: Annotated[Optional[str], typer.Option(help="Registered dataset [default: broden if registered, else synthetic]")] = None,
+    dataset: Annotated[
+        Optional[str], typer.Option(help="Registered dataset [default: broden if registered, else synthetic]")
+    ] = None,
     weights: Annotated[str, typer.Option(help="imagenet | random | PATH to a state dict")] = "imagenet",
     seed: Annotated[int, typer.Option(help="Seed for random weights and training")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N images")] = None,
     input_size: Annotated[Optional[int], typer.Option(help="Input size in px [default: the model's]")] = None,
     quantile: Annotated[float, typer.Option(help="Threshold quantile per filter")] = 0.995,
-    iou_mode: Annotated[str, typer.Option(help="net2vec (threshold, upsample) | netdissect (upsample, threshold)")] = "net2vec",
-    preprocess: Annotated[Optional[str], typer.Option(help="torchvision | caffe (NetDissect-Lite's) [default: the weights' own]")] = None,
+    iou_mode: Annotated[
+        str, typer.Option(help="net2vec (threshold, upsample) | netdissect (upsample, threshold)")
+    ] = "net2vec",
+    preprocess: Annotated[
+        Optional[str], typer.Option(help="torchvision | caffe (NetDissect-Lite's) [default: the weights' own]")
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Embedding training epochs")] = 30,
     seg_lr: Annotated[float, typer.Option(help="Segmentation embedding learning rate")] = 1e-4,
     seg_batch: Annotated[int, typer.Option(help="Segmentation batch size")] = 16,
@@ -156,22 +176,49 @@ def ingest(
     bias: Annotated[bool, typer.Option(help="Learn a bias for segmentation embeddings")] = False,
     cls_lr: Annotated[float, typer.Option(help="Classification embedding learning rate")] = 0.1,
     cls_batch: Annotated[int, typer.Option(help="Classification batch size")] = 64,
-    sufficiency: Annotated[bool, typer.Option(help="Retrain with the top-F filters for the reference's F grids")] = False,
-    sufficiency_grid: Annotated[Optional[str], typer.Option(help="F values for --sufficiency, e.g. 1,2,4,8 [default: the reference's]")] = None,
+    sufficiency: Annotated[
+        bool, typer.Option(help="Retrain with the top-F filters for the reference's F grids")
+    ] = False,
+    sufficiency_grid: Annotated[
+        Optional[str], typer.Option(help="F values for --sufficiency, e.g. 1,2,4,8 [default: the reference's]")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward batch")] = 32,
     workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes")] = None,
-    shard: Annotated[Optional[str], typer.Option(help="Extract only shard i/N (or auto under torchrun) into --shard-dir")] = None,
+    shard: Annotated[
+        Optional[str], typer.Option(help="Extract only shard i/N (or auto under torchrun) into --shard-dir")
+    ] = None,
     shard_dir: Annotated[Path, typer.Option(help="Where shards write Parquet parts")] = Path("n2v_shards"),
     db: Db = None,
 ):
     """Extract a layer's activations and compute thresholds, IoUs and embeddings (resumes if interrupted)."""
     from n2vdb.embed.stage import parse_grid  # here, not at the top: it imports torch
-    train = TrainSettings(epochs=epochs, seg_lr=seg_lr, seg_batch=seg_batch, seg_loss=loss, seg_bias=bias,
-                          cls_lr=cls_lr, cls_batch=cls_batch, seed=seed, sufficiency=sufficiency,
-                          sufficiency_grid=parse_grid(sufficiency_grid) if sufficiency_grid else None)
-    options = dict(dataset=dataset, weights=weights, seed=seed, device=device, limit=limit, input_size=input_size,
-                   quantile=quantile, iou_mode=iou_mode, preprocess=preprocess, batch_size=batch_size,
-                   workers=workers, train=train)
+
+    train = TrainSettings(
+        epochs=epochs,
+        seg_lr=seg_lr,
+        seg_batch=seg_batch,
+        seg_loss=loss,
+        seg_bias=bias,
+        cls_lr=cls_lr,
+        cls_batch=cls_batch,
+        seed=seed,
+        sufficiency=sufficiency,
+        sufficiency_grid=parse_grid(sufficiency_grid) if sufficiency_grid else None,
+    )
+    options = dict(
+        dataset=dataset,
+        weights=weights,
+        seed=seed,
+        device=device,
+        limit=limit,
+        input_size=input_size,
+        quantile=quantile,
+        iou_mode=iou_mode,
+        preprocess=preprocess,
+        batch_size=batch_size,
+        workers=workers,
+        train=train,
+    )
     if shard is not None:
         part_dir = api.ingest_shard(model, layer, shard, shard_dir, db, **options)
         stderr.print(f"shard written to {part_dir}; when every shard is done: n2vdb merge {shard_dir}")
@@ -182,8 +229,10 @@ def ingest(
 
 
 @app.command()
-def merge(shard_dir: Annotated[Path, typer.Argument(help="The --shard-dir the shards wrote to")] = Path("n2v_shards"),
-          db: Db = None):
+def merge(
+    shard_dir: Annotated[Path, typer.Argument(help="The --shard-dir the shards wrote to")] = Path("n2v_shards"),
+    db: Db = None,
+):
     """Fold finished shards into the database and run the remaining stages (thresholds, IoU, embeddings)."""
     start = time.perf_counter()
     for probe_id in api.merge(shard_dir, db):
@@ -197,13 +246,18 @@ def _summary(probe_id: int, model: str, layer: str, db, start: float) -> None:
     stderr.print(f"probe {probe_id}: {model} {layer} done in {time.perf_counter() - start:.1f} s")
     stages = api.query("stage-timings", db, probe=probe_id).to_pylist()
     if stages:
-        stderr.print("stages: " + ", ".join(f"{r['stage']} {r['seconds']:.1f} s ({r['ms_per_image']} ms/image)"
-                                            for r in stages)
-                     + f"; peak RSS {max(r['peak_rss_mb'] for r in stages):.0f} MB", markup=False)
+        stderr.print(
+            "stages: "
+            + ", ".join(f"{r['stage']} {r['seconds']:.1f} s ({r['ms_per_image']} ms/image)" for r in stages)
+            + f"; peak RSS {max(r['peak_rss_mb'] for r in stages):.0f} MB",
+            markup=False,
+        )
     if overall and overall[0]["concepts"]:  # none for a vector layer, which has no segmentation
         row = overall[0]
-        stderr.print(f"mean val IoU over {row['concepts']} concepts: best single filter "
-                     f"{row['single_filter_iou']:.4f}, embedding {row['embedding_iou']:.4f}")
+        stderr.print(
+            f"mean val IoU over {row['concepts']} concepts: best single filter "
+            f"{row['single_filter_iou']:.4f}, embedding {row['embedding_iou']:.4f}"
+        )
     stderr.print("next: `n2vdb query` lists analyses, e.g. `n2vdb query single-vs-embedding`")
 
 
@@ -221,9 +275,12 @@ def models(model: Annotated[Optional[str], typer.Argument()] = None, fmt: Format
 
 # -- queries -----------------------------------------------------------------------------------
 
+
 # --help is the query's own (generated from its .sql header), so click must not take it first.
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-             add_help_option=False)
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
 def query(
     ctx: typer.Context,
     name: Annotated[Optional[str], typer.Argument(help="Query name; omit to list them")] = None,
@@ -238,7 +295,9 @@ def query(
         typer.echo(ctx.get_help() if name in (None, "--help") else queries.get(name).help())
         raise typer.Exit()
     if name is None:
-        rows = [{"query": q.name, "usage": q.usage(), "description": q.description} for q in queries.load_all().values()]
+        rows = [
+            {"query": q.name, "usage": q.usage(), "description": q.description} for q in queries.load_all().values()
+        ]
         _show(pa.Table.from_pylist(rows), fmt)
         return
     named = queries.get(name)
@@ -250,13 +309,32 @@ def query(
 def sql(
     statement: Annotated[Optional[str], typer.Argument(help="SQL; omit to read --file or stdin")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", help="Read SQL from a file")] = None,
-    write: Annotated[bool, typer.Option("--write", help="Allow statements that change this database; all of them "
-                                        "run as one transaction (all or nothing)")] = False,
-    read: Annotated[list[str], typer.Option("--read", metavar="NAME=PATH", help="Open PATH (a Parquet or CSV file, "
-                    "a directory of them, or a glob) read-only and show it to the SQL as view NAME (repeatable); "
-                    "the SQL itself still reaches no file")] = [],  # noqa: B006
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the last statement's result to "
-                      "this .parquet or .csv file (created or replaced) instead of printing it")] = None,
+    write: Annotated[
+        bool,
+        typer.Option(
+            "--write",
+            help="Allow statements that change this database; all of them run as one transaction (all or nothing)",
+        ),
+    ] = False,
+    read: Annotated[
+        list[str],
+        typer.Option(
+            "--read",
+            metavar="NAME=PATH",
+            help="Open PATH (a Parquet or CSV file, "
+            "a directory of them, or a glob) read-only and show it to the SQL as view NAME (repeatable); "
+            "the SQL itself still reaches no file",
+        ),
+    ] = [],  # noqa: B006
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the last statement's result to "
+            "this .parquet or .csv file (created or replaced) instead of printing it",
+        ),
+    ] = None,
     db: Db = None,
     fmt: Format = None,
     limit: Limit = None,
@@ -299,8 +377,12 @@ def shell(db: Db = None, fmt: Format = None):
 
 @app.command()
 def export(
-    dest: Annotated[str, typer.Argument(help="A directory (Parquet) or a URL: sqlite:///FILE, postgresql://USER@HOST/DB")],
-    probe: Annotated[Optional[int], typer.Option("--probe", help="Only this probe (and its dataset); replaces its rows there")] = None,
+    dest: Annotated[
+        str, typer.Argument(help="A directory (Parquet) or a URL: sqlite:///FILE, postgresql://USER@HOST/DB")
+    ],
+    probe: Annotated[
+        Optional[int], typer.Option("--probe", help="Only this probe (and its dataset); replaces its rows there")
+    ] = None,
     db: Db = None,
 ):
     """Copy the public tables to Parquet files or a SQL server, in bounded chunks."""
@@ -319,7 +401,9 @@ def show_concept(
     name: str,
     probe: Probe = None,
     method: Annotated[str, typer.Option(help="segmentation (the embedding) | best_filter")] = "segmentation",
-    over: Annotated[str, typer.Option(help="containing (per-image IoU) | all (classification score, every image)")] = "containing",
+    over: Annotated[
+        str, typer.Option(help="containing (per-image IoU) | all (classification score, every image)")
+    ] = "containing",
     out: Out = None,
     db: Db = None,
 ):
@@ -329,14 +413,16 @@ def show_concept(
 
     path, samples, values = api.show_concept(name, db, probe, method, out, over)
     what = "classification score" if over == "all" else "per-image IoU"
-    stderr.print(f"{what} over {len(values)} images  0 {sparkline(values)} 1  "
-                 f"median {sorted(values)[len(values) // 2]:.3f}")
+    stderr.print(
+        f"{what} over {len(values)} images  0 {sparkline(values)} 1  median {sorted(values)[len(values) // 2]:.3f}"
+    )
     typer.echo(str(path))
 
 
 @show_app.command("filter")
-def show_filter(filter_id: Annotated[int, typer.Argument(metavar="K")], probe: Probe = None, out: Out = None,
-                db: Db = None):
+def show_filter(
+    filter_id: Annotated[int, typer.Argument(metavar="K")], probe: Probe = None, out: Out = None, db: Db = None
+):
     """Images at quantiles of filter K's peak activation, its thresholded mask overlaid."""
     path, _ = api.show_filter(filter_id, db, probe, out)
     typer.echo(str(path))
@@ -357,8 +443,13 @@ def report(
 @app.command()
 def reproduce(
     paper: Annotated[str, typer.Argument(help="net2vec")],
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated subset of alexnet,vgg16,googlenet,resnet50")] = None,
-    offline: Annotated[Optional[bool], typer.Option("--offline/--online", help="[default: online when Broden and ImageNet weights are present]")] = None,
+    models: Annotated[
+        Optional[str], typer.Option(help="Comma-separated subset of alexnet,vgg16,googlenet,resnet50")
+    ] = None,
+    offline: Annotated[
+        Optional[bool],
+        typer.Option("--offline/--online", help="[default: online when Broden and ImageNet weights are present]"),
+    ] = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N images")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Embedding training epochs [default: the paper's 30]")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -374,6 +465,7 @@ def reproduce(
 
 
 # -- db ----------------------------------------------------------------------------------------
+
 
 @db_app.command("status")
 def db_status(db: Db = None, fmt: Format = None):
@@ -393,8 +485,12 @@ def db_check(db: Db = None, fmt: Format = None):
 
 
 @db_app.command("upgrade")
-def db_upgrade(db: Db = None, adopt: Annotated[bool, typer.Option(
-        "--adopt", help="Add n2vdb's tables to a DuckDB file that already holds other tables")] = False):
+def db_upgrade(
+    db: Db = None,
+    adopt: Annotated[
+        bool, typer.Option("--adopt", help="Add n2vdb's tables to a DuckDB file that already holds other tables")
+    ] = False,
+):
     """Apply pending migrations (commands that write do this on their own)."""
     applied = api.db_upgrade(db, adopt)
     stderr.print(f"applied {', '.join(applied)}" if applied else "database is up to date")

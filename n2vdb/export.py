@@ -45,13 +45,18 @@ class TableSpec:
 def table_specs(con: duckdb.DuckDBPyConnection) -> list[TableSpec]:
     columns: dict[str, list[Column]] = {t: [] for t in PUBLIC_TABLES}
     for table, name, kind, nullable in con.execute(
-            "SELECT table_name, column_name, data_type, is_nullable FROM duckdb_columns() "
-            "WHERE schema_name = 'main' AND table_name IN (SELECT unnest(?)) ORDER BY table_name, column_index",
-            [list(PUBLIC_TABLES)]).fetchall():
+        "SELECT table_name, column_name, data_type, is_nullable FROM duckdb_columns() "
+        "WHERE schema_name = 'main' AND table_name IN (SELECT unnest(?)) ORDER BY table_name, column_index",
+        [list(PUBLIC_TABLES)],
+    ).fetchall():
         columns[table].append(Column(name, kind, nullable))
-    keys = {t: tuple(c) for t, c in con.execute(
-        "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
-        "WHERE schema_name = 'main' AND constraint_type = 'PRIMARY KEY'").fetchall()}
+    keys = {
+        t: tuple(c)
+        for t, c in con.execute(
+            "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
+            "WHERE schema_name = 'main' AND constraint_type = 'PRIMARY KEY'"
+        ).fetchall()
+    }
     sql = dict(con.execute("SELECT table_name, sql FROM duckdb_tables() WHERE schema_name = 'main'").fetchall())
     missing = [t for t in PUBLIC_TABLES if not columns[t]]
     if missing:
@@ -84,8 +89,12 @@ def _row_bytes(con, spec: TableSpec) -> int:
     return int(widest * 1.1) + 1024  # one code byte per value, plus scales and pooled means
 
 
-def export(con: duckdb.DuckDBPyConnection, dest: str, probe_id: int | None = None,
-           progress: Callable[[str, int], None] | None = None) -> dict[str, int]:
+def export(
+    con: duckdb.DuckDBPyConnection,
+    dest: str,
+    probe_id: int | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[str, int]:
     """Export the public tables to DEST (a directory or a SQLAlchemy URL); rows written per table."""
     specs = table_specs(con)
     selection = _selection(con, probe_id)
@@ -95,6 +104,7 @@ def export(con: duckdb.DuckDBPyConnection, dest: str, probe_id: int | None = Non
 
 
 # -- Parquet ---------------------------------------------------------------------------------------
+
 
 def _to_parquet(con, specs: list[TableSpec], selection, out: Path, progress) -> dict[str, int]:
     import pyarrow.parquet as pq
@@ -126,15 +136,21 @@ def _to_parquet(con, specs: list[TableSpec], selection, out: Path, progress) -> 
         if progress:
             progress(spec.name, rows)
     # The sequences first: the tables' id columns default to them.
-    sequences = [sql for (sql,) in con.execute(
-        "SELECT sql FROM duckdb_sequences() WHERE schema_name = 'main' ORDER BY sequence_name").fetchall()]
+    sequences = [
+        sql
+        for (sql,) in con.execute(
+            "SELECT sql FROM duckdb_sequences() WHERE schema_name = 'main' ORDER BY sequence_name"
+        ).fetchall()
+    ]
     (out / "schema.sql").write_text(
         "-- n2vdb public tables (DuckDB dialect); rows in NAME.parquet beside this file.\n"
-        + "".join(sql.rstrip(";") + ";\n" for sql in sequences + [spec.create_sql for spec in specs]))
+        + "".join(sql.rstrip(";") + ";\n" for sql in sequences + [spec.create_sql for spec in specs])
+    )
     return counts
 
 
 # -- SQL servers -----------------------------------------------------------------------------------
+
 
 def _engine(url: str):
     try:
@@ -147,8 +163,10 @@ def _engine(url: str):
     try:
         engine = sqlalchemy.create_engine(url)
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError) as exc:
-        raise UsageError(f"cannot use {_redacted(url)}: {str(exc).splitlines()[0]} "
-                         "(give a directory, sqlite:///FILE or postgresql://USER@HOST/DB)") from None
+        raise UsageError(
+            f"cannot use {_redacted(url)}: {str(exc).splitlines()[0]} "
+            "(give a directory, sqlite:///FILE or postgresql://USER@HOST/DB)"
+        ) from None
     return engine
 
 
@@ -177,8 +195,17 @@ def _column_type(duck_type: str, dialect: str):
 
             return JSONB()
         return JSON()
-    simple = {"INTEGER": Integer, "BIGINT": BigInteger, "SMALLINT": SmallInteger, "DOUBLE": Double,
-              "FLOAT": REAL, "VARCHAR": Text, "BOOLEAN": Boolean, "TIMESTAMP": DateTime, "BLOB": LargeBinary}
+    simple = {
+        "INTEGER": Integer,
+        "BIGINT": BigInteger,
+        "SMALLINT": SmallInteger,
+        "DOUBLE": Double,
+        "FLOAT": REAL,
+        "VARCHAR": Text,
+        "BOOLEAN": Boolean,
+        "TIMESTAMP": DateTime,
+        "BLOB": LargeBinary,
+    }
     if duck_type not in simple:
         raise N2vdbError(f"export does not know how to store DuckDB type {duck_type}")
     return simple[duck_type]()
@@ -202,10 +229,20 @@ def _to_server(con, specs: list[TableSpec], selection, url: str, probe_id: int |
     metadata = sa.MetaData()
     tables = {}
     for spec in specs:
-        tables[spec.name] = sa.Table(spec.name, metadata, *[
-            sa.Column(c.name, _column_type(c.duck_type, dialect), nullable=c.nullable,
-                      primary_key=c.name in spec.primary_key, autoincrement=False)
-            for c in spec.columns])
+        tables[spec.name] = sa.Table(
+            spec.name,
+            metadata,
+            *[
+                sa.Column(
+                    c.name,
+                    _column_type(c.duck_type, dialect),
+                    nullable=c.nullable,
+                    primary_key=c.name in spec.primary_key,
+                    autoincrement=False,
+                )
+                for c in spec.columns
+            ],
+        )
     counts = {}
     try:
         with engine.begin() as target:  # one transaction: all or nothing

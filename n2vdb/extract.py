@@ -36,8 +36,16 @@ class ImageFolderRows(Dataset):
     torchvision: (pixel / 255 - mean) / std; caffe: (pixel - mean) / std with pixel in 0..255, as
     NetDissect-Lite computes it (the difference in float64 stored as float32, then the division)."""
 
-    def __init__(self, dataset: BrodenDataset, rows: list[ImageRow], size: int, mean, std,
-                 preprocess: str = "torchvision", interpolation: str = "bilinear"):
+    def __init__(
+        self,
+        dataset: BrodenDataset,
+        rows: list[ImageRow],
+        size: int,
+        mean,
+        std,
+        preprocess: str = "torchvision",
+        interpolation: str = "bilinear",
+    ):
         self.dataset, self.rows, self.size, self.preprocess = dataset, rows, size, preprocess
         self.resample = getattr(Image.Resampling, interpolation.upper())  # the weights' own (registry.preprocessing)
         self.mean = torch.tensor(mean, dtype=torch.float64 if preprocess == "caffe" else torch.float32).view(3, 1, 1)
@@ -72,8 +80,10 @@ def pick_device(device: str | torch.device) -> torch.device:
     except RuntimeError:
         raise UsageError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
     if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA "
-                         "device(s); use --device cpu or auto")
+        raise UsageError(
+            f"--device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA "
+            "device(s); use --device cpu or auto"
+        )
     return chosen
 
 
@@ -86,24 +96,36 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def remaining_rows(con: duckdb.DuckDBPyConnection, probe: Probe, spec: ProbeSpec,
-                   dataset: BrodenDataset) -> list[ImageRow]:
+def remaining_rows(
+    con: duckdb.DuckDBPyConnection, probe: Probe, spec: ProbeSpec, dataset: BrodenDataset
+) -> list[ImageRow]:
     rows = dataset.rows[: spec.limit] if spec.limit else dataset.rows
     done = acts_store.stored_image_ids(con, probe.probe_id)
     return [r for r in rows if r.image_id not in done]
 
 
-def stream(spec: ProbeSpec, dataset: BrodenDataset, rows: list[ImageRow], net: torch.nn.Module, device: str,
-           batch_size: int, workers: int | None, progress: tuple[int, int]):
+def stream(
+    spec: ProbeSpec,
+    dataset: BrodenDataset,
+    rows: list[ImageRow],
+    net: torch.nn.Module,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    progress: tuple[int, int],
+):
     """Forward ROWS through the model in batches; yields (image ids, codes, scales, pooled) as numpy arrays,
     and first (before any batch) the layer shape (K, H, W). progress = (images done, images in all)."""
     dev = pick_device(device)
     net = net.to(dev)
-    tap = LayerTap(net, spec.module, spec.relu, Layout.decode(spec.layout))  # maps [B, K, H, W] whatever the layer gives
+    tap = LayerTap(
+        net, spec.module, spec.relu, Layout.decode(spec.layout)
+    )  # maps [B, K, H, W] whatever the layer gives
     yield layer_shape(tap, spec.input_size, dev)
     loader = DataLoader(
         ImageFolderRows(dataset, rows, spec.input_size, spec.mean, spec.std, spec.preprocess, spec.interpolation),
-        batch_size=batch_size, num_workers=default_workers() if workers is None else workers,
+        batch_size=batch_size,
+        num_workers=default_workers() if workers is None else workers,
         pin_memory=dev.type == "cuda",
     )
     try:
@@ -112,20 +134,29 @@ def stream(spec: ProbeSpec, dataset: BrodenDataset, rows: list[ImageRow], net: t
             for image_ids, images, errors in loader:
                 bad = [e for e in errors if e]
                 if bad:
-                    raise DatasetError(f"{bad[0]}; replace that file with a readable copy of the same image "
-                                       "and re-run to resume (editing index.csv would shift image ids: register "
-                                       "an edited directory under a new name instead)")
+                    raise DatasetError(
+                        f"{bad[0]}; replace that file with a readable copy of the same image "
+                        "and re-run to resume (editing index.csv would shift image ids: register "
+                        "an edited directory under a new name instead)"
+                    )
                 out = tap(images.to(dev, non_blocking=True)).float()
                 codes, scales = acts_store.quantise(out)
-                yield (image_ids.numpy(), codes.cpu().numpy(), scales.cpu().numpy(),
-                       out.mean(dim=(2, 3)).cpu().numpy())
+                yield (image_ids.numpy(), codes.cpu().numpy(), scales.cpu().numpy(), out.mean(dim=(2, 3)).cpu().numpy())
                 bar.advance(task, len(image_ids))
     finally:
         tap.handle.remove()
 
 
-def extract(store: Store, probe: Probe, spec: ProbeSpec, dataset: BrodenDataset, net: torch.nn.Module,
-            device: str = "auto", batch_size: int = 32, workers: int | None = None) -> None:
+def extract(
+    store: Store,
+    probe: Probe,
+    spec: ProbeSpec,
+    dataset: BrodenDataset,
+    net: torch.nn.Module,
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int | None = None,
+) -> None:
     """Write the activations of every image not yet stored; each batch commits on its own, in write
     sessions short enough to let readers in."""
     with store.reading() as con:
@@ -135,8 +166,9 @@ def extract(store: Store, probe: Probe, spec: ProbeSpec, dataset: BrodenDataset,
     k, h, w = next(batches)
     probe.n_filters, probe.height, probe.width = k, h, w
     with store.sessions() as writer:
-        writer.connection().execute("UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?",
-                                    [k, h, w, probe.probe_id])
+        writer.connection().execute(
+            "UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?", [k, h, w, probe.probe_id]
+        )
         for image_ids, codes, scales, pooled in batches:
             table = acts_store.to_arrow(probe.probe_id, image_ids, codes, scales, pooled)
             acts_store.write(writer.connection(), table)  # one commit per batch
@@ -152,8 +184,9 @@ def compute_thresholds(store: Store, probe: Probe, quantile: float) -> np.ndarra
     """
     with store.reading() as con:
         shape = (probe.n_filters, probe.height, probe.width)
-        n_images = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?",
-                               [probe.activation_probe]))[0]
+        n_images = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?", [probe.activation_probe]))[
+            0
+        ]
         sketch = TopQuantile(quantile, n_images * probe.height * probe.width)
         peak = np.zeros(probe.n_filters, np.float64)
         with progress_bar() as bar:
@@ -165,14 +198,16 @@ def compute_thresholds(store: Store, probe: Probe, quantile: float) -> np.ndarra
                 bar.advance(task, len(ids))
         thresholds = sketch.result().numpy()
         _, pooled = acts_store.pooled(con, probe.activation_probe)
-    table = pa.table({
-        "probe_id": pa.array(np.full(probe.n_filters, probe.probe_id, np.int32)),
-        "filter": pa.array(np.arange(probe.n_filters, dtype=np.int32)),
-        "threshold": thresholds,
-        "threshold_bound": peak / 2,
-        "max_value": peak * 255,
-        "mean_value": pooled.mean(axis=0).astype(np.float64),
-    })
+    table = pa.table(
+        {
+            "probe_id": pa.array(np.full(probe.n_filters, probe.probe_id, np.int32)),
+            "filter": pa.array(np.arange(probe.n_filters, dtype=np.int32)),
+            "threshold": thresholds,
+            "threshold_bound": peak / 2,
+            "max_value": peak * 255,
+            "mean_value": pooled.mean(axis=0).astype(np.float64),
+        }
+    )
     with store.writing() as con, transaction(con):
         con.execute("DELETE FROM filters WHERE probe_id = ?", [probe.probe_id])
         con.register("_filters", table)

@@ -77,8 +77,7 @@ class IngestOptions:
             validate.whole("--limit", self.limit, 1)
         if self.input_size is not None:  # 0 is refused, not taken for the default
             validate.whole("--input-size", self.input_size, *INPUT_SIZES)
-        if isinstance(self.quantile, bool) or not isinstance(self.quantile, (int, float)) \
-                or not 0 < self.quantile < 1:
+        if isinstance(self.quantile, bool) or not isinstance(self.quantile, (int, float)) or not 0 < self.quantile < 1:
             raise UsageError(f"--quantile must lie strictly between 0 and 1 (0.995 = top 0.5%), got {self.quantile!r}")
         validate.choice("--iou-mode", self.iou_mode, iou_stage.MODES)
         if self.preprocess is not None:
@@ -110,11 +109,24 @@ def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: I
     dataset = BrodenDataset.open(path)
     importer.verify_unchanged(con, dataset_id, name, dataset)  # new, resumed, sharded or merged alike
     spec = probes.ProbeSpec(
-        model=model, layer=layer, module=layer_spec.module, relu=layer_spec.relu, weights=weights_id,
-        dataset_id=dataset_id, input_size=size,
-        mean=tuple(mean), std=tuple(std), limit=options.limit, quantile=options.quantile,
-        iou_mode=options.iou_mode, preprocess=preprocess, train=options.train, kind=layer_spec.layout.kind,
-        layout=layer_spec.layout.encode(), interpolation=prep.interpolation)
+        model=model,
+        layer=layer,
+        module=layer_spec.module,
+        relu=layer_spec.relu,
+        weights=weights_id,
+        dataset_id=dataset_id,
+        input_size=size,
+        mean=tuple(mean),
+        std=tuple(std),
+        limit=options.limit,
+        quantile=options.quantile,
+        iou_mode=options.iou_mode,
+        preprocess=preprocess,
+        train=options.train,
+        kind=layer_spec.layout.kind,
+        layout=layer_spec.layout.encode(),
+        interpolation=prep.interpolation,
+    )
     return ProbeSpecAndData(spec, dataset)
 
 
@@ -180,8 +192,15 @@ def _ingest(store: Store, model: str, layer: str, options: IngestOptions) -> int
             timings.record(store, probe, timing, count_pairs=True)
     if probe.status == "embeddings":
         say(f"probe {probe.probe_id}: concept embeddings")
-        embed_stage.run(store, probe, dataset, spec.train, workers, extract.pick_device(options.device),
-                        segmentation=spec.kind != "vector")
+        embed_stage.run(
+            store,
+            probe,
+            dataset,
+            spec.train,
+            workers,
+            extract.pick_device(options.device),
+            segmentation=spec.kind != "vector",
+        )
     return probe.probe_id
 
 

@@ -129,21 +129,37 @@ def get_or_create(con: duckdb.DuckDBPyConnection, spec: ProbeSpec) -> tuple[Prob
         [spec.dataset_id],
     ).fetchall():
         stored = json.loads(settings)
-        if status != "extracting" and _digest({k: v for k, v in stored.items()
-                                               if k not in ("quantile", "iou_mode", "train")}) == spec.extraction_key:
+        if (
+            status != "extracting"
+            and _digest({k: v for k, v in stored.items() if k not in ("quantile", "iou_mode", "train")})
+            == spec.extraction_key
+        ):
             source = probe_id
             break
     status = "extracting" if source is None else "iou"
-    probe_id = first(con.execute(
-        "INSERT INTO probes (probe_key, model, weights, layer, dataset_id, source_probe_id, settings, status,"
-        " provenance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING probe_id",
-        [spec.key, spec.model, spec.weights, spec.layer, spec.dataset_id, source, json.dumps(spec.settings()), status,
-         provenance.as_json()],
-    ))[0]
+    probe_id = first(
+        con.execute(
+            "INSERT INTO probes (probe_key, model, weights, layer, dataset_id, source_probe_id, settings, status,"
+            " provenance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING probe_id",
+            [
+                spec.key,
+                spec.model,
+                spec.weights,
+                spec.layer,
+                spec.dataset_id,
+                source,
+                json.dumps(spec.settings()),
+                status,
+                provenance.as_json(),
+            ],
+        )
+    )[0]
     if source is not None:
         con.execute(
             "UPDATE probes SET n_filters = s.n_filters, height = s.height, width = s.width"
-            " FROM probes s WHERE s.probe_id = ? AND probes.probe_id = ?", [source, probe_id])
+            " FROM probes s WHERE s.probe_id = ? AND probes.probe_id = ?",
+            [source, probe_id],
+        )
     return load(con, probe_id), True
 
 
@@ -169,7 +185,9 @@ def load(con: duckdb.DuckDBPyConnection, probe_id: int) -> Probe:
 def set_status(con: duckdb.DuckDBPyConnection, probe_id: int, status: str) -> None:
     con.execute(
         "UPDATE probes SET status = ?, finished_at = CASE WHEN ? = 'complete' THEN current_timestamp END"
-        " WHERE probe_id = ?", [status, status, probe_id])
+        " WHERE probe_id = ?",
+        [status, status, probe_id],
+    )
 
 
 def latest(con: duckdb.DuckDBPyConnection, complete_only: bool = True) -> int:
@@ -187,6 +205,7 @@ def list_probes(con: duckdb.DuckDBPyConnection) -> list[dict]:
         " p.settings->>'iou_mode' AS iou_mode, p.source_probe_id, p.created_at,"
         " (SELECT string_agg(t.stage || ' ' || round(t.seconds, 1) || ' s', ', ' ORDER BY t.recorded_at)"
         "  FROM stage_timings t WHERE t.probe_id = p.probe_id) AS stage_seconds"
-        " FROM probes p JOIN datasets d USING (dataset_id) ORDER BY p.probe_id")
+        " FROM probes p JOIN datasets d USING (dataset_id) ORDER BY p.probe_id"
+    )
     names = [d[0] for d in cur.description]
     return [dict(zip(names, r)) for r in cur.fetchall()]

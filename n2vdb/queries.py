@@ -67,8 +67,13 @@ class NamedQuery:
 
     def help(self) -> str:
         """`n2vdb query NAME --help`: generated from the file's header, so it cannot fall out of step."""
-        lines = [f"Usage: {self.usage()} [--db PATH] [-f FORMAT] [--limit N] [-p key=value]", "",
-                 f"  {self.description}", "", f"Parameters (declared in queries/{self.path.name}):"]
+        lines = [
+            f"Usage: {self.usage()} [--db PATH] [-f FORMAT] [--limit N] [-p key=value]",
+            "",
+            f"  {self.description}",
+            "",
+            f"Parameters (declared in queries/{self.path.name}):",
+        ]
         for p in self.params:
             flag = p.name.upper() if p.required else f"--{p.name.replace('_', '-')}"
             if len(p.name) == 1 and not p.required:
@@ -228,7 +233,9 @@ def bind(con: duckdb.DuckDBPyConnection, query: NamedQuery, values: dict[str, ob
         given = values.get(param.name)  # None = not given; what the user typed is never special, not even NULL
         raw = given if given is not None else (None if param.default == "NULL" else param.default)
         if param.type == "PROBE":
-            probe_id = probes.latest(con) if raw is None else _convert(con, query, Param("probe", "INTEGER", None), raw, None)
+            probe_id = (
+                probes.latest(con) if raw is None else _convert(con, query, Param("probe", "INTEGER", None), raw, None)
+            )
             dataset_id = probes.load(con, probe_id).dataset_id
             bound[param.name] = probe_id
             continue

@@ -36,16 +36,26 @@ CAFFE = "Caffe model (n2vdb loads torchvision's): a gap is expected"
 TORCHVISION = "torchvision AlexNet relu5"
 # model -> category -> (embedding, single filter, source); None where the paper gives no number
 SEGMENTATION = {
-    "alexnet": {"color": (0.151, None, CAFFE), "object": (0.136, None, CAFFE), "part": (0.059, None, CAFFE),
-                "material": (0.106, None, CAFFE), "all": (0.115, 0.043, CAFFE)},
+    "alexnet": {
+        "color": (0.151, None, CAFFE),
+        "object": (0.136, None, CAFFE),
+        "part": (0.059, None, CAFFE),
+        "material": (0.106, None, CAFFE),
+        "all": (0.115, 0.043, CAFFE),
+    },
     "vgg16": {"all": (0.136, 0.092, CAFFE)},
     "googlenet": {"all": (0.129, 0.070, CAFFE)},
 }
 CLASSIFICATION = {
-    "alexnet": {"color": (0.868, 0.724, TORCHVISION), "object": (0.807, 0.662, TORCHVISION),
-                "part": (0.849, 0.684, TORCHVISION), "material": (0.759, 0.610, TORCHVISION),
-                "scene": (0.864, 0.752, TORCHVISION), "texture": (0.958, 0.814, TORCHVISION),
-                "all": (0.839, 0.704, CAFFE)},
+    "alexnet": {
+        "color": (0.868, 0.724, TORCHVISION),
+        "object": (0.807, 0.662, TORCHVISION),
+        "part": (0.849, 0.684, TORCHVISION),
+        "material": (0.759, 0.610, TORCHVISION),
+        "scene": (0.864, 0.752, TORCHVISION),
+        "texture": (0.958, 0.814, TORCHVISION),
+        "all": (0.839, 0.704, CAFFE),
+    },
 }
 SEG_CATEGORIES = ("color", "object", "part", "material", "all")
 CLS_CATEGORIES = ("color", "object", "part", "material", "scene", "texture", "all")
@@ -74,14 +84,26 @@ def plan(store: Store, models: list[tuple[str, str]], offline: bool | None) -> P
     if not offline:
         if broden is None:
             raise UsageError("reproduce needs Broden: `n2vdb data fetch broden1_227` (or run it offline)")
-        return Plan(False, "imagenet", broden, "caffe",
-                    [f"dataset {broden}, ImageNet weights, NetDissect-Lite's Caffe-style preprocessing"])
+        return Plan(
+            False,
+            "imagenet",
+            broden,
+            "caffe",
+            [f"dataset {broden}, ImageNet weights, NetDissect-Lite's Caffe-style preprocessing"],
+        )
     why = "no Broden dataset registered" if broden is None else f"no cached ImageNet weights for {', '.join(missing)}"
     if broden is not None and not missing:
         why = "asked to run offline"
-    return Plan(True, "random", None, "caffe", [
-        f"offline ({why}): the paper's pipeline on the built-in concept set with random weights; the paper's",
-        "numbers are shown for the comparison a run with Broden and ImageNet weights makes, the gaps mean nothing"])
+    return Plan(
+        True,
+        "random",
+        None,
+        "caffe",
+        [
+            f"offline ({why}): the paper's pipeline on the built-in concept set with random weights; the paper's",
+            "numbers are shown for the comparison a run with Broden and ImageNet weights makes, the gaps mean nothing",
+        ],
+    )
 
 
 def ensure_top_filter_classification(store: Store, probe_id: int) -> None:
@@ -92,15 +114,24 @@ def ensure_top_filter_classification(store: Store, probe_id: int) -> None:
 
     with store.reading() as con:
         probe = probes.load(con, probe_id)
-        have = first(con.execute("SELECT count(*) FROM embeddings WHERE probe_id = ? AND kind = 'classification'"
-                                 " AND n_filters = 1", [probe_id]))[0]
+        have = first(
+            con.execute(
+                "SELECT count(*) FROM embeddings WHERE probe_id = ? AND kind = 'classification' AND n_filters = 1",
+                [probe_id],
+            )
+        )[0]
         if have or probe.n_filters == 1:
             return
-        stored = dict(con.execute("SELECT concept_id, weights FROM embeddings WHERE probe_id = ?"
-                                  " AND kind = 'classification' AND n_filters = ?",
-                                  [probe_id, probe.n_filters]).fetchall())
-        train = probes.TrainSettings(**json.loads(first(con.execute(
-            "SELECT settings FROM probes WHERE probe_id = ?", [probe_id]))[0])["train"])
+        stored = dict(
+            con.execute(
+                "SELECT concept_id, weights FROM embeddings WHERE probe_id = ?"
+                " AND kind = 'classification' AND n_filters = ?",
+                [probe_id, probe.n_filters],
+            ).fetchall()
+        )
+        train = probes.TrainSettings(
+            **json.loads(first(con.execute("SELECT settings FROM probes WHERE probe_id = ?", [probe_id]))[0])["train"]
+        )
         _, features, labels, is_val, concepts = classification_inputs(con, probe, probe.dataset_id)
     usable = np.array([int(c) in stored for c in concepts], dtype=bool)
     if not usable.any() or not bool(is_val.any()):
@@ -108,10 +139,28 @@ def ensure_top_filter_classification(store: Store, probe_id: int) -> None:
     concepts = concepts[usable]
     labels = labels[:, torch.from_numpy(usable)]
     full = torch.tensor(np.array([stored[int(c)] for c in concepts], np.float32)).T  # [K, C]
-    one = classification.train(features, labels, is_val, concepts, epochs=train.epochs, lr=train.cls_lr,
-                               batch_size=train.cls_batch, seed=train.seed, keep=top_filters(full, 1))
-    table = _rows(probe_id, "classification", 1, one.concept_ids, one.weights, one.bias, one.train_accuracy,
-                  one.val_accuracy, one.val_ap)
+    one = classification.train(
+        features,
+        labels,
+        is_val,
+        concepts,
+        epochs=train.epochs,
+        lr=train.cls_lr,
+        batch_size=train.cls_batch,
+        seed=train.seed,
+        keep=top_filters(full, 1),
+    )
+    table = _rows(
+        probe_id,
+        "classification",
+        1,
+        one.concept_ids,
+        one.weights,
+        one.bias,
+        one.train_accuracy,
+        one.val_accuracy,
+        one.val_ap,
+    )
     with store.writing() as con, transaction(con):
         con.register("_rows", table)
         con.execute("INSERT INTO embeddings SELECT * FROM _rows")
@@ -130,26 +179,47 @@ def compare(store: Store, model: str, layer: str, probe_id: int) -> list[dict]:
     rows = []
     for task, categories, ours, paper, keys in (
         ("segmentation IoU", SEG_CATEGORIES, seg, SEGMENTATION.get(model, {}), ("embedding_iou", "single_filter_iou")),
-        ("classification accuracy", CLS_CATEGORIES, cls, CLASSIFICATION.get(model, {}),
-         ("embedding_accuracy", "top_filter_accuracy")),
+        (
+            "classification accuracy",
+            CLS_CATEGORIES,
+            cls,
+            CLASSIFICATION.get(model, {}),
+            ("embedding_accuracy", "top_filter_accuracy"),
+        ),
     ):
         for category in categories:
             target = paper.get(category, (None, None, ""))
             mine = ours.get(category, {})
             embedding, single = mine.get(keys[0]), mine.get(keys[1])
-            rows.append({
-                "model": model, "layer": layer, "task": task, "category": category,
-                "concepts": mine.get("concepts", 0),
-                "paper_embedding": target[0], "n2vdb_embedding": embedding, "gap_embedding": _gap(embedding, target[0]),
-                "paper_single": target[1], "n2vdb_single": single, "gap_single": _gap(single, target[1]),
-                "paper_source": target[2],
-            })
+            rows.append(
+                {
+                    "model": model,
+                    "layer": layer,
+                    "task": task,
+                    "category": category,
+                    "concepts": mine.get("concepts", 0),
+                    "paper_embedding": target[0],
+                    "n2vdb_embedding": embedding,
+                    "gap_embedding": _gap(embedding, target[0]),
+                    "paper_single": target[1],
+                    "n2vdb_single": single,
+                    "gap_single": _gap(single, target[1]),
+                    "paper_source": target[2],
+                }
+            )
     return rows
 
 
-def reproduce(store: Store, paper: str = "net2vec", models: list[str] | None = None, offline: bool | None = None,
-              limit: int | None = None, epochs: int | None = None, workers: int | None = None,
-              device: str = "auto") -> tuple[pa.Table, list[str]]:
+def reproduce(
+    store: Store,
+    paper: str = "net2vec",
+    models: list[str] | None = None,
+    offline: bool | None = None,
+    limit: int | None = None,
+    epochs: int | None = None,
+    workers: int | None = None,
+    device: str = "auto",
+) -> tuple[pa.Table, list[str]]:
     """(the comparison table, notes). Runs (or resumes) one probe per model of the paper's setting."""
     from n2vdb.ingest import IngestOptions, ingest
 
@@ -164,11 +234,20 @@ def reproduce(store: Store, paper: str = "net2vec", models: list[str] | None = N
     train = probes.TrainSettings(epochs=epochs) if epochs else probes.TrainSettings()
     rows = []
     for model, layer in chosen:
-        options = IngestOptions(dataset=steps.dataset, weights=steps.weights, limit=limit, device=device,
-                                preprocess=steps.preprocess, workers=workers, train=train)
+        options = IngestOptions(
+            dataset=steps.dataset,
+            weights=steps.weights,
+            limit=limit,
+            device=device,
+            preprocess=steps.preprocess,
+            workers=workers,
+            train=train,
+        )
         probe_id = ingest(store, model, layer, options)
         ensure_top_filter_classification(store, probe_id)
         rows.extend(compare(store, model, layer, probe_id))
-    notes = steps.notes + ["segmentation targets were measured on Caffe models, classification per category on "
-                           f"{TORCHVISION} (docs/method.md); gap = n2vdb - paper"]
+    notes = steps.notes + [
+        "segmentation targets were measured on Caffe models, classification per category on "
+        f"{TORCHVISION} (docs/method.md); gap = n2vdb - paper"
+    ]
     return pa.Table.from_pylist(rows), notes

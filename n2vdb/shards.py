@@ -66,8 +66,9 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(temporary, path)
 
 
-def extract_shard(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: IngestOptions,
-                  shard: tuple[int, int], root: Path) -> Path:
+def extract_shard(
+    con: duckdb.DuckDBPyConnection, model: str, layer: str, options: IngestOptions, shard: tuple[int, int], root: Path
+) -> Path:
     """Extract this shard's images into ROOT; the database is only read (dataset, probe key)."""
     index, count = shard
     made = make_spec(con, model, layer, options)
@@ -83,16 +84,31 @@ def extract_shard(con: duckdb.DuckDBPyConnection, model: str, layer: str, option
     todo = [r for r in mine if r.image_id not in done]
     if todo:
         net = weights_mod.load(model, options.weights, options.seed, spec.input_size).net
-        batches = extract.stream(spec, dataset, todo, net, options.device, options.batch_size, options.workers,
-                                 (len(mine) - len(todo), len(mine)))
+        batches = extract.stream(
+            spec,
+            dataset,
+            todo,
+            net,
+            options.device,
+            options.batch_size,
+            options.workers,
+            (len(mine) - len(todo), len(mine)),
+        )
         shape = next(batches)
-        meta = {"model": model, "layer": layer, "key": spec.key, "shards": count, "shape": list(shape),
-                "options": _options_dict(options)}
+        meta = {
+            "model": model,
+            "layer": layer,
+            "key": spec.key,
+            "shards": count,
+            "shape": list(shape),
+            "options": _options_dict(options),
+        }
         _write_atomically(directory / "spec.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
         for image_ids, codes, scales, pooled in batches:
             table = acts_store.to_arrow(0, image_ids, codes, scales, pooled).drop(["probe_id"])
-            _write_atomically(part_dir / f"part-{int(image_ids[0]):08d}.parquet",
-                              lambda p, t=table: pq.write_table(t, p))
+            _write_atomically(
+                part_dir / f"part-{int(image_ids[0]):08d}.parquet", lambda p, t=table: pq.write_table(t, p)
+            )
     (part_dir / "done").write_text(f"{len(mine)}\n")
     say(f"shard {index}/{count}: {len(mine)} images in {part_dir}")
     return part_dir
@@ -111,21 +127,37 @@ def _probe_dirs(root: Path) -> list[Path]:
     return directories
 
 
-_PART_SCHEMA = acts_store.to_arrow(0, np.zeros(0, np.int64), np.zeros((0, 1, 1, 1), np.uint8),
-                                   np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32)).drop(["probe_id"]).schema
+_PART_SCHEMA = (
+    acts_store.to_arrow(
+        0,
+        np.zeros(0, np.int64),
+        np.zeros((0, 1, 1, 1), np.uint8),
+        np.zeros((0, 1), np.float32),
+        np.zeros((0, 1), np.float32),
+    )
+    .drop(["probe_id"])
+    .schema
+)
 
 
 def _read_meta(spec_file: Path) -> dict:
     try:
         meta = json.loads(spec_file.read_text())
         shape = meta["shape"]
-        ok = (isinstance(meta["shards"], int) and meta["shards"] >= 1 and isinstance(meta["options"], dict)
-              and len(shape) == 3 and all(isinstance(d, int) and d >= 1 for d in shape)
-              and all(isinstance(meta[k], str) for k in ("model", "layer", "key")))
+        ok = (
+            isinstance(meta["shards"], int)
+            and meta["shards"] >= 1
+            and isinstance(meta["options"], dict)
+            and len(shape) == 3
+            and all(isinstance(d, int) and d >= 1 for d in shape)
+            and all(isinstance(meta[k], str) for k in ("model", "layer", "key"))
+        )
     except (ValueError, KeyError, TypeError):
         ok = False
     if not ok:
-        raise N2vdbError(f"{spec_file} is not a shard spec n2vdb wrote; extract the shards again into an empty --shard-dir")
+        raise N2vdbError(
+            f"{spec_file} is not a shard spec n2vdb wrote; extract the shards again into an empty --shard-dir"
+        )
     return meta
 
 
@@ -137,8 +169,10 @@ def check_parts(con: duckdb.DuckDBPyConnection, directory: Path, meta: dict, spe
     k, h, w = meta["shape"]
     stale = sorted(d.name for d in directory.glob("shard-*") if not d.name.endswith(f"-of-{count}"))
     if stale:
-        raise N2vdbError(f"{directory.name} holds shards of another run ({stale[0]}; this one has {count} shards): "
-                         "remove them, or extract again into an empty --shard-dir")
+        raise N2vdbError(
+            f"{directory.name} holds shards of another run ({stale[0]}; this one has {count} shards): "
+            "remove them, or extract again into an empty --shard-dir"
+        )
 
     def refuse(what: str) -> N2vdbError:
         return N2vdbError(f"{directory.name}: {what}; extract that shard again (delete its directory first)")
@@ -150,8 +184,10 @@ def check_parts(con: duckdb.DuckDBPyConnection, directory: Path, meta: dict, spe
         except (OSError, ValueError, pa.ArrowException):
             raise refuse(f"{part.relative_to(directory)} is not a readable Parquet file") from None
         if [(f.name, f.type) for f in schema] != [(f.name, f.type) for f in _PART_SCHEMA]:
-            raise refuse(f"{part.relative_to(directory)} does not have the columns n2vdb writes "
-                         f"({', '.join(f'{f.name} {f.type}' for f in _PART_SCHEMA)})")
+            raise refuse(
+                f"{part.relative_to(directory)} does not have the columns n2vdb writes "
+                f"({', '.join(f'{f.name} {f.type}' for f in _PART_SCHEMA)})"
+            )
     expected = len(spec_rows(spec, con))
     if not parts:
         raise refuse("no Parquet parts")
@@ -169,8 +205,15 @@ def check_parts(con: duckdb.DuckDBPyConnection, directory: Path, meta: dict, spe
                   min(image_id) FILTER (WHERE image_id NOT IN (SELECT image_id FROM images WHERE dataset_id = $dataset)
                                             OR ($limit IS NOT NULL AND image_id >= $limit))
            FROM part""",
-        {"parts": [str(p) for p in parts], "khw": k * h * w, "k": k, "count": count,
-         "dataset": spec.dataset_id, "limit": spec.limit}).fetchone()
+        {
+            "parts": [str(p) for p in parts],
+            "khw": k * h * w,
+            "k": k,
+            "count": count,
+            "dataset": spec.dataset_id,
+            "limit": spec.limit,
+        },
+    ).fetchone()
     wrong_size, wrong_shard, unknown, duplicates, distinct, first_bad_size, first_unknown = rows
     if wrong_size:
         raise refuse(f"{wrong_size} row(s) do not hold a {k}x{h}x{w} layer (image {first_bad_size} first)")
@@ -187,8 +230,12 @@ def check_parts(con: duckdb.DuckDBPyConnection, directory: Path, meta: dict, spe
 
 def spec_rows(spec: probes.ProbeSpec, con: duckdb.DuckDBPyConnection) -> list[int]:
     """Image ids a probe extracts: the first --limit rows of its dataset, or all."""
-    ids = [i for (i,) in con.execute("SELECT image_id FROM images WHERE dataset_id = ? ORDER BY image_id",
-                                     [spec.dataset_id]).fetchall()]
+    ids = [
+        i
+        for (i,) in con.execute(
+            "SELECT image_id FROM images WHERE dataset_id = ? ORDER BY image_id", [spec.dataset_id]
+        ).fetchall()
+    ]
     return ids[: spec.limit] if spec.limit else ids
 
 
@@ -201,24 +248,30 @@ def _merge_one(store: Store, directory: Path) -> int:
         count = meta["shards"]
         missing = [i for i in range(count) if not (directory / f"shard-{i}-of-{count}" / "done").exists()]
         if missing:
-            raise N2vdbError(f"{directory.name}: shard {missing[0]}/{count} is not finished; run it "
-                             f"(`n2vdb ingest ... --shard {missing[0]}/{count}`) and merge again")
+            raise N2vdbError(
+                f"{directory.name}: shard {missing[0]}/{count} is not finished; run it "
+                f"(`n2vdb ingest ... --shard {missing[0]}/{count}`) and merge again"
+            )
         options = _options_from(meta["options"])
         made = make_spec(con, meta["model"], meta["layer"], options)
         if made.spec.key != meta["key"] or directory.name != f"probe-{meta['key']}":
-            raise N2vdbError(f"{directory.name} was extracted with other settings or another dataset than this "
-                             "database holds")
+            raise N2vdbError(
+                f"{directory.name} was extracted with other settings or another dataset than this database holds"
+            )
         parts = check_parts(con, directory, meta, made.spec)
         with transaction(con):  # the probe and its activations arrive together
             probe, _ = probes.get_or_create(con, made.spec)
             if probe.status == "extracting":
                 k, h, w = meta["shape"]
-                con.execute("UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?",
-                            [k, h, w, probe.probe_id])
+                con.execute(
+                    "UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?",
+                    [k, h, w, probe.probe_id],
+                )
                 con.execute(
                     "INSERT INTO activations SELECT $probe, image_id, scales, codes, pooled"
                     " FROM read_parquet($parts) WHERE image_id NOT IN"
                     " (SELECT image_id FROM activations WHERE probe_id = $probe)",
-                    {"probe": probe.probe_id, "parts": parts})
+                    {"probe": probe.probe_id, "parts": parts},
+                )
         say(f"merged {len(parts)} parts of {count} shards into probe {probe.probe_id}")
     return ingest(store, meta["model"], meta["layer"], options)

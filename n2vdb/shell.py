@@ -155,8 +155,9 @@ class Shell:
         if self.write:
             self.vocabulary = Vocabulary.load(self.db)  # tables may have come or gone
 
-    def _interruptible(self, con: duckdb.DuckDBPyConnection, statement: str,
-                       params: dict | None = None) -> pa.Table | None:
+    def _interruptible(
+        self, con: duckdb.DuckDBPyConnection, statement: str, params: dict | None = None
+    ) -> pa.Table | None:
         """Run STATEMENT on a worker thread so that Ctrl-C (KeyboardInterrupt here) can interrupt DuckDB."""
         limit = self.row_limit if self.fmt in ("table", "markdown") and self.row_limit else None
         box: dict = {}
@@ -208,9 +209,17 @@ class Shell:
         except ValueError as exc:
             raise UsageError(f"cannot read {text!r}: {exc}") from None
         command, args = words[0], words[1:]
-        handler = {".query": self._query, ".tables": self._tables, ".schema": self._schema,
-                   ".format": self._format, ".limit": self._limit, ".write": self._write,
-                   ".help": lambda _: self._print(HELP), ".quit": self._quit, ".exit": self._quit}.get(command)
+        handler = {
+            ".query": self._query,
+            ".tables": self._tables,
+            ".schema": self._schema,
+            ".format": self._format,
+            ".limit": self._limit,
+            ".write": self._write,
+            ".help": lambda _: self._print(HELP),
+            ".quit": self._quit,
+            ".exit": self._quit,
+        }.get(command)
         if handler is None:
             close = difflib.get_close_matches(command, DOT_COMMANDS, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
@@ -219,8 +228,10 @@ class Shell:
 
     def _query(self, args: list[str]) -> None:
         if not args:
-            rows = [{"query": q.name, "usage": q.usage().replace("n2vdb query", ".query"),
-                     "description": q.description} for q in queries.load_all().values()]
+            rows = [
+                {"query": q.name, "usage": q.usage().replace("n2vdb query", ".query"), "description": q.description}
+                for q in queries.load_all().values()
+            ]
             self._show(pa.Table.from_pylist(rows))
             return
         named = queries.get(args[0])
@@ -236,8 +247,10 @@ class Shell:
 
     def _tables(self, args: list[str]) -> None:
         with _open(self.db, self.write) as con:
-            table = con.sql("SELECT table_name AS name, lower(table_type) AS kind FROM information_schema.tables "
-                            "WHERE table_schema = 'main' ORDER BY table_name").to_arrow_table()
+            table = con.sql(
+                "SELECT table_name AS name, lower(table_type) AS kind FROM information_schema.tables "
+                "WHERE table_schema = 'main' ORDER BY table_name"
+            ).to_arrow_table()
         self._show(table)
 
     def _schema(self, args: list[str]) -> None:
@@ -245,7 +258,8 @@ class Shell:
             rows = con.execute(
                 "SELECT table_name, sql FROM duckdb_tables() WHERE schema_name = 'main' AND NOT internal "
                 "UNION ALL SELECT view_name, sql FROM duckdb_views() WHERE schema_name = 'main' AND NOT internal "
-                "ORDER BY 1").fetchall()
+                "ORDER BY 1"
+            ).fetchall()
         if args:
             wanted = {name: sql for name, sql in rows if name in args}
             missing = [a for a in args if a not in wanted]
@@ -326,8 +340,12 @@ class Shell:
             path = history_path()
             path.parent.mkdir(parents=True, exist_ok=True)
             kwargs["history"] = FileHistory(str(path))
-        session = PromptSession(completer=ShellCompleter(self), complete_while_typing=False,
-                                prompt_continuation=lambda width, line, wrap: "...> ".rjust(width), **kwargs)
+        session = PromptSession(
+            completer=ShellCompleter(self),
+            complete_while_typing=False,
+            prompt_continuation=lambda width, line, wrap: "...> ".rjust(width),
+            **kwargs,
+        )
         # Enter inserts a newline until the input is a complete statement or a dot-command.
         session.multiline = Condition(lambda: not statement_complete(session.default_buffer.text))
         return session
@@ -356,8 +374,15 @@ def _take_params(words: list[str]) -> tuple[list[str], list[str]]:
 class Vocabulary:
     """What tab completion offers: DuckDB's keywords, the tables, their columns, queries and concepts."""
 
-    def __init__(self, keywords: Iterable[str], tables: Iterable[str], columns: Iterable[str],
-                 concepts: Iterable[str], query_names: Iterable[str], options: dict[str, list[str]]):
+    def __init__(
+        self,
+        keywords: Iterable[str],
+        tables: Iterable[str],
+        columns: Iterable[str],
+        concepts: Iterable[str],
+        query_names: Iterable[str],
+        options: dict[str, list[str]],
+    ):
         self.keywords = sorted(set(keywords))
         self.tables = sorted(set(tables))
         self.columns = sorted(set(columns))
@@ -368,12 +393,14 @@ class Vocabulary:
     @classmethod
     def load(cls, db) -> Vocabulary:
         named = queries.load_all()
-        options = {q.name: [f"--{p.name.replace('_', '-')}" for p in q.params if not p.required]
-                   for q in named.values()}
+        options = {
+            q.name: [f"--{p.name.replace('_', '-')}" for p in q.params if not p.required] for q in named.values()
+        }
         with _open(db, False) as con:
             keywords = [k.upper() for (k,) in con.execute("SELECT keyword_name FROM duckdb_keywords()").fetchall()]
-            found = con.execute("SELECT table_name, column_name FROM duckdb_columns() "
-                                "WHERE schema_name = 'main' AND NOT internal").fetchall()
+            found = con.execute(
+                "SELECT table_name, column_name FROM duckdb_columns() WHERE schema_name = 'main' AND NOT internal"
+            ).fetchall()
             concepts = [n for (n,) in con.execute("SELECT DISTINCT name FROM concepts").fetchall()]
         return cls(keywords, [t for t, _ in found], [c for _, c in found], concepts, named, options)
 

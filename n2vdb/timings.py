@@ -41,8 +41,11 @@ def save(con: duckdb.DuckDBPyConnection, probe_id: int, records: list[StageTimin
     """Write (or replace) the probe's rows for these stages; call inside the caller's transaction."""
     for r in records:
         con.execute("DELETE FROM stage_timings WHERE probe_id = ? AND stage = ?", [probe_id, r.stage])
-        con.execute("INSERT INTO stage_timings (probe_id, stage, seconds, images, pairs, peak_rss_mb)"
-                    " VALUES (?, ?, ?, ?, ?, ?)", [probe_id, r.stage, r.seconds, r.images, r.pairs, r.peak_rss_mb])
+        con.execute(
+            "INSERT INTO stage_timings (probe_id, stage, seconds, images, pairs, peak_rss_mb)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [probe_id, r.stage, r.seconds, r.images, r.pairs, r.peak_rss_mb],
+        )
 
 
 def record(store, probe, timing: StageTiming, count_pairs: bool = False) -> None:
@@ -52,11 +55,15 @@ def record(store, probe, timing: StageTiming, count_pairs: bool = False) -> None
 
     with store.writing() as con, transaction(con):
         if timing.images is None:
-            timing.images = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?",
-                                              [probe.activation_probe]))[0]
+            timing.images = first(
+                con.execute("SELECT count(*) FROM activations WHERE probe_id = ?", [probe.activation_probe])
+            )[0]
         if count_pairs and timing.pairs is None:
-            timing.pairs = first(con.execute(
-                "SELECT count(*) FROM image_concepts WHERE dataset_id = ? AND image_id IN"
-                " (SELECT image_id FROM activations WHERE probe_id = ?)",
-                [probe.dataset_id, probe.activation_probe]))[0]
+            timing.pairs = first(
+                con.execute(
+                    "SELECT count(*) FROM image_concepts WHERE dataset_id = ? AND image_id IN"
+                    " (SELECT image_id FROM activations WHERE probe_id = ?)",
+                    [probe.dataset_id, probe.activation_probe],
+                )
+            )[0]
         save(con, probe.probe_id, [timing])

@@ -54,16 +54,29 @@ def edge_broden(tmp_path) -> tuple[Path, dict]:
     """
     root = tmp_path / "edge"
     rng = np.random.default_rng(7)
-    labels = [(1, "red-c", "color(2)"), (2, "dog", "object(5)"), (300, "wood", "material(4);object(9)"),
-              (301, "leg", "part(3)"), (302, "head", "part(2)"), (5, "street-s", "scene(2)"),
-              (6, "city-s", "scene(1)"), (7, "striped", "texture(1)")]
+    labels = [
+        (1, "red-c", "color(2)"),
+        (2, "dog", "object(5)"),
+        (300, "wood", "material(4);object(9)"),
+        (301, "leg", "part(3)"),
+        (302, "head", "part(2)"),
+        (5, "street-s", "scene(2)"),
+        (6, "city-s", "scene(1)"),
+        (7, "striped", "texture(1)"),
+    ]
     rows, truth = [], {}
     sizes = [(40, 30, 20, 15), (33, 47, 17, 23), (50, 50, 25, 25), (21, 35, 11, 18)]
     for i, (ih, iw, sh, sw) in enumerate(sizes):
         stem = f"set/{i:03d}"
         write_image(root / "images" / f"{stem}.jpg", ih, iw, seed=i)
-        row = {"image": f"{stem}.jpg", "split": "train" if i % 2 == 0 else "val",
-               "ih": ih, "iw": iw, "sh": sh, "sw": sw}
+        row = {
+            "image": f"{stem}.jpg",
+            "split": "train" if i % 2 == 0 else "val",
+            "ih": ih,
+            "iw": iw,
+            "sh": sh,
+            "sw": sw,
+        }
         if i == 3:  # a row with no labels at all
             rows.append(row)
             continue
@@ -75,11 +88,20 @@ def edge_broden(tmp_path) -> tuple[Path, dict]:
         write_mask(root / "images" / f"{stem}_color.png", color)
         write_mask(root / "images" / f"{stem}_part_1.png", part1)
         write_mask(root / "images" / f"{stem}_part_2.png", part2)
-        row.update(object=f"{stem}_object.png", color=f"{stem}_color.png",
-                   part=f"{stem}_part_1.png;{stem}_part_2.png", scene="5;6" if i == 0 else "5",
-                   texture="7" if i == 2 else "")
-        for concept, mask in ((1, color == 1), (2, obj == 2), (300, obj == 300), (302, part1 == 302),
-                              (301, (part1 == 301) | (part2 == 301))):
+        row.update(
+            object=f"{stem}_object.png",
+            color=f"{stem}_color.png",
+            part=f"{stem}_part_1.png;{stem}_part_2.png",
+            scene="5;6" if i == 0 else "5",
+            texture="7" if i == 2 else "",
+        )
+        for concept, mask in (
+            (1, color == 1),
+            (2, obj == 2),
+            (300, obj == 300),
+            (302, part1 == 302),
+            (301, (part1 == 301) | (part2 == 301)),
+        ):
             if mask.any():
                 truth[(i, concept)] = int(mask.sum())
         truth[(i, 5)] = sh * sw
@@ -107,8 +129,7 @@ def ingested_db(tmp_path_factory, synthetic_dir) -> Path:
 
     db = tmp_path_factory.mktemp("db") / "n2v.duckdb"
     api.add_dataset(synthetic_dir, "synthetic", db)
-    api.ingest("alexnet", "conv5", db, dataset="synthetic", weights="random", workers=0,
-               train=TrainSettings(epochs=10))
+    api.ingest("alexnet", "conv5", db, dataset="synthetic", weights="random", workers=0, train=TrainSettings(epochs=10))
     return db
 
 

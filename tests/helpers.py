@@ -22,24 +22,37 @@ from n2vdb.store import write_connection
 from n2vdb.store.sessions import Pinned
 
 
-def planted_probe(db: Path, root: Path, acts: np.ndarray, quantile: float = 0.995, mode: str = "net2vec",
-                  name: str = "planted") -> tuple[int, BrodenDataset]:
+def planted_probe(
+    db: Path, root: Path, acts: np.ndarray, quantile: float = 0.995, mode: str = "net2vec", name: str = "planted"
+) -> tuple[int, BrodenDataset]:
     """Register ROOT, store ACTS [N, K, H, W] (row order = index.csv order) as a probe, run thresholds + IoU."""
     with write_connection(db) as con:
         dataset_id = importer.add_dataset(con, root, name)
         dataset = BrodenDataset.open(root)
-        spec = probes.ProbeSpec(model="planted", layer="x", module="x", relu=False, weights="planted",
-                                dataset_id=dataset_id, input_size=0, mean=(0.0,), std=(1.0,),
-                                quantile=quantile, iou_mode=mode)
+        spec = probes.ProbeSpec(
+            model="planted",
+            layer="x",
+            module="x",
+            relu=False,
+            weights="planted",
+            dataset_id=dataset_id,
+            input_size=0,
+            mean=(0.0,),
+            std=(1.0,),
+            quantile=quantile,
+            iou_mode=mode,
+        )
         probe, _ = probes.get_or_create(con, spec)
         n, k, h, w = acts.shape
-        con.execute("UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?",
-                    [k, h, w, probe.probe_id])
+        con.execute(
+            "UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?", [k, h, w, probe.probe_id]
+        )
         probe.n_filters, probe.height, probe.width = k, h, w
         codes, scales = acts_store.quantise(torch.from_numpy(acts))
         ids = np.array([r.image_id for r in dataset.rows])
-        acts_store.write(con, acts_store.to_arrow(probe.probe_id, ids, codes.numpy(), scales.numpy(),
-                                                  acts.mean(axis=(2, 3))))
+        acts_store.write(
+            con, acts_store.to_arrow(probe.probe_id, ids, codes.numpy(), scales.numpy(), acts.mean(axis=(2, 3)))
+        )
         compute_thresholds(Pinned(con), probe, quantile)
         iou_stage.run(Pinned(con), probe, dataset, mode)
         return probe.probe_id, dataset
@@ -58,10 +71,13 @@ def run_cli(*args, stdin: str | None = None, env: dict[str, str] | None = None) 
     from n2vdb import cli
 
     out, err = io.StringIO(), io.StringIO()
-    with mock.patch.object(sys, "argv", ["n2vdb", *map(str, args)]), \
-            mock.patch.object(sys, "stdin", io.StringIO(stdin or "")), \
-            mock.patch.dict(os.environ, env or {}), \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (
+        mock.patch.object(sys, "argv", ["n2vdb", *map(str, args)]),
+        mock.patch.object(sys, "stdin", io.StringIO(stdin or "")),
+        mock.patch.dict(os.environ, env or {}),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         try:
             cli.main()
             code = 0

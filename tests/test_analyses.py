@@ -8,8 +8,14 @@ from n2vdb.store import write_connection
 
 K = 10
 # concept id -> (name, category, level)
-CONCEPTS = {1: ("red-c", "color", "pixel"), 2: ("dog", "object", "pixel"), 3: ("cat", "object", "pixel"),
-            4: ("wood", "material", "pixel"), 5: ("leg", "part", "pixel"), 6: ("beach-s", "scene", "image")}
+CONCEPTS = {
+    1: ("red-c", "color", "pixel"),
+    2: ("dog", "object", "pixel"),
+    3: ("cat", "object", "pixel"),
+    4: ("wood", "material", "pixel"),
+    5: ("leg", "part", "pixel"),
+    6: ("beach-s", "scene", "image"),
+}
 N_IMAGES = 12
 
 
@@ -25,23 +31,28 @@ def planted(tmp_path_factory):
         for cid, (name, cat, level) in CONCEPTS.items():
             con.execute("INSERT INTO concepts VALUES (1, ?, ?, ?, [?], ?, 1, 0.1)", [cid, name, cat, cat, level])
         for i in range(N_IMAGES):
-            con.execute("INSERT INTO images VALUES (1, ?, ?, ?, 8, 8, 4, 4)",
-                        [i, f"{i}.jpg", "train" if i % 3 else "val"])
+            con.execute(
+                "INSERT INTO images VALUES (1, ?, ?, ?, 8, 8, 4, 4)", [i, f"{i}.jpg", "train" if i % 3 else "val"]
+            )
             for cid in CONCEPTS:
                 if rng.random() < 0.4:
                     truth["contains"][(i, cid)] = True
                     con.execute("INSERT INTO image_concepts VALUES (1, ?, ?, 3)", [i, cid])
         for pid in (1, 2, 3):
-            con.execute("INSERT INTO probes (probe_id, probe_key, model, weights, layer, dataset_id, n_filters,"
-                        " height, width, settings, status) VALUES (?, ?, 'm', 'w', ?, 1, ?, 2, 2, '{}', 'complete')",
-                        [pid, f"k{pid}", f"l{pid}", K])
+            con.execute(
+                "INSERT INTO probes (probe_id, probe_key, model, weights, layer, dataset_id, n_filters,"
+                " height, width, settings, status) VALUES (?, ?, 'm', 'w', ?, 1, ?, 2, 2, '{}', 'complete')",
+                [pid, f"k{pid}", f"l{pid}", K],
+            )
             for f in range(K):
                 con.execute("INSERT INTO filters VALUES (?, ?, 0.5, 0, 1, 0.5)", [pid, f])
             pooled = rng.random((N_IMAGES, K)).astype(np.float32)
             truth["pooled"][pid] = pooled
             for i in range(N_IMAGES):
-                con.execute("INSERT INTO activations VALUES (?, ?, ?, ?, ?)",
-                            [pid, i, [1.0] * K, b"\0" * (K * 4), pooled[i].tolist()])
+                con.execute(
+                    "INSERT INTO activations VALUES (?, ?, ?, ?, ?)",
+                    [pid, i, [1.0] * K, b"\0" * (K * 4), pooled[i].tolist()],
+                )
             for cid in CONCEPTS:
                 if pid == 3 and cid == 3:
                     continue
@@ -50,18 +61,31 @@ def planted(tmp_path_factory):
                 cls = rng.normal(size=K).astype(np.float32)
                 bias = float(rng.normal())
                 truth["seg"][(pid, cid)], truth["cls"][(pid, cid)] = seg, (cls, bias)
-                con.execute("INSERT INTO embeddings VALUES (?, ?, 'segmentation', ?, ?, 0, 0.2, 0.3, NULL)",
-                            [pid, cid, K, seg.tolist()])
-                con.execute("INSERT INTO embeddings VALUES (?, ?, 'segmentation', 2, ?, 0, 0.2, 0.3, NULL)",
-                            [pid, cid, (seg * 0 + 9).tolist()])  # a sufficiency run: never counted
-                con.execute("INSERT INTO embeddings VALUES (?, ?, 'classification', ?, ?, ?, 0.6, 0.7, 0.7)",
-                            [pid, cid, K, cls.tolist(), bias])
+                con.execute(
+                    "INSERT INTO embeddings VALUES (?, ?, 'segmentation', ?, ?, 0, 0.2, 0.3, NULL)",
+                    [pid, cid, K, seg.tolist()],
+                )
+                con.execute(
+                    "INSERT INTO embeddings VALUES (?, ?, 'segmentation', 2, ?, 0, 0.2, 0.3, NULL)",
+                    [pid, cid, (seg * 0 + 9).tolist()],
+                )  # a sufficiency run: never counted
+                con.execute(
+                    "INSERT INTO embeddings VALUES (?, ?, 'classification', ?, ?, ?, 0.6, 0.7, 0.7)",
+                    [pid, cid, K, cls.tolist(), bias],
+                )
     return db, truth
 
 
 def bins_of(counts):
-    edges = {"0": (0, 0), "1": (1, 1), "2-5": (2, 5), "6-9": (6, 9), "10-14": (10, 14), "15-19": (15, 19),
-             "20+": (20, 10**9)}
+    edges = {
+        "0": (0, 0),
+        "1": (1, 1),
+        "2-5": (2, 5),
+        "6-9": (6, 9),
+        "10-14": (10, 14),
+        "15-19": (15, 19),
+        "20+": (20, 10**9),
+    }
     return {label: int(((counts >= lo) & (counts <= hi)).sum()) for label, (lo, hi) in edges.items()}
 
 
@@ -132,11 +156,14 @@ def test_show_concept_over_all_images(tmp_path, ingested_db):
     assert path.exists()
     con = duckdb.connect(str(ingested_db), read_only=True)
     n_images = con.execute("SELECT count(*) FROM activations").fetchone()[0]
-    containing = con.execute("SELECT count(*) FROM image_concepts ic JOIN concepts c USING (dataset_id, concept_id)"
-                             " WHERE c.name = 'red-c'").fetchone()[0]
+    containing = con.execute(
+        "SELECT count(*) FROM image_concepts ic JOIN concepts c USING (dataset_id, concept_id) WHERE c.name = 'red-c'"
+    ).fetchone()[0]
     con.close()
     assert len(values) == n_images > containing
-    scores = {r["image_id"]: r["score"] for r in api.query("concept-distribution", ingested_db, concept="red").to_pylist()}
+    scores = {
+        r["image_id"]: r["score"] for r in api.query("concept-distribution", ingested_db, concept="red").to_pylist()
+    }
     assert [(s.image_id, s.score) for s in samples] == [(s.image_id, s.score) for s in grids.pick(scores)]
     _, _, per_image = api.show_concept("red", ingested_db, out=tmp_path / "containing.png")
     assert len(per_image) < len(values)

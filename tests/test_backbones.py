@@ -41,10 +41,12 @@ def tapped(net: torch.nn.Module, module: str, x: torch.Tensor, size: int) -> tup
 
 # -- token sequences -------------------------------------------------------------------------------
 
+
 def tiny_torchvision_vit() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                hidden_dim=16, mlp_dim=32, num_classes=5).eval()
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5
+    ).eval()
 
 
 def test_torchvision_vit_tokens_land_on_their_patch_and_the_class_token_is_left_out():
@@ -78,8 +80,9 @@ def test_one_lit_patch_appears_at_its_row_and_column():
 def tiny_timm_vit(**kwargs):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    return timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2,
-                                         reg_tokens=3, num_classes=5, **kwargs).eval()
+    return timm.models.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, reg_tokens=3, num_classes=5, **kwargs
+    ).eval()
 
 
 def test_timm_vit_register_and_class_tokens_are_left_out_and_match_timms_own_grid():
@@ -105,6 +108,7 @@ def test_timm_patch_embedding_has_no_prefix_tokens():
 
 # -- channels-last maps ----------------------------------------------------------------------------
 
+
 def test_torchvision_convnext_block_internals_are_channels_last():
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
@@ -129,8 +133,9 @@ def test_timm_convnext_and_fixed_size_swin_channels():
     assert tapped(convnext, "stages.1.blocks.0.mlp", x, 64)[0].channels_last  # permuted inline by timm
     layout, maps = tapped(convnext, "stages.1", x, 64)
     assert layout == layers.Layout("map") and maps.shape == (2, 16, 8, 8)
-    swin = timm.models.SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=8, depths=(1, 1),
-                                       num_heads=(1, 2), num_classes=5).eval()
+    swin = timm.models.SwinTransformer(
+        img_size=32, patch_size=4, window_size=4, embed_dim=8, depths=(1, 1), num_heads=(1, 2), num_classes=5
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     layout, maps = tapped(swin, "layers.0", x, 32)  # Swin runs at one input size: its declared NHWC decides
     assert layout.channels_last
@@ -139,6 +144,7 @@ def test_timm_convnext_and_fixed_size_swin_channels():
 
 
 # -- vectors and what cannot be read ---------------------------------------------------------------
+
 
 def test_vectors_and_pooled_maps_are_vectors():
     torch.manual_seed(0)
@@ -167,14 +173,31 @@ def test_unsupported_output_shape_is_one_clear_line():
     assert "\n" not in message and "(2, 2, 4, 14, 14)" in message and "n2vdb models" in message
 
 
-@pytest.mark.parametrize("model,layer,message", [
-    # MaxViT's window partition: batch x windows x pixels per window x C, no map of the image
-    ("maxvit_t", "blocks.0.layers.0.layers.window_attention.partition_op", "puts out shape (2, 64, 49, 64)"),
-    ("vit_b_16", "encoder.layers.encoder_layer_0.self_attention.out_proj", "never runs"),  # called as weights
-])
+@pytest.mark.parametrize(
+    "model,layer,message",
+    [
+        # MaxViT's window partition: batch x windows x pixels per window x C, no map of the image
+        ("maxvit_t", "blocks.0.layers.0.layers.window_attention.partition_op", "puts out shape (2, 64, 49, 64)"),
+        ("vit_b_16", "encoder.layers.encoder_layer_0.self_attention.out_proj", "never runs"),  # called as weights
+    ],
+)
 def test_unsupported_layer_from_the_cli(tmp_path, model, layer, message):
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "ingest", model, layer, "--weights", "random",
-                             "--db", str(tmp_path / "x.duckdb")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "n2vdb",
+            "ingest",
+            model,
+            layer,
+            "--weights",
+            "random",
+            "--db",
+            str(tmp_path / "x.duckdb"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
@@ -190,11 +213,16 @@ def test_listing_shows_kinds():
 
 # -- preprocessing from the weights' metadata ------------------------------------------------------
 
+
 def test_preprocessing_from_torchvision_weights_metadata():
     swin = registry.preprocessing("swin_t")
     meta = torchvision.models.Swin_T_Weights.DEFAULT.transforms()
     assert (swin.size, swin.mean, swin.std, swin.interpolation) == (
-        meta.crop_size[0], tuple(meta.mean), tuple(meta.std), "bicubic")
+        meta.crop_size[0],
+        tuple(meta.mean),
+        tuple(meta.std),
+        "bicubic",
+    )
     assert registry.preprocessing("inception_v3").size == 299
     assert registry.preprocessing("alexnet").size == 227  # Net2Vec's size, kept
 
@@ -202,10 +230,15 @@ def test_preprocessing_from_torchvision_weights_metadata():
 def test_preprocessing_from_timm_data_config():
     timm = pytest.importorskip("timm")
     prep = registry.preprocessing("timm:vit_small_patch16_224")
-    config = timm.data.resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(
-        "vit_small_patch16_224").to_dict())
+    config = timm.data.resolve_data_config(
+        pretrained_cfg=timm.models.get_pretrained_cfg("vit_small_patch16_224").to_dict()
+    )
     assert (prep.size, prep.mean, prep.std, prep.interpolation) == (
-        224, tuple(config["mean"]), tuple(config["std"]), config["interpolation"])
+        224,
+        tuple(config["mean"]),
+        tuple(config["std"]),
+        config["interpolation"],
+    )
 
 
 def test_images_resized_with_the_weights_interpolation_without_a_crop(synthetic_dir):
@@ -219,6 +252,7 @@ def test_images_resized_with_the_weights_interpolation_without_a_crop(synthetic_
 
 
 # -- timm weights ----------------------------------------------------------------------------------
+
 
 def test_timm_unknown_name_and_offline_weights(monkeypatch):
     pytest.importorskip("timm")
@@ -263,6 +297,7 @@ def test_timm_weights_from_the_cache_from_a_file_and_seeded(tmp_path, monkeypatc
 
 # -- whole probes ----------------------------------------------------------------------------------
 
+
 def run_every_query(db) -> None:
     """Every named query answers (rows or none) for the newest probe, for both embedding kinds."""
     con = duckdb.connect(str(db), read_only=True)
@@ -281,7 +316,8 @@ def test_vector_layer_probe_has_classification_only_and_a_clean_database(tmp_pat
     probe = api.ingest("alexnet", "fc7", db, dataset="synthetic", weights="random", limit=24, workers=0, train=FAST)
     con = duckdb.connect(str(db), read_only=True)
     assert con.execute("SELECT status, n_filters, height, width, settings->>'kind' FROM probes").fetchall() == [
-        ("complete", 4096, 1, 1, "vector")]
+        ("complete", 4096, 1, 1, "vector")
+    ]
     kinds = dict(con.execute("SELECT kind, count(*) FROM embeddings GROUP BY kind").fetchall())
     assert set(kinds) == {"classification"} and kinds["classification"] > 0
     assert con.execute("SELECT count(*) FROM filter_concept_iou").fetchone()[0] == 0
@@ -291,8 +327,12 @@ def test_vector_layer_probe_has_classification_only_and_a_clean_database(tmp_pat
     torch.manual_seed(0)
     net = torchvision.models.alexnet().eval()
     dataset = BrodenDataset.open(synthetic_dir)
-    images = torch.stack([ImageFolderRows(dataset, dataset.rows[:4], 227, weights.IMAGENET_MEAN,
-                                          weights.IMAGENET_STD)[i][1] for i in range(4)])
+    images = torch.stack(
+        [
+            ImageFolderRows(dataset, dataset.rows[:4], 227, weights.IMAGENET_MEAN, weights.IMAGENET_STD)[i][1]
+            for i in range(4)
+        ]
+    )
     with torch.no_grad():
         expected = net.classifier[:6](torch.flatten(net.avgpool(net.features(images)), 1)).numpy()
     _, got = api.activations(probe, db, image_ids=[0, 1, 2, 3])
@@ -302,8 +342,9 @@ def test_vector_layer_probe_has_classification_only_and_a_clean_database(tmp_pat
     run_every_query(db)
 
 
-TINY_CFG = dict(input_size=(3, 32, 32), mean=(0.3, 0.4, 0.5), std=(0.2, 0.25, 0.3), interpolation="bicubic",
-                num_classes=5)
+TINY_CFG = dict(
+    input_size=(3, 32, 32), mean=(0.3, 0.4, 0.5), std=(0.2, 0.25, 0.3), interpolation="bicubic", num_classes=5
+)
 default_cfgs = {"n2vdb_tiny_vit": TINY_CFG, "n2vdb_tiny_convnext": TINY_CFG}  # read by timm's register_model
 
 
@@ -317,8 +358,7 @@ def tiny_timm_models():
     def n2vdb_tiny_vit(pretrained=False, **kwargs):
         kwargs = own(kwargs)
         kwargs.setdefault("img_size", 32)
-        return timm.models.VisionTransformer(patch_size=8, embed_dim=16, depth=2, num_heads=2, reg_tokens=2,
-                                             **kwargs)
+        return timm.models.VisionTransformer(patch_size=8, embed_dim=16, depth=2, num_heads=2, reg_tokens=2, **kwargs)
 
     def n2vdb_tiny_convnext(pretrained=False, **kwargs):
         kwargs = own(kwargs)
@@ -339,20 +379,28 @@ def test_a_vit_and_a_cnn_compared_on_one_dataset(tmp_path, synthetic_dir, tiny_t
     vit_probe = api.ingest(vit, "blocks.1", db, **options)
     cnn_probe = api.ingest(convnext, "stages.1", db, input_size=64, **options)
     con = duckdb.connect(str(db), read_only=True)
-    rows = con.execute("SELECT probe_id, n_filters, height, width, settings->>'kind', settings->>'layout',"
-                       " settings->>'interpolation', settings->>'mean', settings->>'input_size'"
-                       " FROM probes ORDER BY probe_id").fetchall()
+    rows = con.execute(
+        "SELECT probe_id, n_filters, height, width, settings->>'kind', settings->>'layout',"
+        " settings->>'interpolation', settings->>'mean', settings->>'input_size'"
+        " FROM probes ORDER BY probe_id"
+    ).fetchall()
     con.close()
-    assert rows == [(vit_probe, 16, 4, 4, "tokens", "tokens:3:4x4", "bicubic", "[0.3,0.4,0.5]", "32"),
-                    (cnn_probe, 16, 8, 8, "map", "nchw", "bicubic", "[0.3,0.4,0.5]", "64")]
+    assert rows == [
+        (vit_probe, 16, 4, 4, "tokens", "tokens:3:4x4", "bicubic", "[0.3,0.4,0.5]", "32"),
+        (cnn_probe, 16, 8, 8, "map", "nchw", "bicubic", "[0.3,0.4,0.5]", "64"),
+    ]
     assert all(r["violations"] == 0 for r in api.db_check(db).to_pylist())
     overall = {r["probe_id"]: r for r in api.query("compare-layers", db).to_pylist() if r["category"] == "all"}
     assert set(overall) == {vit_probe, cnn_probe}
     con = duckdb.connect(str(db), read_only=True)
     pixel = {c for (c,) in con.execute("SELECT concept_id FROM concepts WHERE level = 'pixel'").fetchall()}
     for probe_id, row in overall.items():  # each mean recomputed here from the stored rows
-        iou = {(f, c, split): v for f, c, split, v in con.execute(
-            "SELECT filter, concept_id, split, iou FROM filter_concept_iou WHERE probe_id = ?", [probe_id]).fetchall()}
+        iou = {
+            (f, c, split): v
+            for f, c, split, v in con.execute(
+                "SELECT filter, concept_id, split, iou FROM filter_concept_iou WHERE probe_id = ?", [probe_id]
+            ).fetchall()
+        }
         singles = []
         for c in pixel:
             train = {f: v for (f, cc, split), v in iou.items() if cc == c and split == "train"}
@@ -360,15 +408,25 @@ def test_a_vit_and_a_cnn_compared_on_one_dataset(tmp_path, synthetic_dir, tiny_t
                 best = min(train, key=lambda f: (-train[f], f))
                 if (best, c, "val") in iou:
                     singles.append(iou[(best, c, "val")])
-        seg, cls = ([v for (v,) in con.execute(
-            "SELECT val_score FROM embeddings WHERE probe_id = ? AND kind = ? AND val_score IS NOT NULL",
-            [probe_id, kind]).fetchall()] for kind in ("segmentation", "classification"))
+        seg, cls = (
+            [
+                v
+                for (v,) in con.execute(
+                    "SELECT val_score FROM embeddings WHERE probe_id = ? AND kind = ? AND val_score IS NOT NULL",
+                    [probe_id, kind],
+                ).fetchall()
+            ]
+            for kind in ("segmentation", "classification")
+        )
         assert singles and seg and cls
         assert row["single_unit_iou"] == pytest.approx(np.mean(singles))
         assert row["embedding_iou"] == pytest.approx(np.mean(seg))
         assert row["classification_accuracy"] == pytest.approx(np.mean(cls))
     con.close()
-    compared = api.query("compare-probes", db, concept=api.sql("SELECT name FROM concepts WHERE level = 'pixel'"
-                                                                " LIMIT 1", db).column(0)[0].as_py())
+    compared = api.query(
+        "compare-probes",
+        db,
+        concept=api.sql("SELECT name FROM concepts WHERE level = 'pixel' LIMIT 1", db).column(0)[0].as_py(),
+    )
     assert compared.num_rows == 2
     run_every_query(db)

@@ -24,8 +24,12 @@ readme = load("readme")
 
 
 def check(readme_path: Path, results: Path = BENCH / "results") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH / "readme.py"), "--check", "--readme", str(readme_path),
-                           "--results", str(results)], capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [sys.executable, str(BENCH / "readme.py"), "--check", "--readme", str(readme_path), "--results", str(results)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def check_text(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
@@ -41,7 +45,7 @@ def test_readme_table_is_what_the_committed_results_give():
 
 def test_every_committed_result_has_its_row_with_its_own_headline():
     text = (ROOT / "README.md").read_text()
-    block = text[text.index(readme.BEGIN):text.index(readme.END)]
+    block = text[text.index(readme.BEGIN) : text.index(readme.END)]
     rows = [line for line in block.splitlines() if line.startswith("| `")]
     results = readme.load_results()
     assert len(rows) == len(results) > 0
@@ -53,15 +57,14 @@ def test_every_committed_result_has_its_row_with_its_own_headline():
 def test_a_hand_edit_of_the_table_fails_the_check(tmp_path):
     text = readme.rebuilt((ROOT / "README.md").read_text(), readme.load_results())
     assert check_text(tmp_path, text).returncode == 0
-    block = text[text.index(readme.BEGIN):text.index(readme.END)]
+    block = text[text.index(readme.BEGIN) : text.index(readme.END)]
     figure = re.search(r"\d+\.\d+x", block).group(0)
     edited = tmp_path / "README.md"
     edited.write_text(text.replace(block, block.replace(figure, "99.9x", 1)))
     done = check(edited)
     assert done.returncode == 1 and "differs" in done.stderr
     # and the generator puts it back
-    subprocess.run([sys.executable, str(BENCH / "readme.py"), "--readme", str(edited)], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, str(BENCH / "readme.py"), "--readme", str(edited)], check=True, capture_output=True)
     assert edited.read_text() == text
 
 

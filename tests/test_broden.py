@@ -35,8 +35,9 @@ def test_metadata_sizes_categories_and_levels(tmp_path, edge_broden):
     images = con.execute("SELECT image_id, split, ih, iw, sh, sw FROM images ORDER BY image_id").fetchall()
     assert images[1] == (1, "val", 33, 47, 17, 23)
     assert images[3] == (3, "val", 21, 35, 11, 18)
-    concepts = {r[0]: r[1:] for r in con.execute(
-        "SELECT concept_id, category, categories, level FROM concepts").fetchall()}
+    concepts = {
+        r[0]: r[1:] for r in con.execute("SELECT concept_id, category, categories, level FROM concepts").fetchall()
+    }
     assert concepts[300] == ("object", ["material", "object"], "pixel")  # primary = the larger count
     assert concepts[5][2] == "image" and concepts[7][2] == "image"
     assert concepts[301] == ("part", ["part"], "pixel")
@@ -93,14 +94,17 @@ def _break(root: Path, case: str) -> None:
         (root / "images" / "set" / "001_color.png").unlink()
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing index", "no index.csv"),
-    ("malformed row", "line 3"),
-    ("bad size", "expected an integer"),
-    ("corrupt png", "cannot be decoded"),
-    ("unknown label", "label 302 missing from label.csv"),
-    ("missing mask", "is missing"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing index", "no index.csv"),
+        ("malformed row", "line 3"),
+        ("bad size", "expected an integer"),
+        ("corrupt png", "cannot be decoded"),
+        ("unknown label", "label 302 missing from label.csv"),
+        ("missing mask", "is missing"),
+    ],
+)
 def test_bad_dataset_is_one_line_and_leaves_db_unchanged(tmp_path, edge_broden, case, message):
     root, _ = edge_broden
     db = tmp_path / "t.duckdb"
@@ -108,6 +112,7 @@ def test_bad_dataset_is_one_line_and_leaves_db_unchanged(tmp_path, edge_broden, 
     before = image_concepts(db)
     other = tmp_path / "broken"
     import shutil
+
     shutil.copytree(root, other)
     _break(other, case)
     result = _cli("data", "add", str(other), "--name", "broken", "--db", str(db))

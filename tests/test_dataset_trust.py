@@ -23,8 +23,12 @@ from n2vdb.store import write_connection
 
 
 def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "n2vdb", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "n2vdb", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def digest(path: Path) -> str:
@@ -67,6 +71,7 @@ def add_refused(db: Path, directory: Path, message: str, code: int = 1, name: st
 
 # -- item 2: every path stays inside the dataset directory -------------------------------------------
 
+
 def _outside(tmp_path: Path) -> Path:
     target = tmp_path / "elsewhere" / "secret.jpg"
     write_image(target, 40, 30, seed=99)
@@ -74,14 +79,17 @@ def _outside(tmp_path: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("case,line,column,message", [
-    ("image ../", 2, "image", "resolves outside the dataset directory"),
-    ("image absolute", 3, "image", "is an absolute path"),
-    ("mask absolute", 2, "object", "is an absolute path"),
-    ("mask ../", 4, "color", "resolves outside the dataset directory"),
-    ("image symlink out", 2, "image", "resolves outside the dataset directory"),
-    ("directory symlink out", 2, "image", "resolves outside the dataset directory"),
-])
+@pytest.mark.parametrize(
+    "case,line,column,message",
+    [
+        ("image ../", 2, "image", "resolves outside the dataset directory"),
+        ("image absolute", 3, "image", "is an absolute path"),
+        ("mask absolute", 2, "object", "is an absolute path"),
+        ("mask ../", 4, "color", "resolves outside the dataset directory"),
+        ("image symlink out", 2, "image", "resolves outside the dataset directory"),
+        ("directory symlink out", 2, "image", "resolves outside the dataset directory"),
+    ],
+)
 def test_paths_outside_the_dataset_are_refused_naming_the_row(tmp_path, registered, case, line, column, message):
     db, _, copy = registered
     secret = _outside(tmp_path)
@@ -138,6 +146,7 @@ def test_read_side_refuses_a_file_swapped_for_a_way_out_after_registration(tmp_p
 
 # -- item 3: a registered dataset never shifts under a probe -----------------------------------------
 
+
 def _remove_row(root: Path, line: int) -> None:
     lines = (root / "index.csv").read_text().splitlines()
     (root / "index.csv").write_text("\n".join(lines[: line - 1] + lines[line:]) + "\n")
@@ -145,12 +154,18 @@ def _remove_row(root: Path, line: int) -> None:
 
 CHANGES = {
     "index.csv row removed": (lambda r: _remove_row(r, 3), "index.csv changed"),
-    "label.csv renamed a concept": (lambda r: (r / "label.csv").write_text(
-        (r / "label.csv").read_text().replace(",dog,", ",hound,")), "label.csv changed"),
-    "category file added": (lambda r: (r / "c_color.csv").write_text("code,number,name\n1,1,red-c\n"),
-                            "c_color.csv was added"),
-    "mask replaced": (lambda r: write_mask(r / "images" / "set" / "000_object.png", np.full((20, 15), 300)),
-                      "a mask file changed"),
+    "label.csv renamed a concept": (
+        lambda r: (r / "label.csv").write_text((r / "label.csv").read_text().replace(",dog,", ",hound,")),
+        "label.csv changed",
+    ),
+    "category file added": (
+        lambda r: (r / "c_color.csv").write_text("code,number,name\n1,1,red-c\n"),
+        "c_color.csv was added",
+    ),
+    "mask replaced": (
+        lambda r: write_mask(r / "images" / "set" / "000_object.png", np.full((20, 15), 300)),
+        "a mask file changed",
+    ),
 }
 
 
@@ -202,8 +217,21 @@ def test_datasets_registered_before_fingerprints_are_checked_row_by_row(register
         assert importer._recorded(con, 2) == fingerprint.take(BrodenDataset.open(copy))
 
 
-INGEST = ["ingest", "alexnet", "conv1", "--weights", "random", "--workers", "0", "--epochs", "1",
-          "--batch-size", "1", "--dataset", "copy"]
+INGEST = [
+    "ingest",
+    "alexnet",
+    "conv1",
+    "--weights",
+    "random",
+    "--workers",
+    "0",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "1",
+    "--dataset",
+    "copy",
+]
 
 
 def tables(db: Path) -> str:
@@ -247,8 +275,7 @@ def test_following_the_bad_image_advice_resumes_and_editing_index_csv_is_refused
 def test_merge_refuses_shards_over_a_changed_directory(tmp_path, registered):
     db, _, copy = registered
     api.add_dataset(copy, "copy", db)
-    api.ingest_shard("alexnet", "conv1", "0/1", tmp_path / "shards", db, dataset="copy", weights="random",
-                     workers=0)
+    api.ingest_shard("alexnet", "conv1", "0/1", tmp_path / "shards", db, dataset="copy", weights="random", workers=0)
     _remove_row(copy, 5)
     before = tables(db)
     result = cli("merge", tmp_path / "shards", "--db", db)
@@ -258,17 +285,24 @@ def test_merge_refuses_shards_over_a_changed_directory(tmp_path, registered):
 
 # -- item 7: duplicates in dataset files -------------------------------------------------------------
 
-@pytest.mark.parametrize("case,row,message", [
-    ("duplicate label number", "2,cat,object(1),1,0.5,", "label number 2 appears on lines 4 and 11"),
-    ("duplicate concept name", "9,dog,object(1),1,0.5,", "concept name 'dog' is used by labels 2 and 9"),
-    ("names equal as file names", "9,red_c,color(1),1,0.5,",
-     "concept names 'red-c' and 'red_c' (lines 3 and 11) collide as file names ('red_c')"),
-    ("names equal up to case", "9,Dog,object(1),1,0.5,", "concept names 'dog' and 'Dog'"),
-    ("empty concept name", "9,,object(1),1,0.5,", "line 11: malformed row (the name is empty)"),
-    ("label number above int32", "2147483648,big,object(1),1,0.5,", "outside 1..2147483647"),
-    ("negative label number", "-4,neg,object(1),1,0.5,", "outside 1..2147483647"),
-    ("frequency above int32", "9,many,object(1),99999999999,0.5,", "frequency 99999999999 is outside"),
-])
+
+@pytest.mark.parametrize(
+    "case,row,message",
+    [
+        ("duplicate label number", "2,cat,object(1),1,0.5,", "label number 2 appears on lines 4 and 11"),
+        ("duplicate concept name", "9,dog,object(1),1,0.5,", "concept name 'dog' is used by labels 2 and 9"),
+        (
+            "names equal as file names",
+            "9,red_c,color(1),1,0.5,",
+            "concept names 'red-c' and 'red_c' (lines 3 and 11) collide as file names ('red_c')",
+        ),
+        ("names equal up to case", "9,Dog,object(1),1,0.5,", "concept names 'dog' and 'Dog'"),
+        ("empty concept name", "9,,object(1),1,0.5,", "line 11: malformed row (the name is empty)"),
+        ("label number above int32", "2147483648,big,object(1),1,0.5,", "outside 1..2147483647"),
+        ("negative label number", "-4,neg,object(1),1,0.5,", "outside 1..2147483647"),
+        ("frequency above int32", "9,many,object(1),99999999999,0.5,", "frequency 99999999999 is outside"),
+    ],
+)
 def test_label_csv_duplicates_and_nonsense_are_refused(registered, case, row, message):
     """label.csv as written holds 10 lines (header, the '-' row, 8 labels): ROW becomes line 11."""
     db, _, copy = registered
@@ -293,6 +327,7 @@ def test_file_stem_is_the_one_sanitiser_and_stays_unique_and_short():
     assert file_stem(long_a) != file_stem(long_b)
     assert len(file_stem("é" * 200).encode()) <= MAX_STEM
     from n2vdb.render import report
+
     assert report.file_stem is file_stem  # the report cards share it
 
 
@@ -303,6 +338,7 @@ def test_show_concept_names_its_file_with_the_sanitiser(tmp_path, monkeypatch, d
 
 
 # -- item 9: reading what users actually write -------------------------------------------------------
+
 
 def test_byte_order_mark_is_read(tmp_path, registered):
     db, root, copy = registered
@@ -319,22 +355,33 @@ def test_unknown_extra_column_is_ignored_and_named(registered):
     lines = [lines[0] + ",notes"] + [line + ",looked at by hand; twice" for line in lines[1:]]
     (copy / "index.csv").write_text("\n".join(lines) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "N2VDB_QUIET"}
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "data", "add", str(copy), "--name", "notes",
-                             "--db", str(db)], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "data", "add", str(copy), "--name", "notes", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert "'notes'" in result.stderr and "ignored" in result.stderr
     dataset = BrodenDataset.open(copy)
     assert "notes" not in dataset.categories and dataset.ignored_columns == ["notes"]
 
 
-@pytest.mark.parametrize("case,message,code", [
-    ("a file", "is not a directory", 1),
-    ("empty name", "a dataset name cannot be empty", 2),
-    ("segmentation size 1e6", f"column 'sh' is 1000000; image and segmentation sizes must lie in 1..{MAX_SIDE} px", 1),
-    ("label cell above int32", "line 2, column 'scene': label number 99999999999 is above 2147483647", 1),
-    ("not UTF-8", "index.csv is not UTF-8 text", 1),
-    ("empty image path", "line 2: column 'image' is empty", 1),
-])
+@pytest.mark.parametrize(
+    "case,message,code",
+    [
+        ("a file", "is not a directory", 1),
+        ("empty name", "a dataset name cannot be empty", 2),
+        (
+            "segmentation size 1e6",
+            f"column 'sh' is 1000000; image and segmentation sizes must lie in 1..{MAX_SIDE} px",
+            1,
+        ),
+        ("label cell above int32", "line 2, column 'scene': label number 99999999999 is above 2147483647", 1),
+        ("not UTF-8", "index.csv is not UTF-8 text", 1),
+        ("empty image path", "line 2: column 'image' is empty", 1),
+    ],
+)
 def test_friendly_reading(registered, case, message, code):
     db, _, copy = registered
     target, name = copy, "broken"
@@ -366,9 +413,19 @@ def test_empty_name_is_refused_by_the_library(tmp_path, edge_broden):
 def test_synth_into_an_unwritable_place_is_one_line(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    refused(cli("data", "synth", blocker / "set", "--images", "2", "--db", tmp_path / "t.duckdb"),
-            "cannot write the concept set in")
+    refused(
+        cli("data", "synth", blocker / "set", "--images", "2", "--db", tmp_path / "t.duckdb"),
+        "cannot write the concept set in",
+    )
     # N2VDB_HOME that is a file: the built-in set cannot be generated there on first use
-    result = cli("ingest", "alexnet", "conv1", "--weights", "random", "--db", tmp_path / "t.duckdb",
-                 env={"N2VDB_HOME": str(blocker)})
+    result = cli(
+        "ingest",
+        "alexnet",
+        "conv1",
+        "--weights",
+        "random",
+        "--db",
+        tmp_path / "t.duckdb",
+        env={"N2VDB_HOME": str(blocker)},
+    )
     refused(result, "cannot write the built-in concept set in")

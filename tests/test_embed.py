@@ -23,11 +23,20 @@ def planted_examples(n=160, k=12, size=7, members=(2, 5, 9), seed=0):
         union = binary[list(members)].any(0)
         ids, masks = [], []
         if union.any():
-            ids.append(7); masks.append(union)
+            ids.append(7)
+            masks.append(union)
         if binary[0].any():
-            ids.append(8); masks.append(binary[0])
-        examples.append(SegExample(i, "train" if i % 4 else "val", binary, np.array(ids),
-                                   torch.stack(masks) if masks else torch.zeros(0, size, size, dtype=torch.bool)))
+            ids.append(8)
+            masks.append(binary[0])
+        examples.append(
+            SegExample(
+                i,
+                "train" if i % 4 else "val",
+                binary,
+                np.array(ids),
+                torch.stack(masks) if masks else torch.zeros(0, size, size, dtype=torch.bool),
+            )
+        )
     return examples
 
 
@@ -44,8 +53,11 @@ def test_alpha_matches_direct_computation():
     examples = planted_examples(n=40)
     alpha = segmentation.compute_alpha(lambda: examples, {7: 0, 8: 1})
     for j, concept in enumerate((7, 8)):
-        fractions = [ex.masks[list(ex.concept_ids).index(concept)].float().mean().item()
-                     for ex in examples if ex.split == "train" and concept in ex.concept_ids]
+        fractions = [
+            ex.masks[list(ex.concept_ids).index(concept)].float().mean().item()
+            for ex in examples
+            if ex.split == "train" and concept in ex.concept_ids
+        ]
         assert alpha[j].item() == pytest.approx(1 - np.mean(fractions), rel=1e-6)
 
 
@@ -78,13 +90,19 @@ def rare_and_frequent_examples(n=40, k=6, size=5, seed=2):
     for i, concepts in extra.items():
         ex = examples[i]
         new_masks = torch.rand(len(concepts), size, size, generator=gen) < 0.4
-        examples[i] = SegExample(ex.image_id, ex.split, ex.binary, np.concatenate([ex.concept_ids, concepts]),
-                                 torch.cat([ex.masks, new_masks]))
+        examples[i] = SegExample(
+            ex.image_id,
+            ex.split,
+            ex.binary,
+            np.concatenate([ex.concept_ids, concepts]),
+            torch.cat([ex.masks, new_masks]),
+        )
     return examples
 
 
-def reference_one_concept(examples, concept, k, *, init, alpha, lr, epochs, batch, orders, loss="paper",
-                          use_bias=False):
+def reference_one_concept(
+    examples, concept, k, *, init, alpha, lr, epochs, batch, orders, loss="paper", use_bias=False
+):
     """The reference's recipe for one concept, written plainly: its own train images in the epoch's
     order, batches of BATCH, loss summed over pixels and divided by the batch's own count, autograd
     through F.interpolate, torch's SGD with momentum."""
@@ -95,7 +113,7 @@ def reference_one_concept(examples, concept, k, *, init, alpha, lr, epochs, batc
     for epoch in range(epochs):
         mine = [train[r] for r in np.argsort(orders[epoch]) if concept in train[r].concept_ids]
         for start in range(0, len(mine), batch):
-            chunk = mine[start:start + batch]
+            chunk = mine[start : start + batch]
             optimiser.zero_grad()
             total = 0
             for ex in chunk:
@@ -119,8 +137,9 @@ def test_joint_training_equals_one_concept_at_a_time(loss, use_bias):
     examples = rare_and_frequent_examples()
     concepts = [7, 8, 9, 10]
     k, lr, epochs, batch, seed = 6, 0.01, 4, 4, 4
-    joint = segmentation.train(lambda: examples, concepts, k, epochs=epochs, lr=lr, batch_size=batch, seed=seed,
-                               loss=loss, use_bias=use_bias)
+    joint = segmentation.train(
+        lambda: examples, concepts, k, epochs=epochs, lr=lr, batch_size=batch, seed=seed, loss=loss, use_bias=use_bias
+    )
     gen = torch.Generator().manual_seed(seed)
     init = (torch.rand(k, len(concepts), generator=gen) * 2 - 1) / np.sqrt(k)
     n_train = sum(ex.split == "train" for ex in examples)
@@ -129,8 +148,19 @@ def test_joint_training_equals_one_concept_at_a_time(loss, use_bias):
     counts = {c: sum(c in ex.concept_ids for ex in examples if ex.split == "train") for c in concepts}
     assert counts[9] == 1 and counts[10] == 2 and counts[7] > 3 * batch
     for j, concept in enumerate(concepts):
-        w, b = reference_one_concept(examples, concept, k, init=init[:, j], alpha=alpha[j], lr=lr, epochs=epochs,
-                                     batch=batch, orders=orders, loss=loss, use_bias=use_bias)
+        w, b = reference_one_concept(
+            examples,
+            concept,
+            k,
+            init=init[:, j],
+            alpha=alpha[j],
+            lr=lr,
+            epochs=epochs,
+            batch=batch,
+            orders=orders,
+            loss=loss,
+            use_bias=use_bias,
+        )
         torch.testing.assert_close(joint.weights[:, j], w, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(joint.bias[j], b, rtol=1e-4, atol=1e-6)
         assert not torch.equal(w, init[:, j])  # it trained
@@ -147,8 +177,15 @@ def test_fast_gradient_equals_autograd_through_interpolate(loss):
     examples = []
     for i in range(6):
         ids = np.array([3, 8] if i % 2 else [8])
-        examples.append(SegExample(i, "train", torch.rand(k, h, w, generator=gen) < 0.3, ids,
-                                   torch.rand(len(ids), sh, sw, generator=gen) < 0.5))
+        examples.append(
+            SegExample(
+                i,
+                "train",
+                torch.rand(k, h, w, generator=gen) < 0.3,
+                ids,
+                torch.rand(len(ids), sh, sw, generator=gen) < 0.5,
+            )
+        )
     block = next(iter_blocks(examples, 100))
     column = {3: 0, 8: 1}
     weights = torch.randn(k, 2, generator=gen)
@@ -159,9 +196,12 @@ def test_fast_gradient_equals_autograd_through_interpolate(loss):
     geo = segmentation._Geometry(block, torch.device("cpu"))
     grad_w, grad_b = torch.zeros(k, 2), torch.zeros(2)
     segmentation._accumulate(block, pairs, cols, weights, bias, alpha, scale, loss, geo, grad_w, grad_b)
-    torch.testing.assert_close(geo.up(torch.eye(6)[None, :4].repeat(2, 1, 1)),
-                               F.interpolate(torch.eye(6)[None, None, :4].repeat(2, 1, 1, 1), size=(sh, sw),
-                                             mode="bilinear", align_corners=True)[:, 0])
+    torch.testing.assert_close(
+        geo.up(torch.eye(6)[None, :4].repeat(2, 1, 1)),
+        F.interpolate(
+            torch.eye(6)[None, None, :4].repeat(2, 1, 1, 1), size=(sh, sw), mode="bilinear", align_corners=True
+        )[:, 0],
+    )
     w_ref, b_ref = weights.clone().requires_grad_(), bias.clone().requires_grad_()
     total = 0
     for p, c, s in zip(pairs, cols, scale):
@@ -209,8 +249,9 @@ def test_classification_joint_equals_one_concept_at_a_time():
     train_x, train_y = features[~is_val], labels[~is_val]
     classification.balanced_sample(labels[is_val], g)
     init = (torch.rand(k, 3, generator=g) * 2 - 1) / np.sqrt(k)
-    draws = [(classification.balanced_sample(train_y, g), torch.randperm(len(train_x), generator=g))
-             for _ in range(epochs)]
+    draws = [
+        (classification.balanced_sample(train_y, g), torch.randperm(len(train_x), generator=g)) for _ in range(epochs)
+    ]
     for j in range(3):
         w, b = init[:, j].clone().requires_grad_(), torch.zeros((), requires_grad=True)
         optimiser = torch.optim.SGD([w, b], lr=lr, momentum=0.9)
@@ -218,7 +259,7 @@ def test_classification_joint_equals_one_concept_at_a_time():
         for selection, order in draws:
             mine = [int(i) for i in order if selection[i, j]]
             for start in range(0, len(mine), batch):
-                idx = mine[start:start + batch]
+                idx = mine[start : start + batch]
                 optimiser.zero_grad()
                 F.binary_cross_entropy_with_logits(train_x[idx] @ w + b, train_y[idx, j].float()).backward()
                 optimiser.step()
@@ -248,8 +289,9 @@ def test_balanced_sample_and_average_precision():
     assert chosen[:, 0].sum() == 4 and chosen[labels[:, 0], 0].all()
     assert chosen[:, 1].sum() == 4 and chosen[~labels[:, 1], 1].all()
     # precision at each positive: 1/1, 2/3 -> AP = (1 + 2/3) / 2
-    assert classification.average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == \
-        pytest.approx((1 + 2 / 3) / 2)
+    assert classification.average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx(
+        (1 + 2 / 3) / 2
+    )
 
 
 def test_sufficiency_grid_and_top_filters():
@@ -285,20 +327,33 @@ def test_embeddings_beat_single_filters_on_the_builtin_set(ingested_db):
 def test_stage_writes_scores_and_sufficiency(tmp_path, synthetic_dir):
     db = tmp_path / "s.duckdb"
     api.add_dataset(synthetic_dir, "synthetic", db)
-    api.ingest("alexnet", "conv5", db, dataset="synthetic", weights="random", limit=30, workers=0,
-               train=TrainSettings(epochs=2, sufficiency=True, sufficiency_grid=(1, 4, 300)))
+    api.ingest(
+        "alexnet",
+        "conv5",
+        db,
+        dataset="synthetic",
+        weights="random",
+        limit=30,
+        workers=0,
+        train=TrainSettings(epochs=2, sufficiency=True, sufficiency_grid=(1, 4, 300)),
+    )
     con = duckdb.connect(str(db), read_only=True)
-    grid = con.execute("SELECT kind, list(DISTINCT n_filters ORDER BY n_filters) FROM embeddings GROUP BY kind"
-                       " ORDER BY kind").fetchall()
+    grid = con.execute(
+        "SELECT kind, list(DISTINCT n_filters ORDER BY n_filters) FROM embeddings GROUP BY kind ORDER BY kind"
+    ).fetchall()
     assert grid == [(kind, [1, 4, 256]) for kind in ("classification", "segmentation")]  # 300 > K: capped
-    nonzero = con.execute("SELECT n_filters, max(len(list_filter(weights, lambda w: w <> 0))) FROM embeddings"
-                          " WHERE kind = 'segmentation' GROUP BY 1 ORDER BY 1").fetchall()
+    nonzero = con.execute(
+        "SELECT n_filters, max(len(list_filter(weights, lambda w: w <> 0))) FROM embeddings"
+        " WHERE kind = 'segmentation' GROUP BY 1 ORDER BY 1"
+    ).fetchall()
     assert all(count <= f for f, count in nonzero)
     methods = dict(con.execute("SELECT method, count(*) FROM image_concept_scores GROUP BY 1").fetchall())
     assert set(methods) == {"best_filter", "segmentation", "classification"}
     # per-image segmentation scores only on val images containing the concept
-    wrong = con.execute("SELECT count(*) FROM image_concept_scores s JOIN images i USING (image_id)"
-                        " WHERE s.method = 'segmentation' AND i.split <> 'val'").fetchone()[0]
+    wrong = con.execute(
+        "SELECT count(*) FROM image_concept_scores s JOIN images i USING (image_id)"
+        " WHERE s.method = 'segmentation' AND i.split <> 'val'"
+    ).fetchone()[0]
     assert wrong == 0
 
 
@@ -317,8 +372,10 @@ def test_cache_round_trips_in_image_order_and_streams_over_budget():
         assert back.split == original.split
         assert torch.equal(back.binary, original.binary) and torch.equal(back.masks, original.masks)
         assert list(back.concept_ids) == list(original.concept_ids)
+
     def streamed():
         return iter(examples)
+
     assert cached(streamed, budget_bytes=100) is streamed  # over budget: streams on every call instead
     # cached and streamed sources train to the same weights (one block either way)
     a = segmentation.train(packed, [7, 8], 5, epochs=2, lr=0.05, batch_size=4)
@@ -339,8 +396,12 @@ def test_evaluate_matches_direct_iou():
                 if ex.split != split or concept not in ex.concept_ids:
                     continue
                 y = ex.masks[list(ex.concept_ids).index(concept)]
-                z = F.interpolate(torch.einsum("khw,k->hw", ex.binary.float(), weights[:, j])[None, None],
-                                  size=y.shape, mode="bilinear", align_corners=True)[0, 0]
+                z = F.interpolate(
+                    torch.einsum("khw,k->hw", ex.binary.float(), weights[:, j])[None, None],
+                    size=y.shape,
+                    mode="bilinear",
+                    align_corners=True,
+                )[0, 0]
                 inter += int(((z > 0) & y).sum())
                 union += int(((z > 0) | y).sum())
                 if split == "val":
@@ -353,8 +414,9 @@ def test_sufficiency_grid_is_part_of_the_probe_key():
 
     from n2vdb.probe import ProbeSpec
 
-    spec = ProbeSpec(model="m", layer="l", module="l", relu=True, weights="w", dataset_id=1, input_size=8,
-                     mean=(0.0,), std=(1.0,))
+    spec = ProbeSpec(
+        model="m", layer="l", module="l", relu=True, weights="w", dataset_id=1, input_size=8, mean=(0.0,), std=(1.0,)
+    )
     other = replace(spec, train=TrainSettings(sufficiency_grid=(1, 2)))
     assert spec.key != other.key and spec.extraction_key == other.extraction_key
     assert "sufficiency_grid" not in spec.settings()["train"]  # keys of older probes are unchanged
@@ -364,8 +426,22 @@ def test_bad_sufficiency_grid_is_a_one_line_error(tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "ingest", "alexnet", "conv5", "--sufficiency",
-                             "--sufficiency-grid", "1,two", "--db", str(tmp_path / "x.duckdb")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "n2vdb",
+            "ingest",
+            "alexnet",
+            "conv5",
+            "--sufficiency",
+            "--sufficiency-grid",
+            "1,two",
+            "--db",
+            str(tmp_path / "x.duckdb"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "--sufficiency-grid" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x.duckdb").exists()

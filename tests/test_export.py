@@ -37,12 +37,18 @@ def keyed(rows: list[dict], key: tuple[str, ...]) -> dict[tuple, dict]:
     return {tuple(r[k] for k in key): r for r in rows}
 
 
-KEYS = {"datasets": ("dataset_id",), "images": ("dataset_id", "image_id"), "concepts": ("dataset_id", "concept_id"),
-        "image_concepts": ("dataset_id", "image_id", "concept_id"), "probes": ("probe_id",),
-        "activations": ("probe_id", "image_id"), "filters": ("probe_id", "filter"),
-        "filter_concept_iou": ("probe_id", "filter", "concept_id", "split"),
-        "embeddings": ("probe_id", "concept_id", "kind", "n_filters"),
-        "image_concept_scores": ("probe_id", "image_id", "concept_id", "method")}
+KEYS = {
+    "datasets": ("dataset_id",),
+    "images": ("dataset_id", "image_id"),
+    "concepts": ("dataset_id", "concept_id"),
+    "image_concepts": ("dataset_id", "image_id", "concept_id"),
+    "probes": ("probe_id",),
+    "activations": ("probe_id", "image_id"),
+    "filters": ("probe_id", "filter"),
+    "filter_concept_iou": ("probe_id", "filter", "concept_id", "split"),
+    "embeddings": ("probe_id", "concept_id", "kind", "n_filters"),
+    "image_concept_scores": ("probe_id", "image_id", "concept_id", "method"),
+}
 
 
 def same(a, b) -> bool:
@@ -75,8 +81,9 @@ def test_parquet_directory_is_readable_by_duckdb_and_pyarrow(ingested_db, tmp_pa
         expected = source_rows(ingested_db, table)
         assert_same_rows(expected, pq.read_table(out / f"{table}.parquet").to_pylist(), table)
         with duckdb.connect() as con:
-            assert con.execute(f"SELECT count(*) FROM read_parquet('{out / table}.parquet')").fetchall()[0][0] \
-                == len(expected)
+            assert con.execute(f"SELECT count(*) FROM read_parquet('{out / table}.parquet')").fetchall()[0][0] == len(
+                expected
+            )
     with duckdb.connect() as con:  # schema.sql recreates the tables, and the files load into them
         con.execute((out / "schema.sql").read_text())
         for table in PUBLIC_TABLES:
@@ -152,8 +159,12 @@ def test_a_failed_export_changes_nothing_at_the_target(ingested_db, tmp_path):
     before = _counts(url)
     engine = sa.create_engine(url)
     with engine.begin() as con:  # the target refuses one table's rows, after others were replaced
-        con.execute(sa.text("CREATE TRIGGER refuse BEFORE INSERT ON filter_concept_iou "
-                            "BEGIN SELECT RAISE(ABORT, 'refused by test'); END"))
+        con.execute(
+            sa.text(
+                "CREATE TRIGGER refuse BEFORE INSERT ON filter_concept_iou "
+                "BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
+            )
+        )
     engine.dispose()
     with pytest.raises(N2vdbError, match="nothing was changed there: refused by test"):
         api.export(url, ingested_db)
@@ -162,6 +173,7 @@ def test_a_failed_export_changes_nothing_at_the_target(ingested_db, tmp_path):
 
 # -- a real PostgreSQL server --------------------------------------------------------------------
 
+
 def _postgres_bin() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if found:
@@ -169,8 +181,9 @@ def _postgres_bin() -> Path:
     initdb = shutil.which("initdb")
     if initdb:
         return Path(initdb).parent
-    pytest.fail("PostgreSQL's server binaries are needed for this test: apt-get install postgresql-15 "
-                "(.ci/run does it)")
+    pytest.fail(
+        "PostgreSQL's server binaries are needed for this test: apt-get install postgresql-15 (.ci/run does it)"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -186,16 +199,35 @@ def postgres_url():
         as_user = ["runuser", "-u", user, "--"]
     data = root / "data"
     log = root / "log"
-    subprocess.run(as_user + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", user, "--no-sync"],
-                   check=True, capture_output=True)
-    subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
-                              f"-k {root} -c listen_addresses='' -c fsync=off", "start"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        as_user + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", user, "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        as_user
+        + [
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-k {root} -c listen_addresses='' -c fsync=off",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://{user}@/postgres?host={root}"
     finally:
-        subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -213,11 +245,17 @@ def test_postgres_export_uses_arrays_and_jsonb_and_matches_duckdb(ingested_db, p
     assert counts == source_counts(ingested_db) == _counts(driver_url)
     engine = sa.create_engine(driver_url)
     with engine.connect() as con:
-        types = dict(con.execute(sa.text(
-            "SELECT table_name || '.' || column_name, udt_name FROM information_schema.columns "
-            "WHERE table_schema = 'public'")).fetchall())
-        weights = con.execute(sa.text(
-            "SELECT array_length(weights, 1), weights[1] FROM embeddings ORDER BY concept_id, kind LIMIT 1")).one()
+        types = dict(
+            con.execute(
+                sa.text(
+                    "SELECT table_name || '.' || column_name, udt_name FROM information_schema.columns "
+                    "WHERE table_schema = 'public'"
+                )
+            ).fetchall()
+        )
+        weights = con.execute(
+            sa.text("SELECT array_length(weights, 1), weights[1] FROM embeddings ORDER BY concept_id, kind LIMIT 1")
+        ).one()
     engine.dispose()
     assert types["embeddings.weights"] == "_float4" and types["concepts.categories"] == "_text"
     assert types["probes.settings"] == "jsonb" and types["activations.codes"] == "bytea"
@@ -239,10 +277,20 @@ def test_postgres_export_uses_arrays_and_jsonb_and_matches_duckdb(ingested_db, p
 
 def test_cli_export(ingested_db, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "N2VDB_QUIET": "0"}
-    done = subprocess.run([sys.executable, "-m", "n2vdb", "export", str(tmp_path / "out"), "--db", str(ingested_db)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "export", str(tmp_path / "out"), "--db", str(ingested_db)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert f"exported {sum(source_counts(ingested_db).values())} rows in 10 tables" in done.stderr
-    bad = subprocess.run([sys.executable, "-m", "n2vdb", "export", "postgresql://nobody@/x?host=/nonexistent",
-                          "--db", str(ingested_db)], capture_output=True, text=True, env=env, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "export", "postgresql://nobody@/x?host=/nonexistent", "--db", str(ingested_db)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "nothing was changed" in bad.stderr

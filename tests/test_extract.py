@@ -70,7 +70,8 @@ def test_sql_macro_reads_the_same_values(ingested_db):
     rows = con.execute(
         "SELECT a.image_id, f, p, activation(a.codes, a.scales, f, p, pr.height * pr.width)"
         " FROM activations a JOIN probes pr USING (probe_id), range(0, 256, 37) t(f), range(0, 169, 11) s(p)"
-        " WHERE a.image_id IN (3, 7)").fetchall()
+        " WHERE a.image_id IN (3, 7)"
+    ).fetchall()
     assert len(rows) == 2 * 7 * 16
     for image_id, f, p, value in rows:
         assert value == pytest.approx(acts[list(ids).index(image_id), f].reshape(-1)[p], rel=1e-6, abs=1e-12)
@@ -91,8 +92,26 @@ def test_resume_after_a_failure_gives_the_uninterrupted_result(tmp_path, synthet
     victim.write_bytes(b"not a jpeg")
     db = tmp_path / "r.duckdb"
     api.add_dataset(broken, "synthetic", db)
-    cmd = [sys.executable, "-m", "n2vdb", "ingest", "alexnet", "conv5", "--weights", "random", "--dataset",
-           "synthetic", "--workers", "0", "--batch-size", "16", "--epochs", "10", "--db", str(db)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "n2vdb",
+        "ingest",
+        "alexnet",
+        "conv5",
+        "--weights",
+        "random",
+        "--dataset",
+        "synthetic",
+        "--workers",
+        "0",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "10",
+        "--db",
+        str(db),
+    ]
     failed = subprocess.run(cmd, capture_output=True, text=True)
     assert failed.returncode == 1
     assert "000050.jpg cannot be decoded" in failed.stderr and "Traceback" not in failed.stderr
@@ -104,10 +123,13 @@ def test_resume_after_a_failure_gives_the_uninterrupted_result(tmp_path, synthet
     assert resumed.returncode == 0, resumed.stderr
     mine = duckdb.connect(str(db), read_only=True)
     reference = duckdb.connect(str(ingested_db), read_only=True)
-    for table, order in (("activations", "image_id"), ("filters", "filter"),
-                         ("filter_concept_iou", "filter, concept_id, split"),
-                         ("embeddings", "concept_id, kind, n_filters"),
-                         ("image_concept_scores", "image_id, concept_id, method")):
+    for table, order in (
+        ("activations", "image_id"),
+        ("filters", "filter"),
+        ("filter_concept_iou", "filter, concept_id, split"),
+        ("embeddings", "concept_id, kind, n_filters"),
+        ("image_concept_scores", "image_id, concept_id, method"),
+    ):
         a = mine.execute(f"SELECT * EXCLUDE (probe_id) FROM {table} ORDER BY {order}").fetchall()
         b = reference.execute(f"SELECT * EXCLUDE (probe_id) FROM {table} ORDER BY {order}").fetchall()
         assert a == b, table
@@ -118,23 +140,58 @@ def test_resume_after_a_failure_gives_the_uninterrupted_result(tmp_path, synthet
 
 
 def test_variant_reuses_activations(db_copy):
-    api.ingest("alexnet", "conv5", db_copy, dataset="synthetic", weights="random", workers=0, quantile=0.99,
-               iou_mode="netdissect", train=TrainSettings(epochs=1))
+    api.ingest(
+        "alexnet",
+        "conv5",
+        db_copy,
+        dataset="synthetic",
+        weights="random",
+        workers=0,
+        quantile=0.99,
+        iou_mode="netdissect",
+        train=TrainSettings(epochs=1),
+    )
     con = duckdb.connect(str(db_copy), read_only=True)
     assert con.execute("SELECT probe_id, source_probe_id, status FROM probes ORDER BY probe_id").fetchall() == [
-        (1, None, "complete"), (2, 1, "complete")]
+        (1, None, "complete"),
+        (2, 1, "complete"),
+    ]
     assert con.execute("SELECT DISTINCT probe_id FROM activations").fetchall() == [(1,)]
     t1, t2 = (con.execute(f"SELECT avg(threshold) FROM filters WHERE probe_id = {p}").fetchone()[0] for p in (1, 2))
     assert t2 < t1
 
 
 def test_every_setting_reaches_the_probe_key():
-    base = ProbeSpec(model="alexnet", layer="conv5", module="features.11", relu=False, weights="random:seed=0",
-                     dataset_id=1, input_size=227, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
-    changes = dict(model="vgg16", layer="conv4", module="features.9", relu=True, weights="random:seed=1",
-                   dataset_id=2, input_size=224, mean=(0.0, 0.2, 0.3), std=(1.0, 2.0, 1.0), limit=10,
-                   quantile=0.99, iou_mode="netdissect", preprocess="caffe", train=TrainSettings(epochs=3),
-                   kind="tokens", layout="tokens:1:14x14", interpolation="bicubic")
+    base = ProbeSpec(
+        model="alexnet",
+        layer="conv5",
+        module="features.11",
+        relu=False,
+        weights="random:seed=0",
+        dataset_id=1,
+        input_size=227,
+        mean=(0.1, 0.2, 0.3),
+        std=(1.0, 1.0, 1.0),
+    )
+    changes = dict(
+        model="vgg16",
+        layer="conv4",
+        module="features.9",
+        relu=True,
+        weights="random:seed=1",
+        dataset_id=2,
+        input_size=224,
+        mean=(0.0, 0.2, 0.3),
+        std=(1.0, 2.0, 1.0),
+        limit=10,
+        quantile=0.99,
+        iou_mode="netdissect",
+        preprocess="caffe",
+        train=TrainSettings(epochs=3),
+        kind="tokens",
+        layout="tokens:1:14x14",
+        interpolation="bicubic",
+    )
     assert set(changes) == {f for f in ProbeSpec.__dataclass_fields__}
     keys = {base.key}
     for field, value in changes.items():
@@ -192,14 +249,20 @@ def test_weights_file_places_style_and_wrong_architecture(tmp_path):
         weights.load("alexnet", str(wrong))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["alexnett", "conv5"], "did you mean alexnet"),
-    (["alexnet", "conv6"], "did you mean conv5"),
-    (["alexnet", "conv5", "--weights", "/no/such/file.pth"], "expected imagenet, random or an existing"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["alexnett", "conv5"], "did you mean alexnet"),
+        (["alexnet", "conv6"], "did you mean conv5"),
+        (["alexnet", "conv5", "--weights", "/no/such/file.pth"], "expected imagenet, random or an existing"),
+    ],
+)
 def test_unknown_model_layer_weights(tmp_path, args, message):
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "ingest", *args, "--db", str(tmp_path / "x.duckdb")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "ingest", *args, "--db", str(tmp_path / "x.duckdb")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 
@@ -211,17 +274,38 @@ def test_layer_registry():
     shapes = {row["layer"]: row["output"] for row in registry.layer_table("alexnet")}
     assert shapes["conv5"] == "256x13x13"
     assert isinstance(torchvision.models.vgg16(weights=None).features[29], torch.nn.ReLU)
-    assert all(isinstance(torchvision.models.alexnet(weights=None).get_submodule(p), torch.nn.ReLU)
-               for p in registry.FRIENDLY["alexnet"].values())
+    assert all(
+        isinstance(torchvision.models.alexnet(weights=None).get_submodule(p), torch.nn.ReLU)
+        for p in registry.FRIENDLY["alexnet"].values()
+    )
 
 
 def test_resnet18_layer4_end_to_end(tmp_path, synthetic_dir):
     db = tmp_path / "r.duckdb"
     api.add_dataset(synthetic_dir, "synthetic", db)
     result = subprocess.run(
-        [sys.executable, "-m", "n2vdb", "ingest", "resnet18", "layer4", "--weights", "random", "--limit", "24",
-         "--epochs", "1", "--workers", "0", "--db", str(db)],
-        capture_output=True, text=True, env={**os.environ, "N2VDB_QUIET": "0"})
+        [
+            sys.executable,
+            "-m",
+            "n2vdb",
+            "ingest",
+            "resnet18",
+            "layer4",
+            "--weights",
+            "random",
+            "--limit",
+            "24",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--db",
+            str(db),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "N2VDB_QUIET": "0"},
+    )
     assert result.returncode == 0, result.stderr
     assert "probe 1: resnet18 layer4 done" in result.stderr
     con = duckdb.connect(str(db), read_only=True)
@@ -232,8 +316,17 @@ def test_resnet18_layer4_end_to_end(tmp_path, synthetic_dir):
 def test_probe_keys_of_earlier_releases_still_match():
     """A database made before preprocess/kind/layout/interpolation existed keeps its keys: the same
     command resumes or skips its probes. The literal is the key n2vdb 09c02e6 gave this spec."""
-    spec = ProbeSpec(model="alexnet", layer="conv5", module="features.11", relu=True, weights="random:seed=0",
-                     dataset_id=1, input_size=227, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    spec = ProbeSpec(
+        model="alexnet",
+        layer="conv5",
+        module="features.11",
+        relu=True,
+        weights="random:seed=0",
+        dataset_id=1,
+        input_size=227,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
     assert spec.key == "b5c80559823321422c9a"
     assert ProbeSpec(**{**spec.__dict__, "preprocess": "caffe"}).key != spec.key
     assert ProbeSpec(**{**spec.__dict__, "kind": "tokens", "layout": "tokens:1:14x14"}).key != spec.key

@@ -18,13 +18,18 @@ from helpers import planted_probe
 
 CATEGORIES = ["color", "object", "part", "material", "scene", "texture"]  # category.csv order (not index.csv's)
 # number, name, label.csv category cell, {category: coverage} as c_<category>.csv states it
-LABELS = [(1, "red-c", "color(3)", {"color": 0.3}), (2, "dog", "object(5)", {"object": 0.2}),
-          # label.csv's counts make wood a material; c_*.csv coverage makes it an object for NetDissect-Lite
-          (300, "wood", "material(9);object(4)", {"material": 0.1, "object": 0.4}),
-          (301, "leg", "part(3)", {"part": 0.1}), (302, "head", "part(2)", {"part": 0.05}),
-          (303, "brick", "material(2)", {"material": 0.2}),
-          (5, "street-s", "scene(2)", {"scene": 0.5}), (6, "city-s", "scene(1)", {"scene": 0.4}),
-          (7, "striped", "texture(1)", {"texture": 1.0})]
+LABELS = [
+    (1, "red-c", "color(3)", {"color": 0.3}),
+    (2, "dog", "object(5)", {"object": 0.2}),
+    # label.csv's counts make wood a material; c_*.csv coverage makes it an object for NetDissect-Lite
+    (300, "wood", "material(9);object(4)", {"material": 0.1, "object": 0.4}),
+    (301, "leg", "part(3)", {"part": 0.1}),
+    (302, "head", "part(2)", {"part": 0.05}),
+    (303, "brick", "material(2)", {"material": 0.2}),
+    (5, "street-s", "scene(2)", {"scene": 0.5}),
+    (6, "city-s", "scene(1)", {"scene": 0.4}),
+    (7, "striped", "texture(1)", {"texture": 1.0}),
+]
 INDEX_COLUMNS = ["image", "split", "ih", "iw", "sh", "sw", "color", "object", "material", "part", "scene", "texture"]
 
 
@@ -33,8 +38,10 @@ def pil_imresize(feature_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(feature_map.astype(np.float32), mode="F").resize(shape[::-1], Image.BILINEAR))
 
 
-@pytest.mark.parametrize("geometry", [(6, 6, 15, 17), (13, 13, 113, 113), (7, 7, 112, 112), (14, 14, 7, 7),
-                                      (6, 9, 5, 4), (1, 3, 4, 7), (5, 5, 5, 5)])
+@pytest.mark.parametrize(
+    "geometry",
+    [(6, 6, 15, 17), (13, 13, 113, 113), (7, 7, 112, 112), (14, 14, 7, 7), (6, 9, 5, 4), (1, 3, 4, 7), (5, 5, 5, 5)],
+)
 def test_resize_is_pils_bit_for_bit(geometry):
     h, w, sh, sw = geometry
     rng = np.random.default_rng(h * 100 + sw)
@@ -56,9 +63,13 @@ def test_fast_threshold_is_exact_at_the_boundary(geometry):
     maps[1] -= 2  # negative values
     resized = np.stack([pil_imresize(m, (sh, sw)) for m in maps])
     picks[0], picks[1] = 0.0, resized[1].ravel()[3]
-    for thresholds in (picks, np.nextafter(picks.astype(np.float32), 0).astype(np.float64),
-                       np.nextafter(picks.astype(np.float32), 9).astype(np.float64), picks - 1e-12,
-                       np.r_[-1e-300, picks[1:]]):
+    for thresholds in (
+        picks,
+        np.nextafter(picks.astype(np.float32), 0).astype(np.float64),
+        np.nextafter(picks.astype(np.float32), 9).astype(np.float64),
+        picks - 1e-12,
+        np.r_[-1e-300, picks[1:]],
+    ):
         got = pil_resize.above(torch.from_numpy(maps), torch.from_numpy(thresholds), (sh, sw)).numpy()
         assert np.array_equal(got, resized > thresholds[:, None, None])
 
@@ -67,8 +78,9 @@ def test_resize_is_not_torchs_when_downsampling():
     """Why the mode carries its own resize: PIL widens the filter when shrinking; torch does not."""
     maps = np.random.default_rng(0).random((1, 14, 14)).astype(np.float32)
     ours = pil_resize.resize(torch.from_numpy(maps), (7, 7))
-    theirs = torch.nn.functional.interpolate(torch.from_numpy(maps)[None], size=(7, 7), mode="bilinear",
-                                             align_corners=False)[0]
+    theirs = torch.nn.functional.interpolate(
+        torch.from_numpy(maps)[None], size=(7, 7), mode="bilinear", align_corners=False
+    )[0]
     assert (ours - theirs).abs().max() > 0.05
 
 
@@ -78,13 +90,27 @@ def quirky_broden(root):
     in the object and material channels at once, image-level labels (two in one cell), an image with only
     image-level labels, an image with none, and a segmentation smaller than the map (PIL downsamples)."""
     rng = np.random.default_rng(11)
-    sizes = [(40, 30, 20, 15), (33, 47, 17, 23), (50, 50, 25, 25), (21, 35, 11, 18), (12, 10, 5, 4),
-             (30, 30, 15, 15), (30, 30, 14, 16)]
+    sizes = [
+        (40, 30, 20, 15),
+        (33, 47, 17, 23),
+        (50, 50, 25, 25),
+        (21, 35, 11, 18),
+        (12, 10, 5, 4),
+        (30, 30, 15, 15),
+        (30, 30, 14, 16),
+    ]
     rows = []
     for i, (ih, iw, sh, sw) in enumerate(sizes):
         stem = f"set/{i:03d}"
         write_image(root / "images" / f"{stem}.jpg", ih, iw, seed=i)
-        row = {"image": f"{stem}.jpg", "split": "train" if i % 2 == 0 else "val", "ih": ih, "iw": iw, "sh": sh, "sw": sw}
+        row = {
+            "image": f"{stem}.jpg",
+            "split": "train" if i % 2 == 0 else "val",
+            "ih": ih,
+            "iw": iw,
+            "sh": sh,
+            "sw": sw,
+        }
         if i == 3:  # nothing at all
             rows.append(row)
             continue
@@ -101,9 +127,14 @@ def quirky_broden(root):
         }
         for name, labels in channels.items():
             write_mask(root / "images" / f"{stem}_{name}.png", labels)
-        row.update(color=f"{stem}_color.png", object=f"{stem}_object.png", material=f"{stem}_material.png",
-                   part=f"{stem}_part_1.png;{stem}_part_2.png",
-                   scene={0: "5;6", 2: "6"}.get(i, ""), texture="7" if i in (1, 4) else "")
+        row.update(
+            color=f"{stem}_color.png",
+            object=f"{stem}_object.png",
+            material=f"{stem}_material.png",
+            part=f"{stem}_part_1.png;{stem}_part_2.png",
+            scene={0: "5;6", 2: "6"}.get(i, ""),
+            texture="7" if i in (1, 4) else "",
+        )
         rows.append(row)
     root.mkdir(parents=True, exist_ok=True)
     with (root / "index.csv").open("w", newline="") as handle:
@@ -144,14 +175,19 @@ def netdissect_lite(root, features: np.ndarray, threshold: np.ndarray, images=No
     label_rows = list(csv.DictReader((root / "label.csv").open()))
     n_labels = max(int(r["number"]) for r in label_rows) + 1
     if all((root / f"c_{c}.csv").exists() for c in categories):
-        coverage = {c: {int(r["number"]): float(r["coverage"]) for r in csv.DictReader((root / f"c_{c}.csv").open())}
-                    for c in categories}
+        coverage = {
+            c: {int(r["number"]): float(r["coverage"]) for r in csv.DictReader((root / f"c_{c}.csv").open())}
+            for c in categories
+        }
         primary = [max((coverage[c].get(j, 0.0), ic) for ic, c in enumerate(categories))[1] for j in range(n_labels)]
     else:  # (n2vdb's fallback) the category with the largest count in label.csv
         primary = [0] * n_labels
         for r in label_rows:
-            counts = [(int(part.split("(")[1].rstrip(")")), part.split("(")[0]) for part in r["category"].split(";")
-                      if "(" in part]
+            counts = [
+                (int(part.split("(")[1].rstrip(")")), part.split("(")[0])
+                for part in r["category"].split(";")
+                if "(" in part
+            ]
             if counts:
                 primary[int(r["number"])] = categories.index(max(counts, key=lambda c: c[0])[1])
     labelcat = np.zeros((n_labels, len(categories)))
@@ -203,10 +239,19 @@ def netdissect_lite(root, features: np.ndarray, threshold: np.ndarray, images=No
 
 def stored_totals(db, probe_id):
     con = duckdb.connect(str(db), read_only=True)
-    rows = con.execute("SELECT filter, concept_id, sum(intersection), sum(union_) FROM filter_concept_iou"
-                       " WHERE probe_id = ? GROUP BY ALL", [probe_id]).fetchall()
-    thresholds = np.array([t for (t,) in con.execute(
-        "SELECT threshold FROM filters WHERE probe_id = ? ORDER BY filter", [probe_id]).fetchall()])
+    rows = con.execute(
+        "SELECT filter, concept_id, sum(intersection), sum(union_) FROM filter_concept_iou"
+        " WHERE probe_id = ? GROUP BY ALL",
+        [probe_id],
+    ).fetchall()
+    thresholds = np.array(
+        [
+            t
+            for (t,) in con.execute(
+                "SELECT threshold FROM filters WHERE probe_id = ? ORDER BY filter", [probe_id]
+            ).fetchall()
+        ]
+    )
     con.close()
     return {(f, c): (int(i), int(u)) for f, c, i, u in rows}, thresholds
 
@@ -229,8 +274,12 @@ def test_summed_over_splits_equals_netdissect_lite_exactly(quirky):
     _, stored = api.activations(probe_id, db)
     both, denominator, _ = netdissect_lite(root, stored.astype(np.float64), thresholds)
     labels = [n for n, *_ in LABELS]
-    expected = {(f, c): (int(both[f, c]), int(denominator[f, c]))
-                for f in range(stored.shape[1]) for c in labels if denominator[f, c] > 0}
+    expected = {
+        (f, c): (int(both[f, c]), int(denominator[f, c]))
+        for f in range(stored.shape[1])
+        for c in labels
+        if denominator[f, c] > 0
+    }
     assert got == expected
 
 
@@ -267,7 +316,8 @@ def test_primary_category_comes_from_coverage(tmp_path):
     primary = netdissect.primary_categories(dataset, order)
     assert order[primary[300]] == "object" and dataset.labels[300].category == "material"
     assert {n: order[c] for n, c in primary.items() if n != 300} == {
-        n: dataset.labels[n].category for n in primary if n != 300}
+        n: dataset.labels[n].category for n in primary if n != 300
+    }
     for path in tmp_path.glob("q/c_*.csv"):
         path.unlink()  # without c_*.csv files: label.csv's largest count
     assert order[netdissect.primary_categories(dataset, order)[300]] == "material"
@@ -281,8 +331,14 @@ def test_within_quantisation_of_float_activations(quirky):
     got, thresholds = stored_totals(db, probe_id)
     float_thresholds = np.percentile(acts.astype(np.float64), 80, axis=(0, 2, 3))
     con = duckdb.connect(str(db), read_only=True)
-    bounds = np.array([b for (b,) in con.execute(
-        "SELECT threshold_bound FROM filters WHERE probe_id = ? ORDER BY filter", [probe_id]).fetchall()])
+    bounds = np.array(
+        [
+            b
+            for (b,) in con.execute(
+                "SELECT threshold_bound FROM filters WHERE probe_id = ? ORDER BY filter", [probe_id]
+            ).fetchall()
+        ]
+    )
     con.close()
     assert np.all(np.abs(thresholds - float_thresholds) <= bounds + 1e-7)
     both, denominator, _ = netdissect_lite(root, acts.astype(np.float64), float_thresholds)
@@ -291,12 +347,18 @@ def test_within_quantisation_of_float_activations(quirky):
     margin_hits = np.zeros_like(both)
     for i, row in enumerate(csv.DictReader((root / "index.csv").open())):
         sh, sw = int(row["sh"]), int(row["sw"])
-        chans = [np.asarray(Image.open(root / "images" / t).convert("RGB")).astype(np.int64)
-                 for c in ("color", "object", "material", "part") for t in row[c].split(";") if t]
+        chans = [
+            np.asarray(Image.open(root / "images" / t).convert("RGB")).astype(np.int64)
+            for c in ("color", "object", "material", "part")
+            for t in row[c].split(";")
+            if t
+        ]
         chans = [c[..., 0] + 256 * c[..., 1] for c in chans]
         scalars = [int(t) for c in ("scene", "texture") for t in row[c].split(";") if t]
         for f in range(acts.shape[1]):
-            near = np.abs(pil_imresize(acts[i, f], (sh, sw)) - float_thresholds[f]) <= steps[i, f] / 2 + bounds[f] + 1e-6
+            near = (
+                np.abs(pil_imresize(acts[i, f], (sh, sw)) - float_thresholds[f]) <= steps[i, f] / 2 + bounds[f] + 1e-6
+            )
             for chan in chans:
                 np.add.at(margin_hits[f], chan[near], 1)
             for s in scalars:
@@ -314,8 +376,9 @@ def test_net2vec_mode_untouched_by_the_netdissect_tally(tmp_path, quirky):
     db = tmp_path / "n.duckdb"
     probe_id, _ = planted_probe(db, root, acts, quantile=0.8, mode="net2vec")
     con = duckdb.connect(str(db), read_only=True)
-    (n,) = con.execute("SELECT count(*) FROM filter_concept_iou WHERE probe_id = ? AND concept_id = 7"
-                       " AND split = 'val'", [probe_id]).fetchone()
+    (n,) = con.execute(
+        "SELECT count(*) FROM filter_concept_iou WHERE probe_id = ? AND concept_id = 7 AND split = 'val'", [probe_id]
+    ).fetchone()
     assert n == 5  # striped appears in val images 1 and 5: rows for every filter
     con.close()
 
@@ -333,8 +396,14 @@ def test_pictures_agree_with_their_captions(tmp_path, monkeypatch, mode):
     probe_id, _ = planted_probe(db, root, acts, quantile=0.7, mode=mode)
     drawn = []
     real_tile = grids._tile
-    monkeypatch.setattr(grids, "_tile", lambda image, truth, predicted, caption: (
-        drawn.append((truth, predicted)), real_tile(image, truth, predicted, caption))[1])
+    monkeypatch.setattr(
+        grids,
+        "_tile",
+        lambda image, truth, predicted, caption: (
+            drawn.append((truth, predicted)),
+            real_tile(image, truth, predicted, caption),
+        )[1],
+    )
     _, samples, _ = api.show_concept("wood", db, probe_id, "best_filter", out=tmp_path / "g.png")
     assert len(drawn) == len(samples) > 1
     for (truth, predicted), sample in zip(drawn, samples):
@@ -345,6 +414,7 @@ def test_pictures_agree_with_their_captions(tmp_path, monkeypatch, mode):
     con = duckdb.connect(str(db), read_only=True)
     from n2vdb import probe as probes
     from n2vdb.data.broden import BrodenDataset
+
     probe = probes.load(con, probe_id)
     drawn.clear()
     grids.concept_grid(con, probe, BrodenDataset.open(root), 300, "wood", "best_filter", tmp_path / "o.png", other)

@@ -19,8 +19,11 @@ def one_image(tmp_path):
     pixels = np.random.default_rng(4).integers(0, 256, (5, 5, 3), dtype=np.uint8)
     (root / "images").mkdir(parents=True)
     Image.fromarray(pixels).save(root / "images" / "a.png")  # lossless, so the pixels are known
-    write_broden(root, [{"image": "a.png", "split": "train", "ih": 5, "iw": 5, "sh": 5, "sw": 5, "scene": "1"}],
-                 [(1, "x-s", "scene(1)")])
+    write_broden(
+        root,
+        [{"image": "a.png", "split": "train", "ih": 5, "iw": 5, "sh": 5, "sw": 5, "scene": "1"}],
+        [(1, "x-s", "scene(1)")],
+    )
     return root, pixels
 
 
@@ -36,8 +39,7 @@ def netdissect_lite_input(rgb: np.ndarray) -> np.ndarray:
 def test_caffe_is_netdissect_lites_normalisation(one_image):
     root, pixels = one_image
     dataset = BrodenDataset.open(root)
-    rows = extract.ImageFolderRows(dataset, dataset.rows, 5, extract.CAFFE_MEAN, extract.CAFFE_STD,
-                                               "caffe")
+    rows = extract.ImageFolderRows(dataset, dataset.rows, 5, extract.CAFFE_MEAN, extract.CAFFE_STD, "caffe")
     _, tensor, error = rows[0]
     assert error == ""
     expected = netdissect_lite_input(pixels)
@@ -60,10 +62,12 @@ def test_preprocess_is_part_of_the_probe_key(tmp_path, one_image):
     with write_connection(tmp_path / "k.duckdb") as con:
         importer.add_dataset(con, root, "one")
         default = make_spec(con, "alexnet", "conv5", IngestOptions(dataset="one", weights="random")).spec
-        tv = make_spec(con, "alexnet", "conv5", IngestOptions(dataset="one", weights="random",
-                                                              preprocess="torchvision")).spec
-        caffe = make_spec(con, "alexnet", "conv5", IngestOptions(dataset="one", weights="random",
-                                                                 preprocess="caffe")).spec
+        tv = make_spec(
+            con, "alexnet", "conv5", IngestOptions(dataset="one", weights="random", preprocess="torchvision")
+        ).spec
+        caffe = make_spec(
+            con, "alexnet", "conv5", IngestOptions(dataset="one", weights="random", preprocess="caffe")
+        ).spec
     assert default.key == tv.key and default.preprocess == "torchvision"
     assert caffe.key != tv.key and caffe.extraction_key != tv.extraction_key  # new activations, not a variant
     assert caffe.settings()["preprocess"] == "caffe" and caffe.mean == extract.CAFFE_MEAN

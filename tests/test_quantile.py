@@ -20,8 +20,9 @@ def test_ties_and_zeros():
     x[0, 1] = 5.0
     sketch = TopQuantile(0.99, 40)
     sketch.add(x)
-    np.testing.assert_allclose(sketch.result().numpy(),
-                               np.quantile(x.transpose(0, 1).reshape(3, -1).numpy(), 0.99, axis=1))
+    np.testing.assert_allclose(
+        sketch.result().numpy(), np.quantile(x.transpose(0, 1).reshape(3, -1).numpy(), 0.99, axis=1)
+    )
 
 
 def test_merge_equals_add_and_state_round_trip():

@@ -14,9 +14,17 @@ from n2vdb.store import write_connection
 from helpers import run_cli
 
 K = 8
-CONCEPTS = {1: ("red-c", "color"), 2: ("blue-c", "color"), 3: ("dog", "object"), 4: ("cat", "object"),
-            5: ("car", "object"), 6: ("wood", "material"), 7: ("leg", "part"), 8: ("head", "part"),
-            9: ("beach-s", "scene")}
+CONCEPTS = {
+    1: ("red-c", "color"),
+    2: ("blue-c", "color"),
+    3: ("dog", "object"),
+    4: ("cat", "object"),
+    5: ("car", "object"),
+    6: ("wood", "material"),
+    7: ("leg", "part"),
+    8: ("head", "part"),
+    9: ("beach-s", "scene"),
+}
 PIXEL = [c for c in CONCEPTS if c != 9]
 
 
@@ -29,12 +37,16 @@ def filled(tmp_path_factory):
     with write_connection(db) as con:
         con.execute("INSERT INTO datasets VALUES (1, 'toy', '/toy', 10, 9, now())")
         for cid, (name, cat) in CONCEPTS.items():
-            con.execute("INSERT INTO concepts VALUES (1, ?, ?, ?, [?], ?, 1, 0.1)",
-                        [cid, name, cat, cat, "image" if cat == "scene" else "pixel"])
+            con.execute(
+                "INSERT INTO concepts VALUES (1, ?, ?, ?, [?], ?, 1, 0.1)",
+                [cid, name, cat, cat, "image" if cat == "scene" else "pixel"],
+            )
         for pid in (1, 2):
-            con.execute("INSERT INTO probes (probe_id, probe_key, model, weights, layer, dataset_id, n_filters,"
-                        " height, width, settings, status) VALUES (?, ?, 'm', 'w', ?, 1, ?, 3, 3, '{}', 'complete')",
-                        [pid, f"k{pid}", f"l{pid}", K])
+            con.execute(
+                "INSERT INTO probes (probe_id, probe_key, model, weights, layer, dataset_id, n_filters,"
+                " height, width, settings, status) VALUES (?, ?, 'm', 'w', ?, 1, ?, 3, 3, '{}', 'complete')",
+                [pid, f"k{pid}", f"l{pid}", K],
+            )
             thresholds = rng.random(K)
             for f in range(K):
                 con.execute("INSERT INTO filters VALUES (?, ?, ?, 0, 1, 0.5)", [pid, f, thresholds[f]])
@@ -49,20 +61,34 @@ def filled(tmp_path_factory):
                     continue
                 for s in ("train", "val"):
                     for f in range(K):
-                        con.execute("INSERT INTO filter_concept_iou VALUES (?, ?, ?, ?, 1, 1, ?)",
-                                    [pid, f, cid, s, iou[s][f, j]])
+                        con.execute(
+                            "INSERT INTO filter_concept_iou VALUES (?, ?, ?, ?, 1, 1, ?)",
+                            [pid, f, cid, s, iou[s][f, j]],
+                        )
                 if cid in PIXEL:
-                    con.execute("INSERT INTO embeddings VALUES (?, ?, 'segmentation', ?, ?, 0, 0.2, ?, NULL)",
-                                [pid, cid, K, seg[j].tolist(), seg_val[j]])
+                    con.execute(
+                        "INSERT INTO embeddings VALUES (?, ?, 'segmentation', ?, ?, 0, 0.2, ?, NULL)",
+                        [pid, cid, K, seg[j].tolist(), seg_val[j]],
+                    )
                     for f in (1, 2, 4):
                         score = seg_val[j] * rng.uniform(0.5, 1.05)
                         suff[(cid, f)] = score
-                        con.execute("INSERT INTO embeddings VALUES (?, ?, 'segmentation', ?, ?, 0, 0.2, ?, NULL)",
-                                    [pid, cid, f, seg[j].tolist(), score])
-                con.execute("INSERT INTO embeddings VALUES (?, ?, 'classification', ?, ?, 0, 0.6, ?, 0.7)",
-                            [pid, cid, K, cls[j].tolist(), cls_val[j]])
-            truth[pid] = dict(iou=iou, seg=seg.astype(np.float32), cls=cls.astype(np.float32), seg_val=seg_val,
-                              cls_val=cls_val, suff=suff)
+                        con.execute(
+                            "INSERT INTO embeddings VALUES (?, ?, 'segmentation', ?, ?, 0, 0.2, ?, NULL)",
+                            [pid, cid, f, seg[j].tolist(), score],
+                        )
+                con.execute(
+                    "INSERT INTO embeddings VALUES (?, ?, 'classification', ?, ?, 0, 0.6, ?, 0.7)",
+                    [pid, cid, K, cls[j].tolist(), cls_val[j]],
+                )
+            truth[pid] = dict(
+                iou=iou,
+                seg=seg.astype(np.float32),
+                cls=cls.astype(np.float32),
+                seg_val=seg_val,
+                cls_val=cls_val,
+                suff=suff,
+            )
     return db, truth
 
 
@@ -117,8 +143,15 @@ def test_exclusivity_and_filter_concepts(filled):
     db, truth = filled
     best = best_train(truth[1]["iou"], PIXEL)
     counts = np.bincount(list(best.values()), minlength=K)
-    bins = {"0": counts == 0, "1": counts == 1, "2-5": (counts >= 2) & (counts <= 5), "6-9": (counts >= 6) & (counts <= 9),
-            "10-14": (counts >= 10) & (counts <= 14), "15-19": (counts >= 15) & (counts <= 19), "20+": counts >= 20}
+    bins = {
+        "0": counts == 0,
+        "1": counts == 1,
+        "2-5": (counts >= 2) & (counts <= 5),
+        "6-9": (counts >= 6) & (counts <= 9),
+        "10-14": (counts >= 10) & (counts <= 14),
+        "15-19": (counts >= 15) & (counts <= 19),
+        "20+": counts >= 20,
+    }
     got = api.query("exclusivity", db, probe=1).to_pylist()
     assert [r["concepts_per_filter"] for r in got] == list(bins)
     for r in got:
@@ -176,8 +209,9 @@ def test_weight_iou_correlation(filled):
     t = truth[1]
     got = {r["concept"]: r["pearson_r"] for r in api.query("weight-iou-correlation", db, probe=1).to_pylist()}
     for c in PIXEL:
-        assert got[NAME[c]] == pytest.approx(np.corrcoef(t["seg"][IDX[c]], t["iou"]["train"][:, IDX[c]])[0, 1],
-                                             abs=1e-5)
+        assert got[NAME[c]] == pytest.approx(
+            np.corrcoef(t["seg"][IDX[c]], t["iou"]["train"][:, IDX[c]])[0, 1], abs=1e-5
+        )
 
 
 def test_compare_probes(filled):
@@ -203,8 +237,10 @@ def test_category_neighbours(filled):
         for b in order:
             key = (CONCEPTS[a][1], CONCEPTS[b][1])
             hits[key] = hits.get(key, 0) + 1
-    got = {(r["category"], r["neighbour_category"]): r["share"]
-           for r in api.query("category-neighbours", db, k=k, probe=1).to_pylist()}
+    got = {
+        (r["category"], r["neighbour_category"]): r["share"]
+        for r in api.query("category-neighbours", db, k=k, probe=1).to_pylist()
+    }
     for (fc, tc), n in hits.items():
         total = sum(v for (f2, _), v in hits.items() if f2 == fc)
         assert got[(fc, tc)] == pytest.approx(n / total)
@@ -249,18 +285,21 @@ def fingerprint(db):
     return out
 
 
-@pytest.mark.parametrize("args,message,code", [
-    (["query", "nope"], "unknown query 'nope'", 2),
-    (["query", "nearest"], "needs CONCEPT", 2),
-    (["query", "nearest", "dog", "-k", "x"], "expects INTEGER", 2),
-    (["query", "nearest", "dgo"], "unknown concept 'dgo'; did you mean dog", 2),
-    (["query", "nearest", "dog", "--bogus", "1"], "has no option --bogus", 2),
-    (["query", "nearest", "dog", "--probe", "9"], "no probe 9", 2),
-    (["sql", "SELEC * FROM probes"], "syntax error", 1),
-    (["sql", "DROP TABLE probes"], "read-only", 1),
-    (["sql", "SELECT * FROM nosuch"], "nosuch", 1),
-    (["query", "nearest", "dog", "-f", "xml"], "unknown format", 2),
-])
+@pytest.mark.parametrize(
+    "args,message,code",
+    [
+        (["query", "nope"], "unknown query 'nope'", 2),
+        (["query", "nearest"], "needs CONCEPT", 2),
+        (["query", "nearest", "dog", "-k", "x"], "expects INTEGER", 2),
+        (["query", "nearest", "dgo"], "unknown concept 'dgo'; did you mean dog", 2),
+        (["query", "nearest", "dog", "--bogus", "1"], "has no option --bogus", 2),
+        (["query", "nearest", "dog", "--probe", "9"], "no probe 9", 2),
+        (["sql", "SELEC * FROM probes"], "syntax error", 1),
+        (["sql", "DROP TABLE probes"], "read-only", 1),
+        (["sql", "SELECT * FROM nosuch"], "nosuch", 1),
+        (["query", "nearest", "dog", "-f", "xml"], "unknown format", 2),
+    ],
+)
 def test_cli_errors_are_one_line_and_change_nothing(filled, args, message, code):
     db, _ = filled
     before = fingerprint(db)
@@ -294,6 +333,7 @@ def test_empty_result_says_so(filled):
 
 def test_sql_write_flag(tmp_path, filled):
     import shutil
+
     db = tmp_path / "w.duckdb"
     shutil.copy(filled[0], db)
     assert cli("sql", "--write", "CREATE TABLE notes AS SELECT 1 AS x", "--db", str(db)).returncode == 0

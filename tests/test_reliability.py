@@ -12,13 +12,34 @@ import pytest
 from n2vdb import api
 from n2vdb.probe import TrainSettings
 
-TABLES = (("activations", "image_id"), ("filters", "filter"), ("filter_concept_iou", "filter, concept_id, split"),
-          ("embeddings", "concept_id, kind, n_filters"), ("image_concept_scores", "image_id, concept_id, method"))
+TABLES = (
+    ("activations", "image_id"),
+    ("filters", "filter"),
+    ("filter_concept_iou", "filter, concept_id, split"),
+    ("embeddings", "concept_id, kind, n_filters"),
+    ("image_concept_scores", "image_id, concept_id, method"),
+)
 
 
 def ingest_command(db):
-    return [sys.executable, "-m", "n2vdb", "ingest", "alexnet", "conv5", "--weights", "random", "--dataset",
-            "synthetic", "--workers", "0", "--epochs", "10", "--db", str(db)]
+    return [
+        sys.executable,
+        "-m",
+        "n2vdb",
+        "ingest",
+        "alexnet",
+        "conv5",
+        "--weights",
+        "random",
+        "--dataset",
+        "synthetic",
+        "--workers",
+        "0",
+        "--epochs",
+        "10",
+        "--db",
+        str(db),
+    ]
 
 
 def kill_when(db, trigger: str, delay: float) -> str:
@@ -42,10 +63,13 @@ def check(db):
     assert not failed, failed
 
 
-@pytest.mark.parametrize("points", [
-    [("extracting activations", 0.5), ("single-filter IoU", 0.1), ("concept embeddings", 0.8)],
-    [("thresholds", 0.0), ("concept embeddings", 0.2)],
-])
+@pytest.mark.parametrize(
+    "points",
+    [
+        [("extracting activations", 0.5), ("single-filter IoU", 0.1), ("concept embeddings", 0.8)],
+        [("thresholds", 0.0), ("concept embeddings", 0.2)],
+    ],
+)
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, synthetic_dir, ingested_db, points):
     db = tmp_path / "k.duckdb"
     api.add_dataset(synthetic_dir, "synthetic", db)
@@ -70,10 +94,13 @@ def test_db_check_catches_damage(db_copy):
     con.execute("INSERT INTO image_concept_scores VALUES (1, 0, 999999, 'segmentation', 1, 2, 0.5, NULL)")
     con.close()
     failed = {r["check_name"] for r in api.db_check(db_copy).to_pylist() if r["violations"]}
-    assert failed == {"probes past thresholds without one threshold per filter",
-                      "IoU, embedding or score rows of unknown probes, filters or concepts"}
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "db", "check", "--db", str(db_copy)],
-                            capture_output=True, text=True)
+    assert failed == {
+        "probes past thresholds without one threshold per filter",
+        "IoU, embedding or score rows of unknown probes, filters or concepts",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "db", "check", "--db", str(db_copy)], capture_output=True, text=True
+    )
     assert result.returncode == 1 and "2 integrity check(s) failed" in result.stderr
 
 
@@ -83,19 +110,39 @@ def test_two_shards_under_torchrun_merge_into_the_unsharded_result(tmp_path, syn
     shards = tmp_path / "shards"
     api.add_dataset(synthetic_dir, "synthetic", db)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "n2vdb"]
-    args = ["ingest", "alexnet", "conv5", "--weights", "random", "--dataset", "synthetic", "--workers", "0",
-            "--epochs", "10", "--shard", "auto", "--shard-dir", str(shards), "--db", str(db)]
+    args = [
+        "ingest",
+        "alexnet",
+        "conv5",
+        "--weights",
+        "random",
+        "--dataset",
+        "synthetic",
+        "--workers",
+        "0",
+        "--epochs",
+        "10",
+        "--shard",
+        "auto",
+        "--shard-dir",
+        str(shards),
+        "--db",
+        str(db),
+    ]
     result = subprocess.run(torchrun + args, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     parts = sorted(p.parent.name for p in shards.glob("probe-*/shard-*/part-*.parquet"))
     assert parts.count("shard-0-of-2") == parts.count("shard-1-of-2") == 2  # 40 images each, batches of 32
     # the shard files are plain Parquet: DuckDB reads them without n2vdb
     con = duckdb.connect()
-    ids = con.execute(f"SELECT list(image_id ORDER BY image_id) FROM read_parquet('{shards}/*/*/*.parquet')").fetchone()[0]
+    ids = con.execute(
+        f"SELECT list(image_id ORDER BY image_id) FROM read_parquet('{shards}/*/*/*.parquet')"
+    ).fetchone()[0]
     assert ids == list(range(80))
     con.close()
-    merged = subprocess.run([sys.executable, "-m", "n2vdb", "merge", str(shards), "--db", str(db)],
-                            capture_output=True, text=True)
+    merged = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "merge", str(shards), "--db", str(db)], capture_output=True, text=True
+    )
     assert merged.returncode == 0, merged.stderr
     check(db)
     mine = duckdb.connect(str(db), read_only=True)
@@ -109,10 +156,14 @@ def test_two_shards_under_torchrun_merge_into_the_unsharded_result(tmp_path, syn
 def test_merge_refuses_unfinished_shards(tmp_path, synthetic_dir):
     db = tmp_path / "s.duckdb"
     api.add_dataset(synthetic_dir, "synthetic", db)
-    api.ingest_shard("alexnet", "conv5", "0/2", tmp_path / "shards", db, dataset="synthetic", weights="random",
-                     workers=0, limit=8)
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "merge", str(tmp_path / "shards"), "--db", str(db)],
-                            capture_output=True, text=True)
+    api.ingest_shard(
+        "alexnet", "conv5", "0/2", tmp_path / "shards", db, dataset="synthetic", weights="random", workers=0, limit=8
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "merge", str(tmp_path / "shards"), "--db", str(db)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1 and "shard 1/2 is not finished" in result.stderr
     assert api.probes(db).num_rows == 0
     with pytest.raises(Exception, match="expected i/N"):
@@ -131,8 +182,11 @@ def test_queries_get_answers_while_an_ingest_writes(tmp_path, synthetic_dir, mon
     counts, busy = [], 0
     while process.poll() is None:
         try:
-            rows = api.sql("SELECT (SELECT count(*) FROM activations), (SELECT count(*) FROM filters),"
-                           " (SELECT status FROM probes)", db).to_pylist()
+            rows = api.sql(
+                "SELECT (SELECT count(*) FROM activations), (SELECT count(*) FROM filters),"
+                " (SELECT status FROM probes)",
+                db,
+            ).to_pylist()
             counts.append(tuple(rows[0].values()))
         except DatabaseBusy:
             busy += 1
@@ -154,8 +208,19 @@ def two_shards(tmp_path_factory, synthetic_dir):
     db = root / "s.duckdb"
     api.add_dataset(synthetic_dir, "synthetic", db)
     for shard in ("0/2", "1/2"):
-        api.ingest_shard("alexnet", "conv5", shard, root / "shards", db, dataset="synthetic", weights="random",
-                         workers=0, limit=8, batch_size=2, train=TrainSettings(epochs=1))
+        api.ingest_shard(
+            "alexnet",
+            "conv5",
+            shard,
+            root / "shards",
+            db,
+            dataset="synthetic",
+            weights="random",
+            workers=0,
+            limit=8,
+            batch_size=2,
+            train=TrainSettings(epochs=1),
+        )
     return db, root / "shards"
 
 
@@ -172,6 +237,7 @@ def _edit_column(name, edit):
     def change(table):
         column = pa.array([edit(v) for v in table.column(name).to_pylist()], table.schema.field(name).type)
         return table.set_column(table.schema.get_field_index(name), name, column)
+
     return change
 
 
@@ -186,20 +252,39 @@ def _stale_shard(shards):
     (stale / "done").write_text("3\n")
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda s: _rewrite_first_part(s, _edit_column("codes", lambda b: b[:-1])), "do not hold a 256x13x13 layer"),
-    (lambda s: _rewrite_first_part(s, _edit_column("scales", lambda v: v[:-1])), "do not hold a 256x13x13 layer"),
-    (lambda s: _rewrite_first_part(s, _edit_column("image_id", lambda i: i + 100000)), "name images this probe does not"),
-    (lambda s: _rewrite_first_part(s, _edit_column("image_id", lambda i: i + 10)), "name images this probe does not"),
-    (lambda s: _rewrite_first_part(s, lambda t: t.rename_columns(["image", "scales", "codes", "pooled"])),
-     "does not have the columns n2vdb writes"),
-    (lambda s: sorted(s.glob("probe-*/shard-1-of-2/part-*.parquet"))[0].write_bytes(b"not parquet"),
-     "is not a readable Parquet file"),
-    (_move_a_part, "sit in a shard that does not own their image"),
-    (lambda s: sorted(s.glob("probe-*/shard-1-of-2/part-*.parquet"))[0].unlink(), "the parts hold 6 of the probe's 8"),
-    (_stale_shard, "holds shards of another run (shard-0-of-3"),
-    (lambda s: (next(s.glob("probe-*")) / "spec.json").write_text('{"shards": 2}'), "is not a shard spec n2vdb wrote"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: _rewrite_first_part(s, _edit_column("codes", lambda b: b[:-1])), "do not hold a 256x13x13 layer"),
+        (lambda s: _rewrite_first_part(s, _edit_column("scales", lambda v: v[:-1])), "do not hold a 256x13x13 layer"),
+        (
+            lambda s: _rewrite_first_part(s, _edit_column("image_id", lambda i: i + 100000)),
+            "name images this probe does not",
+        ),
+        (
+            lambda s: _rewrite_first_part(s, _edit_column("image_id", lambda i: i + 10)),
+            "name images this probe does not",
+        ),
+        (
+            lambda s: _rewrite_first_part(s, lambda t: t.rename_columns(["image", "scales", "codes", "pooled"])),
+            "does not have the columns n2vdb writes",
+        ),
+        (
+            lambda s: sorted(s.glob("probe-*/shard-1-of-2/part-*.parquet"))[0].write_bytes(b"not parquet"),
+            "is not a readable Parquet file",
+        ),
+        (_move_a_part, "sit in a shard that does not own their image"),
+        (
+            lambda s: sorted(s.glob("probe-*/shard-1-of-2/part-*.parquet"))[0].unlink(),
+            "the parts hold 6 of the probe's 8",
+        ),
+        (_stale_shard, "holds shards of another run (shard-0-of-3"),
+        (
+            lambda s: (next(s.glob("probe-*")) / "spec.json").write_text('{"shards": 2}'),
+            "is not a shard spec n2vdb wrote",
+        ),
+    ],
+)
 def test_merge_checks_every_part_before_writing(tmp_path, two_shards, damage, message):
     import shutil
 
@@ -210,8 +295,9 @@ def test_merge_checks_every_part_before_writing(tmp_path, two_shards, damage, me
     shutil.copytree(two_shards[1], shards)
     damage(shards)
     before = fingerprint(db)
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "merge", str(shards), "--db", str(db)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "merge", str(shards), "--db", str(db)], capture_output=True, text=True
+    )
     assert result.returncode == 1, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -238,10 +324,18 @@ def test_the_writer_lock_holds_through_a_symlinked_db(tmp_path, synthetic_dir):
     api.add_dataset(synthetic_dir, "synthetic", db)
     link = tmp_path / "link.duckdb"
     link.symlink_to(db)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom n2vdb.store.sessions import Store\n"
-        f"with Store({str(db)!r}).exclusive_writer():\n    print('ready', flush=True)\n    time.sleep(30)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\nfrom n2vdb.store.sessions import Store\n"
+                f"with Store({str(db)!r}).exclusive_writer():\n    print('ready', flush=True)\n    time.sleep(30)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
         for path in (link, db):
@@ -274,8 +368,9 @@ def test_a_foreign_duckdb_file_gets_no_n2vdb_tables(tmp_path, synthetic_dir):
         result = subprocess.run([sys.executable, "-m", "n2vdb", *argv, "--db", str(db)], capture_output=True, text=True)
         assert result.returncode == 1 and message in result.stderr, result.stderr
         assert fingerprint(db) == before
-    adopted = subprocess.run([sys.executable, "-m", "n2vdb", "db", "upgrade", "--adopt", "--db", str(db)],
-                             capture_output=True, text=True)
+    adopted = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "db", "upgrade", "--adopt", "--db", str(db)], capture_output=True, text=True
+    )
     assert adopted.returncode == 0 and "applied 0001_init" in adopted.stderr, adopted.stderr
     api.add_dataset(synthetic_dir, "s", db)  # now it is n2vdb's too, and the other table is untouched
     assert api.sql("SELECT * FROM sales", db).to_pylist() == [{"id": 1, "amount": 2.5}]
@@ -287,8 +382,9 @@ def test_an_interrupted_ingest_says_how_to_resume_and_stops_its_workers(tmp_path
     db = tmp_path / "i.duckdb"
     api.add_dataset(synthetic_dir, "synthetic", db)
     command = [a if a != "0" else "2" for a in ingest_command(db)] + ["--batch-size", "4"]  # 2 DataLoader workers
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "N2VDB_QUIET": "0"},
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, env={**os.environ, "N2VDB_QUIET": "0"}, start_new_session=True
+    )
     for line in process.stderr:
         if "extracting activations" in line:
             break

@@ -17,13 +17,13 @@ class Elements(HTMLParser):
 
 
 def rgb(colour: str) -> tuple[int, int, int]:
-    return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
 
 
 def test_category_colours_are_clearly_different():
     colours = [rgb(c) for c in CATEGORY_COLOURS.values()]
     for i, a in enumerate(colours):
-        for b in colours[i + 1:]:
+        for b in colours[i + 1 :]:
             assert sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5 > 60, (a, b)
     # the pair the issue found alike (both red) now sits far apart
     red, purple = rgb(category_colour("color")), rgb(category_colour("material"))

@@ -25,8 +25,10 @@ def test_offline_table_sets_the_papers_numbers_beside_n2vdbs(reproduced):
     assert "offline (no Broden dataset registered)" in notes[0]
     assert any("Caffe" in n for n in notes)
     by = {(r["task"], r["category"]): r for r in rows}
-    assert set(by) == ({("segmentation IoU", c) for c in reproduce.SEG_CATEGORIES}
-                       | {("classification accuracy", c) for c in reproduce.CLS_CATEGORIES})
+    assert set(by) == (
+        {("segmentation IoU", c) for c in reproduce.SEG_CATEGORIES}
+        | {("classification accuracy", c) for c in reproduce.CLS_CATEGORIES}
+    )
     color = by[("classification accuracy", "color")]
     assert (color["paper_embedding"], color["paper_single"]) == (0.868, 0.724)
     assert color["paper_source"] == "torchvision AlexNet relu5"
@@ -35,8 +37,9 @@ def test_offline_table_sets_the_papers_numbers_beside_n2vdbs(reproduced):
     assert "Caffe" in overall["paper_source"]
     con = duckdb.connect(str(db), read_only=True)
     (probe_id,) = con.execute("SELECT probe_id FROM probes WHERE model = 'alexnet'").fetchone()
-    settings = con.execute("SELECT settings->>'preprocess', weights FROM probes WHERE probe_id = ?",
-                           [probe_id]).fetchone()
+    settings = con.execute(
+        "SELECT settings->>'preprocess', weights FROM probes WHERE probe_id = ?", [probe_id]
+    ).fetchone()
     con.close()
     assert settings == ("caffe", "random:seed=0")
     seg = {r["category"]: r for r in api.query("single-vs-embedding", db, probe=probe_id).to_pylist()}
@@ -54,19 +57,27 @@ def test_offline_table_sets_the_papers_numbers_beside_n2vdbs(reproduced):
 def test_top_filter_baseline_is_the_largest_weight_retrained_alone(reproduced):
     db, rows, _ = reproduced
     con = duckdb.connect(str(db), read_only=True)
-    full = dict(con.execute("SELECT concept_id, weights FROM embeddings WHERE kind = 'classification'"
-                            " AND n_filters = 256").fetchall())
-    one = dict(con.execute("SELECT concept_id, weights FROM embeddings WHERE kind = 'classification'"
-                           " AND n_filters = 1").fetchall())
+    full = dict(
+        con.execute(
+            "SELECT concept_id, weights FROM embeddings WHERE kind = 'classification' AND n_filters = 256"
+        ).fetchall()
+    )
+    one = dict(
+        con.execute(
+            "SELECT concept_id, weights FROM embeddings WHERE kind = 'classification' AND n_filters = 1"
+        ).fetchall()
+    )
     assert set(one) == set(full) and one
     for concept, weights in one.items():
         nonzero = np.flatnonzero(np.array(weights))
         assert nonzero.tolist() == [int(np.argmax(np.abs(full[concept])))]
     # the query's per-category means, by hand
-    scores = con.execute("SELECT c.category, w.val_score, o.val_score FROM embeddings w"
-                         " JOIN embeddings o USING (probe_id, concept_id) JOIN concepts c USING (concept_id)"
-                         " WHERE w.kind = 'classification' AND o.kind = 'classification'"
-                         " AND w.n_filters = 256 AND o.n_filters = 1 AND NOT isnan(w.val_score)").fetchall()
+    scores = con.execute(
+        "SELECT c.category, w.val_score, o.val_score FROM embeddings w"
+        " JOIN embeddings o USING (probe_id, concept_id) JOIN concepts c USING (concept_id)"
+        " WHERE w.kind = 'classification' AND o.kind = 'classification'"
+        " AND w.n_filters = 256 AND o.n_filters = 1 AND NOT isnan(w.val_score)"
+    ).fetchall()
     con.close()
     by = {r["category"]: r for r in rows if r["task"] == "classification accuracy"}
     for category in {c for c, _, _ in scores}:
@@ -78,8 +89,10 @@ def test_top_filter_baseline_is_the_largest_weight_retrained_alone(reproduced):
 
 def test_cli_resumes_and_prints_the_table(reproduced):
     db, rows, _ = reproduced
-    result = CliRunner().invoke(app, ["reproduce", "net2vec", "--models", "alexnet", "--limit", "48",
-                                      "--epochs", "2", "--db", str(db), "-f", "csv"])
+    result = CliRunner().invoke(
+        app,
+        ["reproduce", "net2vec", "--models", "alexnet", "--limit", "48", "--epochs", "2", "--db", str(db), "-f", "csv"],
+    )
     assert result.exit_code == 0, result.output
     lines = [ln for ln in result.stdout.splitlines() if ln.startswith(("model,", "alexnet,"))]
     assert lines[0].startswith("model,layer,task,category,concepts,paper_embedding,n2vdb_embedding,gap_embedding")
@@ -96,7 +109,12 @@ def test_online_when_broden_and_weights_are_present(tmp_path, monkeypatch, synth
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"")
     steps = reproduce.plan(Store(db), chosen, None)
-    assert (steps.offline, steps.weights, steps.dataset, steps.preprocess) == (False, "imagenet", "broden_like", "caffe")
+    assert (steps.offline, steps.weights, steps.dataset, steps.preprocess) == (
+        False,
+        "imagenet",
+        "broden_like",
+        "caffe",
+    )
     assert reproduce.plan(Store(db), chosen, True).offline
 
 

@@ -34,8 +34,11 @@ def world(tmp_path, edge_broden):
 
 
 def snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and not p.name.endswith(".writer.lock")}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.name.endswith(".writer.lock")
+    }
 
 
 ESCAPES = [
@@ -84,8 +87,10 @@ def test_read_only_sql_cannot_change_or_reach_any_file(world, attack):
     assert snapshot(directory) == before
 
 
-@pytest.mark.parametrize("statement", ["CHECKPOINT", "FORCE CHECKPOINT", "VACUUM", "CREATE TEMP TABLE t AS SELECT 1",
-                                       "BEGIN; SELECT 1; COMMIT"])
+@pytest.mark.parametrize(
+    "statement",
+    ["CHECKPOINT", "FORCE CHECKPOINT", "VACUUM", "CREATE TEMP TABLE t AS SELECT 1", "BEGIN; SELECT 1; COMMIT"],
+)
 def test_statements_the_sandbox_allows_change_no_file(world, statement):
     directory, db, _ = world
     before = snapshot(directory)
@@ -96,16 +101,23 @@ def test_statements_the_sandbox_allows_change_no_file(world, statement):
 def test_the_configuration_is_locked_and_says_so(world):
     _, db, _ = world
     with read_connection(db) as con:
-        settings = dict(con.execute(
-            "SELECT name, value FROM duckdb_settings() WHERE name IN"
-            " ('enable_external_access', 'lock_configuration', 'autoload_known_extensions',"
-            "  'autoinstall_known_extensions', 'temp_directory')").fetchall())
+        settings = dict(
+            con.execute(
+                "SELECT name, value FROM duckdb_settings() WHERE name IN"
+                " ('enable_external_access', 'lock_configuration', 'autoload_known_extensions',"
+                "  'autoinstall_known_extensions', 'temp_directory')"
+            ).fetchall()
+        )
         # DuckDB does not report disabled_filesystems; its refusal shows it is set
         with pytest.raises(duckdb.Error, match="LocalFileSystem has been disabled"):
             con.execute(f"ATTACH '{db}' AS again")
-    assert settings == {"enable_external_access": "false", "lock_configuration": "true",
-                        "autoload_known_extensions": "false",
-                        "autoinstall_known_extensions": "false", "temp_directory": ""}
+    assert settings == {
+        "enable_external_access": "false",
+        "lock_configuration": "true",
+        "autoload_known_extensions": "false",
+        "autoinstall_known_extensions": "false",
+        "temp_directory": "",
+    }
     with pytest.raises(QueryError, match="cannot be changed from SQL"):
         api.sql("SET enable_external_access = true", db)
     with pytest.raises(QueryError, match="--read NAME=PATH"):
@@ -134,7 +146,9 @@ def test_named_queries_run_in_the_sandbox(world, monkeypatch, tmp_path):
     directory, db, _ = world
     qdir = tmp_path / "q"
     qdir.mkdir()
-    (qdir / "leak.sql").write_text(f"-- name: leak\n-- description: tries to write\nCOPY (SELECT 1) TO '{directory}/leak.csv'\n")
+    (qdir / "leak.sql").write_text(
+        f"-- name: leak\n-- description: tries to write\nCOPY (SELECT 1) TO '{directory}/leak.csv'\n"
+    )
     real_get = queries.get
     monkeypatch.setattr(queries, "get", lambda name, directory=None: real_get(name, qdir))
     before = snapshot(directory)
@@ -154,17 +168,20 @@ def test_write_is_one_transaction_all_or_nothing(world):
     assert api.sql("SELECT sum(x) AS s FROM notes", db).column("s")[0].as_py() == 3
 
 
-@pytest.mark.parametrize("attack,message", [
-    ("BEGIN; DELETE FROM images; COMMIT", "one transaction"),
-    ("DELETE FROM images; COMMIT; SELECT * FROM nope", "one transaction"),
-    ("ATTACH ':memory:' AS m; USE m; DETACH n2v", "ATTACH is refused"),
-    ("USE memory", "USE is refused"),
-    ("DETACH n2v", "DETACH is refused"),
-    ("DELETE FROM images; COPY (SELECT 1) TO '{dir}/x.csv'", "opens no files"),
-    ("DELETE FROM images; ATTACH '{other}' AS o (READ_WRITE)", "ATTACH is refused"),
-    ("DELETE FROM images; INSTALL httpfs", "opens no files"),
-    ("DELETE FROM images; SET enable_external_access = true", "cannot be changed"),
-])
+@pytest.mark.parametrize(
+    "attack,message",
+    [
+        ("BEGIN; DELETE FROM images; COMMIT", "one transaction"),
+        ("DELETE FROM images; COMMIT; SELECT * FROM nope", "one transaction"),
+        ("ATTACH ':memory:' AS m; USE m; DETACH n2v", "ATTACH is refused"),
+        ("USE memory", "USE is refused"),
+        ("DETACH n2v", "DETACH is refused"),
+        ("DELETE FROM images; COPY (SELECT 1) TO '{dir}/x.csv'", "opens no files"),
+        ("DELETE FROM images; ATTACH '{other}' AS o (READ_WRITE)", "ATTACH is refused"),
+        ("DELETE FROM images; INSTALL httpfs", "opens no files"),
+        ("DELETE FROM images; SET enable_external_access = true", "cannot be changed"),
+    ],
+)
 def test_write_mode_changes_this_database_only_and_refuses_escapes(world, attack, message):
     directory, db, other = world
     before = snapshot(directory)
@@ -184,8 +201,11 @@ def test_read_and_output_are_opened_by_n2vdb_only(world):
     assert result.to_pylist() == [{"n": 3, "s": 3}]
     globbed = api.sql("SELECT count(*) AS n FROM parts", db, read={"parts": f"{shards}/**/*.parquet"})
     assert globbed.to_pylist() == [{"n": 3}]
-    joined = api.sql("SELECT i.image_id, e.tag FROM images i JOIN extra e USING (image_id) ORDER BY 1", db,
-                     read={"extra": directory / "extra.csv"})
+    joined = api.sql(
+        "SELECT i.image_id, e.tag FROM images i JOIN extra e USING (image_id) ORDER BY 1",
+        db,
+        read={"extra": directory / "extra.csv"},
+    )
     assert joined.to_pylist() == [{"image_id": 0, "tag": "keep"}, {"image_id": 2, "tag": "keep"}]
     # the views do not open the file system to the SQL
     with pytest.raises(QueryError):
@@ -197,18 +217,25 @@ def test_read_and_output_are_opened_by_n2vdb_only(world):
     assert (directory / "result.csv").read_text().splitlines()[0] == '"image_id"'
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"read": {"1bad": "x.parquet"}}, "view name"),
-    ({"read": {"v": "/nonexistent/*.parquet"}}, "no such file"),
-    ({"read": {"v": "{dir}/n2v.duckdb"}}, "Parquet"),
-    ({"output": "{dir}"}, "name a .parquet or .csv file"),
-    ({"output": "{dir}/sub"}, "name a .parquet or .csv file"),
-    ({"output": "{dir}/missing/x.csv"}, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"read": {"1bad": "x.parquet"}}, "view name"),
+        ({"read": {"v": "/nonexistent/*.parquet"}}, "no such file"),
+        ({"read": {"v": "{dir}/n2v.duckdb"}}, "Parquet"),
+        ({"output": "{dir}"}, "name a .parquet or .csv file"),
+        ({"output": "{dir}/sub"}, "name a .parquet or .csv file"),
+        ({"output": "{dir}/missing/x.csv"}, "does not exist"),
+    ],
+)
 def test_file_options_refuse_nonsense(world, kwargs, message):
     directory, db, _ = world
-    kwargs = {k: ({n: v.format(dir=directory) for n, v in val.items()} if isinstance(val, dict)
-                  else val.format(dir=directory)) for k, val in kwargs.items()}
+    kwargs = {
+        k: (
+            {n: v.format(dir=directory) for n, v in val.items()} if isinstance(val, dict) else val.format(dir=directory)
+        )
+        for k, val in kwargs.items()
+    }
     before = snapshot(directory)
     with pytest.raises(UsageError, match=message):
         api.sql("SELECT 1", db, **kwargs)

@@ -15,40 +15,46 @@ from n2vdb.models import registry
 from n2vdb.probe import TrainSettings
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("epochs", 0, "--epochs must be at least 1"),
-    ("epochs", -3, "--epochs must be at least 1"),
-    ("epochs", 2.5, "--epochs must be a whole number"),
-    ("seg_batch", 0, "--seg-batch must be at least 1"),
-    ("cls_batch", -1, "--cls-batch must be at least 1"),
-    ("seg_lr", math.nan, "--seg-lr must be a finite number above 0"),
-    ("seg_lr", 0.0, "--seg-lr must be a finite number above 0"),
-    ("cls_lr", math.inf, "--cls-lr must be a finite number above 0"),
-    ("cls_lr", -0.1, "--cls-lr must be a finite number above 0"),
-    ("seg_loss", "log", "--loss 'log': choose one of paper, loglik"),
-    ("seg_bias", "yes", "--bias must be true or false"),
-    ("seed", -1, "--seed must be between 0 and"),
-    ("sufficiency", 1, "--sufficiency must be true or false"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("epochs", 0, "--epochs must be at least 1"),
+        ("epochs", -3, "--epochs must be at least 1"),
+        ("epochs", 2.5, "--epochs must be a whole number"),
+        ("seg_batch", 0, "--seg-batch must be at least 1"),
+        ("cls_batch", -1, "--cls-batch must be at least 1"),
+        ("seg_lr", math.nan, "--seg-lr must be a finite number above 0"),
+        ("seg_lr", 0.0, "--seg-lr must be a finite number above 0"),
+        ("cls_lr", math.inf, "--cls-lr must be a finite number above 0"),
+        ("cls_lr", -0.1, "--cls-lr must be a finite number above 0"),
+        ("seg_loss", "log", "--loss 'log': choose one of paper, loglik"),
+        ("seg_bias", "yes", "--bias must be true or false"),
+        ("seed", -1, "--seed must be between 0 and"),
+        ("sufficiency", 1, "--sufficiency must be true or false"),
+    ],
+)
 def test_training_settings_are_checked(field, value, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         TrainSettings(**{field: value})
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("input_size", 0, "--input-size must be between 16 and 2048, got 0"),  # not "the default"
-    ("input_size", 1, "--input-size must be between"),
-    ("input_size", 100000, "--input-size must be between"),
-    ("batch_size", 0, "--batch-size must be at least 1"),
-    ("workers", -1, "--workers must be between 0"),
-    ("limit", 0, "--limit must be at least 1"),
-    ("quantile", math.nan, "--quantile must lie strictly between 0 and 1"),
-    ("quantile", 1.0, "--quantile must lie strictly between 0 and 1"),
-    ("iou_mode", "fast", "--iou-mode 'fast': choose one of"),
-    ("dataset", "", "--dataset is empty"),
-    ("weights", "", "--weights is empty"),
-    ("train", {"epochs": 3}, "TrainSettings"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("input_size", 0, "--input-size must be between 16 and 2048, got 0"),  # not "the default"
+        ("input_size", 1, "--input-size must be between"),
+        ("input_size", 100000, "--input-size must be between"),
+        ("batch_size", 0, "--batch-size must be at least 1"),
+        ("workers", -1, "--workers must be between 0"),
+        ("limit", 0, "--limit must be at least 1"),
+        ("quantile", math.nan, "--quantile must lie strictly between 0 and 1"),
+        ("quantile", 1.0, "--quantile must lie strictly between 0 and 1"),
+        ("iou_mode", "fast", "--iou-mode 'fast': choose one of"),
+        ("dataset", "", "--dataset is empty"),
+        ("weights", "", "--weights is empty"),
+        ("train", {"epochs": 3}, "TrainSettings"),
+    ],
+)
 def test_ingest_options_are_checked(field, value, message):
     with pytest.raises(UsageError, match=message):
         IngestOptions(**{field: value})
@@ -59,8 +65,9 @@ def test_defaults_pass():
     TrainSettings()
 
 
-@pytest.mark.parametrize("model, layer, size", [("alexnet", "conv5", 227), ("alexnet", "conv2", 300),
-                                                 ("resnet18", "layer3", 160)])
+@pytest.mark.parametrize(
+    "model, layer, size", [("alexnet", "conv5", 227), ("alexnet", "conv2", 300), ("resnet18", "layer3", 160)]
+)
 def test_layer_check_gives_the_shape_a_real_forward_pass_gives(model, layer, size):
     spec = registry.resolve_layer(model, layer, size)  # the check every ingest makes before writing
     net = torchvision.models.get_model(model, weights=None).eval()
@@ -76,13 +83,16 @@ def test_a_layer_the_input_is_too_small_for_is_named():
         registry.resolve_layer("alexnet", "conv5", 16)
 
 
-@pytest.mark.parametrize("layer, options", [
-    ("no_such_layer", {}),
-    ("", {}),
-    (" ", {}),
-    ("conv5", {"input_size": 20}),
-    ("conv5", {"train": TrainSettings(epochs=1)} | {"batch_size": 0}),
-])
+@pytest.mark.parametrize(
+    "layer, options",
+    [
+        ("no_such_layer", {}),
+        ("", {}),
+        (" ", {}),
+        ("conv5", {"input_size": 20}),
+        ("conv5", {"train": TrainSettings(epochs=1)} | {"batch_size": 0}),
+    ],
+)
 def test_nothing_is_written_before_a_setting_is_refused(db_copy, layer, options):
     before = fingerprint(db_copy)
     with pytest.raises(UsageError):
@@ -91,27 +101,32 @@ def test_nothing_is_written_before_a_setting_is_refused(db_copy, layer, options)
     assert api.probes(db_copy).num_rows == 1  # no orphan probe in 'extracting'
 
 
-@pytest.mark.parametrize("damage", [
-    "UPDATE filters SET threshold = 'nan' WHERE filter = 0",
-    "UPDATE filters SET max_value = 'inf' WHERE filter = 1",
-    "UPDATE filter_concept_iou SET iou = 'nan' WHERE filter = 2",
-    "UPDATE embeddings SET weights = list_transform(weights, lambda w: w / 0) WHERE concept_id = "
-    "(SELECT min(concept_id) FROM embeddings)",
-    "UPDATE embeddings SET bias = '-inf' WHERE concept_id = (SELECT min(concept_id) FROM embeddings)",
-    "UPDATE embeddings SET val_score = 'nan' WHERE concept_id = (SELECT min(concept_id) FROM embeddings)",
-    "UPDATE image_concept_scores SET score = 'nan' WHERE method = 'classification' AND image_id = "
-    "(SELECT min(image_id) FROM image_concept_scores WHERE method = 'classification')",
-    "UPDATE image_concept_scores SET iou = 'inf' WHERE method = 'best_filter' AND image_id = "
-    "(SELECT min(image_id) FROM image_concept_scores WHERE method = 'best_filter')",
-    "UPDATE activations SET scales = list_transform(scales, lambda s: s + 'inf'::FLOAT) WHERE image_id = 3",
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "UPDATE filters SET threshold = 'nan' WHERE filter = 0",
+        "UPDATE filters SET max_value = 'inf' WHERE filter = 1",
+        "UPDATE filter_concept_iou SET iou = 'nan' WHERE filter = 2",
+        "UPDATE embeddings SET weights = list_transform(weights, lambda w: w / 0) WHERE concept_id = "
+        "(SELECT min(concept_id) FROM embeddings)",
+        "UPDATE embeddings SET bias = '-inf' WHERE concept_id = (SELECT min(concept_id) FROM embeddings)",
+        "UPDATE embeddings SET val_score = 'nan' WHERE concept_id = (SELECT min(concept_id) FROM embeddings)",
+        "UPDATE image_concept_scores SET score = 'nan' WHERE method = 'classification' AND image_id = "
+        "(SELECT min(image_id) FROM image_concept_scores WHERE method = 'classification')",
+        "UPDATE image_concept_scores SET iou = 'inf' WHERE method = 'best_filter' AND image_id = "
+        "(SELECT min(image_id) FROM image_concept_scores WHERE method = 'best_filter')",
+        "UPDATE activations SET scales = list_transform(scales, lambda s: s + 'inf'::FLOAT) WHERE image_id = 3",
+    ],
+)
 def test_db_check_flags_nan_and_infinity(db_copy, damage):
     con = duckdb.connect(str(db_copy))
     changed = con.execute(damage).fetchone()[0]
     con.close()
     assert changed >= 1
     failed = {r["check_name"]: r["violations"] for r in api.db_check(db_copy).to_pylist() if r["violations"]}
-    assert set(failed) - {"IoU rows whose iou disagrees with intersection / union"} == {"NaN or infinite stored numbers"}
+    assert set(failed) - {"IoU rows whose iou disagrees with intersection / union"} == {
+        "NaN or infinite stored numbers"
+    }
     assert failed["NaN or infinite stored numbers"] == changed
 
 
@@ -126,8 +141,11 @@ def test_user_text_is_printed_as_typed(tmp_path, synthetic_dir):
     import sys
 
     db = tmp_path / "m.duckdb"
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "data", "add", str(synthetic_dir), "--name", "[/x]",
-                             "--db", str(db)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "data", "add", str(synthetic_dir), "--name", "[/x]", "--db", str(db)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "dataset '[/x]' registered" in result.stderr
     assert api.datasets(db).column("name").to_pylist() == ["[/x]"]

@@ -52,14 +52,15 @@ def test_statement_complete_ignores_semicolons_in_strings_names_and_comments():
 
 def test_split_script_keeps_multiline_statements_and_dot_commands_apart():
     script = ".format csv\nselect 1\n  + 2;\n\n.tables\nselect 'x;\ny';\nselect 3"
-    assert list(split_script(script)) == [".format csv", "select 1\n  + 2;", ".tables", "select 'x;\ny';",
-                                          "select 3"]
+    assert list(split_script(script)) == [".format csv", "select 1\n  + 2;", ".tables", "select 'x;\ny';", "select 3"]
 
 
 def test_script_runs_every_statement_and_errors_are_one_line(ingested_db):
     shell, out, err = shell_for(ingested_db)
-    status = shell.run_script("select count(*) as n from concepts;\nselect nosuch from concepts;\n"
-                              "select 1 +;\n.nonsense\nselect 40 + 2 as answer;\n")
+    status = shell.run_script(
+        "select count(*) as n from concepts;\nselect nosuch from concepts;\n"
+        "select 1 +;\n.nonsense\nselect 40 + 2 as answer;\n"
+    )
     with duckdb.connect(str(ingested_db), read_only=True) as con:
         n = con.execute("select count(*) from concepts").fetchone()[0]
     assert rows_of(out.getvalue()) == [["n"], [str(n)], ["answer"], ["42"]]
@@ -97,7 +98,7 @@ def test_query_command_matches_the_api_and_the_cli_parameters(ingested_db):
     text = out.getvalue().strip().split("\n")
     header = text[0].split(",")
     first = rows_of("\n".join(text[: 1 + len(expected3)]))
-    second = rows_of("\n".join(text[1 + len(expected3):]))
+    second = rows_of("\n".join(text[1 + len(expected3) :]))
     assert [r[header.index("concept")] for r in first[1:]] == [r["concept"] for r in expected3]
     assert [r[second[0].index("concept")] for r in second[1:]] == [r["concept"] for r in expected2]
     shell.handle(".query nearest red --bogus 1")
@@ -171,14 +172,16 @@ def run_prompt(shell, keys: str):
 
 def test_prompt_multiline_statement_ctrl_c_clears_and_ctrl_d_leaves(ingested_db):
     shell, out, err = shell_for(ingested_db)
-    keys = ("select 40\r"       # incomplete: Enter continues the statement
-            "  + 2 as answer;\r"
-            "select 'abandoned\x03"   # Ctrl-C at the prompt throws the line away
-            ".format json\r"
-            "select name from concepts where name = 'green-c';\r"
-            "select nosuch;\r"
-            "select 7 as after_error;\r"
-            "\x04")
+    keys = (
+        "select 40\r"  # incomplete: Enter continues the statement
+        "  + 2 as answer;\r"
+        "select 'abandoned\x03"  # Ctrl-C at the prompt throws the line away
+        ".format json\r"
+        "select name from concepts where name = 'green-c';\r"
+        "select nosuch;\r"
+        "select 7 as after_error;\r"
+        "\x04"
+    )
     status, session = run_prompt(shell, keys)
     assert status == 0
     assert out.getvalue() == 'answer\n42\n[{"name": "green-c"}]\n[{"after_error": 7}]\n'
@@ -222,7 +225,7 @@ class Terminal:
 
     def expect(self, needle: bytes, timeout: float = 60) -> bytes:
         deadline = time.monotonic() + timeout
-        while needle not in self.seen[self.read_to:]:
+        while needle not in self.seen[self.read_to :]:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"{needle!r} never appeared; the terminal showed {self.seen[-2000:]!r}")
@@ -233,7 +236,7 @@ class Terminal:
                 except OSError:  # the child closed the terminal
                     break
         end = self.seen.index(needle, self.read_to) + len(needle)
-        shown, self.read_to = self.seen[self.read_to:end], end
+        shown, self.read_to = self.seen[self.read_to : end], end
         return shown
 
     def type(self, keys: bytes) -> None:
@@ -249,11 +252,24 @@ def _own_terminal() -> None:
 def test_in_a_real_terminal(ingested_db, tmp_path):
     """Type into a pseudo-terminal as a person would: a query, a cancelled one, then Ctrl-D."""
     main_fd, child_fd = pty.openpty()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "N2VDB_HOME": str(tmp_path / "home"), "TERM": "xterm",
-           "COLUMNS": "100", "LINES": "40", "PROMPT_TOOLKIT_NO_CPR": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "n2vdb", "shell", "--db", str(ingested_db)],
-                            stdin=child_fd, stdout=child_fd, stderr=child_fd, env=env, close_fds=True,
-                            preexec_fn=_own_terminal)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "N2VDB_HOME": str(tmp_path / "home"),
+        "TERM": "xterm",
+        "COLUMNS": "100",
+        "LINES": "40",
+        "PROMPT_TOOLKIT_NO_CPR": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "n2vdb", "shell", "--db", str(ingested_db)],
+        stdin=child_fd,
+        stdout=child_fd,
+        stderr=child_fd,
+        env=env,
+        close_fds=True,
+        preexec_fn=_own_terminal,
+    )
     os.close(child_fd)
     term = Terminal(main_fd)
     try:
@@ -279,16 +295,27 @@ def test_in_a_real_terminal(ingested_db, tmp_path):
 
 def test_cli_shell_runs_piped_scripts(ingested_db, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "N2VDB_HOME": str(tmp_path / "home")}
-    done = subprocess.run([sys.executable, "-m", "n2vdb", "shell", "--db", str(ingested_db), "-f", "csv"],
-                          input=".query similarity red green\nselect 1 as one;\n", capture_output=True,
-                          text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "shell", "--db", str(ingested_db), "-f", "csv"],
+        input=".query similarity red green\nselect 1 as one;\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     expected = api.query("similarity", ingested_db, a="red", b="green").to_pylist()[0]
     lines = done.stdout.splitlines()
     assert lines[-2:] == ["one", "1"]
     assert str(expected["similarity"]) in lines[1]
-    missing = subprocess.run([sys.executable, "-m", "n2vdb", "shell", "--db", str(tmp_path / "none.duckdb")],
-                             input="select 1;\n", capture_output=True, text=True, env=env, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "shell", "--db", str(tmp_path / "none.duckdb")],
+        input="select 1;\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "no database" in missing.stderr
 
 

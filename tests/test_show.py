@@ -39,8 +39,10 @@ def test_concept_grid(tmp_path, ingested_db):
     path, samples, values = api.show_concept("red", ingested_db, out=out)
     assert path == out and out.exists()
     con = duckdb.connect(str(ingested_db), read_only=True)
-    expected = con.execute("SELECT count(*) FROM image_concept_scores s JOIN concepts c USING (concept_id)"
-                           " WHERE c.name = 'red-c' AND s.method = 'segmentation'").fetchone()[0]
+    expected = con.execute(
+        "SELECT count(*) FROM image_concept_scores s JOIN concepts c USING (concept_id)"
+        " WHERE c.name = 'red-c' AND s.method = 'segmentation'"
+    ).fetchone()[0]
     assert len(values) == expected
     width, height = Image.open(out).size
     assert width == 6 * (grids.TILE + 4) + 4
@@ -52,19 +54,41 @@ def test_concept_grid(tmp_path, ingested_db):
 
 def test_filter_grid_and_cli(tmp_path, ingested_db):
     out = tmp_path / "f.png"
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "show", "filter", "3", "--out", str(out),
-                             "--db", str(ingested_db)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "show", "filter", "3", "--out", str(out), "--db", str(ingested_db)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
     assert tiles_in(out) == 6
-    bad = subprocess.run([sys.executable, "-m", "n2vdb", "show", "filter", "999", "--db", str(ingested_db)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "n2vdb", "show", "filter", "999", "--db", str(ingested_db)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "filters 0..255" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_show_concept_cli_prints_distribution(tmp_path, ingested_db):
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "show", "concept", "circle", "--method", "best_filter",
-                             "--out", str(tmp_path / "c.png"), "--db", str(ingested_db)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "n2vdb",
+            "show",
+            "concept",
+            "circle",
+            "--method",
+            "best_filter",
+            "--out",
+            str(tmp_path / "c.png"),
+            "--db",
+            str(ingested_db),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert re.search(r"per-image IoU over \d+ images", result.stderr)
     assert (tmp_path / "c.png").exists()

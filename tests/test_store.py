@@ -12,8 +12,19 @@ from n2vdb.errors import DatabaseBusy, N2vdbError
 from n2vdb.resources import sql_dir
 from n2vdb.store import connect, migrate, read_connection, write_connection
 
-PUBLIC_TABLES = {"datasets", "images", "concepts", "image_concepts", "probes", "filters", "filter_concept_iou",
-                 "embeddings", "image_concept_scores", "activations", "schema_migrations"}
+PUBLIC_TABLES = {
+    "datasets",
+    "images",
+    "concepts",
+    "image_concepts",
+    "probes",
+    "filters",
+    "filter_concept_iou",
+    "embeddings",
+    "image_concept_scores",
+    "activations",
+    "schema_migrations",
+}
 
 
 def test_new_database_is_upgraded_with_public_schema(tmp_path):
@@ -80,18 +91,27 @@ def test_lock_conflict_names_the_holder(tmp_path):
     db = tmp_path / "n.duckdb"
     with write_connection(db):
         pass
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import duckdb, sys, time
         con = duckdb.connect({str(db)!r})
         print("ready", flush=True)
         time.sleep(30)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
         with pytest.raises(DatabaseBusy, match=f"PID {holder.pid}"):
             connect(db, read_only=False)
-        result = subprocess.run([sys.executable, "-m", "n2vdb", "probes", "--db", str(db)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "n2vdb", "probes", "--db", str(db)], capture_output=True, text=True
+        )
         assert result.returncode == 1
         assert "database busy" in result.stderr and f"PID {holder.pid}" in result.stderr
         assert "Traceback" not in result.stderr

@@ -73,14 +73,47 @@ def test_bad_profile_and_size_fail_cleanly(tmp_path):
         generate_profile(tmp_path / "x", "imagenet")
     with pytest.raises(DatasetError, match="227 px"):
         generate_profile(tmp_path / "y", "broden", size=100)
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "data", "synth", str(tmp_path / "z"), "--profile",
-                             "nope", "--name", "", "--db", str(tmp_path / "d.duckdb")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "n2vdb",
+            "data",
+            "synth",
+            str(tmp_path / "z"),
+            "--profile",
+            "nope",
+            "--name",
+            "",
+            "--db",
+            str(tmp_path / "d.duckdb"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "choose one of" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_writes_the_profile(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "data", "synth", str(tmp_path / "b"), "--profile",
-                             "broden", "--images", "3", "--name", "", "--db", str(tmp_path / "d.duckdb")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "n2vdb",
+            "data",
+            "synth",
+            str(tmp_path / "b"),
+            "--profile",
+            "broden",
+            "--images",
+            "3",
+            "--name",
+            "",
+            "--db",
+            str(tmp_path / "d.duckdb"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert len(BrodenDataset.open(tmp_path / "b").rows) == 3

@@ -14,11 +14,23 @@ def test_every_stage_records_its_timing(tmp_path, synthetic_dir):
     api.add_dataset(synthetic_dir, "synthetic", db)
     from n2vdb.probe import TrainSettings
 
-    probe_id = api.ingest("alexnet", "conv5", db, dataset="synthetic", weights="random", limit=16, workers=0,
-                          train=TrainSettings(epochs=1))
+    probe_id = api.ingest(
+        "alexnet",
+        "conv5",
+        db,
+        dataset="synthetic",
+        weights="random",
+        limit=16,
+        workers=0,
+        train=TrainSettings(epochs=1),
+    )
     con = duckdb.connect(str(db), read_only=True)
-    rows = {r[0]: r[1:] for r in con.execute(
-        "SELECT stage, seconds, images, pairs, peak_rss_mb FROM stage_timings WHERE probe_id = ?", [probe_id]).fetchall()}
+    rows = {
+        r[0]: r[1:]
+        for r in con.execute(
+            "SELECT stage, seconds, images, pairs, peak_rss_mb FROM stage_timings WHERE probe_id = ?", [probe_id]
+        ).fetchall()
+    }
     assert set(rows) == {"extraction", "thresholds", "iou", "segmentation", "classification"}
     assert all(seconds > 0 and images == 16 and rss > 50 for seconds, images, _, rss in rows.values())
     # pairs, brute force from the dataset's own masks
@@ -40,9 +52,30 @@ def test_every_stage_records_its_timing(tmp_path, synthetic_dir):
 def test_ingest_summary_prints_the_stages(tmp_path, synthetic_dir):
     db = tmp_path / "c.duckdb"
     api.add_dataset(synthetic_dir, "synthetic", db)
-    result = subprocess.run([sys.executable, "-m", "n2vdb", "ingest", "alexnet", "conv5", "--dataset", "synthetic",
-                             "--weights", "random", "--limit", "12", "--epochs", "1", "--workers", "0",
-                             "--db", str(db)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "n2vdb",
+            "ingest",
+            "alexnet",
+            "conv5",
+            "--dataset",
+            "synthetic",
+            "--weights",
+            "random",
+            "--limit",
+            "12",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--db",
+            str(db),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     line = [l for l in result.stderr.splitlines() if l.startswith("stages: ")][0]
     for stage in ("extraction", "thresholds", "iou", "segmentation", "classification"):

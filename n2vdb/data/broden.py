@@ -83,8 +83,9 @@ def _csv_rows(path: Path) -> Iterator:
             header = list(reader.fieldnames or [])
             repeated = sorted({c for c in header if header.count(c) > 1})
             if repeated:
-                raise DatasetError(f"{path}: the header names column {repeated[0]!r} more than once; "
-                                   "keep one column per name")
+                raise DatasetError(
+                    f"{path}: the header names column {repeated[0]!r} more than once; keep one column per name"
+                )
             yield header
             yield from enumerate(reader, start=2)
     except UnicodeDecodeError as exc:
@@ -112,8 +113,10 @@ def read_labels(root: Path) -> dict[int, Label]:
             if not 0 < number <= MAX_LABEL:
                 raise ValueError(f"label number {number} is outside 1..{MAX_LABEL}")
             if number in lines:
-                raise DatasetError(f"{path}: label number {number} appears on lines {lines[number]} and {line}; "
-                                   "each label needs its own number")
+                raise DatasetError(
+                    f"{path}: label number {number} appears on lines {lines[number]} and {line}; "
+                    "each label needs its own number"
+                )
             name = row["name"] or ""
             if not name.strip():
                 raise ValueError("the name is empty")
@@ -122,7 +125,12 @@ def read_labels(root: Path) -> dict[int, Label]:
             if frequency is not None and not 0 <= frequency <= MAX_LABEL:
                 raise ValueError(f"frequency {frequency} is outside 0..{MAX_LABEL}")
             labels[number] = Label(
-                number, name, primary, categories, frequency, _optional(row.get("coverage"), float),
+                number,
+                name,
+                primary,
+                categories,
+                frequency,
+                _optional(row.get("coverage"), float),
             )
             lines[number] = line
         except (TypeError, ValueError) as exc:
@@ -143,10 +151,14 @@ def _refuse_name_clashes(path: Path, labels: dict[int, Label], lines: dict[int, 
             continue
         where = f"lines {lines[other.number]} and {lines[label.number]}"
         if other.name == label.name:
-            raise DatasetError(f"{path}: concept name {label.name!r} is used by labels {other.number} and "
-                               f"{label.number} ({where}); give each concept its own name")
-        raise DatasetError(f"{path}: concept names {other.name!r} and {label.name!r} ({where}) collide as file "
-                           f"names ({file_stem(label.name)!r}); rename one of them")
+            raise DatasetError(
+                f"{path}: concept name {label.name!r} is used by labels {other.number} and "
+                f"{label.number} ({where}); give each concept its own name"
+            )
+        raise DatasetError(
+            f"{path}: concept names {other.name!r} and {label.name!r} ({where}) collide as file "
+            f"names ({file_stem(label.name)!r}); rename one of them"
+        )
 
 
 def label_categories(labels: dict[int, Label]) -> set[str]:
@@ -159,8 +171,9 @@ def _int_cell(row: dict, key: str, path: Path, line: int) -> int:
     except (TypeError, ValueError):
         raise DatasetError(f"{path} line {line}: column {key!r} is {row.get(key)!r}, expected an integer") from None
     if not 0 < value <= MAX_SIDE:
-        raise DatasetError(f"{path} line {line}: column {key!r} is {value}; image and segmentation sizes must lie "
-                           f"in 1..{MAX_SIDE} px")
+        raise DatasetError(
+            f"{path} line {line}: column {key!r} is {value}; image and segmentation sizes must lie in 1..{MAX_SIDE} px"
+        )
     return value
 
 
@@ -251,16 +264,20 @@ def read_index(root: Path, categories_known: set[str] | None = None) -> tuple[li
             if all(t.isascii() and t.isdigit() for t in tokens):
                 numbers = tuple(int(t) for t in tokens)
                 if max(numbers) > MAX_LABEL:
-                    raise DatasetError(f"{path} line {line}, column {category!r}: label number {max(numbers)} is "
-                                       f"above {MAX_LABEL}, the largest n2vdb stores")
+                    raise DatasetError(
+                        f"{path} line {line}, column {category!r}: label number {max(numbers)} is "
+                        f"above {MAX_LABEL}, the largest n2vdb stores"
+                    )
                 labels[category] = numbers
             else:
                 masks[category] = tuple(tokens)
         for column, rel in (("image", row["image"]), *((c, t) for c, ts in masks.items() for t in ts)):
             why = paths.outside(rel)
             if why:
-                raise DatasetError(f"{path} line {line}, column {column!r}: {rel!r} {why}; paths in index.csv are "
-                                   "relative to images/ and must stay inside the dataset directory")
+                raise DatasetError(
+                    f"{path} line {line}, column {column!r}: {rel!r} {why}; paths in index.csv are "
+                    "relative to images/ and must stay inside the dataset directory"
+                )
         sizes = [_int_cell(row, k, path, line) for k in ("ih", "iw", "sh", "sw")]
         rows.append(ImageRow(len(rows), row["image"], split, *sizes, masks=masks, labels=labels))
     if not rows:
@@ -279,8 +296,10 @@ def decode_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     except FileNotFoundError:
         raise DatasetError(f"mask {path} is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"mask {path} cannot be decoded ({exc}); replace the file, or remove that row "
-                           "before registering the directory") from None
+        raise DatasetError(
+            f"mask {path} cannot be decoded ({exc}); replace the file, or remove that row "
+            "before registering the directory"
+        ) from None
     return rgb[..., 0].astype(np.int32) | (rgb[..., 1].astype(np.int32) << 8)
 
 

@@ -69,27 +69,37 @@ def add_dataset(con: duckdb.DuckDBPyConnection, path: str | Path, name: str, chu
     known = set(dataset.labels)
     files = fingerprint.take(dataset)
     with transaction(con):
-        dataset_id = first(con.execute(
-            "INSERT INTO datasets (name, path, n_images, n_concepts) VALUES (?, ?, ?, ?) RETURNING dataset_id",
-            [name, str(dataset.root), len(dataset.rows), len(dataset.labels)],
-        ))[0]
+        dataset_id = first(
+            con.execute(
+                "INSERT INTO datasets (name, path, n_images, n_concepts) VALUES (?, ?, ?, ?) RETURNING dataset_id",
+                [name, str(dataset.root), len(dataset.rows), len(dataset.labels)],
+            )
+        )[0]
         _insert_metadata(con, dataset_id, dataset, levels)
         _insert_image_concepts(con, dataset_id, dataset, known, chunk)
         _record_files(con, dataset_id, files)
     if dataset.ignored_columns:
-        say(f"note: index.csv column(s) {', '.join(map(repr, dataset.ignored_columns))} name no category of "
-            "label.csv and were ignored")
+        say(
+            f"note: index.csv column(s) {', '.join(map(repr, dataset.ignored_columns))} name no category of "
+            "label.csv and were ignored"
+        )
     return dataset_id
 
 
 def _record_files(con: duckdb.DuckDBPyConnection, dataset_id: int, files: dict[str, tuple[str, int]]) -> None:
-    con.executemany("INSERT INTO dataset_files VALUES (?, ?, ?, ?)",
-                    [[dataset_id, file, sha, size] for file, (sha, size) in files.items()])
+    con.executemany(
+        "INSERT INTO dataset_files VALUES (?, ?, ?, ?)",
+        [[dataset_id, file, sha, size] for file, (sha, size) in files.items()],
+    )
 
 
 def _recorded(con: duckdb.DuckDBPyConnection, dataset_id: int) -> dict[str, tuple[str, int]]:
-    return {f: (sha, size) for f, sha, size in con.execute(
-        "SELECT file, sha256, bytes FROM dataset_files WHERE dataset_id = ?", [dataset_id]).fetchall()}
+    return {
+        f: (sha, size)
+        for f, sha, size in con.execute(
+            "SELECT file, sha256, bytes FROM dataset_files WHERE dataset_id = ?", [dataset_id]
+        ).fetchall()
+    }
 
 
 def verify_unchanged(con: duckdb.DuckDBPyConnection, dataset_id: int, name: str, dataset: BrodenDataset) -> None:
@@ -105,14 +115,16 @@ def verify_unchanged(con: duckdb.DuckDBPyConnection, dataset_id: int, name: str,
             f"dataset {name!r} changed since it was registered ({'; '.join(changed[:3])}); probes key images by "
             f"index.csv row, so n2vdb will not mix the two versions: register the directory as a new dataset "
             f"(`n2vdb data add {dataset.root} --name {name}-v2`) and use --dataset {name}-v2, or restore the "
-            "registered files")
+            "registered files"
+        )
 
 
 def _legacy_differences(con: duckdb.DuckDBPyConnection, dataset_id: int, dataset: BrodenDataset) -> list[str]:
     """A dataset registered before fingerprints (migration 0003): its images and concepts rows are what
     was imported, so index.csv and label.csv must still describe them row by row."""
-    stored = con.execute("SELECT image_id, path, split, ih, iw, sh, sw FROM images WHERE dataset_id = ?"
-                         " ORDER BY image_id", [dataset_id]).fetchall()
+    stored = con.execute(
+        "SELECT image_id, path, split, ih, iw, sh, sw FROM images WHERE dataset_id = ? ORDER BY image_id", [dataset_id]
+    ).fetchall()
     now = [(r.image_id, r.image, r.split, r.ih, r.iw, r.sh, r.sw) for r in dataset.rows]
     said = []
     if stored != now:
@@ -121,8 +133,9 @@ def _legacy_differences(con: duckdb.DuckDBPyConnection, dataset_id: int, dataset
         else:
             first_changed = next(i for i, (a, b) in enumerate(zip(stored, now)) if a != b)
             said.append(f"index.csv line {first_changed + 2} changed")
-    labels = con.execute("SELECT concept_id, name FROM concepts WHERE dataset_id = ? ORDER BY concept_id",
-                         [dataset_id]).fetchall()
+    labels = con.execute(
+        "SELECT concept_id, name FROM concepts WHERE dataset_id = ? ORDER BY concept_id", [dataset_id]
+    ).fetchall()
     if labels != sorted((lab.number, lab.name) for lab in dataset.labels.values()):
         said.append("label.csv changed")
     return said
@@ -130,28 +143,34 @@ def _legacy_differences(con: duckdb.DuckDBPyConnection, dataset_id: int, dataset
 
 def _insert_metadata(con, dataset_id: int, dataset: BrodenDataset, levels: dict[int, str]) -> None:
     rows = dataset.rows
-    images = pa.table({
-        "dataset_id": pa.array([dataset_id] * len(rows), pa.int32()),
-        "image_id": [r.image_id for r in rows],
-        "path": [r.image for r in rows],
-        "split": [r.split for r in rows],
-        "ih": [r.ih for r in rows], "iw": [r.iw for r in rows],
-        "sh": [r.sh for r in rows], "sw": [r.sw for r in rows],
-    })
+    images = pa.table(
+        {
+            "dataset_id": pa.array([dataset_id] * len(rows), pa.int32()),
+            "image_id": [r.image_id for r in rows],
+            "path": [r.image for r in rows],
+            "split": [r.split for r in rows],
+            "ih": [r.ih for r in rows],
+            "iw": [r.iw for r in rows],
+            "sh": [r.sh for r in rows],
+            "sw": [r.sw for r in rows],
+        }
+    )
     con.register("_images", images)
     con.execute("INSERT INTO images SELECT * FROM _images")
     con.unregister("_images")
     labels = list(dataset.labels.values())
-    concepts = pa.table({
-        "dataset_id": pa.array([dataset_id] * len(labels), pa.int32()),
-        "concept_id": [lab.number for lab in labels],
-        "name": [lab.name for lab in labels],
-        "category": [lab.category for lab in labels],
-        "categories": [list(lab.categories) for lab in labels],
-        "level": [levels[lab.number] for lab in labels],
-        "frequency": pa.array([lab.frequency for lab in labels], pa.int32()),
-        "coverage": pa.array([lab.coverage for lab in labels], pa.float64()),
-    })
+    concepts = pa.table(
+        {
+            "dataset_id": pa.array([dataset_id] * len(labels), pa.int32()),
+            "concept_id": [lab.number for lab in labels],
+            "name": [lab.name for lab in labels],
+            "category": [lab.category for lab in labels],
+            "categories": [list(lab.categories) for lab in labels],
+            "level": [levels[lab.number] for lab in labels],
+            "frequency": pa.array([lab.frequency for lab in labels], pa.int32()),
+            "coverage": pa.array([lab.coverage for lab in labels], pa.float64()),
+        }
+    )
     con.register("_concepts", concepts)
     con.execute("INSERT INTO concepts SELECT * FROM _concepts")
     con.unregister("_concepts")
@@ -165,12 +184,14 @@ def _insert_image_concepts(con, dataset_id: int, dataset: BrodenDataset, known: 
         if not buffer:
             return
         image_ids = np.concatenate([np.full(len(ids), i, np.int32) for i, ids, _ in buffer])
-        table = pa.table({
-            "dataset_id": pa.array(np.full(len(image_ids), dataset_id, np.int32)),
-            "image_id": image_ids,
-            "concept_id": np.concatenate([ids for _, ids, _ in buffer]).astype(np.int32),
-            "pixels": np.concatenate([px for _, _, px in buffer]).astype(np.int32),
-        })
+        table = pa.table(
+            {
+                "dataset_id": pa.array(np.full(len(image_ids), dataset_id, np.int32)),
+                "image_id": image_ids,
+                "concept_id": np.concatenate([ids for _, ids, _ in buffer]).astype(np.int32),
+                "pixels": np.concatenate([px for _, _, px in buffer]).astype(np.int32),
+            }
+        )
         con.register("_ic", table)
         con.execute("INSERT INTO image_concepts SELECT * FROM _ic")
         con.unregister("_ic")
@@ -197,9 +218,7 @@ def _insert_image_concepts(con, dataset_id: int, dataset: BrodenDataset, known: 
 
 
 def list_datasets(con: duckdb.DuckDBPyConnection) -> list[dict]:
-    cur = con.execute(
-        "SELECT dataset_id, name, path, n_images, n_concepts, added_at FROM datasets ORDER BY dataset_id"
-    )
+    cur = con.execute("SELECT dataset_id, name, path, n_images, n_concepts, added_at FROM datasets ORDER BY dataset_id")
     names = [d[0] for d in cur.description]
     return [dict(zip(names, r)) for r in cur.fetchall()]
 

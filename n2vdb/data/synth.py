@@ -19,8 +19,12 @@ from PIL import Image
 from n2vdb.errors import DatasetError
 
 COLORS = {
-    "red": (220, 30, 30), "green": (40, 180, 60), "blue": (40, 70, 220),
-    "yellow": (235, 215, 40), "white": (245, 245, 245), "black": (20, 20, 20),
+    "red": (220, 30, 30),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 215, 40),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
 }
 MATERIALS = {"grass": (70, 120, 40), "sand": (200, 180, 130), "water": (40, 100, 160), "brick": (150, 70, 50)}
 SCENES = {"grass": ("meadow",), "sand": ("beach",), "water": ("sea", "beach"), "brick": ("street",)}
@@ -34,19 +38,25 @@ def label_table() -> list[tuple[int, str, str]]:
     labels: list[tuple[int, str, str]] = []
     number = 1
     for name in COLORS:
-        labels.append((number, f"{name}-c", "color")); number += 1
+        labels.append((number, f"{name}-c", "color"))
+        number += 1
     for name in MATERIALS:
-        labels.append((number, name, "material")); number += 1
+        labels.append((number, name, "material"))
+        number += 1
     for name in sorted({s for names in SCENES.values() for s in names}):
-        labels.append((number, f"{name}-s", "scene")); number += 1
+        labels.append((number, f"{name}-s", "scene"))
+        number += 1
     for name in TEXTURES:
-        labels.append((number, name, "texture")); number += 1
+        labels.append((number, name, "texture"))
+        number += 1
     number = 300
     for name in SHAPES:
-        labels.append((number, name, "object")); number += 1
+        labels.append((number, name, "object"))
+        number += 1
     for shape in SHAPES:
         for part in PARTS:
-            labels.append((number, f"{shape}-{part}", "part")); number += 1
+            labels.append((number, f"{shape}-{part}", "part"))
+            number += 1
     return labels
 
 
@@ -129,7 +139,9 @@ def generate(root: str | Path, images: int = 300, size: int = 227, seed: int = 0
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"{stem}.jpg", quality=92)
         cells: dict[str, str] = {}
         for category, planes in (
-            ("color", [color_seg]), ("object", [object_seg]), ("material", [material_seg]),
+            ("color", [color_seg]),
+            ("object", [object_seg]),
+            ("material", [material_seg]),
             ("part", [part1, part2]),
         ):
             paths = []
@@ -147,8 +159,9 @@ def generate(root: str | Path, images: int = 300, size: int = 227, seed: int = 0
         cells["texture"] = str(numbers[texture])
         for n in (*scene_numbers, numbers[texture]):
             counts[n] = counts.get(n, 0) + 1
-        rows.append({"image": f"{stem}.jpg", "split": _split(stem), "ih": size, "iw": size, "sh": seg, "sw": seg,
-                     **cells})
+        rows.append(
+            {"image": f"{stem}.jpg", "split": _split(stem), "ih": size, "iw": size, "sh": seg, "sw": seg, **cells}
+        )
     _write_csvs(root, rows, counts)
     return root
 
@@ -184,9 +197,17 @@ def _write_csvs(root: Path, rows: list[dict], counts: dict[int, int]) -> None:
 
 BRODEN_CATEGORIES = {"color": 11, "object": 584, "part": 234, "material": 32, "scene": 468, "texture": 47}
 BRODEN_COLORS = {
-    "black": (20, 20, 20), "blue": (40, 70, 220), "brown": (120, 70, 30), "grey": (128, 128, 128),
-    "green": (40, 180, 60), "orange": (240, 140, 20), "pink": (240, 150, 190), "purple": (120, 40, 160),
-    "red": (220, 30, 30), "white": (245, 245, 245), "yellow": (235, 215, 40),
+    "black": (20, 20, 20),
+    "blue": (40, 70, 220),
+    "brown": (120, 70, 30),
+    "grey": (128, 128, 128),
+    "green": (40, 180, 60),
+    "orange": (240, 140, 20),
+    "pink": (240, 150, 190),
+    "purple": (120, 40, 160),
+    "red": (220, 30, 30),
+    "white": (245, 245, 245),
+    "yellow": (235, 215, 40),
 }
 BRODEN_SIZE, BRODEN_SEG = 227, 113
 ZIPF_EXPONENT = 1.0
@@ -217,8 +238,9 @@ class _Vocabulary:
         self.numbers = {c: np.array([n for n, _, cat in table if cat == c]) for c in BRODEN_CATEGORIES}
         self.probs = {c: _zipf(len(v)) for c, v in self.numbers.items()}
         parts_rng = np.random.default_rng(12345)
-        self.parts_of = parts_rng.choice(self.numbers["part"], size=(len(self.numbers["object"]), PARTS_PER_OBJECT),
-                                         p=self.probs["part"])
+        self.parts_of = parts_rng.choice(
+            self.numbers["part"], size=(len(self.numbers["object"]), PARTS_PER_OBJECT), p=self.probs["part"]
+        )
         self.material_rgb = parts_rng.integers(40, 220, size=(len(self.numbers["material"]), 3))
         self.color_rgb = np.array(list(BRODEN_COLORS.values()), np.float32)
 
@@ -282,8 +304,12 @@ def _broden_image(root: Path, index: int, seed: int) -> tuple[dict, dict[int, in
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"{stem}.jpg", quality=90)
     counts: dict[int, int] = {}
     cells: dict[str, str] = {}
-    for category, planes in (("color", [color_seg]), ("object", [object_seg]), ("material", [material_seg]),
-                             ("part", [part1, part2])):
+    for category, planes in (
+        ("color", [color_seg]),
+        ("object", [object_seg]),
+        ("material", [material_seg]),
+        ("part", [part1, part2]),
+    ):
         paths = []
         for k, plane in enumerate(planes, start=1):
             if plane.any():
@@ -306,8 +332,14 @@ def _broden_image(root: Path, index: int, seed: int) -> tuple[dict, dict[int, in
 PROFILES = ("builtin", "broden")
 
 
-def generate_profile(root: str | Path, profile: str = "builtin", images: int = 300, size: int = 227, seed: int = 0,
-                     workers: int | None = None) -> Path:
+def generate_profile(
+    root: str | Path,
+    profile: str = "builtin",
+    images: int = 300,
+    size: int = 227,
+    seed: int = 0,
+    workers: int | None = None,
+) -> Path:
     """The built-in concept set or the broden profile (227 px images, 113 px masks)."""
     if profile not in PROFILES:
         raise DatasetError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -323,8 +355,9 @@ def _broden_chunk(args: tuple[str, int, int, int]) -> list[tuple[dict, dict[int,
     return [_broden_image(Path(root), i, seed) for i in range(start, stop)]
 
 
-def generate_broden(root: str | Path, images: int = 1000, seed: int = 0, workers: int | None = None,
-                    chunk: int = 64) -> Path:
+def generate_broden(
+    root: str | Path, images: int = 1000, seed: int = 0, workers: int | None = None, chunk: int = 64
+) -> Path:
     """Write IMAGES images of the broden profile. Images are drawn independently (seeded by their
     index), made in chunks by worker processes and written to index.csv as they arrive, so memory
     stays flat and the output is the same for any number of workers."""

@@ -62,9 +62,18 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor, selection: torch.Tenso
     return torch.where(n > 0, correct.sum(0) / n.clamp_min(1), torch.nan).numpy()
 
 
-def train(features: torch.Tensor, labels: torch.Tensor, is_val: torch.Tensor, concept_ids: Sequence[int], *,
-          epochs: int = 30, lr: float = 0.1, batch_size: int = 64, seed: int = 0,
-          keep: torch.Tensor | None = None) -> ClsResult:
+def train(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    is_val: torch.Tensor,
+    concept_ids: Sequence[int],
+    *,
+    epochs: int = 30,
+    lr: float = 0.1,
+    batch_size: int = 64,
+    seed: int = 0,
+    keep: torch.Tensor | None = None,
+) -> ClsResult:
     """features [N, K] pooled activations, labels [N, C] bool, is_val [N] bool."""
     gen = torch.Generator().manual_seed(seed)
     features = features.float()

@@ -24,8 +24,9 @@ class SegExample:
 ExampleSource = Callable[[], Iterable[SegExample]]
 
 
-def store_examples(con, probe: Probe, dataset: BrodenDataset, pixel_concepts: set[int],
-                   workers: int = 0) -> ExampleSource:
+def store_examples(
+    con, probe: Probe, dataset: BrodenDataset, pixel_concepts: set[int], workers: int = 0
+) -> ExampleSource:
     """A re-iterable source of SegExamples: each call streams activations and masks again."""
     from n2vdb import activations as acts_store
     from n2vdb.stats.iou import iter_masks
@@ -42,8 +43,13 @@ def store_examples(con, probe: Probe, dataset: BrodenDataset, pixel_concepts: se
             for i, image_id in enumerate(ids):
                 _, concept_ids, concept_masks = next(masks)
                 keep = np.array([int(c) in pixel_concepts for c in concept_ids], dtype=bool)
-                yield SegExample(int(image_id), split_of[int(image_id)], binary[i],
-                                 concept_ids[keep], concept_masks[torch.from_numpy(keep)])
+                yield SegExample(
+                    int(image_id),
+                    split_of[int(image_id)],
+                    binary[i],
+                    concept_ids[keep],
+                    concept_masks[torch.from_numpy(keep)],
+                )
 
     return generate
 
@@ -108,10 +114,15 @@ class PairBlock:
         """Image INDEX of the block as a SegExample again."""
         k, h, w = self.map_shape
         binary = np.zeros(k * h * w, bool)
-        binary[self.active[self.offsets[index]:self.offsets[index + 1]]] = True
+        binary[self.active[self.offsets[index] : self.offsets[index + 1]]] = True
         pairs = np.flatnonzero(self.pair_image == index)
-        return SegExample(int(self.image_ids[index]), "train" if self.is_train[index] else "val",
-                          torch.from_numpy(binary.reshape(k, h, w)), self.pair_concept[pairs], self.labels(pairs))
+        return SegExample(
+            int(self.image_ids[index]),
+            "train" if self.is_train[index] else "val",
+            torch.from_numpy(binary.reshape(k, h, w)),
+            self.pair_concept[pairs],
+            self.labels(pairs),
+        )
 
 
 def iter_blocks(examples: Iterable[SegExample], max_images: int) -> Iterator[PairBlock]:

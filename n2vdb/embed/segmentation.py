@@ -80,8 +80,9 @@ def concept_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor
     return -per_pixel.sum(dim=(-2, -1))
 
 
-def loss_gradient(logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor,
-                  kind: str) -> torch.Tensor:
+def loss_gradient(
+    logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, kind: str
+) -> torch.Tensor:
     """d (scale_p * concept_loss_p) / d logits, computed in place of LOGITS [P, sh, sw] (which it
     overwrites; labels bool [P, sh, sw]; alpha, scale [P]). With s = sigmoid(z):
     paper: L = -[a y s + (1-a)(1-y)(1-s)], so dL/dz = s (1-s) (y ? -a : 1-a);
@@ -180,10 +181,21 @@ def epoch_order(gen: torch.Generator, n_train: int) -> np.ndarray:
     return torch.randperm(n_train, generator=gen).numpy()
 
 
-def train(source: ExampleSource | CachedBlocks, concept_ids: Sequence[int], n_filters: int, *, epochs: int = 30,
-          lr: float = 1e-4, batch_size: int = 16, loss: str = "paper", use_bias: bool = False, seed: int = 0,
-          keep: torch.Tensor | None = None, device: str | torch.device = "cpu",
-          per_image: list | None = None) -> SegResult:
+def train(
+    source: ExampleSource | CachedBlocks,
+    concept_ids: Sequence[int],
+    n_filters: int,
+    *,
+    epochs: int = 30,
+    lr: float = 1e-4,
+    batch_size: int = 16,
+    loss: str = "paper",
+    use_bias: bool = False,
+    seed: int = 0,
+    keep: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    per_image: list | None = None,
+) -> SegResult:
     """Train every concept's embedding jointly. keep [K, C] (0/1) restricts each concept to some filters.
     The weights live on DEVICE (a GPU where there is one); pairs move there chunk by chunk. PER_IMAGE,
     if given, collects the final evaluation's per-image val IoUs (see evaluate)."""
@@ -214,8 +226,19 @@ def train(source: ExampleSource | CachedBlocks, concept_ids: Sequence[int], n_fi
                 scale_t = torch.from_numpy(scale).float().to(device)
                 for start in range(0, len(step_pairs), CHUNK_PAIRS):
                     part = slice(start, start + CHUNK_PAIRS)
-                    _accumulate(block, step_pairs[part], step_cols[part], weights, bias, alpha, scale_t[part],
-                                loss, geo, grad_w, grad_b if use_bias else None)
+                    _accumulate(
+                        block,
+                        step_pairs[part],
+                        step_cols[part],
+                        weights,
+                        bias,
+                        alpha,
+                        scale_t[part],
+                        loss,
+                        geo,
+                        grad_w,
+                        grad_b if use_bias else None,
+                    )
                 stepped = stepped_columns(step_cols, n_cols, device)
                 weights = sgd_w.step(weights, grad_w * keep, stepped, lr)
                 if use_bias:
@@ -225,9 +248,14 @@ def train(source: ExampleSource | CachedBlocks, concept_ids: Sequence[int], n_fi
 
 
 @torch.no_grad()
-def evaluate(source: ExampleSource | CachedBlocks, column: dict[int, int], weights: torch.Tensor,
-             bias: torch.Tensor, per_image: list | None = None,
-             device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+def evaluate(
+    source: ExampleSource | CachedBlocks,
+    column: dict[int, int],
+    weights: torch.Tensor,
+    bias: torch.Tensor,
+    per_image: list | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Set IoU per concept and split of M = sigmoid(logits) > 0.5, over images containing the concept.
     per_image, if given, collects (image_id, concept_id, intersection, union) for val images."""
     c = len(column)
@@ -242,9 +270,8 @@ def evaluate(source: ExampleSource | CachedBlocks, column: dict[int, int], weigh
         geo = _Geometry(block, device)
         pairs, cols = _pairs_in(block, column, train_only=False)
         for start in range(0, len(pairs), CHUNK_PAIRS):
-            part_pairs, part_cols = pairs[start:start + CHUNK_PAIRS], cols[start:start + CHUNK_PAIRS]
-            logits, _ = _upsampled_logits(block, part_pairs, torch.from_numpy(part_cols).to(device), weights,
-                                          bias, geo)
+            part_pairs, part_cols = pairs[start : start + CHUNK_PAIRS], cols[start : start + CHUNK_PAIRS]
+            logits, _ = _upsampled_logits(block, part_pairs, torch.from_numpy(part_cols).to(device), weights, bias, geo)
             # Counted on packed bits: sigmoid(x) > 0.5 packed, ANDed with the stored mask bits.
             pred = np.packbits((logits > 0).flatten(1).cpu().numpy(), axis=1)
             i = _POPCOUNT[pred & block.mask_bits[part_pairs]].sum(1, dtype=np.int64)
@@ -256,7 +283,13 @@ def evaluate(source: ExampleSource | CachedBlocks, column: dict[int, int], weigh
             if per_image is not None:
                 val = ~is_train
                 image_ids = block.image_ids[block.pair_image[part_pairs[val]]]
-                per_image.extend(zip(image_ids.tolist(), concept_of[part_cols[val]].tolist(),
-                                     i[val].astype(np.int64).tolist(), u[val].astype(np.int64).tolist()))
+                per_image.extend(
+                    zip(
+                        image_ids.tolist(),
+                        concept_of[part_cols[val]].tolist(),
+                        i[val].astype(np.int64).tolist(),
+                        u[val].astype(np.int64).tolist(),
+                    )
+                )
     iou = {s: np.where(union[s] > 0, inter[s] / np.maximum(union[s], 1), np.nan) for s in inter}
     return iou["train"], iou["val"]

@@ -57,23 +57,35 @@ def top_filters(weights: torch.Tensor, f: int) -> torch.Tensor:
     return keep
 
 
-def _rows(probe_id: int, kind: str, n_filters: int, concept_ids, weights: torch.Tensor, bias: torch.Tensor,
-          train_score, val_score, val_ap=None) -> pa.Table:
+def _rows(
+    probe_id: int,
+    kind: str,
+    n_filters: int,
+    concept_ids,
+    weights: torch.Tensor,
+    bias: torch.Tensor,
+    train_score,
+    val_score,
+    val_ap=None,
+) -> pa.Table:
     n = len(concept_ids)
     k = weights.shape[0]
     nan_to_null = lambda a: pa.array(np.asarray(a, np.float64), mask=np.isnan(np.asarray(a, np.float64)))  # noqa: E731
-    return pa.table({
-        "probe_id": pa.array(np.full(n, probe_id, np.int32)),
-        "concept_id": pa.array(np.asarray(concept_ids, np.int32)),
-        "kind": pa.array([kind] * n, pa.string()),
-        "n_filters": pa.array(np.full(n, n_filters, np.int32)),
-        "weights": pa.FixedSizeListArray.from_arrays(
-            pa.array(weights.T.contiguous().numpy().astype(np.float32).reshape(-1)), k).cast(pa.list_(pa.float32())),
-        "bias": bias.numpy().astype(np.float64),
-        "train_score": nan_to_null(train_score),
-        "val_score": nan_to_null(val_score),
-        "val_ap": nan_to_null(val_ap if val_ap is not None else np.full(n, np.nan)),
-    })
+    return pa.table(
+        {
+            "probe_id": pa.array(np.full(n, probe_id, np.int32)),
+            "concept_id": pa.array(np.asarray(concept_ids, np.int32)),
+            "kind": pa.array([kind] * n, pa.string()),
+            "n_filters": pa.array(np.full(n, n_filters, np.int32)),
+            "weights": pa.FixedSizeListArray.from_arrays(
+                pa.array(weights.T.contiguous().numpy().astype(np.float32).reshape(-1)), k
+            ).cast(pa.list_(pa.float32())),
+            "bias": bias.numpy().astype(np.float64),
+            "train_score": nan_to_null(train_score),
+            "val_score": nan_to_null(val_score),
+            "val_ap": nan_to_null(val_ap if val_ap is not None else np.full(n, np.nan)),
+        }
+    )
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table_name: str, table: pa.Table) -> None:
@@ -91,7 +103,8 @@ def classification_inputs(con, probe: Probe, dataset_id: int):
     pairs = con.execute(
         "SELECT ic.image_id, ic.concept_id FROM image_concepts ic WHERE ic.dataset_id = ?"
         " AND ic.image_id IN (SELECT image_id FROM activations WHERE probe_id = ?)",
-        [dataset_id, probe.activation_probe]).fetchnumpy()
+        [dataset_id, probe.activation_probe],
+    ).fetchnumpy()
     is_val = torch.tensor([split[int(i)] == "val" for i in ids])
     row_of = {int(i): r for r, i in enumerate(ids)}
     concepts = np.unique(pairs["concept_id"]) if len(pairs["concept_id"]) else np.array([], np.int64)
@@ -104,30 +117,60 @@ def classification_inputs(con, probe: Probe, dataset_id: int):
     return ids, torch.from_numpy(features), labels[:, usable], is_val, concepts[usable.numpy()]
 
 
-def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, settings: TrainSettings,
-             workers: int, device: torch.device, segmentation_applies: bool = True
-             ) -> tuple[list[tuple[str, pa.Table]], list[timings.StageTiming]]:
+def _compute(
+    con: duckdb.DuckDBPyConnection,
+    probe: Probe,
+    dataset: BrodenDataset,
+    settings: TrainSettings,
+    workers: int,
+    device: torch.device,
+    segmentation_applies: bool = True,
+) -> tuple[list[tuple[str, pa.Table]], list[timings.StageTiming]]:
     k = probe.n_filters
     tables: list[tuple[str, pa.Table]] = []
     records: list[timings.StageTiming] = []
 
-    pixel = {c for (c,) in con.execute(
-        "SELECT DISTINCT ic.concept_id FROM image_concepts ic JOIN concepts c USING (dataset_id, concept_id)"
-        " JOIN images i USING (dataset_id, image_id)"
-        " WHERE ic.dataset_id = ? AND c.level = 'pixel' AND i.split = 'train'"
-        " AND ic.image_id IN (SELECT image_id FROM activations WHERE probe_id = ?)",
-        [probe.dataset_id, probe.activation_probe]).fetchall()}
+    pixel = {
+        c
+        for (c,) in con.execute(
+            "SELECT DISTINCT ic.concept_id FROM image_concepts ic JOIN concepts c USING (dataset_id, concept_id)"
+            " JOIN images i USING (dataset_id, image_id)"
+            " WHERE ic.dataset_id = ? AND c.level = 'pixel' AND i.split = 'train'"
+            " AND ic.image_id IN (SELECT image_id FROM activations WHERE probe_id = ?)",
+            [probe.dataset_id, probe.activation_probe],
+        ).fetchall()
+    }
     seg_concepts = sorted(pixel) if segmentation_applies else []  # not for a vector layer
     if seg_concepts:
         with timings.timed("segmentation") as timing:
             source = cached(store_examples(con, probe, dataset, pixel, workers))
             say(f"training {len(seg_concepts)} segmentation embeddings ({settings.epochs} epochs)")
-            seg_kwargs = dict(epochs=settings.epochs, lr=settings.seg_lr, batch_size=settings.seg_batch,
-                              loss=settings.seg_loss, use_bias=settings.seg_bias, seed=settings.seed, device=device)
+            seg_kwargs = dict(
+                epochs=settings.epochs,
+                lr=settings.seg_lr,
+                batch_size=settings.seg_batch,
+                loss=settings.seg_loss,
+                use_bias=settings.seg_bias,
+                seed=settings.seed,
+                device=device,
+            )
             per_image: list = []
             seg = segmentation.train(source, seg_concepts, k, per_image=per_image, **seg_kwargs)
-            tables.append(("embeddings", _rows(probe.probe_id, "segmentation", k, seg.concept_ids, seg.weights,
-                                               seg.bias, seg.train_iou, seg.val_iou)))
+            tables.append(
+                (
+                    "embeddings",
+                    _rows(
+                        probe.probe_id,
+                        "segmentation",
+                        k,
+                        seg.concept_ids,
+                        seg.weights,
+                        seg.bias,
+                        seg.train_iou,
+                        seg.val_iou,
+                    ),
+                )
+            )
             column = {int(c): j for j, c in enumerate(seg.concept_ids)}
             tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", per_image)))
         timing.images, timing.pairs = segmentation.counts(source, column)
@@ -137,8 +180,21 @@ def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDatase
                 for f in sufficiency_grid(k, "segmentation", settings.sufficiency_grid):
                     say(f"sufficiency: segmentation with the top {f} filters")
                     part = segmentation.train(source, seg_concepts, k, keep=top_filters(seg.weights, f), **seg_kwargs)
-                    tables.append(("embeddings", _rows(probe.probe_id, "segmentation", f, part.concept_ids,
-                                                       part.weights, part.bias, part.train_iou, part.val_iou)))
+                    tables.append(
+                        (
+                            "embeddings",
+                            _rows(
+                                probe.probe_id,
+                                "segmentation",
+                                f,
+                                part.concept_ids,
+                                part.weights,
+                                part.bias,
+                                part.train_iou,
+                                part.val_iou,
+                            ),
+                        )
+                    )
             records.append(timing)
 
     image_ids, features, labels, is_val, cls_concepts = classification_inputs(con, probe, probe.dataset_id)
@@ -148,31 +204,69 @@ def _compute(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDatase
         cls_pairs = int((2 * torch.minimum(n_pos, len(train_labels) - n_pos)).sum())  # balanced samples
         with timings.timed("classification", len(image_ids), cls_pairs) as timing:
             say(f"training {len(cls_concepts)} classification embeddings")
-            cls_kwargs = dict(epochs=settings.epochs, lr=settings.cls_lr, batch_size=settings.cls_batch,
-                              seed=settings.seed)
+            cls_kwargs = dict(
+                epochs=settings.epochs, lr=settings.cls_lr, batch_size=settings.cls_batch, seed=settings.seed
+            )
             cls = classification.train(features, labels, is_val, cls_concepts, **cls_kwargs)
-            tables.append(("embeddings", _rows(probe.probe_id, "classification", k, cls.concept_ids, cls.weights,
-                                               cls.bias, cls.train_accuracy, cls.val_accuracy, cls.val_ap)))
+            tables.append(
+                (
+                    "embeddings",
+                    _rows(
+                        probe.probe_id,
+                        "classification",
+                        k,
+                        cls.concept_ids,
+                        cls.weights,
+                        cls.bias,
+                        cls.train_accuracy,
+                        cls.val_accuracy,
+                        cls.val_ap,
+                    ),
+                )
+            )
             val_ids = image_ids[is_val.numpy()]
             val_labels = labels[is_val]
-            rows = [(int(val_ids[n]), int(cls_concepts[j]), None, None, float(cls.val_scores[n, j]))
-                    for n, j in torch.nonzero(val_labels).tolist()]
+            rows = [
+                (int(val_ids[n]), int(cls_concepts[j]), None, None, float(cls.val_scores[n, j]))
+                for n, j in torch.nonzero(val_labels).tolist()
+            ]
             tables.append(("image_concept_scores", _score_rows(probe.probe_id, "classification", rows)))
         records.append(timing)
         if settings.sufficiency:
             with timings.timed("classification-sufficiency", len(image_ids), cls_pairs) as timing:
                 for f in sufficiency_grid(k, "classification", settings.sufficiency_grid):
-                    part = classification.train(features, labels, is_val, cls_concepts,
-                                                keep=top_filters(cls.weights, f), **cls_kwargs)
-                    tables.append(("embeddings", _rows(probe.probe_id, "classification", f, part.concept_ids,
-                                                       part.weights, part.bias, part.train_accuracy,
-                                                       part.val_accuracy, part.val_ap)))
+                    part = classification.train(
+                        features, labels, is_val, cls_concepts, keep=top_filters(cls.weights, f), **cls_kwargs
+                    )
+                    tables.append(
+                        (
+                            "embeddings",
+                            _rows(
+                                probe.probe_id,
+                                "classification",
+                                f,
+                                part.concept_ids,
+                                part.weights,
+                                part.bias,
+                                part.train_accuracy,
+                                part.val_accuracy,
+                                part.val_ap,
+                            ),
+                        )
+                    )
             records.append(timing)
     return tables, records
 
 
-def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: TrainSettings, workers: int = 0,
-        device: str | torch.device = "cpu", segmentation: bool = True) -> None:
+def run(
+    store: Store,
+    probe: Probe,
+    dataset: BrodenDataset,
+    settings: TrainSettings,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    segmentation: bool = True,
+) -> None:
     """Train everything over a shared read connection; write all rows in one short transaction.
     Segmentation embeddings (the pixel-heavy part) train on DEVICE; classification, on N x K pooled
     features, is cheap on the CPU."""
@@ -180,8 +274,10 @@ def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: TrainSetti
         tables, records = _compute(con, probe, dataset, settings, workers, torch.device(device), segmentation)
     with store.writing() as con, transaction(con):
         con.execute("DELETE FROM embeddings WHERE probe_id = ?", [probe.probe_id])
-        con.execute("DELETE FROM image_concept_scores WHERE probe_id = ?"
-                    " AND method IN ('segmentation', 'classification')", [probe.probe_id])
+        con.execute(
+            "DELETE FROM image_concept_scores WHERE probe_id = ? AND method IN ('segmentation', 'classification')",
+            [probe.probe_id],
+        )
         for name, table in tables:
             _insert(con, name, table)
         timings.save(con, probe.probe_id, records)
@@ -204,8 +300,15 @@ def _score_rows(probe_id: int, method: str, rows: list) -> pa.Table:
         inter, union = pa.array(i), pa.array(u)
         iou = pa.array(np.divide(i, u, out=np.zeros(n), where=u > 0))
         score = pa.nulls(n, pa.float64())
-    return pa.table({
-        "probe_id": pa.array(np.full(n, probe_id, np.int32)), "image_id": image_ids, "concept_id": concept_ids,
-        "method": pa.array([method] * n, pa.string()), "intersection": inter, "union_": union,
-        "iou": iou, "score": score,
-    })
+    return pa.table(
+        {
+            "probe_id": pa.array(np.full(n, probe_id, np.int32)),
+            "image_id": image_ids,
+            "concept_id": concept_ids,
+            "method": pa.array([method] * n, pa.string()),
+            "intersection": inter,
+            "union_": union,
+            "iou": iou,
+            "score": score,
+        }
+    )

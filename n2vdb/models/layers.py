@@ -87,7 +87,7 @@ def to_maps(out: torch.Tensor, layout: Layout) -> torch.Tensor:
     if layout.kind == "map":
         return out.permute(0, 3, 1, 2) if layout.channels_last else out
     gh, gw = layout.grid
-    patches = out[:, layout.prefix_tokens:, :]
+    patches = out[:, layout.prefix_tokens :, :]
     return patches.reshape(out.shape[0], gh, gw, out.shape[2]).permute(0, 3, 1, 2)
 
 
@@ -113,11 +113,13 @@ def patch_grid(net: nn.Module, size: int) -> tuple[int, int] | None:
 def _unsupported(where: str, shape: tuple[int, ...], why: str = "") -> UnsupportedLayer:
     return UnsupportedLayer(
         f"{where} puts out shape {tuple(shape)}{why}, which n2vdb cannot read as a map (B,K,H,W or B,H,W,K), "
-        "tokens (B,N,D) or a vector (B,D); choose another layer (`n2vdb models MODEL` lists layers and kinds)")
+        "tokens (B,N,D) or a vector (B,D); choose another layer (`n2vdb models MODEL` lists layers and kinds)"
+    )
 
 
-def _channels_axis(net: nn.Module, module: nn.Module, shape: tuple[int, ...],
-                   other: tuple[int, ...] | None, where: str) -> int:
+def _channels_axis(
+    net: nn.Module, module: nn.Module, shape: tuple[int, ...], other: tuple[int, ...] | None, where: str
+) -> int:
     """1 or 3: where a 4-D output keeps its channels."""
     grew = {axis for axis in (1, 2, 3) if other is not None and shape[axis] != other[axis]}
     if grew == {2, 3}:
@@ -139,8 +141,15 @@ def _channels_axis(net: nn.Module, module: nn.Module, shape: tuple[int, ...],
     return 3 if str(getattr(net, "output_fmt", "NCHW")).upper().endswith("NHWC") else 1
 
 
-def classify(net: nn.Module, module: nn.Module, shape: tuple[int, ...], other: tuple[int, ...] | None,
-             size: int, batch: int, where: str) -> Layout:
+def classify(
+    net: nn.Module,
+    module: nn.Module,
+    shape: tuple[int, ...],
+    other: tuple[int, ...] | None,
+    size: int,
+    batch: int,
+    where: str,
+) -> Layout:
     """The layout of an output of SHAPE at SIZE px; OTHER = its shape at a second input size, if the model ran."""
     if len(shape) < 2 or shape[0] != batch:
         raise _unsupported(where, shape, f" (not one row per image of a batch of {batch})")
@@ -202,8 +211,9 @@ def _run(net: nn.Module, size: int, batch: int, where: str) -> None:
     except _StopForward:
         pass
     except Exception as exc:  # noqa: BLE001 - a model refusing an input size says so in many ways
-        raise ModelError(f"{where} does not run on {size} px input: {str(exc).splitlines()[0][:160]}; "
-                         "try --input-size") from None
+        raise ModelError(
+            f"{where} does not run on {size} px input: {str(exc).splitlines()[0][:160]}; try --input-size"
+        ) from None
 
 
 def describe(net: nn.Module, module: str, size: int, where: str) -> tuple[Layout, tuple[int, ...]]:
@@ -211,8 +221,9 @@ def describe(net: nn.Module, module: str, size: int, where: str) -> tuple[Layout
     return describe_many(net, [module], size, where)[module]
 
 
-def describe_many(net: nn.Module, modules: list[str], size: int, where: str
-                  ) -> dict[str, tuple[Layout | UnsupportedLayer, tuple[int, ...]]]:
+def describe_many(
+    net: nn.Module, modules: list[str], size: int, where: str
+) -> dict[str, tuple[Layout | UnsupportedLayer, tuple[int, ...]]]:
     """describe for several modules in one pass (two for 4-D outputs): an unsupported one maps to its error,
     except when only one module is asked for, which raises it."""
     batch = 2  # not 1, so that a batch axis can be told from a squeezed one
@@ -225,6 +236,7 @@ def describe_many(net: nn.Module, modules: list[str], size: int, where: str
             store[path] = tuple(out.shape) if out is not None else ()
             if path == last:
                 raise _StopForward
+
         return hook
 
     def forward(at: int, store: dict) -> bool:
@@ -254,8 +266,10 @@ def describe_many(net: nn.Module, modules: list[str], size: int, where: str
             result[path] = (error, ())
         else:
             try:
-                result[path] = (classify(net, net.get_submodule(path), shape, others.get(path), size, batch, name),
-                                shape[1:])
+                result[path] = (
+                    classify(net, net.get_submodule(path), shape, others.get(path), size, batch, name),
+                    shape[1:],
+                )
             except UnsupportedLayer as exc:
                 result[path] = (exc, shape[1:])
         if len(modules) == 1 and isinstance(result[path][0], ModelError):

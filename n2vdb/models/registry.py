@@ -27,35 +27,81 @@ class LayerSpec:
 @dataclass(frozen=True)
 class Preprocess:
     """Whole image resized to size x size (no crop: masks stay aligned), normalised with mean and std."""
+
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str  # bilinear | bicubic | nearest | lanczos (PIL's resampling filters)
 
 
-_VGG16 = dict(zip(
-    ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
-     "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3"],
-    [f"features.{i}" for i in (1, 3, 6, 8, 11, 13, 15, 18, 20, 22, 25, 27, 29)],
-))
+_VGG16 = dict(
+    zip(
+        [
+            "conv1_1",
+            "conv1_2",
+            "conv2_1",
+            "conv2_2",
+            "conv3_1",
+            "conv3_2",
+            "conv3_3",
+            "conv4_1",
+            "conv4_2",
+            "conv4_3",
+            "conv5_1",
+            "conv5_2",
+            "conv5_3",
+        ],
+        [f"features.{i}" for i in (1, 3, 6, 8, 11, 13, 15, 18, 20, 22, 25, 27, 29)],
+    )
+)
 _RESNET = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
-_GOOGLENET = {n: n for n in ("inception3a", "inception3b", "inception4a", "inception4b", "inception4c",
-                             "inception4d", "inception4e", "inception5a", "inception5b")}
+_GOOGLENET = {
+    n: n
+    for n in (
+        "inception3a",
+        "inception3b",
+        "inception4a",
+        "inception4b",
+        "inception4c",
+        "inception4d",
+        "inception4e",
+        "inception5a",
+        "inception5b",
+    )
+}
 
 _STAGES = {f"stage{i}": f"features.{2 * i - 1}" for i in range(1, 5)}  # Swin and ConvNeXt: between downsamplings
 _VIT_DEPTH = {"vit_b_16": 12, "vit_b_32": 12, "vit_l_16": 24, "vit_l_32": 24, "vit_h_14": 32}
 
 # Post-ReLU outputs, as Network Dissection and Net2Vec probe them.
 FRIENDLY: dict[str, dict[str, str]] = {
-    "alexnet": {**{f"conv{i + 1}": f"features.{j}" for i, j in enumerate((1, 4, 7, 9, 11))},
-                "fc6": "classifier.2", "fc7": "classifier.5"},
+    "alexnet": {
+        **{f"conv{i + 1}": f"features.{j}" for i, j in enumerate((1, 4, 7, 9, 11))},
+        "fc6": "classifier.2",
+        "fc7": "classifier.5",
+    },
     "vgg16": {**_VGG16, "fc6": "classifier.1", "fc7": "classifier.4"},
-    "resnet18": _RESNET, "resnet50": _RESNET, "resnet152": _RESNET,
+    "resnet18": _RESNET,
+    "resnet50": _RESNET,
+    "resnet152": _RESNET,
     "googlenet": _GOOGLENET,
     "densenet161": {"features": "features"},
     **{m: {f"block{i}": f"encoder.layers.encoder_layer_{i}" for i in range(n)} for m, n in _VIT_DEPTH.items()},
-    **{m: _STAGES for m in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b",
-                            "convnext_tiny", "convnext_small", "convnext_base", "convnext_large")},
+    **{
+        m: _STAGES
+        for m in (
+            "swin_t",
+            "swin_s",
+            "swin_b",
+            "swin_v2_t",
+            "swin_v2_s",
+            "swin_v2_b",
+            "convnext_tiny",
+            "convnext_small",
+            "convnext_base",
+            "convnext_large",
+        )
+    },
 }
 _NEEDS_RELU = {("densenet161", "features")}
 
@@ -104,8 +150,9 @@ def _module_path(model: str, layer: str, net: nn.Module) -> str:
         net.get_submodule(layer)
     except AttributeError:
         options = list(friendly) + [n for n, _ in net.named_modules() if n]
-        raise ModelError(f"model {model} has no layer {layer!r}{_close(layer, options)} "
-                         f"(`n2vdb models {model}` lists them)") from None
+        raise ModelError(
+            f"model {model} has no layer {layer!r}{_close(layer, options)} (`n2vdb models {model}` lists them)"
+        ) from None
     return layer
 
 
@@ -128,8 +175,12 @@ def preprocessing(model: str) -> Preprocess:
     if timm_models.is_timm(model):
         config = timm_models.data_config(model)
         interpolation = config.get("interpolation", "bilinear")
-        return Preprocess(int(config["input_size"][-1]), tuple(config["mean"]), tuple(config["std"]),
-                          interpolation if interpolation in _PIL_NAMES else "bilinear")
+        return Preprocess(
+            int(config["input_size"][-1]),
+            tuple(config["mean"]),
+            tuple(config["std"]),
+            interpolation if interpolation in _PIL_NAMES else "bilinear",
+        )
     try:
         transforms = torchvision.models.get_model_weights(model).DEFAULT.transforms()
     except (ValueError, AttributeError, KeyError):
@@ -156,8 +207,11 @@ def listed_modules(model: str, net: nn.Module) -> dict[str, str]:
             continue
         parent = net.get_submodule(path.rpartition(".")[0]) if "." in path else net
         siblings = list(parent.children())
-        repeated = (isinstance(parent, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and len(siblings) > 1
-                    and len({type(m) for m in siblings}) == 1)
+        repeated = (
+            isinstance(parent, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+            and len(siblings) > 1
+            and len({type(m) for m in siblings}) == 1
+        )
         if depth <= 2 or repeated:
             listed[path] = path
             shown.add(path)
@@ -175,12 +229,16 @@ def layer_table(model: str, size: int | None = None) -> list[dict]:
     for name, path in names.items():
         layout, shape = described[path]
         supported = isinstance(layout, layers.Layout)
-        rows.append({
-            "layer": name, "module": path, "output": "x".join(str(d) for d in shape),
-            "kind": layout.kind if supported else "unsupported",
-            "stored": "x".join(str(d) for d in layers.stored_shape(layout, shape)) if supported else "",
-            "note": layout.describe() if supported else "",
-        })
+        rows.append(
+            {
+                "layer": name,
+                "module": path,
+                "output": "x".join(str(d) for d in shape),
+                "kind": layout.kind if supported else "unsupported",
+                "stored": "x".join(str(d) for d in layers.stored_shape(layout, shape)) if supported else "",
+                "note": layout.describe() if supported else "",
+            }
+        )
     return rows
 
 

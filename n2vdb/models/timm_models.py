@@ -80,8 +80,9 @@ def build(model: str, input_size: int | None = None, pretrained_file: str | None
 def weights_tag(model: str) -> str:
     cfg = _pretrained_cfg(model)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise WeightsUnavailable(f"timm knows no pretrained weights for {name_of(model)}; pass --weights FILE "
-                                 "or --weights random")
+        raise WeightsUnavailable(
+            f"timm knows no pretrained weights for {name_of(model)}; pass --weights FILE or --weights random"
+        )
     return cfg.hf_hub_id or name_of(model)
 
 
@@ -90,8 +91,9 @@ def pretrained_file(model: str) -> Path:
     cfg = _pretrained_cfg(model)
     repo = weights_tag(model)
     if not cfg.hf_hub_id:
-        raise WeightsUnavailable(f"timm's weights for {name_of(model)} live at {cfg.url}; download that file "
-                                 "and pass it with --weights FILE")
+        raise WeightsUnavailable(
+            f"timm's weights for {name_of(model)} live at {cfg.url}; download that file and pass it with --weights FILE"
+        )
     import huggingface_hub
     from huggingface_hub import constants
 
@@ -104,4 +106,5 @@ def pretrained_file(model: str) -> Path:
         raise WeightsUnavailable(
             f"cannot download https://huggingface.co/{repo}/resolve/main/{WEIGHTS_FILE}; put it in the Hugging "
             f"Face cache ({constants.HF_HUB_CACHE}, e.g. `huggingface-cli download {repo} {WEIGHTS_FILE}`) or "
-            "pass it with --weights FILE (HF_HUB_OFFLINE=1 skips the download attempts)") from None
+            "pass it with --weights FILE (HF_HUB_OFFLINE=1 skips the download attempts)"
+        ) from None

@@ -93,8 +93,10 @@ def _table(result, limit: int | None, title: str | None):
         is_num = pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_decimal(field.type)
         table.add_column(Text(field.name), justify="right" if is_num else "left")
     bars = {
-        f.name for f in result.schema
-        if pa.types.is_floating(f.type) and SCORE_COLUMN.search(f.name)
+        f.name
+        for f in result.schema
+        if pa.types.is_floating(f.type)
+        and SCORE_COLUMN.search(f.name)
         and all(_missing(r[f.name]) or 0 <= r[f.name] <= 1 for r in rows)
     }
     formats = formatted_columns(shown, result.column_names)
@@ -112,8 +114,9 @@ def _table(result, limit: int | None, title: str | None):
     return table
 
 
-def render(result, fmt: str | None = None, *, limit: int | None = None, title: str | None = None,
-           stream: IO | None = None) -> None:
+def render(
+    result, fmt: str | None = None, *, limit: int | None = None, title: str | None = None, stream: IO | None = None
+) -> None:
     stream = stream or sys.stdout
     fmt = fmt or default_format(stream)
     rows = result.to_pylist()

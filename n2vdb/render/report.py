@@ -25,8 +25,14 @@ from n2vdb.render.output import cell, formatted_columns  # noqa: E402
 
 # Okabe and Ito's colour-blind-safe palette: six hues no two of which are read as the same.
 # The four pixel-level categories (the scatter and the curves) take the four hues furthest apart.
-CATEGORY_COLOURS = {"object": "#0072B2", "part": "#009E73", "color": "#D55E00", "material": "#CC79A7",
-                    "scene": "#E69F00", "texture": "#56B4E9"}
+CATEGORY_COLOURS = {
+    "object": "#0072B2",
+    "part": "#009E73",
+    "color": "#D55E00",
+    "material": "#CC79A7",
+    "scene": "#E69F00",
+    "texture": "#56B4E9",
+}
 _SPARE_COLOURS = ("#000000", "#F0E442", "#999999")
 
 
@@ -52,11 +58,13 @@ def _table(rows: list[dict], columns: list[str] | None = None, interactive: bool
     formats = formatted_columns(rows, columns)
     if not interactive:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(formats[c](r[c]))}</td>" for c in columns) + "</tr>"
-                       for r in rows)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(formats[c](r[c]))}</td>" for c in columns) + "</tr>" for r in rows
+        )
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-    head = "".join(f"<th><button type='button' data-column='{i}'>{html.escape(c)}</button></th>"
-                   for i, c in enumerate(columns))
+    head = "".join(
+        f"<th><button type='button' data-column='{i}'>{html.escape(c)}</button></th>" for i, c in enumerate(columns)
+    )
     body = []
     for r in rows:
         cells = []
@@ -69,9 +77,11 @@ def _table(rows: list[dict], columns: list[str] | None = None, interactive: bool
             key = "" if value is None else html.escape(repr(value) if isinstance(value, float) else str(value))
             cells.append(f"<td data-key='{key}'>{shown}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f"<div class='sortable'><input type='search' placeholder='filter rows' aria-label='filter rows'> "
-            f"<span class='count'>{len(rows)} rows</span><table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(body)}</tbody></table></div>")
+    return (
+        f"<div class='sortable'><input type='search' placeholder='filter rows' aria-label='filter rows'> "
+        f"<span class='count'>{len(rows)} rows</span><table><thead><tr>{head}</tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
 
 
 def _scatter(scores: list[dict], path: Path) -> str:
@@ -98,8 +108,12 @@ def _bars(rows: list[dict], path: Path) -> str:
     return _save(fig, path)
 
 
-def _exclusivity(rows: list[dict], path: Path, share: str = "share",
-                 xlabel: str = "concepts for which the filter is the best single filter") -> str:
+def _exclusivity(
+    rows: list[dict],
+    path: Path,
+    share: str = "share",
+    xlabel: str = "concepts for which the filter is the best single filter",
+) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([r["concepts_per_filter"] for r in rows], [100 * r[share] for r in rows], color="tab:gray")
     ax.set(xlabel=xlabel, ylabel="% of filters", title="Filter exclusivity")
@@ -172,15 +186,18 @@ def build(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, 
     out.mkdir(parents=True, exist_ok=True)
     (out / "cards").mkdir(exist_ok=True)
     q = lambda name, **kw: queries.run(con, name, probe=probe.probe_id, **kw).to_pylist()  # noqa: E731
-    meta = con.execute("SELECT model, layer, weights, n_filters, height, width FROM probes WHERE probe_id = ?",
-                       [probe.probe_id]).fetchone()
+    meta = con.execute(
+        "SELECT model, layer, weights, n_filters, height, width FROM probes WHERE probe_id = ?", [probe.probe_id]
+    ).fetchone()
     scores = q("concept-scores")
     seg = [r for r in scores if r["embedding_iou"] is not None and r["single_filter_iou"] is not None]
     summary = q("single-vs-embedding")
-    parts = [f"<h1>Probe {probe.probe_id}: {html.escape(meta[0])} {html.escape(meta[1])}</h1>",
-             f"<p>weights {html.escape(meta[2])}; {meta[3]} filters at {meta[4]}x{meta[5]}; "
-             f"dataset {html.escape(dataset.root.name)}</p>",
-             "<h2>Single filter vs embedding</h2><div class='row'>"]
+    parts = [
+        f"<h1>Probe {probe.probe_id}: {html.escape(meta[0])} {html.escape(meta[1])}</h1>",
+        f"<p>weights {html.escape(meta[2])}; {meta[3]} filters at {meta[4]}x{meta[5]}; "
+        f"dataset {html.escape(dataset.root.name)}</p>",
+        "<h2>Single filter vs embedding</h2><div class='row'>",
+    ]
     if seg:
         parts.append(_img(_scatter(seg, out / "scatter.png"), "per-concept scatter"))
         parts.append(_img(_bars(summary, out / "categories.png"), "per-category bars"))
@@ -195,18 +212,29 @@ def build(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, 
     parts.append(_img(_exclusivity(q("exclusivity"), out / "exclusivity.png"), "exclusivity"))
     in_embeddings = q("embedding-exclusivity")
     if sum(r["filters"] for r in in_embeddings):
-        plot = _exclusivity(in_embeddings, out / "embedding-exclusivity.png", "share_of_filters",
-                            "segmentation embeddings giving the filter a weight >= 0.5 x their largest")
+        plot = _exclusivity(
+            in_embeddings,
+            out / "embedding-exclusivity.png",
+            "share_of_filters",
+            "segmentation embeddings giving the filter a weight >= 0.5 x their largest",
+        )
         parts.append(_img(plot, "exclusivity in the embeddings"))
-    parts.append("<h2>Concepts</h2>" + _table(scores, ["concept", "category", "best_filter", "single_filter_iou",
-                                                          "embedding_iou", "classification_accuracy"],
-                                                interactive=True))
+    parts.append(
+        "<h2>Concepts</h2>"
+        + _table(
+            scores,
+            ["concept", "category", "best_filter", "single_filter_iou", "embedding_iou", "classification_accuracy"],
+            interactive=True,
+        )
+    )
     for r in seg[:cards]:
         parts.append(_card(con, probe, dataset, out, r))
     page = out / "index.html"
-    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>n2vdb probe {probe.probe_id}"
-                    f"</title><style>{STYLE}</style></head><body>{''.join(parts)}<script>{SCRIPT}</script>"
-                    "</body></html>")
+    page.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>n2vdb probe {probe.probe_id}"
+        f"</title><style>{STYLE}</style></head><body>{''.join(parts)}<script>{SCRIPT}</script>"
+        "</body></html>"
+    )
     return page
 
 
@@ -217,30 +245,41 @@ def _img(src: str, alt: str) -> str:
 
 def _card(con, probe: Probe, dataset: BrodenDataset, out: Path, row: dict) -> str:
     name = row["concept"]
-    concept_id = con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?",
-                             [probe.dataset_id, name]).fetchone()[0]
+    concept_id = con.execute(
+        "SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?", [probe.dataset_id, name]
+    ).fetchone()[0]
     slug = file_stem(name)
-    embedding_grid, _ = grids.concept_grid(con, probe, dataset, concept_id, name, "segmentation",
-                                           out / "cards" / f"{slug}-embedding.png")
-    filter_grid, _ = grids.concept_grid(con, probe, dataset, concept_id, name, "best_filter",
-                                        out / "cards" / f"{slug}-filter.png")
-    per_image = [v for (v,) in con.execute(
-        "SELECT iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = 'segmentation'",
-        [probe.probe_id, concept_id]).fetchall()]
+    embedding_grid, _ = grids.concept_grid(
+        con, probe, dataset, concept_id, name, "segmentation", out / "cards" / f"{slug}-embedding.png"
+    )
+    filter_grid, _ = grids.concept_grid(
+        con, probe, dataset, concept_id, name, "best_filter", out / "cards" / f"{slug}-filter.png"
+    )
+    per_image = [
+        v
+        for (v,) in con.execute(
+            "SELECT iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = 'segmentation'",
+            [probe.probe_id, concept_id],
+        ).fetchall()
+    ]
     hist = _histogram(per_image, out / "cards" / f"{slug}-hist.png", f"{name}: embedding")
     try:  # the paper's non-maximal view: every image, across the concept's classification score
         everywhere, _, _ = grids.distribution_grid(con, probe, dataset, name, out / "cards" / f"{slug}-all.png")
-        overall = (f"<p>All images, across the classification score:</p>"
-                   f"<img src='cards/{everywhere.name}' alt='{html.escape(name)} over all images'>")
+        overall = (
+            f"<p>All images, across the classification score:</p>"
+            f"<img src='cards/{everywhere.name}' alt='{html.escape(name)} over all images'>"
+        )
     except NotFound:
         overall = ""
     nearest = queries.run(con, "nearest", probe=probe.probe_id, concept=name, k=5).to_pylist()
-    return (f"<div class='card' id='{slug}'><h3>{html.escape(name)} ({html.escape(row['category'])})</h3>"
-            f"<p>embedding val IoU {cell(row['embedding_iou'])}, best single filter {row['best_filter']} "
-            f"val IoU {cell(row['single_filter_iou'])}</p><div class='row'>"
-            f"{_img(f'cards/{hist}', 'per-image IoU histogram')}"
-            f"{_table(nearest, ['rank', 'concept', 'similarity'])}</div>"
-            f"<p>Embedding, images across the per-image IoU distribution:</p>"
-            f"{_img(f'cards/{embedding_grid.name}', f'{name} embedding grid')}"
-            f"<p>Best single filter:</p>{_img(f'cards/{filter_grid.name}', f'{name} filter grid')}"
-            f"{overall}</div>")
+    return (
+        f"<div class='card' id='{slug}'><h3>{html.escape(name)} ({html.escape(row['category'])})</h3>"
+        f"<p>embedding val IoU {cell(row['embedding_iou'])}, best single filter {row['best_filter']} "
+        f"val IoU {cell(row['single_filter_iou'])}</p><div class='row'>"
+        f"{_img(f'cards/{hist}', 'per-image IoU histogram')}"
+        f"{_table(nearest, ['rank', 'concept', 'similarity'])}</div>"
+        f"<p>Embedding, images across the per-image IoU distribution:</p>"
+        f"{_img(f'cards/{embedding_grid.name}', f'{name} embedding grid')}"
+        f"<p>Best single filter:</p>{_img(f'cards/{filter_grid.name}', f'{name} filter grid')}"
+        f"{overall}</div>"
+    )

@@ -8,8 +8,8 @@ is NetDissect-Lite's tally instead, with its own denominator (stats/netdissect.p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import duckdb
@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from n2vdb import activations as acts_store
 from n2vdb.data.broden import BrodenDataset, ImageRow
 from n2vdb.probe import Probe, set_status
-from n2vdb.stats import netdissect, pil_resize, upsample_patterns
 from n2vdb.progress import progress_bar
+from n2vdb.stats import netdissect, pil_resize, upsample_patterns
 from n2vdb.store.connection import first, transaction
 from n2vdb.store.sessions import Store
 
@@ -88,6 +88,7 @@ class LabelSide:
     """What the IoU arithmetic needs of an image's concept masks: with a pattern table, their
     per-cell counts (upsample_patterns.label_counts, small integers in COUNT_DTYPE) and not the
     masks; without one, the masks."""
+
     area: torch.Tensor  # [C] |L| per concept, int64
     counts: torch.Tensor | None  # [C, cells * 16]
     masks: torch.Tensor | None  # [C, sh, sw] bool
@@ -123,8 +124,13 @@ class LabelRows(Dataset):
         return row.image_id, ids, tuple(None if t is None else t.numpy() for t in (side.area, side.counts, side.masks))
 
 
-def iter_label_sides(dataset: BrodenDataset, rows: list[ImageRow], workers: int, layer: tuple[int, int] | None,
-                     masks: Iterable | None = None) -> Iterator:
+def iter_label_sides(
+    dataset: BrodenDataset,
+    rows: list[ImageRow],
+    workers: int,
+    layer: tuple[int, int] | None,
+    masks: Iterable | None = None,
+) -> Iterator:
     """(image_id, concept ids, LabelSide) in row order; from MASKS ((image_id, ids, bool masks) in row
     order) where given, else decoded (in WORKERS processes, if any)."""
     if masks is not None:
@@ -132,8 +138,9 @@ def iter_label_sides(dataset: BrodenDataset, rows: list[ImageRow], workers: int,
             yield int(image_id), ids, label_side(torch.as_tensor(m), layer)
     else:
         source = LabelRows(dataset, rows, layer)
-        for image_id, ids, arrays in (_in_workers(source, workers) if workers else map(source.__getitem__,
-                                                                                        range(len(rows)))):
+        for image_id, ids, arrays in (
+            _in_workers(source, workers) if workers else map(source.__getitem__, range(len(rows)))
+        ):
             yield int(image_id), ids, LabelSide(*(None if a is None else torch.from_numpy(a) for a in arrays))
 
 
@@ -147,6 +154,7 @@ def thresholds_for(con: duckdb.DuckDBPyConnection, probe_id: int, mode: str) -> 
 class BatchOverlaps:
     """The overlaps of one batch of images, one row per (image, concept) pair, in image order and
     concept order within an image; counts on the CPU, exact integers in float32."""
+
     image_ids: np.ndarray  # [B]
     pair_image: np.ndarray  # [N] index into image_ids
     concept_ids: np.ndarray  # [N]
@@ -155,22 +163,31 @@ class BatchOverlaps:
     label_area: torch.Tensor  # [N] |L| per pair
 
 
-def iter_batch_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset,
-                        thresholds: torch.Tensor, mode: str, workers: int, masks: Iterable | None = None,
-                        device: str | torch.device = "cpu", batch: int | None = None) -> Iterator[BatchOverlaps]:
+def iter_batch_overlaps(
+    con: duckdb.DuckDBPyConnection,
+    probe: Probe,
+    dataset: BrodenDataset,
+    thresholds: torch.Tensor,
+    mode: str,
+    workers: int,
+    masks: Iterable | None = None,
+    device: str | torch.device = "cpu",
+    batch: int | None = None,
+) -> Iterator[BatchOverlaps]:
     """BatchOverlaps per BATCH stored images, whatever DEVICE did the arithmetic.
     masks, if given, replaces decoding: (image_id, concept ids, bool masks) in storage order
     (activations.stored_order)."""
     k, h, w = probe.n_filters, probe.height, probe.width
     if batch is None:  # 256 images, fewer where a batch's activations would pass 2^24 floats (64 MB)
         batch = max(1, min(256, (1 << 24) // (k * h * w)))
-    rows = [dataset.rows[i] for i in acts_store.stored_order(con, probe.activation_probe)]  # masks decoded in the order activations stream
+    rows = [
+        dataset.rows[i] for i in acts_store.stored_order(con, probe.activation_probe)
+    ]  # masks decoded in the order activations stream
     sides = iter_label_sides(dataset, rows, workers, (h, w) if mode == "net2vec" else None, masks)
     device = torch.device(device)
     thresholds = thresholds.to(device)
     for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, (k, h, w), batch=batch):
-        values = (torch.from_numpy(codes).to(device).float()
-                  * torch.from_numpy(scales).to(device)[:, :, None, None])
+        values = torch.from_numpy(codes).to(device).float() * torch.from_numpy(scales).to(device)[:, :, None, None]
         decoded = []
         for image_id in ids:
             side_id, concept_ids, side = next(sides)
@@ -191,29 +208,36 @@ def iter_batch_overlaps(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: B
                 groups.setdefault((row.sh, row.sw), []).append(i)
             elif len(side.area):
                 image_inter, image_area = image_overlaps(values[i], thresholds, side.masks.to(device), mode)
-                inter[first_pair[i]:first_pair[i] + sizes[i]] = image_inter.T.cpu()
+                inter[first_pair[i] : first_pair[i] + sizes[i]] = image_inter.T.cpu()
                 mask_area[i] = image_area.cpu()
         for size, members in groups.items():
-            pairs = torch.from_numpy(np.concatenate([np.arange(first_pair[i], first_pair[i] + sizes[i])
-                                                     for i in members]))
+            pairs = torch.from_numpy(
+                np.concatenate([np.arange(first_pair[i], first_pair[i] + sizes[i]) for i in members])
+            )
             tab = upsample_patterns.table_on(h, w, *size, device)
             pair_image = torch.from_numpy(np.repeat(np.arange(len(members)), sizes[members])).to(device)
             counts = torch.cat([decoded[i][1].counts for i in members]).to(device)
             group_inter, group_area = upsample_patterns.batch_overlaps(
-                values[members] > thresholds.view(1, -1, 1, 1), counts, pair_image, tab)
+                values[members] > thresholds.view(1, -1, 1, 1), counts, pair_image, tab
+            )
             inter[pairs] = group_inter.cpu()
             mask_area[members] = group_area.cpu()
-        yield BatchOverlaps(np.asarray(ids, dtype=np.int64), np.repeat(np.arange(len(ids)), sizes),
-                            np.concatenate([c for c, _ in decoded]) if n else np.zeros(0, np.int64),
-                            inter, mask_area, label_area)
+        yield BatchOverlaps(
+            np.asarray(ids, dtype=np.int64),
+            np.repeat(np.arange(len(ids)), sizes),
+            np.concatenate([c for c, _ in decoded]) if n else np.zeros(0, np.int64),
+            inter,
+            mask_area,
+            label_area,
+        )
 
 
-def image_overlaps(acts: torch.Tensor, thresholds: torch.Tensor, concept_masks: torch.Tensor, mode: str
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def image_overlaps(
+    acts: torch.Tensor, thresholds: torch.Tensor, concept_masks: torch.Tensor, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """acts [K, H, W], concept masks [C, sh, sw] -> (intersections [K, C], filter mask areas [K])."""
     size = tuple(concept_masks.shape[1:])
-    tab = upsample_patterns.table_on(acts.shape[1], acts.shape[2], *size, acts.device) \
-        if mode == "net2vec" else None
+    tab = upsample_patterns.table_on(acts.shape[1], acts.shape[2], *size, acts.device) if mode == "net2vec" else None
     if tab is not None:
         return upsample_patterns.overlaps(acts > thresholds.view(-1, 1, 1), concept_masks, tab)
     m = filter_masks(acts[None], thresholds, size, mode)[0].flatten(1).float()
@@ -244,9 +268,15 @@ class OverlapSpill:
     def add(self, batch: BatchOverlaps) -> None:
         inter = batch.intersection.round().to(torch.int32).flatten()
         at = torch.nonzero(inter).flatten()
-        for array in (batch.image_ids, batch.pair_image.astype(np.int32), batch.concept_ids,
-                      batch.mask_area.round().to(torch.int32).numpy(), batch.label_area.round().to(torch.int32).numpy(),
-                      at.to(torch.int32).numpy(), inter[at].numpy()):
+        for array in (
+            batch.image_ids,
+            batch.pair_image.astype(np.int32),
+            batch.concept_ids,
+            batch.mask_area.round().to(torch.int32).numpy(),
+            batch.label_area.round().to(torch.int32).numpy(),
+            at.to(torch.int32).numpy(),
+            inter[at].numpy(),
+        ):
             np.save(self.file, array, allow_pickle=False)
         self.batches += 1
 
@@ -254,20 +284,34 @@ class OverlapSpill:
         self.file.seek(0)
         for _ in range(self.batches):
             image_ids, pair_image, concept_ids, mask_area, label_area, at, values = (
-                np.load(self.file, allow_pickle=False) for _ in range(7))
+                np.load(self.file, allow_pickle=False) for _ in range(7)
+            )
             inter = torch.zeros(len(concept_ids) * mask_area.shape[1])
             inter[torch.from_numpy(at).long()] = torch.from_numpy(values).float()
-            yield BatchOverlaps(image_ids, pair_image.astype(np.int64), concept_ids,
-                                inter.view(len(concept_ids), -1), torch.from_numpy(mask_area).float(),
-                                torch.from_numpy(label_area).float())
+            yield BatchOverlaps(
+                image_ids,
+                pair_image.astype(np.int64),
+                concept_ids,
+                inter.view(len(concept_ids), -1),
+                torch.from_numpy(mask_area).float(),
+                torch.from_numpy(label_area).float(),
+            )
 
     def close(self) -> None:
         self.file.close()
 
 
-def tally(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, thresholds: torch.Tensor,
-          mode: str, workers: int = 0, masks: Iterable | None = None, device: str | torch.device = "cpu",
-          spill: OverlapSpill | None = None) -> IouTotals:
+def tally(
+    con: duckdb.DuckDBPyConnection,
+    probe: Probe,
+    dataset: BrodenDataset,
+    thresholds: torch.Tensor,
+    mode: str,
+    workers: int = 0,
+    masks: Iterable | None = None,
+    device: str | torch.device = "cpu",
+    spill: OverlapSpill | None = None,
+) -> IouTotals:
     """Set totals over every image; SPILL, if given, keeps each batch's overlaps for per_image_best."""
     concept_ids = np.array(sorted(dataset.labels), dtype=np.int64)
     split_of = _split_lookup(dataset)
@@ -292,8 +336,11 @@ def tally(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, 
                 chosen = torch.from_numpy(split == code)
                 inter[name].index_add_(0, cols[chosen], i_nk[chosen])
                 union[name].index_add_(0, cols[chosen], u_nk[chosen])
-    return IouTotals(concept_ids, {s: t.T.numpy().copy() for s, t in inter.items()},
-                     {s: t.T.numpy().copy() for s, t in union.items()})
+    return IouTotals(
+        concept_ids,
+        {s: t.T.numpy().copy() for s, t in inter.items()},
+        {s: t.T.numpy().copy() for s, t in union.items()},
+    )
 
 
 def _split_lookup(dataset: BrodenDataset) -> np.ndarray:
@@ -315,21 +362,33 @@ def _iou_table(probe_id: int, totals: IouTotals) -> pa.Table:
     parts = []
     for split in ("train", "val"):
         ks, cs = np.nonzero(totals.union[split])
-        parts.append(pa.table({
-            "probe_id": pa.array(np.full(len(ks), probe_id, np.int32)),
-            "filter": pa.array(ks.astype(np.int32)),
-            "concept_id": pa.array(totals.concept_ids[cs].astype(np.int32)),
-            "split": pa.repeat(pa.scalar(split, pa.string()), len(ks)),
-            "intersection": totals.intersection[split][ks, cs],
-            "union_": totals.union[split][ks, cs],
-            "iou": totals.iou(split)[ks, cs],
-        }))
+        parts.append(
+            pa.table(
+                {
+                    "probe_id": pa.array(np.full(len(ks), probe_id, np.int32)),
+                    "filter": pa.array(ks.astype(np.int32)),
+                    "concept_id": pa.array(totals.concept_ids[cs].astype(np.int32)),
+                    "split": pa.repeat(pa.scalar(split, pa.string()), len(ks)),
+                    "intersection": totals.intersection[split][ks, cs],
+                    "union_": totals.union[split][ks, cs],
+                    "iou": totals.iou(split)[ks, cs],
+                }
+            )
+        )
     return pa.concat_tables(parts)
 
 
-def per_image_best(con, probe: Probe, dataset: BrodenDataset, thresholds: torch.Tensor, mode: str,
-                   best: dict[int, int], workers: int = 0, device: str | torch.device = "cpu",
-                   overlaps: Iterable[BatchOverlaps] | None = None) -> pa.Table:
+def per_image_best(
+    con,
+    probe: Probe,
+    dataset: BrodenDataset,
+    thresholds: torch.Tensor,
+    mode: str,
+    best: dict[int, int],
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    overlaps: Iterable[BatchOverlaps] | None = None,
+) -> pa.Table:
     """Per-image IoU of each concept's best filter, on every image containing the concept; from
     OVERLAPS (an OverlapSpill of the tally) where given, else computed again."""
     if overlaps is None:
@@ -351,19 +410,23 @@ def per_image_best(con, probe: Probe, dataset: BrodenDataset, thresholds: torch.
     joined = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
     inter, union = joined["intersection"].astype(np.int64), joined["union_"].astype(np.int64)
     n = len(inter)
-    return pa.table({
-        "probe_id": pa.array(np.full(n, probe.probe_id, np.int32)),
-        "image_id": pa.array(joined["image_id"].astype(np.int32)),
-        "concept_id": pa.array(joined["concept_id"].astype(np.int32)),
-        "method": pa.repeat(pa.scalar("best_filter", pa.string()), n),
-        "intersection": inter, "union_": union,
-        "iou": np.divide(inter, union, out=np.zeros(n), where=union > 0),
-        "score": pa.nulls(n, pa.float64()),
-    })
+    return pa.table(
+        {
+            "probe_id": pa.array(np.full(n, probe.probe_id, np.int32)),
+            "image_id": pa.array(joined["image_id"].astype(np.int32)),
+            "concept_id": pa.array(joined["concept_id"].astype(np.int32)),
+            "method": pa.repeat(pa.scalar("best_filter", pa.string()), n),
+            "intersection": inter,
+            "union_": union,
+            "iou": np.divide(inter, union, out=np.zeros(n), where=union > 0),
+            "score": pa.nulls(n, pa.float64()),
+        }
+    )
 
 
-def run(store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: int = 0,
-        device: str | torch.device = "cpu") -> IouTotals:
+def run(
+    store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: int = 0, device: str | torch.device = "cpu"
+) -> IouTotals:
     """The whole stage: computed over a shared read connection, written in one transaction (a re-run
     replaces, never duplicates)."""
     with store.reading() as con:
@@ -382,10 +445,11 @@ def run(store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: 
                 spill.close()
     with store.writing() as con, transaction(con):
         con.execute("DELETE FROM filter_concept_iou WHERE probe_id = ?", [probe.probe_id])
-        con.execute("DELETE FROM image_concept_scores WHERE probe_id = ? AND method = 'best_filter'",
-                    [probe.probe_id])
-        for name, table in (("filter_concept_iou", _iou_table(probe.probe_id, totals)),
-                            ("image_concept_scores", scores)):
+        con.execute("DELETE FROM image_concept_scores WHERE probe_id = ? AND method = 'best_filter'", [probe.probe_id])
+        for name, table in (
+            ("filter_concept_iou", _iou_table(probe.probe_id, totals)),
+            ("image_concept_scores", scores),
+        ):
             con.register("_rows", table)
             con.execute(f"INSERT INTO {name} SELECT * FROM _rows")
             con.unregister("_rows")

@@ -74,8 +74,7 @@ def primary_categories(dataset: BrodenDataset, categories: list[str]) -> dict[in
     return out
 
 
-def label_channels(dataset: BrodenDataset, row: ImageRow, categories: list[str]
-                   ) -> tuple[np.ndarray, list[int]]:
+def label_channels(dataset: BrodenDataset, row: ImageRow, categories: list[str]) -> tuple[np.ndarray, list[int]]:
     """(pixel channels int32 [n, sh, sw] of label numbers, image-level labels with repeats)."""
     channels, scalars = [], []
     for category in categories:
@@ -85,8 +84,9 @@ def label_channels(dataset: BrodenDataset, row: ImageRow, categories: list[str]
     stack = np.stack(channels) if channels else np.zeros((0, row.sh, row.sw), np.int32)
     unknown = (set(np.unique(stack).tolist()) | set(scalars)) - {0} - set(dataset.labels)
     if unknown:
-        raise DatasetError(f"image {row.image} (index.csv line {row.image_id + 2}) uses label "
-                           f"{min(unknown)} missing from label.csv")
+        raise DatasetError(
+            f"image {row.image} (index.csv line {row.image_id + 2}) uses label {min(unknown)} missing from label.csv"
+        )
     return stack, scalars
 
 
@@ -111,8 +111,13 @@ def iter_channels(dataset: BrodenDataset, rows: list[ImageRow], categories: list
         for row in rows:
             yield (row.image_id, *label_channels(dataset, row, categories))
         return
-    loader = DataLoader(_ChannelRows(dataset, rows, categories), batch_size=32, num_workers=workers,
-                        collate_fn=_as_list, prefetch_factor=4)
+    loader = DataLoader(
+        _ChannelRows(dataset, rows, categories),
+        batch_size=32,
+        num_workers=workers,
+        collate_fn=_as_list,
+        prefetch_factor=4,
+    )
     for chunk in loader:
         yield from chunk
 
@@ -132,8 +137,14 @@ def unit_masks(values: torch.Tensor, thresholds64: torch.Tensor, size: tuple[int
     return out
 
 
-def image_tally(values: torch.Tensor, thresholds64: torch.Tensor, channels: np.ndarray, n_categories: int,
-                category_of: np.ndarray, scalars: list[int]):
+def image_tally(
+    values: torch.Tensor,
+    thresholds64: torch.Tensor,
+    channels: np.ndarray,
+    n_categories: int,
+    category_of: np.ndarray,
+    scalars: list[int],
+):
     """One image's contribution: (pixel labels [L], their areas [L], intersections [K, L], unit areas [K],
     categories hit [K, n_categories] bool), all numpy. channels: int label numbers [n, sh, sw];
     category_of: label number -> primary category index. Scalars add to intersections and areas in
@@ -159,9 +170,11 @@ def image_tally(values: torch.Tensor, thresholds64: torch.Tensor, channels: np.n
             column = lookup[flat]  # [n, P]
             channel_pixels = np.nonzero(column >= 0)
             count = torch.zeros(len(labels), flat.shape[1], device=device)
-            count.index_put_((torch.from_numpy(column[channel_pixels]).to(device),
-                              torch.from_numpy(channel_pixels[1]).to(device)),
-                             torch.ones(len(channel_pixels[0]), device=device), accumulate=True)
+            count.index_put_(
+                (torch.from_numpy(column[channel_pixels]).to(device), torch.from_numpy(channel_pixels[1]).to(device)),
+                torch.ones(len(channel_pixels[0]), device=device),
+                accumulate=True,
+            )
             inter[fired] = (on @ count.T).double()
     inter_np, area_np = inter.cpu().numpy(), area.cpu().numpy()
     hit = np.zeros((k, n_categories), dtype=bool)
@@ -174,8 +187,13 @@ def image_tally(values: torch.Tensor, thresholds64: torch.Tensor, channels: np.n
     return labels, counts[labels], inter_np, area_np, hit
 
 
-def tally(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, workers: int = 0,
-          device: str | torch.device = "cpu"):
+def tally(
+    con: duckdb.DuckDBPyConnection,
+    probe: Probe,
+    dataset: BrodenDataset,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+):
     """IouTotals (stats.iou) of NetDissect-Lite's tally, per split."""
     from n2vdb.stats.iou import IouTotals
 
@@ -200,8 +218,7 @@ def tally(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, 
     with progress_bar() as bar:
         task = bar.add_task("single-filter IoU (netdissect)", total=len(order))
         for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape, batch=64):
-            values = (torch.from_numpy(codes).to(device).float()
-                      * torch.from_numpy(scales).to(device)[:, :, None, None])
+            values = torch.from_numpy(codes).to(device).float() * torch.from_numpy(scales).to(device)[:, :, None, None]
             for i, image_id in enumerate(ids):
                 mask_id, channels, scalars = next(decoded)
                 assert mask_id == image_id, "activations and masks out of step"
@@ -210,8 +227,7 @@ def tally(con: duckdb.DuckDBPyConnection, probe: Probe, dataset: BrodenDataset, 
                     continue  # NetDissect-Lite drops images without any annotation
                 split = split_of[int(image_id)]
                 sh, sw = channels.shape[1:]
-                labels, areas, i_kl, a_k, hit = image_tally(values[i], thr, channels, n_cat, category_lookup,
-                                                            scalars)
+                labels, areas, i_kl, a_k, hit = image_tally(values[i], thr, channels, n_cat, category_lookup, scalars)
                 cols = np.array([column[int(n)] for n in labels], dtype=np.int64)
                 inter[split][:, cols] += np.rint(i_kl).astype(np.int64)
                 np.add.at(label_area[split], cols, areas)

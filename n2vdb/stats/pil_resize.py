@@ -87,8 +87,9 @@ def _dense(n_in: int, n_out: int) -> torch.Tensor:
     return dense.float()
 
 
-def exact_at(values: torch.Tensor, maps: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
-             size: tuple[int, int]) -> torch.Tensor:
+def exact_at(
+    values: torch.Tensor, maps: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
     """resize(values, size)[maps, ys, xs] computed for those pixels only, with Pillow's arithmetic."""
     h, w = values.shape[-2:]
     sh, sw = size

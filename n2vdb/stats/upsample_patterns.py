@@ -134,16 +134,17 @@ def label_counts(labels: torch.Tensor, tab: PatternTable) -> torch.Tensor:
     out = torch.empty(n, tab.cells * 16, device=labels.device)
     order = tab.order.flatten()
     for start in range(0, n, _MASKS_PER_PRODUCT):
-        part = labels[start:start + _MASKS_PER_PRODUCT].flatten(1).view(torch.uint8)
+        part = labels[start : start + _MASKS_PER_PRODUCT].flatten(1).view(torch.uint8)
         flat = torch.cat([part, part.new_zeros(len(part), 1)], dim=1)  # a zero column for padding
         by_cell = torch.index_select(flat, 1, order).view(len(part), tab.cells, -1).float()  # [n, cells, m]
         count = torch.bmm(by_cell.transpose(0, 1), tab.on)  # [cells, n, 16]
-        out[start:start + len(part)] = count.transpose(0, 1).reshape(len(part), -1)
+        out[start : start + len(part)] = count.transpose(0, 1).reshape(len(part), -1)
     return out
 
 
-def batch_overlaps(binary: torch.Tensor, counts: torch.Tensor, pair_image: torch.Tensor, tab: PatternTable
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_overlaps(
+    binary: torch.Tensor, counts: torch.Tensor, pair_image: torch.Tensor, tab: PatternTable
+) -> tuple[torch.Tensor, torch.Tensor]:
     """binary [B, K, H, W] bool; counts [N, cells * 16] (label_counts, any dtype) of N concept masks, mask n
     belonging to image pair_image[n] (non-decreasing) -> (intersections [N, K], |M| [B, K])."""
     b, k = binary.shape[:2]
@@ -167,6 +168,6 @@ def batch_overlaps(binary: torch.Tensor, counts: torch.Tensor, pair_image: torch
     inter = torch.zeros(b * k, width, device=device)
     step = max(1, _GATHER_FLOATS // width)
     for start in range(0, len(row), step):
-        inter.index_add_(0, row[start:start + step], table_rows[source[start:start + step]].float())
+        inter.index_add_(0, row[start : start + step], table_rows[source[start : start + step]].float())
     inter = inter.view(b, k, width)[pair_image, :, slot]  # [N, K]
     return inter, mask_area

@@ -40,8 +40,9 @@ def busy_wait_s() -> float:
     return seconds
 
 
-def connect(path: str | os.PathLike | None = None, *, read_only: bool,
-            wait_s: float | None = None) -> duckdb.DuckDBPyConnection:
+def connect(
+    path: str | os.PathLike | None = None, *, read_only: bool, wait_s: float | None = None
+) -> duckdb.DuckDBPyConnection:
     """Open the database, retrying while another process holds the lock for up to wait_s seconds,
     and translating lock conflicts and missing files into N2vdbErrors. A read-only connection is
     always sealed (see seal())."""
@@ -63,9 +64,7 @@ def connect(path: str | os.PathLike | None = None, *, read_only: bool,
 def _connect_once(path: str | os.PathLike | None, read_only: bool) -> duckdb.DuckDBPyConnection:
     target = db_path(path)
     if read_only and not target.exists():
-        raise N2vdbError(
-            f"no database at {target}: create one with `n2vdb data synth` / `n2vdb ingest`, or pass --db"
-        )
+        raise N2vdbError(f"no database at {target}: create one with `n2vdb data synth` / `n2vdb ingest`, or pass --db")
     if not read_only and not target.parent.exists():
         raise N2vdbError(f"cannot create database {target}: directory {target.parent} does not exist")
     try:
@@ -81,8 +80,10 @@ def _connect_once(path: str | os.PathLike | None, read_only: bool) -> duckdb.Duc
         raise N2vdbError(f"cannot open database {target}: {message.splitlines()[0]}") from None
     except duckdb.Error as exc:
         if "different configuration" in str(exc):
-            raise N2vdbError(f"{target} is already open in this process through a connection n2vdb did not make "
-                             "(a duckdb.connect of your own?): close it first") from None
+            raise N2vdbError(
+                f"{target} is already open in this process through a connection n2vdb did not make "
+                "(a duckdb.connect of your own?): close it first"
+            ) from None
         raise N2vdbError(f"cannot open database {target}: {str(exc).splitlines()[0]}") from None
     # DuckDB draws its own progress bar on stdout, which would corrupt piped output. A per-connection
     # setting, which seal() leaves open to the connections that join a sealed instance.
@@ -125,8 +126,10 @@ def seal(con: duckdb.DuckDBPyConnection, *, file_system: bool = True) -> None:
         # Connections of one process to one file share DuckDB's instance and its settings: a later
         # one joins an instance sealed before, which seal() checks instead of setting again.
         if first(con.execute("SELECT current_setting('enable_external_access')"))[0]:
-            raise N2vdbError("the database is open in this process with an unsealed, locked configuration; "
-                             "close the other connection first")
+            raise N2vdbError(
+                "the database is open in this process with an unsealed, locked configuration; "
+                "close the other connection first"
+            )
         return
     con.execute("SET allowed_configs = ['enable_progress_bar']")  # harmless, and per connection
     con.execute("SET temp_directory = ''")
@@ -162,8 +165,7 @@ def write_connection(path: str | os.PathLike | None = None) -> Iterator[duckdb.D
 
 
 @contextlib.contextmanager
-def sandbox(path: str | os.PathLike | None = None, *, write: bool = False
-            ) -> Iterator[duckdb.DuckDBPyConnection]:
+def sandbox(path: str | os.PathLike | None = None, *, write: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
     """The connection user SQL runs on (`n2vdb sql`, named queries, the shell): read-only, or with
     write=True able to change this database (migrated first) and reach nothing else."""
     if not write:

@@ -43,9 +43,9 @@ def available(directory: Path | None = None) -> list[Migration]:
 
 def applied(con: duckdb.DuckDBPyConnection) -> dict[int, tuple[str, str]]:
     """version -> (name, sha256) of what this database has applied; empty for a new database."""
-    exists = first(con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
-    ))[0]
+    exists = first(
+        con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'")
+    )[0]
     if not exists:
         return {}
     return {v: (n, s) for v, n, s in con.execute("SELECT version, name, sha256 FROM schema_migrations").fetchall()}
@@ -76,10 +76,14 @@ def foreign_objects(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Tables, views and sequences of a database that n2vdb has never upgraded (empty for a new file)."""
     if applied(con):
         return []
-    names = [n for (n,) in con.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database()"
-        " UNION ALL SELECT sequence_name FROM duckdb_sequences()"
-        " WHERE database_name = current_database() AND NOT temporary ORDER BY 1").fetchall()]
+    names = [
+        n
+        for (n,) in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database()"
+            " UNION ALL SELECT sequence_name FROM duckdb_sequences()"
+            " WHERE database_name = current_database() AND NOT temporary ORDER BY 1"
+        ).fetchall()
+    ]
     return [n for n in names if n != "schema_migrations"]
 
 
@@ -95,9 +99,7 @@ def check_readable(con: duckdb.DuckDBPyConnection) -> None:
         raise N2vdbError(f"{_not_ours(foreign)}: pass the --db of an n2vdb database")
     todo = pending(con)
     if todo:
-        raise N2vdbError(
-            f"database schema is {len(todo)} migration(s) behind this n2vdb: run `n2vdb db upgrade`"
-        )
+        raise N2vdbError(f"database schema is {len(todo)} migration(s) behind this n2vdb: run `n2vdb db upgrade`")
 
 
 def upgrade(con: duckdb.DuckDBPyConnection, directory: Path | None = None, adopt: bool = False) -> list[Migration]:
@@ -107,8 +109,10 @@ def upgrade(con: duckdb.DuckDBPyConnection, directory: Path | None = None, adopt
     is refused unless ADOPT (`n2vdb db upgrade --adopt`) says to add n2vdb's tables beside them."""
     foreign = foreign_objects(con)
     if foreign and not adopt:
-        raise N2vdbError(f"{_not_ours(foreign)}; n2vdb will not add its tables to it: use another --db, or "
-                         "run `n2vdb db upgrade --adopt` to add them beside the others")
+        raise N2vdbError(
+            f"{_not_ours(foreign)}; n2vdb will not add its tables to it: use another --db, or "
+            "run `n2vdb db upgrade --adopt` to add them beside the others"
+        )
     con.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, sha256 VARCHAR NOT NULL,"

@@ -69,8 +69,9 @@ class Store:
             except BlockingIOError:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
-                raise DatabaseBusy(f"database busy: {self.path} is being written by PID {holder}; "
-                                   "wait for it to finish") from None
+                raise DatabaseBusy(
+                    f"database busy: {self.path} is being written by PID {holder}; wait for it to finish"
+                ) from None
             handle.seek(0)
             handle.truncate()
             handle.write(str(os.getpid()))
