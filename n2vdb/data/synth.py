@@ -84,6 +84,23 @@ def _encode(labels: np.ndarray) -> Image.Image:
     return Image.fromarray(rgb)
 
 
+def _write_planes(root: Path, stem: str, color, object_, material, parts) -> tuple[dict[str, str], set[int]]:
+    """Save an image's label planes as Broden mask PNGs (parts in numbered channels); return the
+    index.csv cells (category -> ';'-joined paths) and the label numbers present."""
+    cells: dict[str, str] = {}
+    present: set[int] = set()
+    for category, planes in (("color", [color]), ("object", [object_]), ("material", [material]), ("part", parts)):
+        paths = []
+        for k, plane in enumerate(planes, start=1):
+            if plane.any():
+                rel = f"{stem}_{category}_{k}.png" if len(planes) > 1 else f"{stem}_{category}.png"
+                _encode(plane).save(root / "images" / rel)
+                paths.append(rel)
+                present.update(int(n) for n in np.unique(plane[plane > 0]))
+        cells[category] = ";".join(paths)
+    return cells, present
+
+
 def _split(name: str) -> str:
     return "train" if int(hashlib.md5(name.encode()).hexdigest(), 16) % 10 < 7 else "val"
 
@@ -137,23 +154,9 @@ def generate(root: str | Path, images: int = 300, size: int = 227, seed: int = 0
             part1[on_seg & (sy >= cy)] = numbers[f"{shape}-lower"]
             part2[on_seg & ~inner] = numbers[f"{shape}-border"]
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"{stem}.jpg", quality=92)
-        cells: dict[str, str] = {}
-        for category, planes in (
-            ("color", [color_seg]),
-            ("object", [object_seg]),
-            ("material", [material_seg]),
-            ("part", [part1, part2]),
-        ):
-            paths = []
-            for k, plane in enumerate(planes, start=1):
-                if plane.any():
-                    suffix = f"{category}_{k}" if len(planes) > 1 else category
-                    rel = f"{stem}_{suffix}.png"
-                    _encode(plane).save(root / "images" / rel)
-                    paths.append(rel)
-                    for n in np.unique(plane[plane > 0]):
-                        counts[int(n)] = counts.get(int(n), 0) + 1
-            cells[category] = ";".join(paths)
+        cells, present = _write_planes(root, stem, color_seg, object_seg, material_seg, (part1, part2))
+        for n in present:
+            counts[n] = counts.get(n, 0) + 1
         scene_numbers = [numbers[f"{s}-s"] for s in SCENES[material]]
         cells["scene"] = ";".join(str(n) for n in scene_numbers)
         cells["texture"] = str(numbers[texture])
@@ -302,23 +305,8 @@ def _broden_image(root: Path, index: int, seed: int) -> tuple[dict, dict[int, in
         part2[on_seg] = 0
         part2[on_seg & ~inner] = border
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"{stem}.jpg", quality=90)
-    counts: dict[int, int] = {}
-    cells: dict[str, str] = {}
-    for category, planes in (
-        ("color", [color_seg]),
-        ("object", [object_seg]),
-        ("material", [material_seg]),
-        ("part", [part1, part2]),
-    ):
-        paths = []
-        for k, plane in enumerate(planes, start=1):
-            if plane.any():
-                rel = f"{stem}_{category}_{k}.png" if len(planes) > 1 else f"{stem}_{category}.png"
-                _encode(plane).save(root / "images" / rel)
-                paths.append(rel)
-                for n in np.unique(plane[plane > 0]).tolist():
-                    counts[n] = 1
-        cells[category] = ";".join(paths)
+    cells, present = _write_planes(root, stem, color_seg, object_seg, material_seg, (part1, part2))
+    counts = dict.fromkeys(present, 1)
     scene = int(vocab.numbers["scene"][vocab.draw(rng, "scene")])
     texture_numbers = sorted({int(vocab.numbers["texture"][t]) for t in textures})
     cells["scene"] = str(scene)
