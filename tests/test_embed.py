@@ -445,3 +445,25 @@ def test_bad_sufficiency_grid_is_a_one_line_error(tmp_path):
     )
     assert result.returncode != 0 and "--sufficiency-grid" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x.duckdb").exists()
+
+
+def test_an_image_without_pixel_concepts_joins_a_block():
+    """It has no (image, concept) pairs, but its row stays in the block (a regression: the empty mask
+    stack could not be reshaped)."""
+    from n2vdb.embed.examples import PairBlock, SegExample
+
+    block = PairBlock((2, 3, 3), (4, 4))
+    block.add(
+        SegExample(
+            0,
+            "train",
+            torch.zeros(2, 3, 3, dtype=torch.bool),
+            np.zeros(0, np.int64),
+            torch.zeros(0, 4, 4, dtype=torch.bool),
+        )
+    )
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, 1, 2] = True
+    block.add(SegExample(1, "val", torch.ones(2, 3, 3, dtype=torch.bool), np.array([7]), masks))
+    assert block.nbytes > 0 and len(block._ids) == 2 and [len(a) for a in block._active] == [0, 18]
+    assert [int(p.sum()) for p in block._pixels] == [0, 1]

@@ -69,7 +69,8 @@ class PairBlock:
     def add(self, ex: SegExample) -> None:
         index = len(self._ids)
         active = np.flatnonzero(ex.binary.numpy().ravel()).astype(np.int32)
-        masks = ex.masks.numpy().reshape(len(ex.concept_ids), -1)
+        # an image with no pixel concept has a [0, sh, sw] stack: its width must be stated, not inferred
+        masks = ex.masks.numpy().reshape(len(ex.concept_ids), self.mask_shape[0] * self.mask_shape[1])
         bits = np.packbits(masks, axis=1)
         self._ids.append(ex.image_id)
         self._train.append(ex.split == "train")

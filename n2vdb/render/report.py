@@ -267,7 +267,7 @@ def _card(con, probe: Probe, dataset: BrodenDataset, out: Path, row: dict) -> st
         everywhere, _, _ = grids.distribution_grid(con, probe, dataset, name, out / "cards" / f"{slug}-all.png")
         overall = (
             f"<p>All images, across the classification score:</p>"
-            f"<img src='cards/{everywhere.name}' alt='{html.escape(name)} over all images'>"
+            f"{_img(f'cards/{everywhere.name}', f'{name} over all images')}"
         )
     except NotFound:
         overall = ""
