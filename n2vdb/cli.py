@@ -498,12 +498,23 @@ def db_upgrade(
 
 def main() -> None:
     """Console entry point: one line on stderr and a non-zero exit for every user error."""
-    sys.exit(_run())
+    code = 1
+    try:
+        code = _run()
+    except BaseException:
+        if not _SIGNALLED:
+            raise
+    # Whatever the signal became on its way (DuckDB turns it into "Query interrupted"), the exit says
+    # so; a Ctrl-C that a command handled and went on from (the shell's cancel) is not an exit.
+    if _SIGNALLED == 143 or (_SIGNALLED == 130 and code != 0):
+        code = _interrupted(_SIGNALLED)
+    sys.exit(code)
 
 
 def _run() -> int:
     debug = os.environ.get("N2VDB_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _terminated)  # unwind (roll back, stop DataLoader workers) instead of dying
+    signal.signal(signal.SIGINT, _terminated)  # as Python's own, but never lost in a fork hook
     if sys.stdout is None:  # started with stdout closed: fail on the first write, not on a None
         from n2vdb.progress import ClosedOutput
 
@@ -537,15 +548,38 @@ class Terminated(BaseException):  # like KeyboardInterrupt: no `except Exception
     """SIGTERM, raised where the process is so that transactions roll back and workers stop."""
 
 
-def _terminated(_signum, _frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    if os.getpid() != _MAIN_PID:  # a forked worker (a pool's, a DataLoader's) inherits this: end as asked
-        os.kill(os.getpid(), signal.SIGTERM)
+# Python ignores an exception raised in these (hooks it calls around os.fork, finalizers): a SIGTERM
+# that lands in one is raised again a moment later, in ordinary code.
+_SWALLOWING = {"_releaseLock", "_acquireLock", "_at_fork_reinit", "_after_at_fork_child_reinit_locks", "__del__"}
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM and SIGINT: unwind the main process with Terminated / KeyboardInterrupt, so that
+    transactions roll back and workers stop; a forked worker ends as the signal asks."""
+    global _SIGNALLED, _PENDING
+    if os.getpid() != _MAIN_PID:  # a forked worker (a pool's, a DataLoader's) inherits this handler
+        signal.signal(signum, signal.SIG_DFL)
+        if signum == signal.SIGTERM:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise KeyboardInterrupt
+    if signum == signal.SIGALRM:  # a signal deferred out of a hook that would have swallowed it
+        signum = _PENDING
+    _SIGNALLED = 143 if signum == signal.SIGTERM else 130
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    if frame is not None and frame.f_code.co_name in _SWALLOWING:
+        _PENDING = signum
+        signal.signal(signal.SIGALRM, _terminated)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
         return
-    raise Terminated
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 _MAIN_PID = os.getpid()
+_SIGNALLED = 0  # 143 after SIGTERM, 130 after SIGINT: the exit code, however the exception travelled
+_PENDING = signal.SIGINT  # the signal a SIGALRM stands for, when one was deferred
+_SAID_INTERRUPTED = False
 
 
 def _describe_sql_error(exc) -> str:
@@ -555,7 +589,10 @@ def _describe_sql_error(exc) -> str:
 
 
 def _interrupted(code: int) -> int:
-    _print_error_line("interrupted; run the same command again to resume", prefix=False)
+    global _SAID_INTERRUPTED
+    if not _SAID_INTERRUPTED:
+        _SAID_INTERRUPTED = True
+        _print_error_line("interrupted; run the same command again to resume", prefix=False)
     return code
 
 
