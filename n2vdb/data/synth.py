@@ -175,19 +175,7 @@ def _write_csvs(root: Path, rows: list[dict], counts: dict[int, int]) -> None:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()
         writer.writerows(rows)
-    table = label_table()
-    with (root / "label.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["number", "name", "category", "frequency", "coverage", "syns"])
-        writer.writerow([0, "-", "-", 0, 0, ""])
-        for number, name, category in table:
-            writer.writerow([number, name, f"{category}({counts.get(number, 0)})", counts.get(number, 0), "", ""])
-    with (root / "category.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["name", "first", "last", "count", "frequency"])
-        for category in ("color", "object", "material", "part", "scene", "texture"):
-            nums = [n for n, _, c in table if c == category]
-            writer.writerow([category, min(nums), max(nums), len(nums), sum(counts.get(n, 0) for n in nums)])
+    _write_labels(root, label_table(), counts, ("color", "object", "material", "part", "scene", "texture"))
 
 
 # -- the broden profile: Broden's shape and density ----------------------------------------------
@@ -371,7 +359,7 @@ def generate_broden(
                 _write_rows(writer, results, counts)
         else:
             _write_rows(writer, map(_broden_chunk, jobs), counts)
-    _write_labels(root, broden_label_table(), counts)
+    _write_labels(root, broden_label_table(), counts, BRODEN_CATEGORIES)
     return root
 
 
@@ -383,7 +371,8 @@ def _write_rows(writer: csv.DictWriter, results, counts: dict[int, int]) -> None
                 counts[n] = counts.get(n, 0) + 1
 
 
-def _write_labels(root: Path, table: list[tuple[int, str, str]], counts: dict[int, int]) -> None:
+def _write_labels(root: Path, table: list[tuple[int, str, str]], counts: dict[int, int], categories) -> None:
+    """label.csv and category.csv of either profile (CATEGORIES in the order category.csv lists them)."""
     with (root / "label.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["number", "name", "category", "frequency", "coverage", "syns"])
@@ -393,6 +382,6 @@ def _write_labels(root: Path, table: list[tuple[int, str, str]], counts: dict[in
     with (root / "category.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["name", "first", "last", "count", "frequency"])
-        for category in BRODEN_CATEGORIES:
+        for category in categories:
             nums = [n for n, _, c in table if c == category]
             writer.writerow([category, min(nums), max(nums), len(nums), sum(counts.get(n, 0) for n in nums)])
