@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import os
 import signal
@@ -546,7 +547,7 @@ def _run() -> int:
         sys.stdout = ClosedOutput()
     try:
         try:
-            code = app(standalone_mode=False)  # click's errors and Ctrl-C come here instead of exiting
+            code = _branch(sys.argv[1:])(standalone_mode=False)  # click's errors and Ctrl-C come here
         finally:
             sys.stdout.flush()  # an output error (a full disk, a closed pipe) is reported here, not at exit
     except (KeyboardInterrupt, typer.Abort, Terminated) as exc:
@@ -574,6 +575,22 @@ def _run() -> int:
     if code == 130:  # typer turns Ctrl-C into a silent exit 130
         return _interrupted(130)
     return code or 0
+
+
+def _branch(args: list[str]) -> typer.Typer:
+    """The app with only the command that ARGS start with (its own definition, not a copy): click then
+    builds that command's options instead of every command's (~10 ms of each start). With no command
+    named (--help, --version, a typo) it is the whole app."""
+    first = args[0] if args else None
+    commands = [
+        c for c in app.registered_commands if (c.name or typer.main.get_command_name(c.callback.__name__)) == first
+    ]
+    groups = [g for g in app.registered_groups if g.name == first]
+    if not commands and not groups:
+        return app
+    branch = copy.copy(app)
+    branch.registered_commands, branch.registered_groups = commands, groups
+    return branch
 
 
 class Terminated(BaseException):  # like KeyboardInterrupt: no `except Exception` swallows it

@@ -165,3 +165,21 @@ def test_an_error_about_a_setting_begins_with_its_name():
     with pytest.raises(ValueError):
         UsageError("must be at least 1", param="epochs")
     assert UsageError("epochs must be at least 1", param="epochs").in_words("--epochs") == "--epochs must be at least 1"
+
+
+def test_a_run_builds_only_its_command_from_the_same_definitions():
+    import typer
+
+    from n2vdb import cli
+
+    whole = typer.main.get_command(cli.app)
+    for name, command in whole.commands.items():
+        branch = typer.main.get_command(cli._branch([name, "--help"]))
+        assert list(branch.commands) == [name]
+        built = branch.commands[name]
+        assert built.help == command.help and list(getattr(built, "commands", ())) == list(
+            getattr(command, "commands", ())
+        )
+        assert [(p.name, p.opts) for p in built.params] == [(p.name, p.opts) for p in command.params]
+    for args in ([], ["--help"], ["--version"], ["sqll"]):  # no command named: the whole app (help, typo hints)
+        assert cli._branch(args) is cli.app
