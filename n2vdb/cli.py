@@ -536,8 +536,10 @@ def main() -> None:
 
 
 def _run() -> int:
-    global _INVOKED
-    _INVOKED = None  # found afresh by each run (tests run several in one process)
+    global _INVOKED, _SIGNALLED, _SAID_INTERRUPTED
+    # Each run starts afresh: tests run several in one process, and a Ctrl-C another test sent after
+    # an earlier run installed _terminated must not make this one report "interrupted".
+    _INVOKED, _SIGNALLED, _SAID_INTERRUPTED = None, 0, False
     debug = os.environ.get("N2VDB_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _terminated)  # unwind (roll back, stop DataLoader workers) instead of dying
     signal.signal(signal.SIGINT, _terminated)  # as Python's own, but never lost in a fork hook
