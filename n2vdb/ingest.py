@@ -16,9 +16,11 @@ from n2vdb.embed import stage as embed_stage
 from n2vdb.errors import UsageError
 from n2vdb.models import registry
 from n2vdb.models import weights as weights_mod
+from n2vdb.models.device import pick_device
 from n2vdb.progress import say
 from n2vdb.resources import home
 from n2vdb.stats import iou as iou_stage
+from n2vdb.stats.thresholds import compute_thresholds
 from n2vdb.store.connection import first, transaction
 from n2vdb.store.sessions import Store
 
@@ -92,7 +94,7 @@ class IngestOptions:
 def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: IngestOptions) -> ProbeSpecAndData:
     if not isinstance(layer, str) or not layer.strip():
         raise UsageError(f"the layer name is empty; `n2vdb models {model}` lists the layers")
-    extract.pick_device(options.device)  # an unusable device fails before anything is written
+    pick_device(options.device)  # an unusable device fails before anything is written
     embed_stage.check_grid(options.train.sufficiency_grid)
     prep = registry.preprocessing(registry.check_model(model))
     size = options.input_size or prep.size
@@ -169,7 +171,7 @@ def _ingest(store: Store, model: str, layer: str, options: IngestOptions) -> int
             probe = probes.load(con, probe.probe_id)
         say(f"probe {probe.probe_id}: thresholds")
         with timings.timed("thresholds") as timing:
-            extract.compute_thresholds(store, probe, spec.quantile)
+            compute_thresholds(store, probe, spec.quantile)
         timings.record(store, probe, timing)
     if probe.status == "iou":
         with store.reading() as con:
@@ -178,7 +180,7 @@ def _ingest(store: Store, model: str, layer: str, options: IngestOptions) -> int
         if needs_thresholds:
             say(f"probe {probe.probe_id}: thresholds")
             with timings.timed("thresholds") as timing:
-                extract.compute_thresholds(store, probe, spec.quantile)
+                compute_thresholds(store, probe, spec.quantile)
             timings.record(store, probe, timing)
         if spec.kind == "vector":  # no spatial extent: the segmentation stages do not apply
             say(f"probe {probe.probe_id}: a vector layer; single-filter IoU and segmentation do not apply")
@@ -188,7 +190,7 @@ def _ingest(store: Store, model: str, layer: str, options: IngestOptions) -> int
         else:
             say(f"probe {probe.probe_id}: single-filter IoU")
             with timings.timed("iou") as timing:
-                iou_stage.run(store, probe, dataset, spec.iou_mode, workers, extract.pick_device(options.device))
+                iou_stage.run(store, probe, dataset, spec.iou_mode, workers, pick_device(options.device))
             timings.record(store, probe, timing, count_pairs=True)
     if probe.status == "embeddings":
         say(f"probe {probe.probe_id}: concept embeddings")
@@ -198,7 +200,7 @@ def _ingest(store: Store, model: str, layer: str, options: IngestOptions) -> int
             dataset,
             spec.train,
             workers,
-            extract.pick_device(options.device),
+            pick_device(options.device),
             segmentation=spec.kind != "vector",
         )
     return probe.probe_id

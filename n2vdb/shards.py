@@ -268,7 +268,7 @@ def _merge_one(store: Store, directory: Path) -> int:
                     [k, h, w, probe.probe_id],
                 )
                 con.execute(
-                    "INSERT INTO activations SELECT $probe, image_id, scales, codes, pooled"
+                    "INSERT INTO activations BY NAME SELECT $probe AS probe_id, image_id, scales, codes, pooled"
                     " FROM read_parquet($parts) WHERE image_id NOT IN"
                     " (SELECT image_id FROM activations WHERE probe_id = $probe)",
                     {"probe": probe.probe_id, "parts": parts},

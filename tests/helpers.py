@@ -16,8 +16,8 @@ from n2vdb import activations as acts_store
 from n2vdb import probe as probes
 from n2vdb.data import importer
 from n2vdb.data.broden import BrodenDataset
-from n2vdb.extract import compute_thresholds
 from n2vdb.stats import iou as iou_stage
+from n2vdb.stats.thresholds import compute_thresholds
 from n2vdb.store import write_connection
 from n2vdb.store.sessions import Pinned
 
