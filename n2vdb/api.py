@@ -18,8 +18,7 @@ import pyarrow as pa
 
 from n2vdb import probe as probes_mod
 from n2vdb import queries
-from n2vdb.store import migrate, read_connection, write_connection
-from n2vdb.store.connection import sandbox
+from n2vdb.store import migrate, read_connection, sandbox, write_connection
 
 # torch-backed modules (ingest, models, activations), numpy and the dataset modules are imported inside
 # the functions that need them, so queries and SQL answer without paying their import time.
