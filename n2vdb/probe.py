@@ -190,6 +190,12 @@ def set_status(con: duckdb.DuckDBPyConnection, probe_id: int, status: str) -> No
     )
 
 
+def has_thresholds(con: duckdb.DuckDBPyConnection, probe: Probe) -> bool:
+    """Whether every filter of PROBE has its threshold stored (table filters)."""
+    n = first(con.execute("SELECT count(*) FROM filters WHERE probe_id = ?", [probe.probe_id]))[0]
+    return bool(probe.n_filters) and n == probe.n_filters
+
+
 def latest(con: duckdb.DuckDBPyConnection, complete_only: bool = True) -> int:
     where = "WHERE status = 'complete'" if complete_only else ""
     row = first(con.execute(f"SELECT max(probe_id) FROM probes {where}"))
