@@ -88,13 +88,14 @@ def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
 
 
 def ingest_shard(model: str, layer: str, shard: str, shard_dir: str | Path, db: PathLike = None, **options) -> Path:
-    """Extract shard 'i/N' (or 'auto' under torchrun) of a probe into SHARD_DIR; the database is only read."""
+    """Extract shard 'i/N' (or 'auto' under torchrun) of a probe into SHARD_DIR. The database is only read,
+    once the first shard has created it and registered the dataset (n2vdb.ingest.prepare_database)."""
     from n2vdb import shards
     from n2vdb.ingest import IngestOptions
 
     index_count = shards.parse_shard(shard)
-    with read_connection(db) as con:
-        return shards.extract_shard(con, model, layer, IngestOptions(**options), index_count, Path(shard_dir))
+    settings = IngestOptions(**options)  # nonsense is refused before the database is touched
+    return shards.extract_shard(db, model, layer, settings, index_count, Path(shard_dir))
 
 
 def merge(shard_dir: str | Path, db: PathLike = None) -> list[int]:

@@ -15,7 +15,7 @@ from n2vdb import activations as acts_store
 from n2vdb.data.broden import BrodenDataset, ImageRow
 from n2vdb.errors import DatasetError, UsageError
 from n2vdb.models.layers import LayerTap, Layout
-from n2vdb.probe import Probe, ProbeSpec, set_status
+from n2vdb.probe import Probe, ProbeSpec
 from n2vdb.progress import progress_bar
 from n2vdb.stats.quantile import TopQuantile
 from n2vdb.store.connection import first, transaction
@@ -174,13 +174,14 @@ def extract(
             acts_store.write(writer.connection(), table)  # one commit per batch
 
 
-def compute_thresholds(store: Store, probe: Probe, quantile: float) -> np.ndarray:
+def compute_thresholds(store: Store, probe: Probe, quantile: float, finish=None) -> np.ndarray:
     """Per-filter thresholds from the stored activations, into `filters`.
 
     Exactly the numpy linear quantile of the dequantised values; since every stored value is within
     half its (image, filter) step of the float value, and order statistics move no more than the
     largest perturbation, each threshold is within threshold_bound = max over images of s_k / 2 of
-    the quantile of the float activations.
+    the quantile of the float activations. FINISH(con), where given (n2vdb.pipeline), runs in the
+    transaction that writes them.
     """
     with store.reading() as con:
         shape = (probe.n_filters, probe.height, probe.width)
@@ -213,6 +214,6 @@ def compute_thresholds(store: Store, probe: Probe, quantile: float) -> np.ndarra
         con.register("_filters", table)
         con.execute("INSERT INTO filters SELECT * FROM _filters")
         con.unregister("_filters")
-        set_status(con, probe.probe_id, "iou")
-    probe.status = "iou"
+        if finish is not None:
+            finish(con)
     return thresholds

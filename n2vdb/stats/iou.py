@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from n2vdb import activations as acts_store
 from n2vdb.data.broden import BrodenDataset, ImageRow
-from n2vdb.probe import Probe, set_status
+from n2vdb.probe import Probe
 from n2vdb.progress import progress_bar
 from n2vdb.stats import netdissect, pil_resize, upsample_patterns
 from n2vdb.store.connection import first, transaction
@@ -425,10 +425,16 @@ def per_image_best(
 
 
 def run(
-    store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: int = 0, device: str | torch.device = "cpu"
+    store: Store,
+    probe: Probe,
+    dataset: BrodenDataset,
+    mode: str,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    finish=None,
 ) -> IouTotals:
     """The whole stage: computed over a shared read connection, written in one transaction (a re-run
-    replaces, never duplicates)."""
+    replaces, never duplicates); FINISH(con), where given (n2vdb.pipeline), runs in that transaction."""
     with store.reading() as con:
         thresholds = thresholds_for(con, probe.probe_id, mode)
         spill = None
@@ -453,6 +459,6 @@ def run(
             con.register("_rows", table)
             con.execute(f"INSERT INTO {name} SELECT * FROM _rows")
             con.unregister("_rows")
-        set_status(con, probe.probe_id, "embeddings")
-    probe.status = "embeddings"
+        if finish is not None:
+            finish(con)
     return totals
