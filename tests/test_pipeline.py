@@ -183,3 +183,58 @@ def test_boundaries_connection_needs_no_migrations_and_the_api_holds_no_sql():
         if isinstance(n, ast.Constant) and isinstance(n.value, str)
     ]
     assert not [s for s in strings if any(word in s for word in ("SELECT ", "INSERT ", "UPDATE ", "DELETE "))]
+
+
+def test_migration_0010_moves_variants_without_thresholds_back_to_their_stage(tmp_path):
+    """Before 0010 a variant started at 'iou' and computed its thresholds there; 'iou' now means done."""
+    from n2vdb.resources import sql_dir
+    from n2vdb.store import connect, migrate
+
+    older = tmp_path / "older"
+    older.mkdir()
+    for path in sql_dir("migrations").glob("*.sql"):
+        if int(path.name[:4]) < 10:
+            shutil.copy(path, older / path.name)
+    con = connect(tmp_path / "old.duckdb", read_only=False)
+    migrate.upgrade(con, older)
+    con.execute("INSERT INTO datasets (name, path, n_images, n_concepts) VALUES ('d', '/d', 1, 1)")
+    for key, status in (("variant", "iou"), ("thresholded", "iou"), ("done", "complete")):
+        con.execute(
+            "INSERT INTO probes (probe_key, model, weights, layer, dataset_id, n_filters, height, width, settings,"
+            " status) VALUES (?, 'm', 'w', 'l', 1, 2, 1, 1, '{}', ?)",
+            [key, status],
+        )
+    for probe_id in (2, 3):
+        con.execute("INSERT INTO filters VALUES (?, 0, 1, 0, 1, 1), (?, 1, 1, 0, 1, 1)", [probe_id, probe_id])
+    assert [m.version for m in migrate.upgrade(con)] == [10]
+    assert con.execute("SELECT probe_key, status FROM probes ORDER BY probe_id").fetchall() == [
+        ("variant", "thresholds"),
+        ("thresholded", "iou"),
+        ("done", "complete"),
+    ]
+    con.close()
+
+
+EMBEDDING_ROWS = (
+    "DELETE FROM embeddings",
+    "DELETE FROM image_concept_scores WHERE method IN ('segmentation', 'classification')",
+)
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (["UPDATE probes SET status = 'segmenting'"], {"probes at a status that is no pipeline stage"}),
+        (["UPDATE probes SET status = 'iou'"], {"rows of unfinished stages"}),  # its IoU and embeddings exist
+        (["DELETE FROM filter_concept_iou"], {"probes past a stage without rows in a table it fills"}),
+        (EMBEDDING_ROWS, {"probes past a stage without rows in a table it fills"}),
+        ([*EMBEDDING_ROWS, "UPDATE probes SET status = 'embeddings'"], set()),  # a probe waiting for its embeddings
+    ],
+)
+def test_the_stage_checks_follow_the_stage_table(db_copy, damage, expected):
+    con = duckdb.connect(str(db_copy))
+    for statement in damage:
+        con.execute(statement)
+    con.close()
+    failed = {r["check_name"] for r in api.db_check(db_copy).to_pylist() if r["violations"]}
+    assert failed == expected
