@@ -15,8 +15,7 @@ import duckdb
 import torch
 from torch.utils.data import DataLoader
 
-from n2vdb import extract
-from n2vdb import probe as probes
+from n2vdb import extract, pipeline
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.ingest import IngestOptions, make_spec
 from n2vdb.models import weights
@@ -62,7 +61,7 @@ def main() -> None:
         bare = time.perf_counter() - start
         tap.handle.remove()
 
-        probe, _ = probes.get_or_create(con, spec)
+        probe, _ = pipeline.find_or_create(con, spec)
     store = Store(db)  # as ingest runs: batches written in short sessions that let readers in
     start = time.perf_counter()
     extract.extract(store, probe, spec, dataset, net, args.device, args.batch_size, args.workers)

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from n2vdb import activations as acts_store
-from n2vdb import extract
+from n2vdb import extract, pipeline
 from n2vdb import probe as probes
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.models import registry, weights
@@ -65,7 +65,7 @@ def extracted(scratch: Path, db: Path, images: int, workers: int) -> None:
     api.synth(scratch / "broden", images=images, name="broden", db=db, profile="broden")
     with write_connection(db) as con:
         spec = make_spec(con, "alexnet", "conv5", IngestOptions(dataset="broden", weights="random")).spec
-        probe, _ = probes.get_or_create(con, spec)
+        probe, _ = pipeline.find_or_create(con, spec)
         dataset = BrodenDataset.open(scratch / "broden")
     extract.extract(Store(db), probe, spec, dataset, weights.load("alexnet", "random").net, "cpu", 32, workers)
 

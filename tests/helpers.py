@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from n2vdb import activations as acts_store
+from n2vdb import pipeline
 from n2vdb import probe as probes
 from n2vdb.data import importer
 from n2vdb.data.broden import BrodenDataset
@@ -42,7 +43,7 @@ def planted_probe(
             quantile=quantile,
             iou_mode=mode,
         )
-        probe, _ = probes.get_or_create(con, spec)
+        probe, _ = pipeline.find_or_create(con, spec)
         n, k, h, w = acts.shape
         con.execute(
             "UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?", [k, h, w, probe.probe_id]

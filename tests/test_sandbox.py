@@ -17,7 +17,7 @@ import pytest
 
 from n2vdb import api
 from n2vdb.errors import N2vdbError, QueryError, UsageError
-from n2vdb.store.connection import read_connection, sandbox
+from n2vdb.store import read_connection, sandbox
 from n2vdb.store.sessions import Store
 
 

@@ -214,3 +214,19 @@ def require_dataset(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, Pat
         hint = f" (registered: {', '.join(known)})" if known else ""
         raise DatasetError(f"no dataset named {name!r}{hint}; add one with `n2vdb data add PATH --name {name}`")
     return found[0], Path(found[1])
+
+
+def dataset_root(con: duckdb.DuckDBPyConnection, dataset_id: int) -> Path:
+    """The directory a registered dataset was added from."""
+    row = first(con.execute("SELECT path FROM datasets WHERE dataset_id = ?", [dataset_id]))
+    if not row:
+        raise DatasetError(f"no dataset {dataset_id} in this database (`n2vdb data list` shows them)")
+    return Path(row[0])
+
+
+def concept_id(con: duckdb.DuckDBPyConnection, dataset_id: int, name: str) -> int:
+    """The id of the concept NAME (as stored: n2vdb.queries.resolve_concept finds it) in a dataset."""
+    row = first(con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?", [dataset_id, name]))
+    if not row:
+        raise DatasetError(f"no concept {name!r} in dataset {dataset_id}")
+    return row[0]

@@ -15,7 +15,7 @@ from n2vdb.data.broden import BrodenDataset
 from n2vdb.embed import classification, segmentation
 from n2vdb.embed.examples import cached, store_examples
 from n2vdb.errors import UsageError
-from n2vdb.probe import Probe, TrainSettings, set_status
+from n2vdb.probe import Probe, TrainSettings
 from n2vdb.progress import say
 from n2vdb.store import writer
 from n2vdb.store.connection import transaction
@@ -260,18 +260,19 @@ def run(
     workers: int = 0,
     device: str | torch.device = "cpu",
     segmentation: bool = True,
+    finish=None,
 ) -> None:
     """Train everything over a shared read connection; write all rows in one short transaction.
     Segmentation embeddings (the pixel-heavy part) train on DEVICE; classification, on N x K pooled
-    features, is cheap on the CPU."""
+    features, is cheap on the CPU. FINISH(con), where given (n2vdb.pipeline), runs in the write transaction."""
     with store.reading() as con:
         tables, records = _compute(con, probe, dataset, settings, workers, torch.device(device), segmentation)
     with store.writing() as con, transaction(con):
         for name, methods in (("embeddings", None), ("image_concept_scores", ("segmentation", "classification"))):
             writer.replace_probe_rows(con, name, probe.probe_id, [t for n, t in tables if n == name], methods)
         timings.save(con, probe.probe_id, records)
-        set_status(con, probe.probe_id, "complete")
-    probe.status = "complete"
+        if finish is not None:
+            finish(con)
 
 
 def _score_rows(probe_id: int, method: str, rows: list) -> pa.Table:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from n2vdb import activations as acts_store
 from n2vdb.data import pool
 from n2vdb.data.broden import BrodenDataset, ImageRow
-from n2vdb.probe import Probe, set_status
+from n2vdb.probe import Probe
 from n2vdb.progress import progress_bar
 from n2vdb.stats import netdissect, pil_resize, upsample_patterns
 from n2vdb.store import writer
@@ -390,10 +390,16 @@ def per_image_best(
 
 
 def run(
-    store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: int = 0, device: str | torch.device = "cpu"
+    store: Store,
+    probe: Probe,
+    dataset: BrodenDataset,
+    mode: str,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    finish=None,
 ) -> IouTotals:
     """The whole stage: computed over a shared read connection, written in one transaction (a re-run
-    replaces, never duplicates)."""
+    replaces, never duplicates); FINISH(con), where given (n2vdb.pipeline), runs in that transaction."""
     with store.reading() as con:
         thresholds = thresholds_for(con, probe.probe_id, mode)
         spill = None
@@ -411,6 +417,6 @@ def run(
     with store.writing() as con, transaction(con):
         writer.replace_probe_rows(con, "filter_concept_iou", probe.probe_id, _iou_table(probe.probe_id, totals))
         writer.replace_probe_rows(con, "image_concept_scores", probe.probe_id, scores, methods=("best_filter",))
-        set_status(con, probe.probe_id, "embeddings")
-    probe.status = "embeddings"
+        if finish is not None:
+            finish(con)
     return totals

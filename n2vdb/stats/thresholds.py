@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from n2vdb import activations as acts_store
-from n2vdb.probe import Probe, set_status
+from n2vdb.probe import Probe
 from n2vdb.progress import progress_bar
 from n2vdb.stats.quantile import TopQuantile
 from n2vdb.store import writer
@@ -49,11 +49,12 @@ def threshold_rows(store: Store, probe: Probe, quantile: float) -> pa.Table:
     )
 
 
-def compute_thresholds(store: Store, probe: Probe, quantile: float) -> np.ndarray:
-    """Per-filter thresholds from the stored activations, into `filters` (threshold_rows)."""
+def compute_thresholds(store: Store, probe: Probe, quantile: float, finish=None) -> np.ndarray:
+    """Per-filter thresholds from the stored activations, into `filters` (threshold_rows). FINISH(con),
+    where given (n2vdb.pipeline), runs in the transaction that writes them."""
     table = threshold_rows(store, probe, quantile)
     with store.writing() as con, transaction(con):
         writer.replace_probe_rows(con, "filters", probe.probe_id, table)
-        set_status(con, probe.probe_id, "iou")
-    probe.status = "iou"
+        if finish is not None:
+            finish(con)
     return table.column("threshold").to_numpy().copy()
