@@ -1,7 +1,5 @@
 """The Broden-format reader and importer against truth computed independently in conftest."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
@@ -11,6 +9,8 @@ import pytest
 from n2vdb import api
 from n2vdb.data.broden import BrodenDataset, parse_categories
 from n2vdb.errors import DatasetError, N2vdbError
+
+from helpers import run_cli
 
 
 def image_concepts(db: Path) -> dict:
@@ -69,7 +69,7 @@ def test_concept_masks_or_over_part_channels(edge_broden):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "n2vdb", *args], capture_output=True, text=True, env=env)
+    return run_cli(*args, env=env)
 
 
 def _break(root: Path, case: str) -> None:

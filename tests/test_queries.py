@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from n2vdb import api, queries
-from n2vdb.errors import NotFound, QueryError, UsageError
+from n2vdb.errors import N2vdbError, NotFound, QueryError, UsageError
 from n2vdb.store import write_connection
 
 from helpers import run_cli
@@ -250,10 +250,10 @@ def test_category_neighbours(filled):
 def test_headers_declare_exactly_the_parameters_used(tmp_path):
     assert len(queries.load_all()) >= 11
     (tmp_path / "bad.sql").write_text("-- name: bad\n-- param: x INTEGER\nSELECT $y")
-    with pytest.raises(Exception, match="undeclared parameter"):
+    with pytest.raises(N2vdbError, match="undeclared parameter"):
         queries.load_all(tmp_path)
     (tmp_path / "bad.sql").write_text("-- name: bad\n-- param: x INTEGER\n-- param: y INTEGER\nSELECT $y -- $x\n")
-    with pytest.raises(Exception, match="unused parameter"):
+    with pytest.raises(N2vdbError, match="unused parameter"):
         queries.load_all(tmp_path)
 
 
