@@ -319,9 +319,6 @@ def test_embeddings_beat_single_filters_on_the_builtin_set(ingested_db):
     overall = [r for r in table if r["category"] == "all"][0]
     assert overall["concepts"] >= 15
     assert overall["embedding_iou"] > overall["single_filter_iou"]
-    con = duckdb.connect(str(ingested_db), read_only=True)
-    accuracy = con.execute("SELECT avg(val_score) FROM embeddings WHERE kind = 'classification'").fetchone()[0]
-    assert accuracy > 0.5
 
 
 def test_stage_writes_scores_and_sufficiency(tmp_path, synthetic_dir):

@@ -4,7 +4,6 @@ import json
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from n2vdb import api, queries
@@ -338,10 +337,6 @@ def test_sql_write_flag(tmp_path, filled):
     shutil.copy(filled[0], db)
     assert cli("sql", "--write", "CREATE TABLE notes AS SELECT 1 AS x", "--db", str(db)).returncode == 0
     assert cli("sql", "SELECT x FROM notes", "--db", str(db)).stdout.splitlines() == ["x", "1"]
-
-
-def test_results_are_arrow_tables(filled):
-    assert isinstance(api.query("exclusivity", filled[0]), pa.Table)
 
 
 @pytest.mark.parametrize("name", sorted(queries.load_all()))
