@@ -13,6 +13,8 @@ from n2vdb.embed.stage import parse_grid, sufficiency_grid, top_filters
 from n2vdb.errors import UsageError
 from n2vdb.probe import TrainSettings
 
+from helpers import run_cli
+
 
 def planted_examples(n=160, k=12, size=7, members=(2, 5, 9), seed=0):
     """Concept 7's mask is the OR of filters `members`; concept 8 is filter 0 alone."""
@@ -420,25 +422,8 @@ def test_sufficiency_grid_is_part_of_the_probe_key():
 
 
 def test_bad_sufficiency_grid_is_a_one_line_error(tmp_path):
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "n2vdb",
-            "ingest",
-            "alexnet",
-            "conv5",
-            "--sufficiency",
-            "--sufficiency-grid",
-            "1,two",
-            "--db",
-            str(tmp_path / "x.duckdb"),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "ingest", "alexnet", "conv5", "--sufficiency", "--sufficiency-grid", "1,two", "--db", tmp_path / "x.duckdb"
     )
     assert result.returncode != 0 and "--sufficiency-grid" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x.duckdb").exists()
