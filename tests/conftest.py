@@ -1,3 +1,4 @@
+import atexit
 import csv
 import os
 import shutil
@@ -15,6 +16,7 @@ os.environ.pop("N2VDB_DB", None)
 # The built-in concept set and the shell history go to a home of this test process's own: never the
 # user's ~/.cache, and no two pytest-xdist workers generating the built-in set into one directory.
 os.environ["N2VDB_HOME"] = tempfile.mkdtemp(prefix="n2vdb-test-home-")
+atexit.register(shutil.rmtree, os.environ["N2VDB_HOME"], ignore_errors=True)
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # one worker per core: torch's threads would oversubscribe
     os.environ.setdefault(
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
