@@ -15,11 +15,12 @@ import duckdb
 import torch
 from torch.utils.data import DataLoader
 
-from n2vdb import extract
-from n2vdb import probe as probes
+from n2vdb import extract, pipeline
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.ingest import IngestOptions, make_spec
 from n2vdb.models import weights
+from n2vdb.models.device import pick_device
+from n2vdb.stats.thresholds import compute_thresholds
 from n2vdb.store import write_connection
 from n2vdb.store.sessions import Store
 
@@ -41,7 +42,7 @@ def main() -> None:
         spec = make_spec(con, args.model, args.layer, IngestOptions(dataset="synthetic", weights="random")).spec
         dataset = BrodenDataset.open(root)
         net = weights.load(args.model, "random").net
-        dev = extract.pick_device(args.device)
+        dev = pick_device(args.device)
         net = net.to(dev)
         tap = extract.LayerTap(net, spec.module, spec.relu)
         loader = DataLoader(
@@ -60,13 +61,13 @@ def main() -> None:
         bare = time.perf_counter() - start
         tap.handle.remove()
 
-        probe, _ = probes.get_or_create(con, spec)
+        probe, _ = pipeline.find_or_create(con, spec)
     store = Store(db)  # as ingest runs: batches written in short sessions that let readers in
     start = time.perf_counter()
     extract.extract(store, probe, spec, dataset, net, args.device, args.batch_size, args.workers)
     extraction = time.perf_counter() - start
     start = time.perf_counter()
-    extract.compute_thresholds(store, probe, spec.quantile)
+    compute_thresholds(store, probe, spec.quantile)
     thresholds = time.perf_counter() - start
     size = db.stat().st_size
     con = duckdb.connect(str(db), read_only=True)

@@ -8,7 +8,7 @@ with --images, a broden-profile set of that size is generated and an alexnet con
 weights) extracted into the scratch database instead.
 Each repetition times, in turn: a bare forward pass of the probe's model up to its layer over the
 probe's images (the extraction DataLoader, results discarded; random weights of the same
-architecture cost the same), the thresholds stage (extract.compute_thresholds) and the IoU stage
+architecture cost the same), the thresholds stage (stats/thresholds.py) and the IoU stage
 (iou.run), then the IoU stage's parts on their own: mask decoding alone, the tally pass, the
 per-image best-filter scores read back from the tally's spill; the rest of the stage is its
 DuckDB write. It prints one line per repetition and the median ratios to the
@@ -29,11 +29,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from n2vdb import activations as acts_store
-from n2vdb import extract
+from n2vdb import extract, pipeline
 from n2vdb import probe as probes
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.models import registry, weights
 from n2vdb.stats import iou
+from n2vdb.stats.thresholds import compute_thresholds
 from n2vdb.store.sessions import Store
 
 from common import save_result
@@ -64,7 +65,7 @@ def extracted(scratch: Path, db: Path, images: int, workers: int) -> None:
     api.synth(scratch / "broden", images=images, name="broden", db=db, profile="broden")
     with write_connection(db) as con:
         spec = make_spec(con, "alexnet", "conv5", IngestOptions(dataset="broden", weights="random")).spec
-        probe, _ = probes.get_or_create(con, spec)
+        probe, _ = pipeline.find_or_create(con, spec)
         dataset = BrodenDataset.open(scratch / "broden")
     extract.extract(Store(db), probe, spec, dataset, weights.load("alexnet", "random").net, "cpu", 32, workers)
 
@@ -123,7 +124,7 @@ def main() -> None:
     ratios = []
     for rep in range(args.repeat):
         fwd = forward_seconds(net, spec, model, dataset, rows, args.workers)
-        thr = timed(lambda: extract.compute_thresholds(store, probe, quantile))
+        thr = timed(lambda: compute_thresholds(store, probe, quantile))
         with store.writing() as wcon:  # as in an ingest, the stage writes into empty tables (untimed)
             wcon.execute("DELETE FROM filter_concept_iou WHERE probe_id = ?", [probe_id])
             wcon.execute("DELETE FROM image_concept_scores WHERE probe_id = ? AND method = 'best_filter'", [probe_id])

@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from n2vdb.store import writer
+
 
 def quantise(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """acts [N, K, H, W] >= 0 -> (codes uint8 [N, K, H, W], scales float32 [N, K])."""
@@ -25,8 +27,14 @@ def quantise(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scales
 
 
-def dequantise(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    return codes.astype(np.float32) * scales[..., None, None]
+def dequantise(
+    codes: np.ndarray | torch.Tensor, scales: np.ndarray | torch.Tensor, device: str | torch.device | None = None
+) -> torch.Tensor:
+    """codes uint8 [n, K, H, W], scales float32 [n, K] -> float32 activations [n, K, H, W] on DEVICE
+    (where the codes are, by default). The one place the stored form is read back: the codes travel
+    to the device as bytes, a quarter of the floats."""
+    codes = torch.as_tensor(codes, device=device)
+    return codes.float() * torch.as_tensor(scales, device=codes.device)[..., None, None]
 
 
 def to_arrow(
@@ -49,11 +57,7 @@ def to_arrow(
 
 
 def write(con: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
-    con.register("_acts", table)
-    try:
-        con.execute("INSERT INTO activations SELECT * FROM _acts")
-    finally:
-        con.unregister("_acts")
+    writer.insert(con, "activations", table)
 
 
 def stored_image_ids(con: duckdb.DuckDBPyConnection, probe_id: int) -> set[int]:
@@ -105,7 +109,7 @@ def iter_activations(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (image_ids, float32 activations [n, K, H, W]) dequantised, in storage order."""
     for ids, codes, scales in iter_codes(con, probe_id, shape, image_ids, batch):
-        yield ids, dequantise(codes, scales)
+        yield ids, dequantise(codes, scales).numpy()
 
 
 def pooled(con: duckdb.DuckDBPyConnection, probe_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,8 +18,7 @@ import pyarrow as pa
 
 from n2vdb import probe as probes_mod
 from n2vdb import queries
-from n2vdb.store import migrate, read_connection, write_connection
-from n2vdb.store.connection import sandbox
+from n2vdb.store import connect, db_path, migrate, read_connection, sandbox, write_connection
 
 # torch-backed modules (ingest, models, activations), numpy and the dataset modules are imported inside
 # the functions that need them, so queries and SQL answer without paying their import time.
@@ -89,13 +88,14 @@ def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
 
 
 def ingest_shard(model: str, layer: str, shard: str, shard_dir: str | Path, db: PathLike = None, **options) -> Path:
-    """Extract shard 'i/N' (or 'auto' under torchrun) of a probe into SHARD_DIR; the database is only read."""
+    """Extract shard 'i/N' (or 'auto' under torchrun) of a probe into SHARD_DIR. The database is only read,
+    once the first shard has created it and registered the dataset (n2vdb.ingest.prepare_database)."""
     from n2vdb import shards
     from n2vdb.ingest import IngestOptions
 
     index_count = shards.parse_shard(shard)
-    with read_connection(db) as con:
-        return shards.extract_shard(con, model, layer, IngestOptions(**options), index_count, Path(shard_dir))
+    settings = IngestOptions(**options)  # nonsense is refused before the database is touched
+    return shards.extract_shard(db, model, layer, settings, index_count, Path(shard_dir))
 
 
 def merge(shard_dir: str | Path, db: PathLike = None) -> list[int]:
@@ -176,14 +176,12 @@ def activations(
 
 
 def db_status(db: PathLike = None) -> pa.Table:
-    path = Path(db or os.environ.get("N2VDB_DB") or "n2v.duckdb")
+    path = db_path(db)  # the path every other command opens: --db, N2VDB_DB, ./n2v.duckdb
     if not path.exists():
         return pa.Table.from_pylist(
             [{"version": m.version, "name": m.name, "applied": False} for m in migrate.available()]
         )
-    from n2vdb.store.connection import connect
-
-    con = connect(db, read_only=True)
+    con = connect(path, read_only=True)
     try:
         return pa.Table.from_pylist(migrate.status(con))
     finally:
@@ -197,8 +195,6 @@ def db_check(db: PathLike = None) -> pa.Table:
 
 def db_upgrade(db: PathLike = None, adopt: bool = False) -> list[str]:
     """Apply pending migrations; ADOPT adds n2vdb's schema to a DuckDB file that holds other tables."""
-    from n2vdb.store.connection import connect
-
     con = connect(db, read_only=False)
     try:
         return [f"{m.version:04d}_{m.name}" for m in migrate.upgrade(con, adopt=adopt)]
@@ -207,11 +203,11 @@ def db_upgrade(db: PathLike = None, adopt: bool = False) -> list[str]:
 
 
 def _probe_and_dataset(con, probe_id: int | None):
+    from n2vdb.data import importer
     from n2vdb.data.broden import BrodenDataset
 
     probe = probes_mod.load(con, probe_id if probe_id is not None else probes_mod.latest(con))
-    path = con.execute("SELECT path FROM datasets WHERE dataset_id = ?", [probe.dataset_id]).fetchone()[0]
-    return probe, BrodenDataset.open(path)
+    return probe, BrodenDataset.open(importer.dataset_root(con, probe.dataset_id))
 
 
 def _png_path(out: str | Path) -> Path:
@@ -234,6 +230,7 @@ def show_concept(
     """A PNG grid of images at quantiles of the concept's per-image IoU under METHOD
     ('segmentation' = the embedding, 'best_filter') among images containing it; over='all': of its
     classification score over every image (the paper's non-maximal view). Returns (path, samples, values)."""
+    from n2vdb.data import importer
     from n2vdb.data.names import file_stem
     from n2vdb.errors import UsageError
     from n2vdb.render import grids
@@ -250,19 +247,12 @@ def show_concept(
                 Path(out) if out else Path("n2v_out") / f"concept-{file_stem(name)}-all-probe{probe_obj.probe_id}.png"
             )
             return grids.distribution_grid(con, probe_obj, dataset, name, target)
-        concept_id = con.execute(
-            "SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?", [probe_obj.dataset_id, name]
-        ).fetchone()[0]
+        concept_id = importer.concept_id(con, probe_obj.dataset_id, name)
         stem = f"concept-{file_stem(name)}-{method}-probe{probe_obj.probe_id}"
         target = _png_path(out) if out else Path("n2v_out") / f"{stem}.png"
         path, samples = grids.concept_grid(con, probe_obj, dataset, concept_id, name, method, target)
-        values = [
-            v
-            for (v,) in con.execute(
-                "SELECT iou FROM image_concept_scores WHERE probe_id = ? AND concept_id = ? AND method = ?",
-                [probe_obj.probe_id, concept_id, method],
-            ).fetchall()
-        ]
+        scores = queries.run(con, "concept-image-scores", concept=name, probe=probe_obj.probe_id, method=method)
+        values = scores.column("iou").to_pylist()
     return path, samples, values
 
 
@@ -274,8 +264,7 @@ def show_filter(
 
     with read_connection(db) as con:
         probe_obj, dataset = _probe_and_dataset(con, probe)
-        thresholds = con.execute("SELECT count(*) FROM filters WHERE probe_id = ?", [probe_obj.probe_id]).fetchone()[0]
-        if not probe_obj.n_filters or thresholds != probe_obj.n_filters:
+        if not probes_mod.has_thresholds(con, probe_obj):
             raise N2vdbError(
                 f"probe {probe_obj.probe_id} has no thresholds yet (it is at stage {probe_obj.status}): "
                 "finish it by running its `n2vdb ingest` command again"

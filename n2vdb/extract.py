@@ -1,4 +1,4 @@
-"""Stage 1 of ingest: stream images through the model, store quantised activations, find thresholds."""
+"""Stage 1 of ingest: stream images through the model, store quantised activations."""
 
 from __future__ import annotations
 
@@ -6,19 +6,17 @@ import os
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from n2vdb import activations as acts_store
 from n2vdb.data.broden import BrodenDataset, ImageRow
-from n2vdb.errors import DatasetError, UsageError
+from n2vdb.errors import DatasetError
+from n2vdb.models.device import pick_device
 from n2vdb.models.layers import LayerTap, Layout
-from n2vdb.probe import Probe, ProbeSpec, set_status
+from n2vdb.probe import Probe, ProbeSpec
 from n2vdb.progress import progress_bar
-from n2vdb.stats.quantile import TopQuantile
-from n2vdb.store.connection import first, transaction
 from n2vdb.store.sessions import Store
 
 PREPROCESS = ("torchvision", "caffe")
@@ -69,22 +67,6 @@ class ImageFolderRows(Dataset):
             return row.image_id, (pixels - self.mean).float() / self.std, ""
         tensor = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255).permute(2, 0, 1)
         return row.image_id, (tensor - self.mean) / self.std, ""
-
-
-def pick_device(device: str | torch.device) -> torch.device:
-    """'auto' = CUDA when torch sees a GPU, else the CPU; 'cpu', 'cuda', 'cuda:N' as asked, if present."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"device {device}: expected auto, cpu, cuda or cuda:N", param="device") from None
-    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
-        raise UsageError(
-            f"device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s); use cpu or auto",
-            param="device",
-        )
-    return chosen
 
 
 def layer_shape(tap: LayerTap, size: int, device: torch.device) -> tuple[int, int, int]:
@@ -172,47 +154,3 @@ def extract(
         for image_ids, codes, scales, pooled in batches:
             table = acts_store.to_arrow(probe.probe_id, image_ids, codes, scales, pooled)
             acts_store.write(writer.connection(), table)  # one commit per batch
-
-
-def compute_thresholds(store: Store, probe: Probe, quantile: float) -> np.ndarray:
-    """Per-filter thresholds from the stored activations, into `filters`.
-
-    Exactly the numpy linear quantile of the dequantised values; since every stored value is within
-    half its (image, filter) step of the float value, and order statistics move no more than the
-    largest perturbation, each threshold is within threshold_bound = max over images of s_k / 2 of
-    the quantile of the float activations.
-    """
-    with store.reading() as con:
-        shape = (probe.n_filters, probe.height, probe.width)
-        n_images = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?", [probe.activation_probe]))[
-            0
-        ]
-        sketch = TopQuantile(quantile, n_images * probe.height * probe.width)
-        peak = np.zeros(probe.n_filters, np.float64)
-        with progress_bar() as bar:
-            task = bar.add_task("thresholds", total=n_images)
-            for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape):
-                values = torch.from_numpy(codes).float() * torch.from_numpy(scales)[:, :, None, None]
-                sketch.add(values)
-                peak = np.maximum(peak, scales.max(axis=0))
-                bar.advance(task, len(ids))
-        thresholds = sketch.result().numpy()
-        _, pooled = acts_store.pooled(con, probe.activation_probe)
-    table = pa.table(
-        {
-            "probe_id": pa.array(np.full(probe.n_filters, probe.probe_id, np.int32)),
-            "filter": pa.array(np.arange(probe.n_filters, dtype=np.int32)),
-            "threshold": thresholds,
-            "threshold_bound": peak / 2,
-            "max_value": peak * 255,
-            "mean_value": pooled.mean(axis=0).astype(np.float64),
-        }
-    )
-    with store.writing() as con, transaction(con):
-        con.execute("DELETE FROM filters WHERE probe_id = ?", [probe.probe_id])
-        con.register("_filters", table)
-        con.execute("INSERT INTO filters SELECT * FROM _filters")
-        con.unregister("_filters")
-        set_status(con, probe.probe_id, "iou")
-    probe.status = "iou"
-    return thresholds

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import os
+from dataclasses import dataclass, replace
 
 import duckdb
 
-from n2vdb import extract, timings, validate
+from n2vdb import extract, pipeline, validate
 from n2vdb import probe as probes
 from n2vdb.data import importer
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.data.synth import generate
 from n2vdb.data.writing import os_errors
 from n2vdb.embed import stage as embed_stage
-from n2vdb.errors import UsageError
+from n2vdb.errors import N2vdbError, UsageError
 from n2vdb.models import registry
 from n2vdb.models import weights as weights_mod
+from n2vdb.models.device import pick_device
 from n2vdb.progress import say
 from n2vdb.resources import home
 from n2vdb.stats import iou as iou_stage
-from n2vdb.store.connection import first, transaction
+from n2vdb.store import db_path, read_connection, write_connection
+from n2vdb.store.connection import transaction
 from n2vdb.store.sessions import Store
 
 SYNTHETIC = "synthetic"
@@ -92,10 +96,25 @@ class IngestOptions:
             raise UsageError("train= expects an n2vdb.probe.TrainSettings")
 
 
-def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: IngestOptions) -> ProbeSpecAndData:
+@dataclass(frozen=True)
+class LayerChoice:
+    """What the model and layer resolve to, before any dataset is looked at."""
+
+    layer_spec: registry.LayerSpec
+    interpolation: str
+    size: int
+    weights_id: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    preprocess: str
+
+
+def choose_layer(model: str, layer: str, options: IngestOptions) -> LayerChoice:
+    """Check the model, layer, device, weights and grid; reads and writes nothing of the database, so
+    bad input fails before a dataset is generated or registered."""
     if not isinstance(layer, str) or not layer.strip():
         raise UsageError(f"the layer name is empty; `n2vdb models {model}` lists the layers")
-    extract.pick_device(options.device)  # an unusable device fails before anything is written
+    pick_device(options.device)  # an unusable device fails before anything is written
     embed_stage.check_grid(options.train.sufficiency_grid)
     prep = registry.preprocessing(registry.check_model(model))
     size = options.input_size or prep.size
@@ -104,31 +123,73 @@ def make_spec(con: duckdb.DuckDBPyConnection, model: str, layer: str, options: I
     preprocess = options.preprocess or "torchvision"  # every weights n2vdb loads are torchvision's
     if preprocess == "caffe":
         mean, std = extract.CAFFE_MEAN, extract.CAFFE_STD
-    name = options.dataset or default_dataset(con)
-    if options.dataset is None:
-        say(f"dataset: {name} (pass --dataset to choose)")
-    dataset_id = ensure_synthetic(con) if name == SYNTHETIC else importer.require_dataset(con, name)[0]
-    path = importer.find_dataset(con, name)[1]
+    return LayerChoice(layer_spec, prep.interpolation, size, weights_id, tuple(mean), tuple(std), preprocess)
+
+
+def prepare_dataset(con: duckdb.DuckDBPyConnection, options: IngestOptions) -> IngestOptions:
+    """The ingest's writes before its spec: the default dataset chosen, and the built-in set generated
+    and registered on first use. Returns OPTIONS naming the dataset."""
+    name = _dataset_name(con, options)
+    if name == SYNTHETIC:
+        ensure_synthetic(con)
+    return replace(options, dataset=name)
+
+
+def _dataset_name(con: duckdb.DuckDBPyConnection, options: IngestOptions) -> str:
+    if options.dataset is not None:
+        return options.dataset
+    name = default_dataset(con)
+    say(f"dataset: {name} (pass --dataset to choose)")
+    return name
+
+
+def prepare_database(db: str | os.PathLike | None, options: IngestOptions, wait_s: float) -> IngestOptions:
+    """prepare_dataset for processes that only read the database (shards): creates and upgrades it and
+    registers the dataset unless that is done. Shards started together (torchrun) all call it; the
+    first takes the write lock and does the work, the others wait up to WAIT_S for the lock and find
+    it done. Returns OPTIONS naming the dataset."""
+    path = db_path(db)
+    if path.exists():
+        with contextlib.suppress(N2vdbError):  # busy, or behind on migrations: the writer below sees to it
+            with read_connection(path, wait_s=wait_s) as con:
+                if importer.find_dataset(con, options.dataset or default_dataset(con)):
+                    return replace(options, dataset=_dataset_name(con, options))
+    with write_connection(path, wait_s=wait_s) as con:
+        return prepare_dataset(con, options)
+
+
+def make_spec(
+    con: duckdb.DuckDBPyConnection,
+    model: str,
+    layer: str,
+    options: IngestOptions,
+    choice: LayerChoice | None = None,
+) -> ProbeSpecAndData:
+    """The probe OPTIONS ask for, and its dataset; only reads (prepare_dataset writes what it needs
+    first). CHOICE: choose_layer's answer, where the caller has it already."""
+    choice = choice or choose_layer(model, layer, options)
+    name = _dataset_name(con, options)
+    dataset_id, path = importer.require_dataset(con, name)
     dataset = BrodenDataset.open(path)
     importer.verify_unchanged(con, dataset_id, name, dataset)  # new, resumed, sharded or merged alike
     spec = probes.ProbeSpec(
         model=model,
         layer=layer,
-        module=layer_spec.module,
-        relu=layer_spec.relu,
-        weights=weights_id,
+        module=choice.layer_spec.module,
+        relu=choice.layer_spec.relu,
+        weights=choice.weights_id,
         dataset_id=dataset_id,
-        input_size=size,
-        mean=tuple(mean),
-        std=tuple(std),
+        input_size=choice.size,
+        mean=choice.mean,
+        std=choice.std,
         limit=options.limit,
         quantile=options.quantile,
         iou_mode=options.iou_mode,
-        preprocess=preprocess,
+        preprocess=choice.preprocess,
         train=options.train,
-        kind=layer_spec.layout.kind,
-        layout=layer_spec.layout.encode(),
-        interpolation=prep.interpolation,
+        kind=choice.layer_spec.layout.kind,
+        layout=choice.layer_spec.layout.encode(),
+        interpolation=choice.interpolation,
     )
     return ProbeSpecAndData(spec, dataset)
 
@@ -147,66 +208,20 @@ def ingest(store: Store, model: str, layer: str, options: IngestOptions | None =
 
 
 def _ingest(store: Store, model: str, layer: str, options: IngestOptions) -> int:
+    choice = choose_layer(model, layer, options)
     with store.writing() as con:
-        made = make_spec(con, model, layer, options)
-        spec, dataset = made.spec, made.dataset
-        # The probe row and the model load stand or fall together: bad weights leave no trace.
+        options = prepare_dataset(con, options)
+        made = make_spec(con, model, layer, options, choice)
+        workers = extract.default_workers() if options.workers is None else options.workers
+        # The probe row and what its stages load (the model) stand or fall together: bad weights leave no trace.
         with transaction(con):
-            probe, created = probes.get_or_create(con, spec)
-            net = None
-            if probe.status == "extracting" and extract.remaining_rows(con, probe, spec, dataset):
-                net = weights_mod.load(model, options.weights, options.seed, spec.input_size).net
-    if probe.status == "complete":
+            probe, created = pipeline.find_or_create(con, made.spec)
+            run = pipeline.StageRun(store, probe, made.spec, made.dataset, options, workers)
+            work = pipeline.prepare(con, run)
+    if probe.status == pipeline.COMPLETE:
         say(f"probe {probe.probe_id} is already complete; nothing to do")
         return probe.probe_id
     if not created:
         say(f"resuming probe {probe.probe_id} at stage {probe.status}")
-    workers = extract.default_workers() if options.workers is None else options.workers
-    if probe.status == "extracting":
-        if net is not None:
-            say(f"probe {probe.probe_id}: extracting activations")
-            with timings.timed("extraction") as timing:
-                extract.extract(store, probe, spec, dataset, net, options.device, options.batch_size, workers)
-            timings.record(store, probe, timing)
-        with store.reading() as con:
-            probe = probes.load(con, probe.probe_id)
-        say(f"probe {probe.probe_id}: thresholds")
-        with timings.timed("thresholds") as timing:
-            extract.compute_thresholds(store, probe, spec.quantile)
-        timings.record(store, probe, timing)
-    if probe.status == "iou":
-        with store.reading() as con:
-            needs_thresholds = probe.source_probe_id is not None or not _has_thresholds(con, probe)
-            probe = probes.load(con, probe.probe_id)
-        if needs_thresholds:
-            say(f"probe {probe.probe_id}: thresholds")
-            with timings.timed("thresholds") as timing:
-                extract.compute_thresholds(store, probe, spec.quantile)
-            timings.record(store, probe, timing)
-        if spec.kind == "vector":  # no spatial extent: the segmentation stages do not apply
-            say(f"probe {probe.probe_id}: a vector layer; single-filter IoU and segmentation do not apply")
-            with store.writing() as con:
-                probes.set_status(con, probe.probe_id, "embeddings")
-            probe.status = "embeddings"
-        else:
-            say(f"probe {probe.probe_id}: single-filter IoU")
-            with timings.timed("iou") as timing:
-                iou_stage.run(store, probe, dataset, spec.iou_mode, workers, extract.pick_device(options.device))
-            timings.record(store, probe, timing, count_pairs=True)
-    if probe.status == "embeddings":
-        say(f"probe {probe.probe_id}: concept embeddings")
-        embed_stage.run(
-            store,
-            probe,
-            dataset,
-            spec.train,
-            workers,
-            extract.pick_device(options.device),
-            segmentation=spec.kind != "vector",
-        )
+    pipeline.run_all(run, work)
     return probe.probe_id
-
-
-def _has_thresholds(con: duckdb.DuckDBPyConnection, probe: probes.Probe) -> bool:
-    n = first(con.execute("SELECT count(*) FROM filters WHERE probe_id = ?", [probe.probe_id]))[0]
-    return n == probe.n_filters

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import duckdb
@@ -17,7 +18,6 @@ from n2vdb import provenance, validate
 from n2vdb.errors import NotFound
 from n2vdb.store.connection import first
 
-STAGES = ("extracting", "iou", "embeddings", "complete")
 SEG_LOSSES = ("paper", "loglik")
 
 
@@ -118,8 +118,12 @@ class Probe:
         return self.source_probe_id or self.probe_id
 
 
-def get_or_create(con: duckdb.DuckDBPyConnection, spec: ProbeSpec) -> tuple[Probe, bool]:
-    """(probe, created). A new probe shares a finished extraction with the same extraction key."""
+def get_or_create(
+    con: duckdb.DuckDBPyConnection, spec: ProbeSpec, order: Sequence[str], variant_start: str
+) -> tuple[Probe, bool]:
+    """(probe, created). ORDER: the statuses in pipeline order (n2vdb.pipeline.find_or_create). A new
+    probe starts at ORDER[0], or shares the finished extraction of a probe with the same extraction
+    key (one at VARIANT_START or later) and starts at VARIANT_START."""
     found = load_by_key(con, spec.key)
     if found:
         return found, False
@@ -130,13 +134,13 @@ def get_or_create(con: duckdb.DuckDBPyConnection, spec: ProbeSpec) -> tuple[Prob
     ).fetchall():
         stored = json.loads(settings)
         if (
-            status != "extracting"
+            order.index(status) >= order.index(variant_start)
             and _digest({k: v for k, v in stored.items() if k not in ("quantile", "iou_mode", "train")})
             == spec.extraction_key
         ):
             source = probe_id
             break
-    status = "extracting" if source is None else "iou"
+    status = order[0] if source is None else variant_start
     probe_id = first(
         con.execute(
             "INSERT INTO probes (probe_key, model, weights, layer, dataset_id, source_probe_id, settings, status,"
@@ -188,6 +192,12 @@ def set_status(con: duckdb.DuckDBPyConnection, probe_id: int, status: str) -> No
         " WHERE probe_id = ?",
         [status, status, probe_id],
     )
+
+
+def has_thresholds(con: duckdb.DuckDBPyConnection, probe: Probe) -> bool:
+    """Whether every filter of PROBE has its threshold stored (table filters)."""
+    n = first(con.execute("SELECT count(*) FROM filters WHERE probe_id = ?", [probe.probe_id]))[0]
+    return bool(probe.n_filters) and n == probe.n_filters
 
 
 def latest(con: duckdb.DuckDBPyConnection, complete_only: bool = True) -> int:

@@ -27,6 +27,7 @@ from n2vdb import queries
 from n2vdb.data import importer
 from n2vdb.errors import UsageError
 from n2vdb.models import weights as weights_mod
+from n2vdb.store import writer
 from n2vdb.store.connection import first, transaction
 from n2vdb.store.sessions import Store
 
@@ -110,7 +111,7 @@ def ensure_top_filter_classification(store: Store, probe_id: int) -> None:
     """The classification baseline (method.md section 5): each concept's top |w| filter retrained alone,
     stored as n_filters = 1 embeddings unless a sufficiency run already wrote them."""
     from n2vdb.embed import classification
-    from n2vdb.embed.stage import _rows, classification_inputs, top_filters
+    from n2vdb.embed.stage import classification_inputs, embedding_rows, top_filters
 
     with store.reading() as con:
         probe = probes.load(con, probe_id)
@@ -150,7 +151,7 @@ def ensure_top_filter_classification(store: Store, probe_id: int) -> None:
         seed=train.seed,
         keep=top_filters(full, 1),
     )
-    table = _rows(
+    table = embedding_rows(
         probe_id,
         "classification",
         1,
@@ -162,9 +163,7 @@ def ensure_top_filter_classification(store: Store, probe_id: int) -> None:
         one.val_ap,
     )
     with store.writing() as con, transaction(con):
-        con.register("_rows", table)
-        con.execute("INSERT INTO embeddings SELECT * FROM _rows")
-        con.unregister("_rows")
+        writer.insert(con, "embeddings", table)
 
 
 def _gap(ours, paper):

@@ -25,12 +25,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from n2vdb import activations as acts_store
-from n2vdb import extract
+from n2vdb import extract, pipeline
 from n2vdb import probe as probes
 from n2vdb.errors import N2vdbError, UsageError
-from n2vdb.ingest import IngestOptions, ingest, make_spec
+from n2vdb.ingest import IngestOptions, choose_layer, ingest, make_spec, prepare_database, prepare_dataset
 from n2vdb.models import weights as weights_mod
 from n2vdb.progress import say
+from n2vdb.store import read_connection
 from n2vdb.store.connection import transaction
 from n2vdb.store.sessions import Store
 
@@ -69,11 +70,22 @@ def _write_atomically(path: Path, write) -> None:
 
 
 def extract_shard(
-    con: duckdb.DuckDBPyConnection, model: str, layer: str, options: IngestOptions, shard: tuple[int, int], root: Path
+    db: str | os.PathLike | None,
+    model: str,
+    layer: str,
+    options: IngestOptions,
+    shard: tuple[int, int],
+    root: Path,
+    wait_s: float = 300.0,
 ) -> Path:
-    """Extract this shard's images into ROOT; the database is only read (dataset, probe key)."""
+    """Extract this shard's images into ROOT. The database is only read (dataset, probe key), after
+    whichever shard comes first has created it and registered the dataset (the others wait for it up
+    to WAIT_S seconds); no connection stays open while the shard extracts."""
     index, count = shard
-    made = make_spec(con, model, layer, options)
+    choice = choose_layer(model, layer, options)  # bad input fails before a database is created
+    options = prepare_database(db, options, wait_s)
+    with read_connection(db, wait_s=wait_s) as con:
+        made = make_spec(con, model, layer, options, choice)
     spec, dataset = made.spec, made.dataset
     directory = root / f"probe-{spec.key}"
     part_dir = directory / f"shard-{index}-of-{count}"
@@ -254,7 +266,7 @@ def _merge_one(store: Store, directory: Path) -> int:
                 f"{directory.name}: shard {missing[0]}/{count} is not finished; run it "
                 f"(`n2vdb ingest ... --shard {missing[0]}/{count}`) and merge again"
             )
-        options = _options_from(meta["options"])
+        options = prepare_dataset(con, _options_from(meta["options"]))
         made = make_spec(con, meta["model"], meta["layer"], options)
         if made.spec.key != meta["key"] or directory.name != f"probe-{meta['key']}":
             raise N2vdbError(
@@ -262,18 +274,19 @@ def _merge_one(store: Store, directory: Path) -> int:
             )
         parts = check_parts(con, directory, meta, made.spec)
         with transaction(con):  # the probe and its activations arrive together
-            probe, _ = probes.get_or_create(con, made.spec)
-            if probe.status == "extracting":
+            probe, _ = pipeline.find_or_create(con, made.spec)
+            if pipeline.sharded(probe.status):
                 k, h, w = meta["shape"]
                 con.execute(
                     "UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?",
                     [k, h, w, probe.probe_id],
                 )
                 con.execute(
-                    "INSERT INTO activations SELECT $probe, image_id, scales, codes, pooled"
+                    "INSERT INTO activations BY NAME SELECT $probe AS probe_id, image_id, scales, codes, pooled"
                     " FROM read_parquet($parts) WHERE image_id NOT IN"
                     " (SELECT image_id FROM activations WHERE probe_id = $probe)",
                     {"probe": probe.probe_id, "parts": parts},
                 )
+                probes.set_status(con, probe.probe_id, pipeline.status_after_shards(made.spec))
         say(f"merged {len(parts)} parts of {count} shards into probe {probe.probe_id}")
     return ingest(store, meta["model"], meta["layer"], options)

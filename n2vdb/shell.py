@@ -28,7 +28,7 @@ from n2vdb import adhoc, queries
 from n2vdb.errors import N2vdbError, NotFound, UsageError
 from n2vdb.render.output import FORMATS, default_format, render
 from n2vdb.resources import home
-from n2vdb.store.connection import sandbox
+from n2vdb.store import sandbox
 
 HELP = """\
 SQL ends with ;  (several lines are fine; Ctrl-C cancels a running statement, Ctrl-D leaves)

@@ -3,6 +3,33 @@
 WITH probe_images AS (
     SELECT p.probe_id, least(coalesce((p.settings->>'limit')::INTEGER, d.n_images), d.n_images) AS expected
     FROM probes p JOIN datasets d USING (dataset_id)
+),
+-- Where each probe stands in the pipeline (pipeline_stages, n2vdb/pipeline.py): the position of the
+-- stage its status names, past the last when complete, NULL for a status that is no stage.
+probe_position AS (
+    SELECT p.probe_id,
+           CASE WHEN p.status = 'complete' THEN (SELECT max(position) + 1 FROM pipeline_stages)
+                ELSE (SELECT s.position FROM pipeline_stages s WHERE s.stage = p.status) END AS position
+    FROM probes p
+),
+-- Each probe, stage that applies to it, and table that stage fills: done once the probe is past it,
+-- filling while a stage that commits as it goes is the probe's current one.
+probe_stage_tables AS (
+    SELECT p.probe_id, s.stage, unnest(s.fills) AS tbl, s.position < a.position AS done,
+           s.position = a.position AND s.partial AS filling
+    FROM probes p
+    JOIN probe_position a USING (probe_id)
+    JOIN pipeline_stages s
+      ON (s.vector OR coalesce(p.settings->>'kind', 'map') <> 'vector')
+     AND NOT (s.per_extraction AND p.source_probe_id IS NOT NULL)
+),
+-- The probes with rows in each table one stage fills alone (image_concept_scores is shared by two
+-- stages, by method: the checks of segmentation rows below name its methods).
+filled AS (
+    SELECT DISTINCT 'activations' AS tbl, probe_id FROM activations
+    UNION ALL SELECT DISTINCT 'filters', probe_id FROM filters
+    UNION ALL SELECT DISTINCT 'filter_concept_iou', probe_id FROM filter_concept_iou
+    UNION ALL SELECT DISTINCT 'embeddings', probe_id FROM embeddings
 )
 SELECT 'images without a dataset' AS check_name,
        (SELECT count(*) FROM images i ANTI JOIN datasets d USING (dataset_id)) AS violations
@@ -23,30 +50,30 @@ UNION ALL SELECT 'activations whose size disagrees with the probe',
        (SELECT count(*) FROM activations a JOIN probes p USING (probe_id)
         WHERE octet_length(a.codes) <> p.n_filters * p.height * p.width OR len(a.scales) <> p.n_filters
            OR len(a.pooled) <> p.n_filters)
+UNION ALL SELECT 'probes at a status that is no pipeline stage',
+       (SELECT count(*) FROM probe_position WHERE position IS NULL)
 UNION ALL SELECT 'probes past extraction with missing activations',
-       (SELECT count(*) FROM probes p JOIN probe_images e USING (probe_id)
-        WHERE p.status <> 'extracting' AND p.source_probe_id IS NULL
-          AND (SELECT count(*) FROM activations a WHERE a.probe_id = p.probe_id) <> e.expected)
+       (SELECT count(*) FROM probe_stage_tables t JOIN probe_images e USING (probe_id)
+        WHERE t.tbl = 'activations' AND t.done
+          AND (SELECT count(*) FROM activations a WHERE a.probe_id = t.probe_id) <> e.expected)
 UNION ALL SELECT 'probes past thresholds without one threshold per filter',
-       (SELECT count(*) FROM probes p WHERE p.status IN ('embeddings', 'complete')
-          AND (SELECT count(*) FROM filters f WHERE f.probe_id = p.probe_id) <> p.n_filters)
-UNION ALL SELECT 'probes past IoU without IoU rows',
-       (SELECT count(*) FROM probes p WHERE p.status IN ('embeddings', 'complete')
-          AND coalesce(p.settings->>'kind', 'map') <> 'vector'
-          AND NOT EXISTS (SELECT 1 FROM filter_concept_iou i WHERE i.probe_id = p.probe_id))
+       (SELECT count(*) FROM probe_stage_tables t JOIN probes p USING (probe_id)
+        WHERE t.tbl = 'filters' AND t.done
+          AND (SELECT count(*) FROM filters f WHERE f.probe_id = p.probe_id) IS DISTINCT FROM p.n_filters)
+UNION ALL SELECT 'probes past a stage without rows in a table it fills',
+       (SELECT count(*) FROM probe_stage_tables t
+        -- every table but the shared one: a new stage's table that `filled` does not list fails here
+        WHERE t.done AND t.tbl <> 'image_concept_scores'
+          AND NOT EXISTS (SELECT 1 FROM filled f WHERE f.tbl = t.tbl AND f.probe_id = t.probe_id))
 UNION ALL SELECT 'vector probes with segmentation rows (IoU, segmentation embeddings or per-image IoU)',
        (SELECT count(*) FROM probes p WHERE p.settings->>'kind' = 'vector' AND (
             EXISTS (SELECT 1 FROM filter_concept_iou i WHERE i.probe_id = p.probe_id)
          OR EXISTS (SELECT 1 FROM embeddings e WHERE e.probe_id = p.probe_id AND e.kind = 'segmentation')
          OR EXISTS (SELECT 1 FROM image_concept_scores s WHERE s.probe_id = p.probe_id
                     AND s.method IN ('best_filter', 'segmentation'))))
-UNION ALL SELECT 'complete probes without embeddings',
-       (SELECT count(*) FROM probes p WHERE p.status = 'complete'
-          AND NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.probe_id = p.probe_id))
 UNION ALL SELECT 'rows of unfinished stages',
-       (SELECT count(*) FROM probes p WHERE
-            (p.status IN ('extracting', 'iou') AND EXISTS (SELECT 1 FROM filter_concept_iou i WHERE i.probe_id = p.probe_id))
-         OR (p.status <> 'complete' AND EXISTS (SELECT 1 FROM embeddings e WHERE e.probe_id = p.probe_id)))
+       (SELECT count(DISTINCT t.probe_id) FROM probe_stage_tables t JOIN filled f USING (tbl, probe_id)
+        WHERE NOT t.done AND NOT t.filling)
 UNION ALL SELECT 'IoU, embedding or score rows of unknown probes, filters or concepts',
        (SELECT count(*) FROM filter_concept_iou i LEFT JOIN probes p USING (probe_id)
         WHERE p.probe_id IS NULL OR i.filter >= p.n_filters

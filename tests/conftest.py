@@ -1,14 +1,26 @@
+import atexit
 import csv
 import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from PIL import Image
 
 os.environ["N2VDB_QUIET"] = "1"
 os.environ.pop("N2VDB_DB", None)
+# The built-in concept set and the shell history go to a home of this test process's own: never the
+# user's ~/.cache, and no two pytest-xdist workers generating the built-in set into one directory.
+os.environ["N2VDB_HOME"] = tempfile.mkdtemp(prefix="n2vdb-test-home-")
+atexit.register(shutil.rmtree, os.environ["N2VDB_HOME"], ignore_errors=True)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # one worker per core: torch's threads would oversubscribe
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
 
 
 def write_mask(path: Path, labels: np.ndarray) -> None:
@@ -114,23 +126,48 @@ def edge_broden(tmp_path) -> tuple[Path, dict]:
     return root, truth
 
 
-@pytest.fixture(scope="session")
-def synthetic_dir(tmp_path_factory) -> Path:
+def _built_once(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
+    """BUILD(dir) once per test run: under pytest-xdist the first worker builds it under a lock and
+    the others wait and share it (the fixtures below are read-only; tests copy what they change)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    folder = tmp_path_factory.getbasetemp().parent / name  # the run's directory, above each worker's
+    with FileLock(f"{folder}.lock"):
+        done = folder / ".built"  # holds the built path, relative to FOLDER
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half way left this
+            folder.mkdir()
+            done.write_text(str(build(folder).relative_to(folder)))
+    return folder / done.read_text()
+
+
+def _generate_synthetic(folder: Path) -> Path:
     from n2vdb.data.synth import generate
 
-    return generate(tmp_path_factory.mktemp("synth") / "synthetic", images=80, size=227, seed=3)
+    return generate(folder / "synthetic", images=80, size=227, seed=3)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    return _built_once(tmp_path_factory, "synth", _generate_synthetic)
 
 
 @pytest.fixture(scope="session")
 def ingested_db(tmp_path_factory, synthetic_dir) -> Path:
     """One finished probe (alexnet conv5, random weights) on a small built-in concept set."""
-    from n2vdb import api
-    from n2vdb.probe import TrainSettings
 
-    db = tmp_path_factory.mktemp("db") / "n2v.duckdb"
-    api.add_dataset(synthetic_dir, "synthetic", db)
-    api.ingest("alexnet", "conv5", db, dataset="synthetic", weights="random", workers=0, train=TrainSettings(epochs=10))
-    return db
+    def ingest(folder: Path) -> Path:
+        from n2vdb import api
+        from n2vdb.probe import TrainSettings
+
+        db = folder / "n2v.duckdb"
+        api.add_dataset(synthetic_dir, "synthetic", db)
+        api.ingest(
+            "alexnet", "conv5", db, dataset="synthetic", weights="random", workers=0, train=TrainSettings(epochs=10)
+        )
+        return db
+
+    return _built_once(tmp_path_factory, "db", ingest)
 
 
 @pytest.fixture

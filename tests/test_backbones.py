@@ -1,8 +1,5 @@
 """Any backbone: layer outputs read as maps, tokens or vectors, proven on tiny models built here."""
 
-import subprocess
-import sys
-
 import duckdb
 import numpy as np
 import pytest
@@ -16,6 +13,8 @@ from n2vdb.errors import ModelError, WeightsUnavailable
 from n2vdb.extract import ImageFolderRows
 from n2vdb.models import layers, registry, weights
 from n2vdb.probe import TrainSettings
+
+from helpers import run_cli
 
 FAST = TrainSettings(epochs=1)
 
@@ -182,22 +181,7 @@ def test_unsupported_output_shape_is_one_clear_line():
     ],
 )
 def test_unsupported_layer_from_the_cli(tmp_path, model, layer, message):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "n2vdb",
-            "ingest",
-            model,
-            layer,
-            "--weights",
-            "random",
-            "--db",
-            str(tmp_path / "x.duckdb"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("ingest", model, layer, "--weights", "random", "--db", tmp_path / "x.duckdb")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr

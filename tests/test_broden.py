@@ -1,7 +1,5 @@
 """The Broden-format reader and importer against truth computed independently in conftest."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
@@ -11,6 +9,8 @@ import pytest
 from n2vdb import api
 from n2vdb.data.broden import BrodenDataset, parse_categories
 from n2vdb.errors import DatasetError, N2vdbError
+
+from helpers import run_cli
 
 
 def image_concepts(db: Path) -> dict:
@@ -69,7 +69,7 @@ def test_concept_masks_or_over_part_channels(edge_broden):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "n2vdb", *args], capture_output=True, text=True, env=env)
+    return run_cli(*args, env=env)
 
 
 def _break(root: Path, case: str) -> None:
@@ -160,10 +160,14 @@ def test_fetch_offline_fails_fast_with_instructions(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_fetch_unpacks_and_verifies_a_local_archive(tmp_path, edge_broden, monkeypatch):
-    """The download is replaced by a file:// URL; resume, zip check and unpack run for real."""
+@pytest.mark.parametrize("honours_range", [True, False], ids=["server resumes", "server starts over"])
+def test_fetch_resumes_a_partial_download_then_verifies_and_unpacks(tmp_path, edge_broden, monkeypatch, honours_range):
+    """A real HTTP server on localhost and a .zip.part holding the archive's first half: fetch asks
+    for the rest (Range), appends a 206, rewrites on a 200, then checks the zip and unpacks it."""
     import shutil
+    import threading
     import zipfile
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from n2vdb.data import fetch
 
@@ -174,8 +178,36 @@ def test_fetch_unpacks_and_verifies_a_local_archive(tmp_path, edge_broden, monke
     with zipfile.ZipFile(archive, "w") as zipped:
         for path in (source).rglob("*"):
             zipped.write(path, path.relative_to(source))
-    monkeypatch.setattr(fetch, "BASE_URL", tmp_path.as_uri())
-    out = fetch.fetch("broden1_227", tmp_path / "data")
-    assert (out / "index.csv").exists()
+    body = archive.read_bytes()
+    asked = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append((self.path, self.headers.get("Range")))
+            start = int(self.headers["Range"][len("bytes=") : -1]) if honours_range and self.headers["Range"] else 0
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            self.wfile.write(body[start:])
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(fetch, "BASE_URL", f"http://127.0.0.1:{server.server_port}/data")
+        for proxy in ("http_proxy", "HTTP_PROXY"):  # straight to localhost
+            monkeypatch.delenv(proxy, raising=False)
+        (tmp_path / "data").mkdir()
+        half = len(body) // 2
+        (tmp_path / "data" / "broden1_227.zip.part").write_bytes(body[:half])
+        out = fetch.fetch("broden1_227", tmp_path / "data")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == [("/data/broden1_227.zip", f"bytes={half}-")]
+    assert (tmp_path / "data" / "broden1_227.zip").read_bytes() == body  # appended, or written anew
+    assert not (tmp_path / "data" / "broden1_227.zip.part").exists()
     assert BrodenDataset.open(out).rows[0].image == "set/000.jpg"
     np.testing.assert_equal(len(list((out / "images" / "set").glob("*.png"))), 12)

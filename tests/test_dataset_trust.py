@@ -5,8 +5,6 @@ a database left byte for byte as it was."""
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
@@ -21,14 +19,11 @@ from n2vdb.data.names import MAX_STEM, file_stem
 from n2vdb.errors import DatasetError, UsageError
 from n2vdb.store import write_connection
 
+from helpers import run_cli
+
 
 def cli(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "n2vdb", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+    return run_cli(*args, env=env)
 
 
 def digest(path: Path) -> str:
@@ -354,13 +349,7 @@ def test_unknown_extra_column_is_ignored_and_named(registered):
     lines = (copy / "index.csv").read_text().splitlines()
     lines = [lines[0] + ",notes"] + [line + ",looked at by hand; twice" for line in lines[1:]]
     (copy / "index.csv").write_text("\n".join(lines) + "\n")
-    env = {k: v for k, v in os.environ.items() if k != "N2VDB_QUIET"}
-    result = subprocess.run(
-        [sys.executable, "-m", "n2vdb", "data", "add", str(copy), "--name", "notes", "--db", str(db)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    result = run_cli("data", "add", copy, "--name", "notes", "--db", db, env={"N2VDB_QUIET": "0"})
     assert result.returncode == 0, result.stderr
     assert "'notes'" in result.stderr and "ignored" in result.stderr
     dataset = BrodenDataset.open(copy)

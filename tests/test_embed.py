@@ -13,6 +13,8 @@ from n2vdb.embed.stage import parse_grid, sufficiency_grid, top_filters
 from n2vdb.errors import UsageError
 from n2vdb.probe import TrainSettings
 
+from helpers import run_cli
+
 
 def planted_examples(n=160, k=12, size=7, members=(2, 5, 9), seed=0):
     """Concept 7's mask is the OR of filters `members`; concept 8 is filter 0 alone."""
@@ -271,21 +273,26 @@ def test_classification_joint_equals_one_concept_at_a_time():
 def test_balanced_sample_and_average_precision():
     labels = torch.tensor([[1, 0], [0, 0], [0, 1], [0, 1], [0, 1], [1, 1]], dtype=torch.bool)
     chosen = classification.balanced_sample(labels, torch.Generator().manual_seed(0))
-    # against the plain per-concept draw from the same noise
+    # Any draw holds every minority member, as many of the majority, and nothing where a class is
+    # empty; over many draws each majority member is as likely as the others (the properties, not a
+    # replay of the implementation's own noise).
     many = torch.rand(50, 7, generator=torch.Generator().manual_seed(1)) < torch.linspace(0, 1, 7)
     many[:, 0] = False
-    got = classification.balanced_sample(many, torch.Generator().manual_seed(2))
-    noise = torch.rand(50, 7, generator=torch.Generator().manual_seed(2))
-    for j in range(7):
-        pos = many[:, j]
-        size = min(int(pos.sum()), int((~pos).sum()))
-        expected = torch.zeros(50, dtype=torch.bool)
-        if size:
+    draws, counts = 400, torch.zeros(50, 7)
+    for seed in range(draws):
+        got = classification.balanced_sample(many, torch.Generator().manual_seed(seed))
+        counts += got
+        for j in range(7):
+            pos = many[:, j]
+            size = min(int(pos.sum()), int((~pos).sum()))
             minority = pos if pos.sum() <= (~pos).sum() else ~pos
-            majority = torch.nonzero(~minority).squeeze(1)
-            expected[minority] = True
-            expected[majority[torch.argsort(noise[majority, j])[:size]]] = True
-        assert torch.equal(got[:, j], expected), j
+            assert got[minority, j].all() if size else not got[:, j].any(), (seed, j)
+            assert int(got[~minority, j].sum()) == size, (seed, j)
+    for j in range(1, 7):
+        pos = many[:, j]
+        minority = pos if pos.sum() <= (~pos).sum() else ~pos
+        expected = int(minority.sum()) / int((~minority).sum())
+        assert (counts[~minority, j] / draws - expected).abs().max() < 0.12, j
     assert chosen[:, 0].sum() == 4 and chosen[labels[:, 0], 0].all()
     assert chosen[:, 1].sum() == 4 and chosen[~labels[:, 1], 1].all()
     # precision at each positive: 1/1, 2/3 -> AP = (1 + 2/3) / 2
@@ -319,9 +326,6 @@ def test_embeddings_beat_single_filters_on_the_builtin_set(ingested_db):
     overall = [r for r in table if r["category"] == "all"][0]
     assert overall["concepts"] >= 15
     assert overall["embedding_iou"] > overall["single_filter_iou"]
-    con = duckdb.connect(str(ingested_db), read_only=True)
-    accuracy = con.execute("SELECT avg(val_score) FROM embeddings WHERE kind = 'classification'").fetchone()[0]
-    assert accuracy > 0.5
 
 
 def test_stage_writes_scores_and_sufficiency(tmp_path, synthetic_dir):
@@ -423,25 +427,8 @@ def test_sufficiency_grid_is_part_of_the_probe_key():
 
 
 def test_bad_sufficiency_grid_is_a_one_line_error(tmp_path):
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "n2vdb",
-            "ingest",
-            "alexnet",
-            "conv5",
-            "--sufficiency",
-            "--sufficiency-grid",
-            "1,two",
-            "--db",
-            str(tmp_path / "x.duckdb"),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "ingest", "alexnet", "conv5", "--sufficiency", "--sufficiency-grid", "1,two", "--db", tmp_path / "x.duckdb"
     )
     assert result.returncode != 0 and "--sufficiency-grid" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x.duckdb").exists()

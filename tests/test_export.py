@@ -6,7 +6,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import sqlalchemy as sa
 from n2vdb import api
 from n2vdb.errors import N2vdbError, NotFound, UsageError
 from n2vdb.export import PUBLIC_TABLES
+
+from helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -276,21 +277,9 @@ def test_postgres_export_uses_arrays_and_jsonb_and_matches_duckdb(ingested_db, p
 
 
 def test_cli_export(ingested_db, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "N2VDB_QUIET": "0"}
-    done = subprocess.run(
-        [sys.executable, "-m", "n2vdb", "export", str(tmp_path / "out"), "--db", str(ingested_db)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    env = {"N2VDB_QUIET": "0"}
+    done = run_cli("export", tmp_path / "out", "--db", ingested_db, env=env)
     assert done.returncode == 0, done.stderr
     assert f"exported {sum(source_counts(ingested_db).values())} rows in 10 tables" in done.stderr
-    bad = subprocess.run(
-        [sys.executable, "-m", "n2vdb", "export", "postgresql://nobody@/x?host=/nonexistent", "--db", str(ingested_db)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    bad = run_cli("export", "postgresql://nobody@/x?host=/nonexistent", "--db", ingested_db, env=env)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "nothing was changed" in bad.stderr

@@ -4,11 +4,10 @@ import json
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from n2vdb import api, queries
-from n2vdb.errors import NotFound, QueryError, UsageError
+from n2vdb.errors import N2vdbError, NotFound, QueryError, UsageError
 from n2vdb.store import write_connection
 
 from helpers import run_cli
@@ -250,10 +249,10 @@ def test_category_neighbours(filled):
 def test_headers_declare_exactly_the_parameters_used(tmp_path):
     assert len(queries.load_all()) >= 11
     (tmp_path / "bad.sql").write_text("-- name: bad\n-- param: x INTEGER\nSELECT $y")
-    with pytest.raises(Exception, match="undeclared parameter"):
+    with pytest.raises(N2vdbError, match="undeclared parameter"):
         queries.load_all(tmp_path)
     (tmp_path / "bad.sql").write_text("-- name: bad\n-- param: x INTEGER\n-- param: y INTEGER\nSELECT $y -- $x\n")
-    with pytest.raises(Exception, match="unused parameter"):
+    with pytest.raises(N2vdbError, match="unused parameter"):
         queries.load_all(tmp_path)
 
 
@@ -340,10 +339,6 @@ def test_sql_write_flag(tmp_path, filled):
     assert cli("sql", "SELECT x FROM notes", "--db", str(db)).stdout.splitlines() == ["x", "1"]
 
 
-def test_results_are_arrow_tables(filled):
-    assert isinstance(api.query("exclusivity", filled[0]), pa.Table)
-
-
 @pytest.mark.parametrize("name", sorted(queries.load_all()))
 def test_query_help_is_generated_from_the_header(name):
     named = queries.get(name)
@@ -357,3 +352,90 @@ def test_query_help_is_generated_from_the_header(name):
         assert (param.default or "") in line or param.type == "PROBE" or param.required
         for choice in param.choices:
             assert choice in line
+
+
+def test_concept_scores_against_the_tables_by_hand(db_copy):
+    """concept-scores recomputed in Python from filter_concept_iou, embeddings and concepts: the best
+    filter is the highest train IoU (the lower filter on a tie), scored by its val IoU."""
+    con = duckdb.connect(str(db_copy))
+    k, dataset_id = con.execute("SELECT n_filters, dataset_id FROM probes WHERE probe_id = 1").fetchone()
+    named = dict(con.execute("SELECT name, concept_id FROM concepts").fetchall())
+    # a tie on train IoU (filter 7 must win over 200); a concept with no IoU rows but a classifier
+    # (kept, without a best filter); a concept with neither (left out)
+    con.execute("UPDATE filter_concept_iou SET iou = 2.0 WHERE concept_id = ? AND filter IN (7, 200)", [named["red-c"]])
+    con.execute("DELETE FROM filter_concept_iou WHERE concept_id = ?", [named["striped"]])
+    con.execute("DELETE FROM filter_concept_iou WHERE concept_id = ?", [named["dotted"]])
+    con.execute("DELETE FROM embeddings WHERE concept_id = ?", [named["dotted"]])
+    iou = {
+        (c, f, s): v
+        for c, f, s, v in con.execute("SELECT concept_id, filter, split, iou FROM filter_concept_iou").fetchall()
+    }
+    scores = {
+        (c, kind): (v, ap)
+        for c, kind, v, ap in con.execute(
+            "SELECT concept_id, kind, val_score, val_ap FROM embeddings WHERE n_filters = ?", [k]
+        ).fetchall()
+    }
+    expected = []
+    for c, name, category, level in con.execute(
+        "SELECT concept_id, name, category, level FROM concepts WHERE dataset_id = ?", [dataset_id]
+    ).fetchall():
+        train = [(v, -f) for (c2, f, s), v in iou.items() if c2 == c and s == "train"]
+        best = -max(train)[1] if train else None
+        cls, cls_ap = scores.get((c, "classification"), (None, None))
+        if best is None and cls is None:
+            continue
+        seg = scores.get((c, "segmentation"), (None, None))[0]
+        expected.append((name, category, level, best, iou.get((c, best, "val")), seg, cls, cls_ap))
+    con.close()
+    expected.sort(key=lambda r: (r[5] is None, -(r[5] or 0), r[0]))
+    got = [tuple(r.values()) for r in api.query("concept-scores", db_copy, probe=1).to_pylist()]
+    assert [r[0] for r in got] == [r[0] for r in expected]
+    assert got == [pytest.approx(r) for r in expected]
+    by_name = {r[0]: r for r in got}
+    assert by_name["red-c"][3] == 7 and by_name["striped"][3] is None and "dotted" not in by_name
+
+
+def test_sufficiency_curve_against_planted_embeddings(db_copy):
+    """Planted sufficiency rows (top-F embeddings) per category, against the mean and share by hand:
+    a NULL score is left out, and a full score of 0 gives no share."""
+    con = duckdb.connect(str(db_copy))
+    k = con.execute("SELECT n_filters FROM probes WHERE probe_id = 1").fetchone()[0]
+    con.execute("DELETE FROM embeddings WHERE n_filters <> ?", [k])
+    rng = np.random.default_rng(4)
+    full = dict(
+        con.execute(
+            "SELECT concept_id, val_score FROM embeddings WHERE kind = 'segmentation' AND val_score IS NOT NULL"
+        ).fetchall()
+    )
+    zero = sorted(full)[0]
+    con.execute("UPDATE embeddings SET val_score = 0 WHERE kind = 'segmentation' AND concept_id = ?", [zero])
+    full[zero] = 0.0
+    planted = {}
+    for c in full:
+        for f in (1, 4, 16):
+            score = None if (c, f) == (sorted(full)[1], 4) else float(rng.uniform(0, 0.5))
+            con.execute(
+                "INSERT INTO embeddings (probe_id, concept_id, kind, n_filters, weights, bias, val_score) "
+                "VALUES (1, ?, 'segmentation', ?, [0.0]::FLOAT[], 0, ?)",
+                [c, f, score],
+            )
+            if score is not None:
+                planted[(c, f)] = score
+    category = dict(con.execute("SELECT concept_id, category FROM concepts").fetchall())
+    con.close()
+    for c in full:
+        planted[(c, k)] = full[c]
+    groups = {}
+    for (c, f), score in planted.items():
+        groups.setdefault((category[c], f), []).append((score, score / full[c] if full[c] else None))
+    expected = []
+    for (cat, f), rows in sorted(groups.items()):
+        shares = [s for _, s in rows if s is not None]
+        expected.append((cat, f, len(rows), np.mean([s for s, _ in rows]), float(np.mean(shares)) if shares else None))
+    got = [tuple(r.values()) for r in api.query("sufficiency-curve", db_copy, probe=1).to_pylist()]
+    assert got == [pytest.approx(r) for r in expected]
+    assert {r[1] for r in got} == {1, 4, 16, k}
+    # classification has only its full embeddings here: one point per category, the whole of itself
+    curve = api.query("sufficiency-curve", db_copy, probe=1, kind="classification").to_pylist()
+    assert curve and all(r["n_filters"] == k and r["mean_share_of_full"] == pytest.approx(1.0) for r in curve)

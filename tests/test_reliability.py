@@ -10,7 +10,10 @@ import duckdb
 import pytest
 
 from n2vdb import api
+from n2vdb.errors import UsageError
 from n2vdb.probe import TrainSettings
+
+from helpers import run_cli
 
 TABLES = (
     ("activations", "image_id"),
@@ -76,7 +79,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, synthetic_dir
     for trigger, delay in points:
         kill_when(db, trigger, delay)
         check(db)  # a killed ingest leaves a consistent database (the WAL replays on open)
-    finished = subprocess.run(ingest_command(db), capture_output=True, text=True)
+    finished = run_cli(*ingest_command(db)[3:])  # the resume itself needs no process of its own
     assert finished.returncode == 0, finished.stderr
     check(db)
     mine = duckdb.connect(str(db), read_only=True)
@@ -98,9 +101,7 @@ def test_db_check_catches_damage(db_copy):
         "probes past thresholds without one threshold per filter",
         "IoU, embedding or score rows of unknown probes, filters or concepts",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "n2vdb", "db", "check", "--db", str(db_copy)], capture_output=True, text=True
-    )
+    result = run_cli("db", "check", "--db", db_copy)
     assert result.returncode == 1 and "2 integrity check(s) failed" in result.stderr
 
 
@@ -140,9 +141,7 @@ def test_two_shards_under_torchrun_merge_into_the_unsharded_result(tmp_path, syn
     ).fetchone()[0]
     assert ids == list(range(80))
     con.close()
-    merged = subprocess.run(
-        [sys.executable, "-m", "n2vdb", "merge", str(shards), "--db", str(db)], capture_output=True, text=True
-    )
+    merged = run_cli("merge", shards, "--db", db)
     assert merged.returncode == 0, merged.stderr
     check(db)
     mine = duckdb.connect(str(db), read_only=True)
@@ -159,14 +158,10 @@ def test_merge_refuses_unfinished_shards(tmp_path, synthetic_dir):
     api.ingest_shard(
         "alexnet", "conv5", "0/2", tmp_path / "shards", db, dataset="synthetic", weights="random", workers=0, limit=8
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "n2vdb", "merge", str(tmp_path / "shards"), "--db", str(db)],
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("merge", tmp_path / "shards", "--db", db)
     assert result.returncode == 1 and "shard 1/2 is not finished" in result.stderr
     assert api.probes(db).num_rows == 0
-    with pytest.raises(Exception, match="expected i/N"):
+    with pytest.raises(UsageError, match="expected i/N"):
         api.ingest_shard("alexnet", "conv5", "1of2", tmp_path / "shards", db)
 
 
@@ -295,9 +290,7 @@ def test_merge_checks_every_part_before_writing(tmp_path, two_shards, damage, me
     shutil.copytree(two_shards[1], shards)
     damage(shards)
     before = fingerprint(db)
-    result = subprocess.run(
-        [sys.executable, "-m", "n2vdb", "merge", str(shards), "--db", str(db)], capture_output=True, text=True
-    )
+    result = run_cli("merge", shards, "--db", db)
     assert result.returncode == 1, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -365,12 +358,10 @@ def test_a_foreign_duckdb_file_gets_no_n2vdb_tables(tmp_path, synthetic_dir):
         (["db", "upgrade"], "db upgrade --adopt"),
         (["probes"], "not an n2vdb database (it holds sales): pass the --db of an n2vdb database"),
     ]:
-        result = subprocess.run([sys.executable, "-m", "n2vdb", *argv, "--db", str(db)], capture_output=True, text=True)
+        result = run_cli(*argv, "--db", db)
         assert result.returncode == 1 and message in result.stderr, result.stderr
         assert fingerprint(db) == before
-    adopted = subprocess.run(
-        [sys.executable, "-m", "n2vdb", "db", "upgrade", "--adopt", "--db", str(db)], capture_output=True, text=True
-    )
+    adopted = run_cli("db", "upgrade", "--adopt", "--db", db)
     assert adopted.returncode == 0 and "applied 0001_init" in adopted.stderr, adopted.stderr
     api.add_dataset(synthetic_dir, "s", db)  # now it is n2vdb's too, and the other table is untouched
     assert api.sql("SELECT * FROM sales", db).to_pylist() == [{"id": 1, "amount": 2.5}]

@@ -6,8 +6,6 @@ and no new file exists in the directory.
 """
 
 import hashlib
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
@@ -17,8 +15,10 @@ import pytest
 
 from n2vdb import api
 from n2vdb.errors import N2vdbError, QueryError, UsageError
-from n2vdb.store.connection import read_connection, sandbox
+from n2vdb.store import read_connection, sandbox
 from n2vdb.store.sessions import Store
+
+from helpers import run_cli
 
 
 @pytest.fixture
@@ -243,7 +243,7 @@ def test_file_options_refuse_nonsense(world, kwargs, message):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "n2vdb", *args], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 def test_cli_refusals_are_one_line(world):

@@ -14,6 +14,8 @@ from n2vdb.ingest import IngestOptions
 from n2vdb.models import registry
 from n2vdb.probe import TrainSettings
 
+from helpers import run_cli
+
 
 @pytest.mark.parametrize(
     "field, value, message",
@@ -139,15 +141,9 @@ def test_a_sound_database_has_no_nan(ingested_db):
 
 def test_user_text_is_printed_as_typed(tmp_path, synthetic_dir):
     """A name that looks like rich markup is registered and echoed literally (it used to commit, then crash)."""
-    import subprocess
-    import sys
 
     db = tmp_path / "m.duckdb"
-    result = subprocess.run(
-        [sys.executable, "-m", "n2vdb", "data", "add", str(synthetic_dir), "--name", "[/x]", "--db", str(db)],
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("data", "add", synthetic_dir, "--name", "[/x]", "--db", db)
     assert result.returncode == 0, result.stderr
     assert "dataset '[/x]' registered" in result.stderr
     assert api.datasets(db).column("name").to_pylist() == ["[/x]"]

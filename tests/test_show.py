@@ -1,8 +1,6 @@
 """Seeing it: distribution grids and the HTML report on the built-in concept set."""
 
 import re
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -12,6 +10,8 @@ from PIL import Image
 
 from n2vdb import api
 from n2vdb.render import grids
+
+from helpers import run_cli
 
 
 def tiles_in(path: Path) -> int:
@@ -54,40 +54,17 @@ def test_concept_grid(tmp_path, ingested_db):
 
 def test_filter_grid_and_cli(tmp_path, ingested_db):
     out = tmp_path / "f.png"
-    result = subprocess.run(
-        [sys.executable, "-m", "n2vdb", "show", "filter", "3", "--out", str(out), "--db", str(ingested_db)],
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("show", "filter", "3", "--out", out, "--db", ingested_db)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
     assert tiles_in(out) == 6
-    bad = subprocess.run(
-        [sys.executable, "-m", "n2vdb", "show", "filter", "999", "--db", str(ingested_db)],
-        capture_output=True,
-        text=True,
-    )
+    bad = run_cli("show", "filter", "999", "--db", ingested_db)
     assert bad.returncode == 2 and "filters 0..255" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_show_concept_cli_prints_distribution(tmp_path, ingested_db):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "n2vdb",
-            "show",
-            "concept",
-            "circle",
-            "--method",
-            "best_filter",
-            "--out",
-            str(tmp_path / "c.png"),
-            "--db",
-            str(ingested_db),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "show", "concept", "circle", "--method", "best_filter", "--out", tmp_path / "c.png", "--db", ingested_db
     )
     assert result.returncode == 0, result.stderr
     assert re.search(r"per-image IoU over \d+ images", result.stderr)

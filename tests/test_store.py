@@ -12,6 +12,8 @@ from n2vdb.errors import DatabaseBusy, N2vdbError
 from n2vdb.resources import sql_dir
 from n2vdb.store import connect, migrate, read_connection, write_connection
 
+from helpers import run_cli
+
 PUBLIC_TABLES = {
     "datasets",
     "images",
@@ -122,7 +124,7 @@ def test_lock_conflict_names_the_holder(tmp_path):
 
 def test_db_status_and_upgrade_cli(tmp_path):
     db = str(tmp_path / "n.duckdb")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "n2vdb", *a, "--db", db], capture_output=True, text=True)  # noqa: E731
+    run = lambda *a: run_cli(*a, "--db", db)  # noqa: E731
     status = run("db", "status", "-f", "csv")
     assert status.returncode == 0 and "1,init,False" in status.stdout
     upgrade = run("db", "upgrade")

@@ -1,7 +1,5 @@
 """The broden profile of `n2vdb data synth`: Broden's categories, label counts and density."""
 
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -11,6 +9,8 @@ from PIL import Image
 from n2vdb.data.broden import BrodenDataset, decode_mask
 from n2vdb.data.synth import BRODEN_CATEGORIES, generate_broden, generate_profile
 from n2vdb.errors import DatasetError
+
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -73,47 +73,23 @@ def test_bad_profile_and_size_fail_cleanly(tmp_path):
         generate_profile(tmp_path / "x", "imagenet")
     with pytest.raises(DatasetError, match="227 px"):
         generate_profile(tmp_path / "y", "broden", size=100)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "n2vdb",
-            "data",
-            "synth",
-            str(tmp_path / "z"),
-            "--profile",
-            "nope",
-            "--name",
-            "",
-            "--db",
-            str(tmp_path / "d.duckdb"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("data", "synth", tmp_path / "z", "--profile", "nope", "--name", "", "--db", tmp_path / "d.duckdb")
     assert result.returncode != 0 and "choose one of" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_writes_the_profile(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "n2vdb",
-            "data",
-            "synth",
-            str(tmp_path / "b"),
-            "--profile",
-            "broden",
-            "--images",
-            "3",
-            "--name",
-            "",
-            "--db",
-            str(tmp_path / "d.duckdb"),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "data",
+        "synth",
+        tmp_path / "b",
+        "--profile",
+        "broden",
+        "--images",
+        "3",
+        "--name",
+        "",
+        "--db",
+        tmp_path / "d.duckdb",
     )
     assert result.returncode == 0, result.stderr
     assert len(BrodenDataset.open(tmp_path / "b").rows) == 3

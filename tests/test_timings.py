@@ -1,12 +1,11 @@
 """Stage timings as data: every stage of a probe records seconds, images, pairs and peak RSS."""
 
-import subprocess
-import sys
-
 import duckdb
 
 from n2vdb import api
 from n2vdb.data.broden import BrodenDataset
+
+from helpers import run_cli
 
 
 def test_every_stage_records_its_timing(tmp_path, synthetic_dir):
@@ -52,29 +51,22 @@ def test_every_stage_records_its_timing(tmp_path, synthetic_dir):
 def test_ingest_summary_prints_the_stages(tmp_path, synthetic_dir):
     db = tmp_path / "c.duckdb"
     api.add_dataset(synthetic_dir, "synthetic", db)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "n2vdb",
-            "ingest",
-            "alexnet",
-            "conv5",
-            "--dataset",
-            "synthetic",
-            "--weights",
-            "random",
-            "--limit",
-            "12",
-            "--epochs",
-            "1",
-            "--workers",
-            "0",
-            "--db",
-            str(db),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "ingest",
+        "alexnet",
+        "conv5",
+        "--dataset",
+        "synthetic",
+        "--weights",
+        "random",
+        "--limit",
+        "12",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--db",
+        db,
     )
     assert result.returncode == 0, result.stderr
     line = [l for l in result.stderr.splitlines() if l.startswith("stages: ")][0]

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+from functools import partial
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
-from n2vdb.data import fingerprint
+from n2vdb.data import fingerprint, pool
 from n2vdb.data.broden import BrodenDataset, ImageRow, concept_masks
 from n2vdb.errors import DatasetError, N2vdbError, UsageError
 from n2vdb.progress import progress_bar, say
+from n2vdb.store import writer
 from n2vdb.store.connection import first, transaction
 
-_worker_state: dict = {}
 
-
-def _init_worker(root: Path, known: set[int]) -> None:
-    _worker_state["root"], _worker_state["known"] = root, known
-
-
-def _count_pixels(row: ImageRow) -> tuple[int, np.ndarray, np.ndarray]:
-    ids, masks = concept_masks(_worker_state["root"], row, _worker_state["known"])
+def _count_pixels(root: Path, known: set[int], row: ImageRow) -> tuple[int, np.ndarray, np.ndarray]:
+    ids, masks = concept_masks(root, row, known)
     return row.image_id, ids, masks.sum(axis=(1, 2))
 
 
@@ -87,10 +82,15 @@ def add_dataset(con: duckdb.DuckDBPyConnection, path: str | Path, name: str, chu
 
 
 def _record_files(con: duckdb.DuckDBPyConnection, dataset_id: int, files: dict[str, tuple[str, int]]) -> None:
-    con.executemany(
-        "INSERT INTO dataset_files VALUES (?, ?, ?, ?)",
-        [[dataset_id, file, sha, size] for file, (sha, size) in files.items()],
+    rows = pa.table(
+        {
+            "dataset_id": pa.array([dataset_id] * len(files), pa.int32()),
+            "file": pa.array(list(files), pa.string()),
+            "sha256": pa.array([sha for sha, _ in files.values()], pa.string()),
+            "bytes": pa.array([size for _, size in files.values()], pa.int64()),
+        }
     )
+    writer.insert(con, "dataset_files", rows)
 
 
 def _recorded(con: duckdb.DuckDBPyConnection, dataset_id: int) -> dict[str, tuple[str, int]]:
@@ -155,9 +155,7 @@ def _insert_metadata(con, dataset_id: int, dataset: BrodenDataset, levels: dict[
             "sw": [r.sw for r in rows],
         }
     )
-    con.register("_images", images)
-    con.execute("INSERT INTO images SELECT * FROM _images")
-    con.unregister("_images")
+    writer.insert(con, "images", images)
     labels = list(dataset.labels.values())
     concepts = pa.table(
         {
@@ -171,9 +169,7 @@ def _insert_metadata(con, dataset_id: int, dataset: BrodenDataset, levels: dict[
             "coverage": pa.array([lab.coverage for lab in labels], pa.float64()),
         }
     )
-    con.register("_concepts", concepts)
-    con.execute("INSERT INTO concepts SELECT * FROM _concepts")
-    con.unregister("_concepts")
+    writer.insert(con, "concepts", concepts)
 
 
 def _insert_image_concepts(con, dataset_id: int, dataset: BrodenDataset, known: set[int], chunk: int) -> None:
@@ -192,28 +188,16 @@ def _insert_image_concepts(con, dataset_id: int, dataset: BrodenDataset, known: 
                 "pixels": np.concatenate([px for _, _, px in buffer]).astype(np.int32),
             }
         )
-        con.register("_ic", table)
-        con.execute("INSERT INTO image_concepts SELECT * FROM _ic")
-        con.unregister("_ic")
+        writer.insert(con, "image_concepts", table)
         buffer.clear()
 
     with progress_bar() as bar:
         task = bar.add_task("reading masks", total=len(dataset.rows))
-        if workers:
-            ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
-            with ctx.Pool(workers, _init_worker, (dataset.root, known)) as pool:
-                for result in pool.imap(_count_pixels, dataset.rows, chunksize=16):
-                    buffer.append(result)
-                    bar.advance(task)
-                    if len(buffer) >= chunk:
-                        flush()
-        else:
-            _init_worker(dataset.root, known)
-            for row in dataset.rows:
-                buffer.append(_count_pixels(row))
-                bar.advance(task)
-                if len(buffer) >= chunk:
-                    flush()
+        for result in pool.decoded(partial(_count_pixels, dataset.root, known), dataset.rows, workers, chunk=16):
+            buffer.append(result)
+            bar.advance(task)
+            if len(buffer) >= chunk:
+                flush()
         flush()
 
 
@@ -230,3 +214,19 @@ def require_dataset(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, Pat
         hint = f" (registered: {', '.join(known)})" if known else ""
         raise DatasetError(f"no dataset named {name!r}{hint}; add one with `n2vdb data add PATH --name {name}`")
     return found[0], Path(found[1])
+
+
+def dataset_root(con: duckdb.DuckDBPyConnection, dataset_id: int) -> Path:
+    """The directory a registered dataset was added from."""
+    row = first(con.execute("SELECT path FROM datasets WHERE dataset_id = ?", [dataset_id]))
+    if not row:
+        raise DatasetError(f"no dataset {dataset_id} in this database (`n2vdb data list` shows them)")
+    return Path(row[0])
+
+
+def concept_id(con: duckdb.DuckDBPyConnection, dataset_id: int, name: str) -> int:
+    """The id of the concept NAME (as stored: n2vdb.queries.resolve_concept finds it) in a dataset."""
+    row = first(con.execute("SELECT concept_id FROM concepts WHERE dataset_id = ? AND name = ?", [dataset_id, name]))
+    if not row:
+        raise DatasetError(f"no concept {name!r} in dataset {dataset_id}")
+    return row[0]

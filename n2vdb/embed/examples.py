@@ -39,7 +39,7 @@ def store_examples(
     def generate() -> Iterator[SegExample]:
         masks = iter_masks(dataset, rows, workers)
         for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape, batch=64):
-            binary = torch.from_numpy(codes).float() * torch.from_numpy(scales)[:, :, None, None] > thresholds
+            binary = acts_store.dequantise(codes, scales) > thresholds
             for i, image_id in enumerate(ids):
                 _, concept_ids, concept_masks = next(masks)
                 keep = np.array([int(c) in pixel_concepts for c in concept_ids], dtype=bool)

@@ -15,8 +15,9 @@ from n2vdb.data.broden import BrodenDataset
 from n2vdb.embed import classification, segmentation
 from n2vdb.embed.examples import cached, store_examples
 from n2vdb.errors import UsageError
-from n2vdb.probe import Probe, TrainSettings, set_status
+from n2vdb.probe import Probe, TrainSettings
 from n2vdb.progress import say
+from n2vdb.store import writer
 from n2vdb.store.connection import transaction
 from n2vdb.store.sessions import Store
 
@@ -61,7 +62,7 @@ def top_filters(weights: torch.Tensor, f: int) -> torch.Tensor:
     return keep
 
 
-def _rows(
+def embedding_rows(
     probe_id: int,
     kind: str,
     n_filters: int,
@@ -72,6 +73,7 @@ def _rows(
     val_score,
     val_ap=None,
 ) -> pa.Table:
+    """`embeddings` rows: one per concept, from weights [K, C] and per-concept bias and scores."""
     n = len(concept_ids)
     k = weights.shape[0]
     nan_to_null = lambda a: pa.array(np.asarray(a, np.float64), mask=np.isnan(np.asarray(a, np.float64)))  # noqa: E731
@@ -90,14 +92,6 @@ def _rows(
             "val_ap": nan_to_null(val_ap if val_ap is not None else np.full(n, np.nan)),
         }
     )
-
-
-def _insert(con: duckdb.DuckDBPyConnection, table_name: str, table: pa.Table) -> None:
-    con.register("_rows", table)
-    try:
-        con.execute(f"INSERT INTO {table_name} SELECT * FROM _rows")
-    finally:
-        con.unregister("_rows")
 
 
 def classification_inputs(con, probe: Probe, dataset_id: int):
@@ -163,7 +157,7 @@ def _compute(
             tables.append(
                 (
                     "embeddings",
-                    _rows(
+                    embedding_rows(
                         probe.probe_id,
                         "segmentation",
                         k,
@@ -187,7 +181,7 @@ def _compute(
                     tables.append(
                         (
                             "embeddings",
-                            _rows(
+                            embedding_rows(
                                 probe.probe_id,
                                 "segmentation",
                                 f,
@@ -215,7 +209,7 @@ def _compute(
             tables.append(
                 (
                     "embeddings",
-                    _rows(
+                    embedding_rows(
                         probe.probe_id,
                         "classification",
                         k,
@@ -245,7 +239,7 @@ def _compute(
                     tables.append(
                         (
                             "embeddings",
-                            _rows(
+                            embedding_rows(
                                 probe.probe_id,
                                 "classification",
                                 f,
@@ -270,23 +264,19 @@ def run(
     workers: int = 0,
     device: str | torch.device = "cpu",
     segmentation: bool = True,
+    finish=None,
 ) -> None:
     """Train everything over a shared read connection; write all rows in one short transaction.
     Segmentation embeddings (the pixel-heavy part) train on DEVICE; classification, on N x K pooled
-    features, is cheap on the CPU."""
+    features, is cheap on the CPU. FINISH(con), where given (n2vdb.pipeline), runs in the write transaction."""
     with store.reading() as con:
         tables, records = _compute(con, probe, dataset, settings, workers, torch.device(device), segmentation)
     with store.writing() as con, transaction(con):
-        con.execute("DELETE FROM embeddings WHERE probe_id = ?", [probe.probe_id])
-        con.execute(
-            "DELETE FROM image_concept_scores WHERE probe_id = ? AND method IN ('segmentation', 'classification')",
-            [probe.probe_id],
-        )
-        for name, table in tables:
-            _insert(con, name, table)
+        for name, methods in (("embeddings", None), ("image_concept_scores", ("segmentation", "classification"))):
+            writer.replace_probe_rows(con, name, probe.probe_id, [t for n, t in tables if n == name], methods)
         timings.save(con, probe.probe_id, records)
-        set_status(con, probe.probe_id, "complete")
-    probe.status = "complete"
+        if finish is not None:
+            finish(con)
 
 
 def _score_rows(probe_id: int, method: str, rows: list) -> pa.Table:

@@ -11,19 +11,21 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
 from n2vdb import activations as acts_store
+from n2vdb.data import pool
 from n2vdb.data.broden import BrodenDataset, ImageRow
-from n2vdb.probe import Probe, set_status
+from n2vdb.probe import Probe
 from n2vdb.progress import progress_bar
 from n2vdb.stats import netdissect, pil_resize, upsample_patterns
+from n2vdb.store import writer
 from n2vdb.store.connection import first, transaction
 from n2vdb.store.sessions import Store
 
@@ -46,41 +48,16 @@ def filter_masks(acts: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, 
     raise ValueError(f"unknown IoU mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
-class MaskRows(Dataset):
-    """(image_id, concept ids, bool masks [C, sh, sw]) per row, decoded in worker processes."""
-
-    def __init__(self, dataset: BrodenDataset, rows: list[ImageRow]):
-        self.dataset, self.rows = dataset, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int):
-        row = self.rows[index]
-        ids, masks = self.dataset.masks(row)
-        return row.image_id, ids, masks
-
-
-def _as_list(items: list) -> list:
-    return items
+def _masks_of(dataset: BrodenDataset, row: ImageRow):
+    """(image_id, concept ids, bool masks [C, sh, sw]) of one row."""
+    ids, masks = dataset.masks(row)
+    return row.image_id, ids, masks
 
 
 def iter_masks(dataset: BrodenDataset, rows: list[ImageRow], workers: int) -> Iterator:
-    """Decoded masks in row order. Workers send packed chunks of rows: one message per image would
-    cost more than the decoding it saves."""
-    if not workers:
-        for row in rows:
-            ids, masks = dataset.masks(row)
-            yield row.image_id, ids, torch.from_numpy(masks)
-        return
-    for image_id, ids, masks in _in_workers(MaskRows(dataset, rows), workers):
+    """Decoded masks in row order, in WORKERS processes (data/pool.py) if any."""
+    for image_id, ids, masks in pool.decoded(partial(_masks_of, dataset), rows, workers):
         yield int(image_id), ids, torch.from_numpy(masks)
-
-
-def _in_workers(rows: Dataset, workers: int) -> Iterator:
-    loader = DataLoader(rows, batch_size=32, num_workers=workers, collate_fn=_as_list, prefetch_factor=4)
-    for chunk in loader:
-        yield from chunk
 
 
 @dataclass
@@ -107,21 +84,12 @@ def label_side(masks: torch.Tensor, layer: tuple[int, int] | None) -> LabelSide:
     return LabelSide(area, counts.to(torch.uint8 if tab.order.shape[1] <= 255 else torch.int32), None)
 
 
-class LabelRows(Dataset):
-    """(image_id, concept ids, LabelSide) per row, computed in worker processes. A worker sends numpy
-    arrays: pickled inline, where tensors would each cost a shared-memory file and its handover."""
-
-    def __init__(self, dataset: BrodenDataset, rows: list[ImageRow], layer: tuple[int, int] | None):
-        self.dataset, self.rows, self.layer = dataset, rows, layer
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int):
-        row = self.rows[index]
-        ids, masks = self.dataset.masks(row)
-        side = label_side(torch.from_numpy(masks), self.layer)
-        return row.image_id, ids, tuple(None if t is None else t.numpy() for t in (side.area, side.counts, side.masks))
+def _label_arrays(dataset: BrodenDataset, layer: tuple[int, int] | None, row: ImageRow):
+    """(image_id, concept ids, LabelSide as numpy arrays) of one row. A worker sends numpy arrays:
+    pickled inline, where tensors would each cost a shared-memory file and its handover."""
+    ids, masks = dataset.masks(row)
+    side = label_side(torch.from_numpy(masks), layer)
+    return row.image_id, ids, tuple(None if t is None else t.numpy() for t in (side.area, side.counts, side.masks))
 
 
 def iter_label_sides(
@@ -137,10 +105,7 @@ def iter_label_sides(
         for image_id, ids, m in masks:
             yield int(image_id), ids, label_side(torch.as_tensor(m), layer)
     else:
-        source = LabelRows(dataset, rows, layer)
-        for image_id, ids, arrays in (
-            _in_workers(source, workers) if workers else map(source.__getitem__, range(len(rows)))
-        ):
+        for image_id, ids, arrays in pool.decoded(partial(_label_arrays, dataset, layer), rows, workers):
             yield int(image_id), ids, LabelSide(*(None if a is None else torch.from_numpy(a) for a in arrays))
 
 
@@ -187,7 +152,7 @@ def iter_batch_overlaps(
     device = torch.device(device)
     thresholds = thresholds.to(device)
     for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, (k, h, w), batch=batch):
-        values = torch.from_numpy(codes).to(device).float() * torch.from_numpy(scales).to(device)[:, :, None, None]
+        values = acts_store.dequantise(codes, scales, device)
         decoded = []
         for image_id in ids:
             side_id, concept_ids, side = next(sides)
@@ -425,10 +390,16 @@ def per_image_best(
 
 
 def run(
-    store: Store, probe: Probe, dataset: BrodenDataset, mode: str, workers: int = 0, device: str | torch.device = "cpu"
+    store: Store,
+    probe: Probe,
+    dataset: BrodenDataset,
+    mode: str,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    finish=None,
 ) -> IouTotals:
     """The whole stage: computed over a shared read connection, written in one transaction (a re-run
-    replaces, never duplicates)."""
+    replaces, never duplicates); FINISH(con), where given (n2vdb.pipeline), runs in that transaction."""
     with store.reading() as con:
         thresholds = thresholds_for(con, probe.probe_id, mode)
         spill = None
@@ -444,15 +415,8 @@ def run(
             if spill is not None:
                 spill.close()
     with store.writing() as con, transaction(con):
-        con.execute("DELETE FROM filter_concept_iou WHERE probe_id = ?", [probe.probe_id])
-        con.execute("DELETE FROM image_concept_scores WHERE probe_id = ? AND method = 'best_filter'", [probe.probe_id])
-        for name, table in (
-            ("filter_concept_iou", _iou_table(probe.probe_id, totals)),
-            ("image_concept_scores", scores),
-        ):
-            con.register("_rows", table)
-            con.execute(f"INSERT INTO {name} SELECT * FROM _rows")
-            con.unregister("_rows")
-        set_status(con, probe.probe_id, "embeddings")
-    probe.status = "embeddings"
+        writer.replace_probe_rows(con, "filter_concept_iou", probe.probe_id, _iou_table(probe.probe_id, totals))
+        writer.replace_probe_rows(con, "image_concept_scores", probe.probe_id, scores, methods=("best_filter",))
+        if finish is not None:
+            finish(con)
     return totals

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from n2vdb import activations as acts_store
+from n2vdb.data import pool
 from n2vdb.data.broden import BrodenDataset, ImageRow, decode_mask
 from n2vdb.errors import DatasetError
 from n2vdb.probe import Probe
@@ -90,36 +91,13 @@ def label_channels(dataset: BrodenDataset, row: ImageRow, categories: list[str])
     return stack, scalars
 
 
-class _ChannelRows(Dataset):
-    def __init__(self, dataset: BrodenDataset, rows: list[ImageRow], categories: list[str]):
-        self.dataset, self.rows, self.categories = dataset, rows, categories
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int):
-        row = self.rows[index]
-        return (row.image_id, *label_channels(self.dataset, row, self.categories))
-
-
-def _as_list(items: list) -> list:
-    return items
+def _channels_of(dataset: BrodenDataset, categories: list[str], row: ImageRow):
+    return (row.image_id, *label_channels(dataset, row, categories))
 
 
 def iter_channels(dataset: BrodenDataset, rows: list[ImageRow], categories: list[str], workers: int) -> Iterator:
-    if not workers:
-        for row in rows:
-            yield (row.image_id, *label_channels(dataset, row, categories))
-        return
-    loader = DataLoader(
-        _ChannelRows(dataset, rows, categories),
-        batch_size=32,
-        num_workers=workers,
-        collate_fn=_as_list,
-        prefetch_factor=4,
-    )
-    for chunk in loader:
-        yield from chunk
+    """(image_id, pixel channels, image-level labels) in row order, in WORKERS processes if any."""
+    return pool.decoded(partial(_channels_of, dataset, categories), rows, workers)
 
 
 def thresholds(con: duckdb.DuckDBPyConnection, probe_id: int) -> torch.Tensor:
@@ -218,7 +196,7 @@ def tally(
     with progress_bar() as bar:
         task = bar.add_task("single-filter IoU (netdissect)", total=len(order))
         for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape, batch=64):
-            values = torch.from_numpy(codes).to(device).float() * torch.from_numpy(scales).to(device)[:, :, None, None]
+            values = acts_store.dequantise(codes, scales, device)
             for i, image_id in enumerate(ids):
                 mask_id, channels, scalars = next(decoded)
                 assert mask_id == image_id, "activations and masks out of step"

@@ -1,5 +1,6 @@
 """DuckDB connection, migrations and bulk writers."""
 
-from n2vdb.store.connection import DEFAULT_DB, connect, db_path, read_connection, write_connection
+from n2vdb.store.connection import DEFAULT_DB, connect, db_path
+from n2vdb.store.database import read_connection, sandbox, write_connection
 
-__all__ = ["DEFAULT_DB", "connect", "db_path", "read_connection", "write_connection"]
+__all__ = ["DEFAULT_DB", "connect", "db_path", "read_connection", "sandbox", "write_connection"]

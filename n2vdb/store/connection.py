@@ -139,44 +139,6 @@ def seal(con: duckdb.DuckDBPyConnection, *, file_system: bool = True) -> None:
     con.execute("SET lock_configuration = true")
 
 
-@contextlib.contextmanager
-def read_connection(path: str | os.PathLike | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-    con = connect(path, read_only=True)
-    try:
-        from n2vdb.store.migrate import check_readable
-
-        check_readable(con)
-        yield con
-    finally:
-        con.close()
-
-
-@contextlib.contextmanager
-def write_connection(path: str | os.PathLike | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-write connection with every migration applied (a new database is created and upgraded)."""
-    con = connect(path, read_only=False)
-    try:
-        from n2vdb.store.migrate import upgrade
-
-        upgrade(con)
-        yield con
-    finally:
-        con.close()
-
-
-@contextlib.contextmanager
-def sandbox(path: str | os.PathLike | None = None, *, write: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """The connection user SQL runs on (`n2vdb sql`, named queries, the shell): read-only, or with
-    write=True able to change this database (migrated first) and reach nothing else."""
-    if not write:
-        with read_connection(path) as con:
-            yield con
-        return
-    with write_connection(path) as con:
-        seal(con, file_system=False)
-        yield con
-
-
 def first(result: duckdb.DuckDBPyConnection):
     """The first row of a result, or None, leaving no unfinished result behind (DuckDB 2.0 refuses
     new statements on a connection whose last result was not read to the end)."""
