@@ -4,7 +4,7 @@ The sandbox itself is DuckDB's configuration, not this module: a read-only conne
 any file or change any setting whatever it is sent. What this module adds is what the sandbox
 cannot say on its own:
 
-- `--write` runs every statement it is given as one transaction, all or nothing. Statements that
+- `--write` (write=True) runs every statement it is given as one transaction, all or nothing. Statements that
   would break that promise (BEGIN, COMMIT, ROLLBACK) or reach past this database (ATTACH, DETACH,
   USE) are refused before anything runs: a writer keeps DuckDB's file system for its log, so the
   database it may change is named by n2vdb, not by the SQL.
@@ -19,17 +19,21 @@ import glob
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
-import pyarrow as pa
 
+from n2vdb import results
 from n2vdb.errors import QueryError, UsageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Statement kinds a --write run refuses (see the module docstring).
 _WRITE_REFUSED = {
-    duckdb.StatementType.TRANSACTION: "--write already runs everything as one transaction; remove BEGIN/COMMIT/ROLLBACK",
-    duckdb.StatementType.ATTACH: "--write changes this database only; ATTACH is refused",
-    duckdb.StatementType.DETACH: "--write changes this database only; DETACH is refused",
+    duckdb.StatementType.TRANSACTION: "write already runs everything as one transaction; remove BEGIN/COMMIT/ROLLBACK",
+    duckdb.StatementType.ATTACH: "write changes this database only; ATTACH is refused",
+    duckdb.StatementType.DETACH: "write changes this database only; DETACH is refused",
 }
 # What a sandbox refusal means for the user, keyed by a fragment of DuckDB's message.
 _SANDBOX_HINTS = (
@@ -62,9 +66,11 @@ def describe_error(exc: duckdb.Error) -> str:
     return message
 
 
-def statements(sql: str) -> list[duckdb.Statement]:
+def statements(sql: str, con: duckdb.DuckDBPyConnection | None = None) -> list[duckdb.Statement]:
+    """SQL split into statements by DuckDB's parser: CON's, when there is one (duckdb.extract_statements
+    would first open DuckDB's default in-memory database, ~25 ms of `n2vdb sql`)."""
     try:
-        found = duckdb.extract_statements(sql)
+        found = (con or duckdb).extract_statements(sql)
     except duckdb.Error as exc:
         raise QueryError(describe_error(exc)) from None
     if not found:
@@ -76,17 +82,18 @@ def check_writable(found: list[duckdb.Statement]) -> None:
     for statement in found:
         reason = _WRITE_REFUSED.get(statement.type)
         if reason is None and _USE.match(statement.query):
-            reason = "--write changes this database only; USE is refused"
+            reason = "write changes this database only; USE is refused"
         if reason:
-            raise UsageError(f"{reason} (statement: {statement.query.strip()[:60]})")
+            raise UsageError(f"{reason} (statement: {statement.query.strip()[:60]})", param="write")
 
 
 def run(
-    con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False, output: Path | None = None
-) -> pa.Table | None:
-    """Run every statement of SQL on CON; return the last one's result, or stream it into OUTPUT
-    (and return None). With write=True the statements are one transaction."""
-    found = statements(sql)
+    con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False, output: Path | None = None, rows: bool = False
+) -> pa.Table | results.Rows | None:
+    """Run every statement of SQL on CON; return the last one's result (a pyarrow Table, or with
+    rows=True an n2vdb.results.Rows, which needs no pyarrow), or stream it into OUTPUT (and return
+    None). With write=True the statements are one transaction."""
+    found = statements(sql, con)
     if output is not None:
         output = output_path(output)
     if write:
@@ -97,13 +104,17 @@ def run(
         for statement in found[:-1]:
             con.execute(statement.query).complete()  # run it through, keeping no rows
         last = con.sql(found[-1].query)
-        if last is None:
+        if last is None and rows:
+            result = results.Rows([], [], [])
+        elif last is None:
+            import pyarrow as pa
+
             result = pa.table({})
         elif output is not None:
             _stream(last, output)
             result = None
         else:
-            result = last.to_arrow_table()
+            result = results.fetch(last) if rows else last.to_arrow_table()
         if write:
             con.execute("COMMIT")
         return result
@@ -119,11 +130,11 @@ def run(
 def output_path(path: Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in _OUTPUT_FORMATS:
-        raise UsageError(f"--output {path}: name a .parquet or .csv file")
+        raise UsageError(f"output {path}: name a .parquet or .csv file", param="output")
     if path.is_dir():
-        raise UsageError(f"--output {path} is a directory; name a file")
+        raise UsageError(f"output {path} is a directory; name a file", param="output")
     if not path.parent.is_dir():
-        raise UsageError(f"--output {path}: directory {path.parent} does not exist")
+        raise UsageError(f"output {path}: directory {path.parent} does not exist", param="output")
     return path
 
 
@@ -158,23 +169,28 @@ def register_files(con: duckdb.DuckDBPyConnection, reads: Mapping[str, str | Pat
     system). PATH is a Parquet or CSV file, a directory of them, or a glob."""
     if not reads:
         return  # pyarrow.dataset costs 0.15 s to import: only when asked for
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.dataset as ds
 
     for name, spec in reads.items():
         if not _NAME.match(name):
-            raise UsageError(f"--read {name}=...: a view name is letters, digits and _, not starting with a digit")
+            raise UsageError(
+                f"read {name}=...: a view name is letters, digits and _, not starting with a digit", param="read"
+            )
         files = _expand(str(spec))
         formats = {_READ_FORMATS.get(Path(f).suffix.lower()) for f in files}
         if None in formats or len(formats) != 1:
-            raise UsageError(f"--read {name}={spec}: give Parquet (.parquet) or CSV (.csv, .tsv) files of one kind")
+            raise UsageError(
+                f"read {name}={spec}: give Parquet (.parquet) or CSV (.csv, .tsv) files of one kind", param="read"
+            )
         fmt = formats.pop()
         if all(Path(f).suffix.lower() == ".tsv" for f in files):
             fmt = ds.CsvFileFormat(parse_options=pacsv.ParseOptions(delimiter="\t"))
         try:
             con.register(name, ds.dataset(files, format=fmt))
         except (pa.ArrowException, OSError) as exc:
-            raise UsageError(f"--read {name}={spec}: {str(exc).splitlines()[0]}") from None
+            raise UsageError(f"read {name}={spec}: {str(exc).splitlines()[0]}", param="read") from None
 
 
 def parse_reads(items: list[str]) -> dict[str, str]:
@@ -182,9 +198,9 @@ def parse_reads(items: list[str]) -> dict[str, str]:
     for item in items:
         name, eq, path = item.partition("=")
         if not eq or not name or not path:
-            raise UsageError(f"--read expects NAME=PATH, got {item!r}")
+            raise UsageError(f"read expects NAME=PATH, got {item!r}", param="read")
         if name in reads:
-            raise UsageError(f"--read names {name!r} twice")
+            raise UsageError(f"read names {name!r} twice", param="read")
         reads[name] = path
     return reads
 
@@ -198,5 +214,5 @@ def _expand(spec: str) -> list[str]:
     else:
         files = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).is_file())
     if not files:
-        raise UsageError(f"--read {spec}: no such file, or no Parquet/CSV files there")
+        raise UsageError(f"read {spec}: no such file, or no Parquet/CSV files there", param="read")
     return files

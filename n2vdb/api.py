@@ -215,7 +215,7 @@ def _png_path(out: str | Path) -> Path:
 
     path = Path(out)
     if path.is_dir() or path.suffix.lower() != ".png":
-        raise UsageError(f"--out {path}: give the name of a .png file to write")
+        raise UsageError(f"out {path}: give the name of a .png file to write", param="out")
     return path
 
 
@@ -236,9 +236,9 @@ def show_concept(
     from n2vdb.render import grids
 
     if method not in ("segmentation", "best_filter"):
-        raise UsageError("--method must be segmentation or best_filter")
+        raise UsageError("method must be segmentation or best_filter", param="method")
     if over not in ("containing", "all"):
-        raise UsageError("--over must be containing or all")
+        raise UsageError("over must be containing or all", param="over")
     with read_connection(db) as con:
         probe_obj, dataset = _probe_and_dataset(con, probe)
         name = queries.resolve_concept(con, concept, probe_obj.dataset_id)

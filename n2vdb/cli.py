@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import os
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
 try:  # typer 0.2x carries its own copy of click
-    from typer._click.exceptions import ClickException
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer._click.exceptions import UsageError as ClickUsageError
 except ImportError:  # pragma: no cover - older typer uses click itself
-    from click.exceptions import ClickException
+    from click.exceptions import ClickException, NoArgsIsHelpError
+    from click.exceptions import UsageError as ClickUsageError
 
 from n2vdb import __version__
 from n2vdb.errors import N2vdbError, UsageError, describe_os_error
@@ -49,39 +51,54 @@ class _Deferred:
 
 
 duckdb = _Deferred("duckdb")
-pa = _Deferred("pyarrow")
 api = _Deferred("n2vdb.api")
 queries = _Deferred("n2vdb.queries")
+adhoc = _Deferred("n2vdb.adhoc")
+sandbox = _Deferred("n2vdb.store", "sandbox")
+Rows = _Deferred("n2vdb.results", "Rows")
 TrainSettings = _Deferred("n2vdb.probe", "TrainSettings")
 say = _Deferred("n2vdb.progress", "say")
 stderr = _Deferred("n2vdb.progress", "stderr")
 render = _Deferred("n2vdb.render.output", "render")
 
+
+class _Group(typer.core.TyperGroup):
+    """A command group that remembers which command click resolved, so that an error about a library
+    setting can be told in that command's own words (see _in_cli_words)."""
+
+    def resolve_command(self, ctx, args):
+        global _INVOKED
+        name, command, rest = super().resolve_command(ctx, args)
+        _INVOKED = command  # the innermost group resolves last: `data add` leaves `add`
+        return name, command, rest
+
+
+_INVOKED = None  # the command being run, once click has found it
+
 app = typer.Typer(
+    cls=_Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     help="Net2Vec as a database: how CNN filters encode concepts, queried with SQL.",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Register, generate and fetch concept datasets.")
-db_app = typer.Typer(no_args_is_help=True, help="Schema status and upgrades.")
-show_app = typer.Typer(no_args_is_help=True, help="Images across a score distribution, as PNG grids.")
+data_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Register, generate and fetch concept datasets.")
+db_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Schema status and upgrades.")
+show_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Images across a score distribution, as PNG grids.")
 app.add_typer(data_app, name="data")
 app.add_typer(db_app, name="db")
 app.add_typer(show_app, name="show")
 
 Db = Annotated[Optional[Path], typer.Option("--db", envvar="N2VDB_DB", help="Database file [default: ./n2v.duckdb]")]
 Format = Annotated[
-    Optional[str],
-    typer.Option("--format", "-f", help=f"{'|'.join(FORMATS)} [default: table on a terminal, csv when piped]"),
+    Optional[Literal[FORMATS]],  # a choice: click refuses anything else, naming the valid ones
+    typer.Option("--format", "-f", help="[default: table on a terminal, csv when piped]"),
 ]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Rows shown in the table view")]
 
 
-def _show(result: pa.Table, fmt: str | None, limit: int | None = None, title: str | None = None) -> None:
-    if fmt is not None and fmt not in FORMATS:
-        raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+def _show(result, fmt: str | None, limit: int | None = None, title: str | None = None) -> None:
     if result.num_rows == 0:
         stderr.print("(no rows)")
     render(result, fmt, limit=limit, title=title)
@@ -172,8 +189,10 @@ def ingest(
     epochs: Annotated[int, typer.Option(help="Embedding training epochs")] = 30,
     seg_lr: Annotated[float, typer.Option(help="Segmentation embedding learning rate")] = 1e-4,
     seg_batch: Annotated[int, typer.Option(help="Segmentation batch size")] = 16,
-    loss: Annotated[str, typer.Option(help="paper (no log, as published) | loglik")] = "paper",
-    bias: Annotated[bool, typer.Option(help="Learn a bias for segmentation embeddings")] = False,
+    seg_loss: Annotated[str, typer.Option("--loss", help="paper (no log, as published) | loglik")] = "paper",
+    seg_bias: Annotated[
+        bool, typer.Option("--bias/--no-bias", help="Learn a bias for segmentation embeddings")
+    ] = False,
     cls_lr: Annotated[float, typer.Option(help="Classification embedding learning rate")] = 0.1,
     cls_batch: Annotated[int, typer.Option(help="Classification batch size")] = 64,
     sufficiency: Annotated[
@@ -197,8 +216,8 @@ def ingest(
         epochs=epochs,
         seg_lr=seg_lr,
         seg_batch=seg_batch,
-        seg_loss=loss,
-        seg_bias=bias,
+        seg_loss=seg_loss,  # named as TrainSettings names them: its errors find their flag (_in_cli_words)
+        seg_bias=seg_bias,
         cls_lr=cls_lr,
         cls_batch=cls_batch,
         seed=seed,
@@ -298,11 +317,14 @@ def query(
         rows = [
             {"query": q.name, "usage": q.usage(), "description": q.description} for q in queries.load_all().values()
         ]
-        _show(pa.Table.from_pylist(rows), fmt)
+        _show(Rows.from_pylist(rows), fmt)
         return
     named = queries.get(name)
     values = queries.parse_query_args(named, list(ctx.args), param)
-    _show(api.query(name, db, **values), fmt, limit, title=name)
+    # api.query's work, with the result as Python rows: a cold `n2vdb query` never imports pyarrow
+    with sandbox(db) as con:
+        result = queries.run_rows(con, name, **values)
+    _show(result, fmt, limit, title=name)
 
 
 @app.command()
@@ -340,8 +362,6 @@ def sql(
     limit: Limit = None,
 ):
     """Run ad-hoc SQL against the database in a sandbox: read-only, no files, no extensions (docs/sandbox.md)."""
-    from n2vdb import adhoc
-
     if statement is None:
         if file is not None:
             statement = _read_sql_file(file)
@@ -349,7 +369,11 @@ def sql(
             statement = sys.stdin.read()
         else:
             raise UsageError("give SQL as an argument, with --file, or on stdin")
-    result = api.sql(statement, db, write, adhoc.parse_reads(read), output)
+    reads = adhoc.parse_reads(read)
+    # api.sql's work, with the result as Python rows: a cold `n2vdb sql` never imports pyarrow
+    with sandbox(db, write=write) as con:
+        adhoc.register_files(con, reads)
+        result = adhoc.run(con, statement, write=write, output=output, rows=True)
     if result is None:
         stderr.print(f"wrote {output}")
         return
@@ -512,6 +536,10 @@ def main() -> None:
 
 
 def _run() -> int:
+    global _INVOKED, _SIGNALLED, _SAID_INTERRUPTED
+    # Each run starts afresh: tests run several in one process, and a Ctrl-C another test sent after
+    # an earlier run installed _terminated must not make this one report "interrupted".
+    _INVOKED, _SIGNALLED, _SAID_INTERRUPTED = None, 0, False
     debug = os.environ.get("N2VDB_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _terminated)  # unwind (roll back, stop DataLoader workers) instead of dying
     signal.signal(signal.SIGINT, _terminated)  # as Python's own, but never lost in a fork hook
@@ -521,14 +549,21 @@ def _run() -> int:
         sys.stdout = ClosedOutput()
     try:
         try:
-            code = app(standalone_mode=False)  # click's errors and Ctrl-C come here instead of exiting
+            code = _branch(sys.argv[1:])(standalone_mode=False)  # click's errors and Ctrl-C come here
         finally:
             sys.stdout.flush()  # an output error (a full disk, a closed pipe) is reported here, not at exit
     except (KeyboardInterrupt, typer.Abort, Terminated) as exc:
         return _interrupted(143 if isinstance(exc, Terminated) else 130)
+    except NoArgsIsHelpError as exc:  # `n2vdb data`: the group's help, as asked
+        exc.show()
+        return exc.exit_code
+    except ClickUsageError as exc:  # one line like every other error, not click's usage box
+        return _fail(_click_usage_message(exc), exc.exit_code, debug)
     except ClickException as exc:
         exc.show()
         return exc.exit_code
+    except UsageError as exc:
+        return _fail(_in_cli_words(exc), exc.exit_code, debug)
     except N2vdbError as exc:
         return _fail(str(exc), exc.exit_code, debug)
     except duckdb.Error as exc:
@@ -542,6 +577,22 @@ def _run() -> int:
     if code == 130:  # typer turns Ctrl-C into a silent exit 130
         return _interrupted(130)
     return code or 0
+
+
+def _branch(args: list[str]) -> typer.Typer:
+    """The app with only the command that ARGS start with (its own definition, not a copy): click then
+    builds that command's options instead of every command's (~10 ms of each start). With no command
+    named (--help, --version, a typo) it is the whole app."""
+    first = args[0] if args else None
+    commands = [
+        c for c in app.registered_commands if (c.name or typer.main.get_command_name(c.callback.__name__)) == first
+    ]
+    groups = [g for g in app.registered_groups if g.name == first]
+    if not commands and not groups:
+        return app
+    branch = copy.copy(app)
+    branch.registered_commands, branch.registered_groups = commands, groups
+    return branch
 
 
 class Terminated(BaseException):  # like KeyboardInterrupt: no `except Exception` swallows it
@@ -582,6 +633,22 @@ _PENDING = signal.SIGINT  # the signal a SIGALRM stands for, when one was deferr
 _SAID_INTERRUPTED = False
 
 
+def _in_cli_words(exc: UsageError) -> str:
+    """A library error names a setting as Python does (`epochs`); here it is the option that sets it
+    (`--epochs`), found among the declarations of the command that ran."""
+    for param in getattr(_INVOKED, "params", ()):
+        if exc.param is not None and param.name == exc.param and param.param_type_name == "option":
+            return exc.in_words(next((o for o in param.opts if o.startswith("--")), param.opts[0]))
+    return str(exc)
+
+
+def _click_usage_message(exc: ClickUsageError) -> str:
+    """Click's complaint (a bad choice names the valid ones) and where the command's options are listed."""
+    # typer coerces values with pydantic, which prefixes what a validator raised with "Value error, "
+    message = exc.format_message().replace("Value error, ", "")
+    return f"{message} (`{exc.ctx.command_path} --help` shows its usage)" if exc.ctx else message
+
+
 def _describe_sql_error(exc) -> str:
     from n2vdb.adhoc import describe_error
 
@@ -598,6 +665,8 @@ def _interrupted(code: int) -> int:
 
 def _fail(message: str, code: int, debug: bool) -> int:
     if debug:
+        import traceback  # N2VDB_DEBUG only: 4 ms of every start otherwise
+
         traceback.print_exc()
     _print_error_line(message)
     return code

@@ -10,9 +10,25 @@ class N2vdbError(Exception):
 
 
 class UsageError(N2vdbError):
-    """Bad arguments: unknown names, wrong parameter types."""
+    """Bad arguments: unknown names, wrong parameter types.
+
+    An error about one setting says so with param=, the setting's Python name (`epochs`, as n2vdb.api
+    and TrainSettings call it), and its message begins with that name. The library never names a
+    command-line flag; the CLI says `--epochs` instead (in_words), from its own option declarations.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, *, param: str | None = None):
+        if param is not None and not message.startswith(param):
+            raise ValueError(f"an error about {param!r} begins with its name: {message!r}")
+        super().__init__(message)
+        self.param = param
+
+    def in_words(self, name: str) -> str:
+        """The message with its setting called NAME (the CLI's `--epochs`) instead of its Python name."""
+        message = str(self)
+        return name + message[len(self.param) :] if self.param is not None else message
 
 
 class DatabaseBusy(N2vdbError):

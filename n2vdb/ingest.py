@@ -73,22 +73,25 @@ class IngestOptions:
     def __post_init__(self) -> None:
         """Every setting is checked before anything is written (the Python API is a front door too)."""
         if self.dataset is not None and (not isinstance(self.dataset, str) or not self.dataset.strip()):
-            raise UsageError("--dataset is empty; `n2vdb data list` shows the registered names")
+            raise UsageError("dataset is empty; `n2vdb data list` shows the registered names", param="dataset")
         if not isinstance(self.weights, str) or not self.weights.strip():
-            raise UsageError("--weights is empty; give imagenet, random or a state-dict file")
-        validate.whole("--seed", self.seed, 0, 2**63 - 1)
+            raise UsageError("weights is empty; give imagenet, random or a state-dict file", param="weights")
+        validate.whole("seed", self.seed, 0, 2**63 - 1)
         if self.limit is not None:
-            validate.whole("--limit", self.limit, 1)
+            validate.whole("limit", self.limit, 1)
         if self.input_size is not None:  # 0 is refused, not taken for the default
-            validate.whole("--input-size", self.input_size, *INPUT_SIZES)
+            validate.whole("input_size", self.input_size, *INPUT_SIZES)
         if isinstance(self.quantile, bool) or not isinstance(self.quantile, (int, float)) or not 0 < self.quantile < 1:
-            raise UsageError(f"--quantile must lie strictly between 0 and 1 (0.995 = top 0.5%), got {self.quantile!r}")
-        validate.choice("--iou-mode", self.iou_mode, iou_stage.MODES)
+            raise UsageError(
+                f"quantile must lie strictly between 0 and 1 (0.995 = top 0.5%), got {self.quantile!r}",
+                param="quantile",
+            )
+        validate.choice("iou_mode", self.iou_mode, iou_stage.MODES)
         if self.preprocess is not None:
-            validate.choice("--preprocess", self.preprocess, extract.PREPROCESS)
-        validate.whole("--batch-size", self.batch_size, 1)
+            validate.choice("preprocess", self.preprocess, extract.PREPROCESS)
+        validate.whole("batch_size", self.batch_size, 1)
         if self.workers is not None:
-            validate.whole("--workers", self.workers, 0, 256)
+            validate.whole("workers", self.workers, 0, 256)
         if not isinstance(self.train, probes.TrainSettings):
             raise UsageError("train= expects an n2vdb.probe.TrainSettings")
 

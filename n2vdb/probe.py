@@ -36,15 +36,15 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         # Refused here, not in the CLI: a zero batch or a NaN rate would store NaN weights marked complete.
-        validate.whole("--epochs", self.epochs, 1)
-        validate.positive("--seg-lr", self.seg_lr)
-        validate.whole("--seg-batch", self.seg_batch, 1)
-        validate.choice("--loss", self.seg_loss, SEG_LOSSES)
-        validate.flag("--bias", self.seg_bias)
-        validate.positive("--cls-lr", self.cls_lr)
-        validate.whole("--cls-batch", self.cls_batch, 1)
-        validate.whole("--seed", self.seed, 0, 2**63 - 1)
-        validate.flag("--sufficiency", self.sufficiency)
+        validate.whole("epochs", self.epochs, 1)
+        validate.positive("seg_lr", self.seg_lr)
+        validate.whole("seg_batch", self.seg_batch, 1)
+        validate.choice("seg_loss", self.seg_loss, SEG_LOSSES)
+        validate.flag("seg_bias", self.seg_bias)
+        validate.positive("cls_lr", self.cls_lr)
+        validate.whole("cls_batch", self.cls_batch, 1)
+        validate.whole("seed", self.seed, 0, 2**63 - 1)
+        validate.flag("sufficiency", self.sufficiency)
 
 
 @dataclass(frozen=True)

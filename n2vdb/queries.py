@@ -20,13 +20,17 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
-import pyarrow as pa
 
 from n2vdb import probe as probes
+from n2vdb import results
 from n2vdb.errors import N2vdbError, NotFound, QueryError, UsageError
 from n2vdb.resources import sql_dir
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 _PARAM = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)\s+(?P<type>[A-Z]+(?:\([^)]*\))?)(?:\s*=\s*(?P<default>.+))?$")
 _USED = re.compile(r"\$([a-z_][a-z0-9_]*)")
@@ -256,9 +260,18 @@ def _unquote(raw):
 
 def run(con: duckdb.DuckDBPyConnection, name: str, **values) -> pa.Table:
     """Run a named query; the Python API for notebooks (`.to_pandas()` on the result for a DataFrame)."""
+    return _run(con, name, values, lambda relation: relation.to_arrow_table())
+
+
+def run_rows(con: duckdb.DuckDBPyConnection, name: str, **values) -> results.Rows:
+    """run(), the result as Python rows (n2vdb.results): the CLI's answer needs no pyarrow."""
+    return _run(con, name, values, results.fetch)
+
+
+def _run(con, name: str, values: dict, fetch):
     query = get(name)
     bound = bind(con, query, values)
     try:
-        return con.sql(query.sql, params=bound).to_arrow_table()
+        return fetch(con.sql(query.sql, params=bound))
     except duckdb.Error as exc:
         raise QueryError(f"query {name} failed: {str(exc).splitlines()[0]}") from None

@@ -40,14 +40,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     """'i/N', or 'auto' for torchrun's RANK and WORLD_SIZE."""
     if text == "auto":
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise UsageError("--shard auto needs RANK and WORLD_SIZE (set by torchrun); else give --shard i/N")
+            raise UsageError(
+                "shard auto needs RANK and WORLD_SIZE (set by torchrun); else give one as i/N", param="shard"
+            )
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
-        raise UsageError(f"--shard {text!r}: expected i/N, e.g. 0/2, or auto") from None
+        raise UsageError(f"shard {text!r}: expected i/N, e.g. 0/2, or auto", param="shard") from None
     if not 0 <= index < count:
-        raise UsageError(f"--shard {text!r}: need 0 <= i < N")
+        raise UsageError(f"shard {text!r}: need 0 <= i < N", param="shard")
     return index, count
 
 

@@ -348,6 +348,7 @@ CASES = [
     Case("markup in a concept name", ["query", "nearest", "[/x]", "--db", "{db}"], "unknown concept '[/x]'", 2),
     Case("markup in SQL", ["sql", 'SELECT "[/oops]"', "--db", "{db}"], 'column "[/oops]" was not found', 1),
     Case("markup in a model name", ["models", "[/m]"], "unknown model '[/m]'", 2),
+    Case("unknown output format", ["sql", "SELECT 1", "-f", "xml", "--db", "{db}"], "'xml' is not one of 'table'", 2),
     Case("negative -k", ["query", "nearest", "red", "-k", "-5", "--db", "{db}"], "k must be between 1 and", 2),
     Case(
         "-k beyond 64 bits",

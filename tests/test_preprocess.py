@@ -79,5 +79,5 @@ def test_unknown_preprocess_is_a_usage_error(tmp_path, one_image):
     root, _ = one_image
     with write_connection(tmp_path / "k.duckdb") as con:
         importer.add_dataset(con, root, "one")
-        with pytest.raises(UsageError, match="--preprocess 'bgr'"):
+        with pytest.raises(UsageError, match="preprocess 'bgr'"):
             make_spec(con, "alexnet", "conv5", IngestOptions(dataset="one", weights="random", preprocess="bgr"))

@@ -296,7 +296,7 @@ def fingerprint(db):
         (["sql", "SELEC * FROM probes"], "syntax error", 1),
         (["sql", "DROP TABLE probes"], "read-only", 1),
         (["sql", "SELECT * FROM nosuch"], "nosuch", 1),
-        (["query", "nearest", "dog", "-f", "xml"], "unknown format", 2),
+        (["query", "nearest", "dog", "-f", "xml"], "'xml' is not one of 'table', 'csv'", 2),
     ],
 )
 def test_cli_errors_are_one_line_and_change_nothing(filled, args, message, code):

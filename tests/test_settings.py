@@ -20,46 +20,48 @@ from helpers import run_cli
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("epochs", 0, "--epochs must be at least 1"),
-        ("epochs", -3, "--epochs must be at least 1"),
-        ("epochs", 2.5, "--epochs must be a whole number"),
-        ("seg_batch", 0, "--seg-batch must be at least 1"),
-        ("cls_batch", -1, "--cls-batch must be at least 1"),
-        ("seg_lr", math.nan, "--seg-lr must be a finite number above 0"),
-        ("seg_lr", 0.0, "--seg-lr must be a finite number above 0"),
-        ("cls_lr", math.inf, "--cls-lr must be a finite number above 0"),
-        ("cls_lr", -0.1, "--cls-lr must be a finite number above 0"),
-        ("seg_loss", "log", "--loss 'log': choose one of paper, loglik"),
-        ("seg_bias", "yes", "--bias must be true or false"),
-        ("seed", -1, "--seed must be between 0 and"),
-        ("sufficiency", 1, "--sufficiency must be true or false"),
+        ("epochs", 0, "epochs must be at least 1"),
+        ("epochs", -3, "epochs must be at least 1"),
+        ("epochs", 2.5, "epochs must be a whole number"),
+        ("seg_batch", 0, "seg_batch must be at least 1"),
+        ("cls_batch", -1, "cls_batch must be at least 1"),
+        ("seg_lr", math.nan, "seg_lr must be a finite number above 0"),
+        ("seg_lr", 0.0, "seg_lr must be a finite number above 0"),
+        ("cls_lr", math.inf, "cls_lr must be a finite number above 0"),
+        ("cls_lr", -0.1, "cls_lr must be a finite number above 0"),
+        ("seg_loss", "log", "seg_loss 'log': choose one of paper, loglik"),
+        ("seg_bias", "yes", "seg_bias must be true or false"),
+        ("seed", -1, "seed must be between 0 and"),
+        ("sufficiency", 1, "sufficiency must be true or false"),
     ],
 )
 def test_training_settings_are_checked(field, value, message):
-    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")) as raised:
         TrainSettings(**{field: value})
+    assert raised.value.param == field  # the Python name, for the CLI to translate
 
 
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("input_size", 0, "--input-size must be between 16 and 2048, got 0"),  # not "the default"
-        ("input_size", 1, "--input-size must be between"),
-        ("input_size", 100000, "--input-size must be between"),
-        ("batch_size", 0, "--batch-size must be at least 1"),
-        ("workers", -1, "--workers must be between 0"),
-        ("limit", 0, "--limit must be at least 1"),
-        ("quantile", math.nan, "--quantile must lie strictly between 0 and 1"),
-        ("quantile", 1.0, "--quantile must lie strictly between 0 and 1"),
-        ("iou_mode", "fast", "--iou-mode 'fast': choose one of"),
-        ("dataset", "", "--dataset is empty"),
-        ("weights", "", "--weights is empty"),
+        ("input_size", 0, "input_size must be between 16 and 2048, got 0"),  # not "the default"
+        ("input_size", 1, "input_size must be between"),
+        ("input_size", 100000, "input_size must be between"),
+        ("batch_size", 0, "batch_size must be at least 1"),
+        ("workers", -1, "workers must be between 0"),
+        ("limit", 0, "limit must be at least 1"),
+        ("quantile", math.nan, "quantile must lie strictly between 0 and 1"),
+        ("quantile", 1.0, "quantile must lie strictly between 0 and 1"),
+        ("iou_mode", "fast", "iou_mode 'fast': choose one of"),
+        ("dataset", "", "dataset is empty"),
+        ("weights", "", "weights is empty"),
         ("train", {"epochs": 3}, "TrainSettings"),
     ],
 )
 def test_ingest_options_are_checked(field, value, message):
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=message) as raised:
         IngestOptions(**{field: value})
+    assert raised.value.param == (None if field == "train" else field)
 
 
 def test_defaults_pass():

@@ -41,14 +41,18 @@ def parse_grid(text: str) -> tuple[int, ...]:
     try:
         values = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
     except ValueError:
-        raise UsageError(f"--sufficiency-grid {text!r}: give filter counts separated by commas, e.g. 1,2,4,8") from None
+        raise UsageError(
+            f"sufficiency_grid {text!r}: give filter counts separated by commas, e.g. 1,2,4,8", param="sufficiency_grid"
+        ) from None
     check_grid(values)
     return values
 
 
 def check_grid(grid: Sequence[int] | None) -> None:
     if grid is not None and (not grid or min(grid) < 1):
-        raise UsageError("--sufficiency-grid needs one or more filter counts of at least 1, e.g. 1,2,4,8")
+        raise UsageError(
+            "sufficiency_grid needs one or more filter counts of at least 1, e.g. 1,2,4,8", param="sufficiency_grid"
+        )
 
 
 def top_filters(weights: torch.Tensor, f: int) -> torch.Tensor:

@@ -14,10 +14,10 @@ def pick_device(device: str | torch.device) -> torch.device:
     try:
         chosen = torch.device(device)
     except RuntimeError:
-        raise UsageError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"device {device}: expected auto, cpu, cuda or cuda:N", param="device") from None
     if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
         raise UsageError(
-            f"--device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA "
-            "device(s); use --device cpu or auto"
+            f"device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s); use cpu or auto",
+            param="device",
         )
     return chosen

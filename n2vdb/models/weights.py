@@ -144,5 +144,7 @@ def identify(model: str, weights: str = "imagenet", seed: int = 0) -> tuple[str,
         return f"random:seed={seed}", prep.mean, prep.std
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise ModelError(f"--weights {weights}: expected imagenet, random or an existing state-dict file")
+        raise ModelError(
+            f"weights {weights}: expected imagenet, random or an existing state-dict file", param="weights"
+        )
     return f"file:{path.name}:sha256={_file_sha256(path)[:16]}", prep.mean, prep.std

@@ -4,7 +4,9 @@ Views for people (table, markdown) format each column once: scores at a fixed nu
 other decimals at one precision chosen for the column, integral values as integers, so the digits
 line up down the column. Machine formats (csv, tsv, json, jsonl) keep every digit.
 
-pyarrow and rich are imported where they are used: the CLI imports this module for FORMATS alone.
+A result is a pyarrow Table or an n2vdb.results.Rows (what named queries and `n2vdb sql` give the
+CLI, fetched without pyarrow); both are read through Rows. rich is imported where it is used: the CLI
+imports this module for FORMATS alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO
+
+from n2vdb.results import FLOATING, OTHER, Rows
 
 FORMATS = ("table", "csv", "tsv", "json", "jsonl", "markdown")
 SCORE_COLUMN = re.compile(r"iou|score|similarity|share|accuracy|_ap$|_r$|ratio|^r$")
@@ -81,23 +85,20 @@ def _bar(value: float) -> str:
 
 
 def _table(result, limit: int | None, title: str | None):
-    import pyarrow as pa
     from rich.table import Table
     from rich.text import Text
 
+    result = as_rows(result)
     rows = result.to_pylist()
     shown = rows[:limit] if limit else rows
     # Text objects throughout: a concept named "[bold]dog" is shown as typed, never as markup.
     table = Table(title=Text(title) if title else None, show_lines=False, header_style="bold")
-    for field in result.schema:
-        is_num = pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_decimal(field.type)
-        table.add_column(Text(field.name), justify="right" if is_num else "left")
+    for name, kind in zip(result.column_names, result.kinds):
+        table.add_column(Text(name), justify="left" if kind == OTHER else "right")
     bars = {
-        f.name
-        for f in result.schema
-        if pa.types.is_floating(f.type)
-        and SCORE_COLUMN.search(f.name)
-        and all(_missing(r[f.name]) or 0 <= r[f.name] <= 1 for r in rows)
+        name
+        for name, kind in zip(result.column_names, result.kinds)
+        if kind == FLOATING and SCORE_COLUMN.search(name) and all(_missing(r[name]) or 0 <= r[name] <= 1 for r in rows)
     }
     formats = formatted_columns(shown, result.column_names)
     for row in shown:
@@ -119,6 +120,7 @@ def render(
 ) -> None:
     stream = stream or sys.stdout
     fmt = fmt or default_format(stream)
+    result = as_rows(result)
     rows = result.to_pylist()
     names = result.column_names
     if fmt == "table":
@@ -145,6 +147,11 @@ def render(
             stream.write("| " + " | ".join(formats[n](row[n]).replace("|", "\\|") for n in names) + " |\n")
     else:
         raise ValueError(f"unknown format {fmt!r}")
+
+
+def as_rows(result) -> Rows:
+    """A Rows as it is; a pyarrow Table read into one."""
+    return result if isinstance(result, Rows) else Rows.from_arrow(result)
 
 
 def _csv_value(value):
