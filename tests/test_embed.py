@@ -308,7 +308,7 @@ def test_sufficiency_grid_and_top_filters():
     assert sufficiency_grid(256, grid=(300, 4, 1, 4)) == [1, 4]
     assert parse_grid("8, 1,2") == (1, 2, 8)
     for bad in ("1,x", "0,2", ","):
-        with pytest.raises(UsageError, match="sufficiency-grid"):
+        with pytest.raises(UsageError, match="sufficiency_grid"):
             parse_grid(bad)
     w = torch.tensor([[0.1, -3.0], [-2.0, 0.2], [0.5, 1.0]])
     assert top_filters(w, 1).tolist() == [[0, 1], [1, 0], [0, 0]]
