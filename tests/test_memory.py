@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import duckdb
 import numpy as np
 import pytest
 import torch
@@ -116,3 +117,25 @@ def test_cache_budget_from_environment(monkeypatch):
     monkeypatch.setenv("N2VDB_CACHE_MEMORY", "lots")
     with pytest.raises(N2vdbError, match="N2VDB_CACHE_MEMORY"):
         cache_budget()
+
+
+def _limit_of(value: str) -> str:
+    with duckdb.connect(":memory:", config={"memory_limit": value}) as con:
+        return con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+
+
+def test_writer_gets_a_smaller_duckdb_cache_than_readers(tmp_path, monkeypatch):
+    from n2vdb.store.connection import connect
+
+    monkeypatch.delenv("N2VDB_DUCKDB_MEMORY", raising=False)
+    monkeypatch.delenv("N2VDB_DUCKDB_WRITER_MEMORY", raising=False)
+    db = tmp_path / "m.duckdb"
+    for env, expected_writer, expected_reader in ((None, "128MB", "1GB"), ("48MB", "48MB", "1GB")):
+        if env:
+            monkeypatch.setenv("N2VDB_DUCKDB_WRITER_MEMORY", env)
+        con = connect(db, read_only=False)
+        assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == _limit_of(expected_writer)
+        con.close()
+        con = connect(db, read_only=True)
+        assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == _limit_of(expected_reader)
+        con.close()
