@@ -164,14 +164,16 @@ class _SpilledBlock:
             self.layout.append((name, array.dtype, array.shape, file.tell()))
             file.write(array.tobytes())
 
-    def load(self, fd: int) -> PairBlock:
+    def load(self, file) -> PairBlock:
         block = PairBlock.__new__(PairBlock)
         block.map_shape, block.mask_shape, block.nbytes = self.map_shape, self.mask_shape, self.nbytes
         for name, dtype, shape, offset in self.layout:
-            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            data = os.pread(fd, size, offset) if size else b""
-            # a bytearray, so the arrays are writable like those of a block built in memory
-            setattr(block, name, np.frombuffer(bytearray(data), dtype).reshape(shape))
+            array = np.empty(shape, dtype)  # read into place: no second copy of a large block
+            if array.nbytes:
+                file.seek(offset)
+                if file.readinto(memoryview(array).cast("B")) != array.nbytes:
+                    raise OSError("the example cache's spill file is shorter than what was written to it")
+            setattr(block, name, array)
         return block
 
 
@@ -190,7 +192,7 @@ class CachedBlocks:
     def blocks(self) -> Iterator[PairBlock]:
         """The blocks in order, the spilled ones loaded as they are reached (one in memory at a time)."""
         for block in self._blocks:
-            yield block.load(self._spill.fileno()) if isinstance(block, _SpilledBlock) else block
+            yield block.load(self._spill) if isinstance(block, _SpilledBlock) else block
 
     def __call__(self) -> Iterator[SegExample]:
         return (b.example(i) for b in self.blocks for i in range(len(b.image_ids)))
