@@ -239,8 +239,8 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     bound = 1 / math.sqrt(n_filters)
     init = ((torch.rand(n_filters, n_cols, generator=gen) * 2 - 1) * bound).to(device)
-    keep = torch.ones_like(init) if keep is None else keep.float().to(device)
-    weights = init * keep
+    keep = None if keep is None else keep.float().to(device)
+    weights = init if keep is None else init * keep
     bias = torch.zeros(n_cols, device=device)
     sgd_w, sgd_b = MaskedMomentum(weights), MaskedMomentum(bias)
     alpha = compute_alpha(source, column).to(device)
@@ -273,7 +273,7 @@ def train(
                         grad_b if use_bias else None,
                     )
                 stepped = stepped_columns(step_cols, n_cols, device)
-                weights = sgd_w.step(weights, grad_w * keep, stepped, lr)
+                weights = sgd_w.step(weights, grad_w if keep is None else grad_w * keep, stepped, lr)
                 if use_bias:
                     bias = sgd_b.step(bias, grad_b, stepped, lr)
     train_iou, val_iou = evaluate(source, column, weights, bias, per_image)
