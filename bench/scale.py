@@ -27,32 +27,37 @@ STAGES = ("extraction", "thresholds", "iou", "segmentation", "classification")
 TRAINING = ("segmentation", "classification")
 
 
-def forward_pass(root: Path, workers: int, batch_size: int = 32) -> float:
-    """Seconds to load every image and run alexnet up to conv5: the floor every ingest pays."""
+def forward_pass(root: Path, workers: int, device: str, batch_size: int = 32) -> float:
+    """Seconds to load every image and run alexnet up to conv5 on DEVICE: the floor every ingest pays."""
     import torch
     from torch.utils.data import DataLoader
 
     from n2vdb.data.broden import BrodenDataset
     from n2vdb.extract import ImageFolderRows, LayerTap
     from n2vdb.models import registry, weights
+    from n2vdb.models.device import pick_device
 
+    dev = pick_device(device)
     dataset = BrodenDataset.open(root)
     loaded = weights.load("alexnet", "random", 0)
     layer = registry.resolve_layer("alexnet", "conv5")
-    tap = LayerTap(loaded.net.eval(), layer.module, layer.relu)
+    tap = LayerTap(loaded.net.eval().to(dev), layer.module, layer.relu)
     loader = DataLoader(
         ImageFolderRows(dataset, dataset.rows, registry.input_size("alexnet"), loaded.mean, loaded.std),
         batch_size=batch_size,
         num_workers=workers,
+        pin_memory=dev.type == "cuda",
     )
     start = time.perf_counter()
     with torch.no_grad():
         for _, images, _ in loader:
-            tap(images)
+            out = tap(images.to(dev, non_blocking=True))
+        if dev.type == "cuda":
+            out.cpu()  # waits for the device: the ingest pays for its maps' copy to the host too
     return time.perf_counter() - start
 
 
-def one_size(images: int, epochs: int, workers: int) -> dict:
+def one_size(images: int, epochs: int, workers: int, device: str) -> dict:
     from n2vdb import api
     from n2vdb.data.synth import generate_broden
     from n2vdb.probe import TrainSettings
@@ -65,7 +70,7 @@ def one_size(images: int, epochs: int, workers: int) -> dict:
         generate_broden(root, images=images, workers=max(workers, 1))
         synth_s = time.perf_counter() - start
         api.add_dataset(root, "broden-profile", db)
-        forward = forward_pass(root, workers)
+        forward = forward_pass(root, workers, device)
         probe_id = api.ingest(
             "alexnet",
             "conv5",
@@ -73,21 +78,24 @@ def one_size(images: int, epochs: int, workers: int) -> dict:
             dataset="broden-profile",
             weights="random",
             workers=workers,
+            device=device,
             train=TrainSettings(epochs=epochs),
         )
         with read_connection(db) as con:
             rows = con.execute(
-                "SELECT stage, seconds, images, pairs FROM stage_timings WHERE probe_id = ?", [probe_id]
+                "SELECT stage, seconds, images, pairs, peak_rss_mb FROM stage_timings WHERE probe_id = ?", [probe_id]
             ).fetchall()
             concepts = dict(
                 con.execute(
                     "SELECT kind, count(*) FROM embeddings WHERE probe_id = ? GROUP BY 1", [probe_id]
                 ).fetchall()
             )
-    stages = {s: {"seconds": sec, "images": n, "pairs": p} for s, sec, n, p in rows}
+    # peak_rss_mb: the process's peak so far when the stage ended (where memory grows with the size)
+    stages = {s: {"seconds": sec, "images": n, "pairs": p, "peak_rss_mb": rss} for s, sec, n, p, rss in rows}
     return {
         "images": images,
         "epochs": epochs,
+        "device": device,
         "synth_s": synth_s,
         "forward_s": forward,
         "stages": stages,
@@ -175,8 +183,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto: the forward pass and every stage")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--results-dir", type=Path, help="where NAME.json goes (default bench/results/; bench/gpu.sh: its OUT_DIR)"
+    )
     args = parser.parse_args()
     os.environ["N2VDB_QUIET"] = "1"
     if args.one:
@@ -184,7 +196,7 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        print(json.dumps(one_size(args.one, args.epochs, args.workers)))
+        print(json.dumps(one_size(args.one, args.epochs, args.workers, args.device)))
         return
     results = []
     for size in (int(s) for s in args.sizes.split(",")):
@@ -200,6 +212,8 @@ def main() -> None:
                 str(args.workers),
                 "--threads",
                 str(args.threads),
+                "--device",
+                args.device,
             ],
             capture_output=True,
             text=True,
@@ -213,11 +227,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)  # so the saved result records the runs' thread count
     print(
-        f"torch threads: {args.threads or torch.get_num_threads()}; CPU cores: {os.cpu_count()}; "
+        f"device: {args.device}; torch threads: {args.threads or torch.get_num_threads()}; CPU cores: {os.cpu_count()}; "
         f"load average at the end: {os.getloadavg()[0]:.1f}"
     )
     print(table(results))
-    save_result("scale", *summary(results))
+    # a GPU run is its own result: the README's CPU row stays the CPU's
+    save_result("scale" if args.device == "cpu" else "scale_gpu", *summary(results), directory=args.results_dir)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

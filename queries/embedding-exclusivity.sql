@@ -20,17 +20,10 @@ per_filter AS (
     WHERE f.probe_id = $probe
     GROUP BY f.filter
 ),
-binned AS (
-    SELECT CASE
-        WHEN n_concepts = 0 THEN 0 WHEN n_concepts = 1 THEN 1 WHEN n_concepts <= 5 THEN 2
-        WHEN n_concepts <= 9 THEN 6 WHEN n_concepts <= 14 THEN 10 WHEN n_concepts <= 19 THEN 15 ELSE 20
-    END AS low
-    FROM per_filter
-),
-bins(low, label) AS (VALUES (0, '0'), (1, '1'), (2, '2-5'), (6, '6-9'), (10, '10-14'), (15, '15-19'), (20, '20+'))
+binned AS (SELECT exclusivity_bin(n_concepts) AS low FROM per_filter)
 SELECT bins.label AS concepts_per_filter,
        count(binned.low) AS filters,
        count(binned.low) / (SELECT count(*) FROM per_filter) AS share_of_filters
-FROM bins LEFT JOIN binned USING (low)
+FROM exclusivity_bins bins LEFT JOIN binned USING (low)
 GROUP BY bins.low, bins.label
 ORDER BY bins.low;

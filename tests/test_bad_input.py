@@ -538,6 +538,7 @@ def test_database_busy(tmp_path, db_copy):
             [sys.executable, "-m", "n2vdb", "query", "exclusivity", "--db", str(db_copy)],
             capture_output=True,
             text=True,
+            env={**os.environ, "N2VDB_BUSY_TIMEOUT": "0.5"},  # how long it waits is not this test's point
         )
         assert result.returncode == 1
         assert f"database busy: {db_copy} is locked by PID {holder.pid}" in result.stderr

@@ -206,7 +206,8 @@ def test_migration_0010_moves_variants_without_thresholds_back_to_their_stage(tm
         )
     for probe_id in (2, 3):
         con.execute("INSERT INTO filters VALUES (?, 0, 1, 0, 1, 1), (?, 1, 1, 0, 1, 1)", [probe_id, probe_id])
-    assert [m.version for m in migrate.upgrade(con)] == [10]
+    later = sorted(int(p.name[:4]) for p in sql_dir("migrations").glob("*.sql") if int(p.name[:4]) >= 10)
+    assert [m.version for m in migrate.upgrade(con)] == later  # 0010 and whatever came after it
     assert con.execute("SELECT probe_key, status FROM probes ORDER BY probe_id").fetchall() == [
         ("variant", "thresholds"),
         ("thresholded", "iou"),

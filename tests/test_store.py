@@ -1,5 +1,6 @@
 """Connection layer and migration runner."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -110,9 +111,12 @@ def test_lock_conflict_names_the_holder(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "ready"
         with pytest.raises(DatabaseBusy, match=f"PID {holder.pid}"):
-            connect(db, read_only=False)
+            connect(db, read_only=False, wait_s=0.5)  # the wait is N2VDB_BUSY_TIMEOUT's to test, not this
         result = subprocess.run(
-            [sys.executable, "-m", "n2vdb", "probes", "--db", str(db)], capture_output=True, text=True
+            [sys.executable, "-m", "n2vdb", "probes", "--db", str(db)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "N2VDB_BUSY_TIMEOUT": "0.5"},
         )
         assert result.returncode == 1
         assert "database busy" in result.stderr and f"PID {holder.pid}" in result.stderr

@@ -45,3 +45,19 @@ def stepped_columns(cols: np.ndarray, n_cols: int, device: torch.device | str = 
     stepped = torch.zeros(n_cols, dtype=torch.bool, device=device)
     stepped[torch.from_numpy(np.unique(cols)).to(device)] = True
     return stepped
+
+
+class RowMomentum:
+    """MaskedMomentum's update for a [C, ...] parameter whose rows are separate problems, done in
+    place on the stepped rows only (the others would be left exactly as they are): the same
+    arithmetic, without passes over every row when a step has batches for a few concepts."""
+
+    def __init__(self, param: torch.Tensor, momentum: float = 0.9) -> None:
+        self.velocity = torch.zeros_like(param)
+        self.momentum = momentum
+
+    def step(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        """PARAM[rows] moves by GRAD [len(rows), ...] (rows distinct)."""
+        velocity = self.momentum * self.velocity[rows] + grad
+        self.velocity[rows] = velocity
+        param[rows] = param[rows] - lr * velocity

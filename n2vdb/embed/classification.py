@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from n2vdb.embed.batches import MaskedMomentum, own_batches, stepped_columns
+from n2vdb.embed.batches import RowMomentum, own_batches
 
 
 @dataclass
@@ -37,10 +37,11 @@ def balanced_sample(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     n_neg = n - n_pos
     minority = torch.where(n_pos <= n_neg, labels, ~labels)  # [N, C]
     size = torch.minimum(n_pos, n_neg)
-    order = torch.argsort(noise.masked_fill(minority, float("inf")), dim=0, stable=True)
+    # sorted along contiguous rows of the transpose: the same stable order, a quarter faster
+    order = torch.argsort(noise.masked_fill(minority, float("inf")).T.contiguous(), dim=1, stable=True)
     rank = torch.empty_like(order)
-    rank.scatter_(0, order, torch.arange(n).unsqueeze(1).expand(n, c).contiguous())
-    chosen = minority | (rank < size)
+    rank.scatter_(1, order, torch.arange(n).expand(c, n).contiguous())
+    chosen = minority | (rank.T < size)
     chosen[:, size == 0] = False  # a concept on every image or on none has no balanced sample
     return chosen
 
@@ -73,8 +74,12 @@ def train(
     batch_size: int = 64,
     seed: int = 0,
     keep: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
 ) -> ClsResult:
-    """features [N, K] pooled activations, labels [N, C] bool, is_val [N] bool."""
+    """features [N, K] pooled activations, labels [N, C] bool, is_val [N] bool. The draws (samples,
+    orders, initial weights) come from one CPU generator on any DEVICE, so a seed gives the same
+    training wherever the arithmetic runs; the steps run on DEVICE."""
+    device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     features = features.float()
     labels = labels.bool()
@@ -83,12 +88,18 @@ def train(
     val_x, val_y = features[is_val], labels[is_val]
     val_selection = balanced_sample(val_y, gen)
     bound = 1 / np.sqrt(n_filters)
-    keep = torch.ones(n_filters, n_concepts) if keep is None else keep.float()
-    weights = (torch.rand(n_filters, n_concepts, generator=gen) * 2 - 1) * bound * keep
-    bias = torch.zeros(n_concepts)
-    sgd_w, sgd_b = MaskedMomentum(weights), MaskedMomentum(bias)
+    weights = (torch.rand(n_filters, n_concepts, generator=gen) * 2 - 1) * bound
+    if keep is not None:
+        keep = keep.float()
+        weights = weights * keep
+    # Trained as [C, K] rows: a step reads and moves only the rows of the concepts that have a batch.
+    rows_w = weights.T.contiguous().to(device)
+    keep_rows = None if keep is None else keep.T.contiguous().to(device)
+    bias = torch.zeros(n_concepts, device=device)
+    on_device = train_x.to(device)
+    sgd_w, sgd_b = RowMomentum(rows_w), RowMomentum(bias)
     step_size = max(1, epochs // 2)  # lr x 0.1 halfway, as the reference's StepLR
-    targets = train_y.float()
+    targets = train_y.float().to(device)
     for epoch in range(epochs):
         lr_now = lr * 0.1 ** (epoch // step_size)
         selection = balanced_sample(train_y, gen)
@@ -97,19 +108,22 @@ def train(
         rank[order] = torch.arange(len(order))
         images, cols = (t.numpy() for t in torch.nonzero(selection, as_tuple=True))
         for chosen, scale in own_batches(cols, rank.numpy()[images], batch_size):
-            img = torch.from_numpy(images[chosen])
-            col = torch.from_numpy(cols[chosen])
-            x = train_x[img]
-            logits = (x * weights[:, col].T).sum(1) + bias[col]
+            img = torch.from_numpy(images[chosen]).to(device)
+            step_cols = cols[chosen]
+            col = torch.from_numpy(step_cols).to(device)
+            stepped, slot = (torch.from_numpy(a).to(device) for a in np.unique(step_cols, return_inverse=True))
+            x = on_device.index_select(0, img)
+            logits = (x * rows_w.index_select(0, col)).sum(1) + bias[col]
             # d BCE-with-logits / d logit = sigmoid(z) - y, over the batch's own count
-            residual = (torch.sigmoid(logits) - targets[img, col]) * torch.from_numpy(scale).float()
-            grad_w = torch.zeros(n_concepts, n_filters).index_add_(0, col, x * residual[:, None]).T
-            grad_b = torch.zeros(n_concepts).index_add_(0, col, residual)
-            stepped = stepped_columns(cols[chosen], n_concepts)
-            weights = sgd_w.step(weights, grad_w * keep, stepped, lr_now)
-            bias = sgd_b.step(bias, grad_b, stepped, lr_now)
+            residual = (torch.sigmoid(logits) - targets[img, col]) * torch.from_numpy(scale).float().to(device)
+            grad_w = torch.zeros(len(stepped), n_filters, device=device).index_add_(0, slot, x * residual[:, None])
+            if keep_rows is not None:
+                grad_w *= keep_rows[stepped]
+            sgd_w.step(rows_w, stepped, grad_w, lr_now)
+            sgd_b.step(bias, stepped, torch.zeros(len(stepped), device=device).index_add_(0, slot, residual), lr_now)
+    weights = rows_w.T.contiguous().cpu()
     with torch.no_grad():
-        b = bias.clone()
+        b = bias.cpu()
         val_logits = val_x @ weights + b
         train_logits = train_x @ weights + b
         train_acc = _accuracy(train_logits, train_y, balanced_sample(train_y, gen))

@@ -203,7 +203,11 @@ def _compute(
         with timings.timed("classification", len(image_ids), cls_pairs) as timing:
             say(f"training {len(cls_concepts)} classification embeddings")
             cls_kwargs = dict(
-                epochs=settings.epochs, lr=settings.cls_lr, batch_size=settings.cls_batch, seed=settings.seed
+                epochs=settings.epochs,
+                lr=settings.cls_lr,
+                batch_size=settings.cls_batch,
+                seed=settings.seed,
+                device=device,
             )
             cls = classification.train(features, labels, is_val, cls_concepts, **cls_kwargs)
             tables.append(

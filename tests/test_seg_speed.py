@@ -1,0 +1,137 @@
+"""The speed arrangements of embedding training (fused gradient, reused chunk buffers, row-wise
+updates) against plain formulations and autograd on small random data."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from n2vdb.embed import classification, segmentation
+from n2vdb.embed.batches import MaskedMomentum, RowMomentum
+from n2vdb.embed.examples import SegExample, iter_blocks
+
+
+@pytest.mark.parametrize("loss", ["paper", "loglik"])
+@pytest.mark.parametrize("with_workspace", [False, True])
+def test_loss_gradient_equals_autograd(loss, with_workspace):
+    gen = torch.Generator().manual_seed(1)
+    p, sh, sw = 4, 7, 9
+    logits = torch.randn(p, sh, sw, generator=gen) * 3
+    labels = torch.rand(p, sh, sw, generator=gen) < 0.4
+    alpha = torch.rand(p, generator=gen)
+    scale = torch.rand(p, generator=gen)
+    z = logits.clone().requires_grad_()
+    (scale * segmentation.concept_loss(z, labels.float(), alpha, loss)).sum().backward()
+    workspace = torch.full((p, sh, sw), float("nan")) if with_workspace else None
+    got = segmentation.loss_gradient(logits.clone(), labels, alpha, scale, loss, workspace=workspace)
+    torch.testing.assert_close(got, z.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_gradient_rejects_an_unknown_loss():
+    with pytest.raises(ValueError, match="unknown loss"):
+        segmentation.loss_gradient(
+            torch.zeros(1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.bool), torch.ones(1), torch.ones(1), "l2"
+        )
+
+
+def _block(gen, n=5, k=4, h=3, w=5, sh=8, sw=11):
+    examples = []
+    for i in range(n):
+        ids = np.array([1, 2, 4][: 1 + i % 3])
+        examples.append(
+            SegExample(
+                i,
+                "train",
+                torch.rand(k, h, w, generator=gen) < 0.3,
+                ids,
+                torch.rand(len(ids), sh, sw, generator=gen) < 0.5,
+            )
+        )
+    return next(iter_blocks(examples, 100))
+
+
+def test_reused_chunk_buffers_do_not_leak_between_chunks():
+    """A geometry that has already served a larger chunk (its buffers full of that chunk's values)
+    gives a chunk the same gradient, and the same logits, as a fresh one; a chunk larger than
+    CHUNK_PAIRS grows the buffers."""
+    gen = torch.Generator().manual_seed(2)
+    block = _block(gen)
+    column = {1: 0, 2: 1, 4: 2}
+    pairs, cols = segmentation._pairs_in(block, column, train_only=True)
+    weights, bias = torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)
+    alpha, scale = torch.rand(3, generator=gen), torch.rand(len(pairs), generator=gen)
+
+    def gradient(geo, chosen):
+        grad_w, grad_b = torch.zeros(4, 3), torch.zeros(3)
+        segmentation._accumulate(
+            block, pairs[chosen], cols[chosen], weights, bias, alpha, scale[chosen], "paper", geo, grad_w, grad_b
+        )
+        return grad_w, grad_b
+
+    used = segmentation._Geometry(block, torch.device("cpu"))
+    gradient(used, np.arange(len(pairs)))
+    part = np.arange(1, len(pairs), 2)
+    for got, want in zip(gradient(used, part), gradient(segmentation._Geometry(block, torch.device("cpu")), part)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    logits, _ = segmentation._upsampled_logits(block, pairs[part], cols[part], weights, bias, used)
+    small = torch.zeros(len(part), 4, 3, 5)
+    for i, p in enumerate(pairs[part]):
+        small[i] = block.example(int(block.pair_image[p])).binary.float()
+    direct = torch.einsum("pkhw,pk->phw", small, weights[:, cols[part]].T) + bias[cols[part]][:, None, None]
+    want = F.interpolate(direct[:, None], size=(8, 11), mode="bilinear", align_corners=True)[:, 0]
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)
+    big = segmentation.CHUNK_PAIRS + 3
+    assert used.buffers(big)[0].shape == (big, 8, 11)
+
+
+def test_row_momentum_equals_masked_momentum():
+    gen = torch.Generator().manual_seed(3)
+    c, k = 6, 4
+    start = torch.randn(c, k, generator=gen)
+    masked_param, rows_param = start.T.contiguous(), start.clone()
+    masked, rows = MaskedMomentum(masked_param), RowMomentum(rows_param)
+    for stepped_rows in ([0, 2], [2, 3, 5], [1], [0, 2, 5]):
+        grad = torch.randn(c, k, generator=gen)
+        stepped = torch.zeros(c, dtype=torch.bool)
+        stepped[stepped_rows] = True
+        masked_param = masked.step(masked_param, grad.T * stepped, stepped, 0.1)
+        index = torch.tensor(stepped_rows)
+        rows.step(rows_param, index, grad[index], 0.1)
+        torch.testing.assert_close(rows_param, masked_param.T, rtol=0, atol=0)
+
+
+def test_classification_with_keep_equals_masked_sgd_per_concept():
+    """keep [K, C] restricts each concept to its filters: per concept, torch's SGD with the masked
+    weights' gradients zeroed gives the joint weights (the row-wise path's masking)."""
+    gen = torch.Generator().manual_seed(4)
+    n, k, batch, epochs, lr, seed = 80, 6, 8, 4, 0.1, 11
+    features = torch.rand(n, k, generator=gen)
+    is_val = torch.arange(n) % 4 == 0
+    labels = torch.stack([features[:, 0] > 0.6, features[:, 2] + features[:, 3] > 1.1], 1)
+    keep = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1], [1, 1], [0, 0]], dtype=torch.float)
+    joint = classification.train(
+        features, labels, is_val, [5, 6], epochs=epochs, lr=lr, batch_size=batch, seed=seed, keep=keep
+    )
+    assert torch.equal(joint.weights[keep == 0], torch.zeros(int((keep == 0).sum())))
+    g = torch.Generator().manual_seed(seed)
+    train_x, train_y = features[~is_val], labels[~is_val]
+    classification.balanced_sample(labels[is_val], g)
+    init = (torch.rand(k, 2, generator=g) * 2 - 1) / np.sqrt(k) * keep
+    draws = [
+        (classification.balanced_sample(train_y, g), torch.randperm(len(train_x), generator=g)) for _ in range(epochs)
+    ]
+    for j in range(2):
+        w, b = init[:, j].clone().requires_grad_(), torch.zeros((), requires_grad=True)
+        optimiser = torch.optim.SGD([w, b], lr=lr, momentum=0.9)
+        schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, epochs // 2), gamma=0.1)
+        for selection, order in draws:
+            mine = [int(i) for i in order if selection[i, j]]
+            for start in range(0, len(mine), batch):
+                idx = mine[start : start + batch]
+                optimiser.zero_grad()
+                F.binary_cross_entropy_with_logits(train_x[idx] @ w + b, train_y[idx, j].float()).backward()
+                w.grad *= keep[:, j]
+                optimiser.step()
+            schedule.step()
+        torch.testing.assert_close(joint.weights[:, j], w.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(joint.bias[j], b.detach(), rtol=1e-4, atol=1e-6)
