@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -126,8 +129,9 @@ class PairBlock:
         )
 
 
-def iter_blocks(examples: Iterable[SegExample], max_images: int) -> Iterator[PairBlock]:
-    """Group examples into blocks of at most MAX_IMAGES images of one shape, in stream order."""
+def iter_blocks(examples: Iterable[SegExample], max_images: int, sort: bool = False) -> Iterator[PairBlock]:
+    """Group examples into blocks of at most MAX_IMAGES images of one shape, in stream order (SORT:
+    each block in image-id order)."""
     open_blocks: dict[tuple, PairBlock] = {}
     counts: dict[tuple, int] = {}
     for ex in examples:
@@ -139,24 +143,68 @@ def iter_blocks(examples: Iterable[SegExample], max_images: int) -> Iterator[Pai
         block.add(ex)
         counts[key] += 1
         if counts[key] >= max_images:
-            yield open_blocks.pop(key).finish()
+            yield open_blocks.pop(key).finish(sort)
     for block in open_blocks.values():
-        yield block.finish()
+        yield block.finish(sort)
+
+
+# The arrays a finished PairBlock trains from, in the order a spilled block stores them.
+_BLOCK_ARRAYS = ("image_ids", "is_train", "offsets", "active", "pair_image", "pair_concept", "mask_bits", "mask_pixels")
+
+
+class _SpilledBlock:
+    """Where a finished block's arrays lie in the spill file: (name, dtype, shape, offset) each."""
+
+    def __init__(self, block: PairBlock, file) -> None:
+        self.map_shape, self.mask_shape, self.nbytes = block.map_shape, block.mask_shape, block.nbytes
+        self.n_images = len(block.image_ids)
+        self.layout = []
+        for name in _BLOCK_ARRAYS:
+            array = np.ascontiguousarray(getattr(block, name))
+            self.layout.append((name, array.dtype, array.shape, file.tell()))
+            file.write(array.tobytes())
+
+    def load(self, file) -> PairBlock:
+        block = PairBlock.__new__(PairBlock)
+        block.map_shape, block.mask_shape, block.nbytes = self.map_shape, self.mask_shape, self.nbytes
+        for name, dtype, shape, offset in self.layout:
+            array = np.empty(shape, dtype)  # read into place: no second copy of a large block
+            if array.nbytes:
+                file.seek(offset)
+                if file.readinto(memoryview(array).cast("B")) != array.nbytes:
+                    raise OSError("the example cache's spill file is shorter than what was written to it")
+            setattr(block, name, array)
+        return block
 
 
 class CachedBlocks:
-    """Decoded examples held in memory as pair blocks (bit-packed masks, sparse binary maps), so
-    epochs neither decode masks nor re-read activations."""
+    """Decoded examples as pair blocks (bit-packed masks, sparse binary maps), decoded once, so epochs
+    neither decode masks nor re-read activations: the first blocks held in memory up to the budget,
+    the rest spilled to an anonymous temporary file (gone when it is closed or the process ends, by
+    any signal) and read back one block at a time on each pass."""
 
-    def __init__(self, blocks: list[PairBlock]) -> None:
-        self.blocks = blocks
+    def __init__(self, blocks: list[PairBlock | _SpilledBlock], spill=None) -> None:
+        self._blocks, self._spill = blocks, spill
         self.nbytes = sum(b.nbytes for b in blocks)
+        self.spilled_bytes = sum(b.nbytes for b in blocks if isinstance(b, _SpilledBlock))
+
+    @property
+    def blocks(self) -> Iterator[PairBlock]:
+        """The blocks in order, the spilled ones loaded as they are reached (one in memory at a time)."""
+        for block in self._blocks:
+            yield block.load(self._spill) if isinstance(block, _SpilledBlock) else block
 
     def __call__(self) -> Iterator[SegExample]:
         return (b.example(i) for b in self.blocks for i in range(len(b.image_ids)))
 
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+
 
 STREAM_BLOCK_IMAGES = 1024
+CACHE_MEMORY_DEFAULT = "256MB"
 
 
 def blocks_of(source: ExampleSource | CachedBlocks, max_images: int = STREAM_BLOCK_IMAGES) -> Iterable[PairBlock]:
@@ -166,19 +214,43 @@ def blocks_of(source: ExampleSource | CachedBlocks, max_images: int = STREAM_BLO
     return iter_blocks(source(), max_images)
 
 
-def cached(source: ExampleSource, budget_bytes: int = 1 << 30) -> ExampleSource | CachedBlocks:
-    """Keep decoded examples in memory when they fit the budget (about 1.6 KB per (image, concept)
-    pair at 113 x 113 masks, plus 4 bytes per on value); otherwise stream them again on every call,
-    so memory stays bounded whatever the dataset's size (training then shuffles within blocks of
-    STREAM_BLOCK_IMAGES images)."""
-    builders: dict[tuple, PairBlock] = {}
-    total = 0
-    for ex in source():
-        key = (tuple(ex.binary.shape), tuple(ex.masks.shape[1:]))
-        block = builders.setdefault(key, PairBlock(key[0], key[1]))
-        before = block.nbytes
-        block.add(ex)
-        total += block.nbytes - before
-        if total > budget_bytes:
-            return source
-    return CachedBlocks([b.finish(sort=True) for b in builders.values()])
+def cache_budget() -> int:
+    """Bytes of decoded examples kept in memory: N2VDB_CACHE_MEMORY (e.g. 256MB, 1GB, 0), default 256MB."""
+    from n2vdb.errors import N2vdbError
+
+    text = os.environ.get("N2VDB_CACHE_MEMORY", CACHE_MEMORY_DEFAULT).strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?i?B?)", text, re.IGNORECASE)
+    if not match:
+        raise N2vdbError(f"N2VDB_CACHE_MEMORY={text!r} is not a size: give one like 256MB, 1GB or 0")
+    unit = match[2].upper().replace("I", "").rstrip("B")
+    return int(float(match[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit])
+
+
+def cached(
+    source: ExampleSource, budget_bytes: int | None = None, max_images: int = STREAM_BLOCK_IMAGES
+) -> CachedBlocks:
+    """Decode the source once into blocks of at most MAX_IMAGES images (in stream order, each sorted
+    by image id), keeping blocks in memory while they fit BUDGET_BYTES (default: cache_budget(); about
+    1.6 KB per (image, concept) pair at 113 x 113 masks, plus 4 bytes per on value) and spilling the
+    rest to a temporary file (in TMPDIR) that every pass reads back block by block. The blocks are
+    the same whatever the budget, so training is too; memory holds the budget plus one block."""
+    budget = cache_budget() if budget_bytes is None else budget_bytes
+    blocks: list[PairBlock | _SpilledBlock] = []
+    spill = None
+    in_memory = 0
+    try:
+        for block in iter_blocks(source(), max_images, sort=True):
+            if spill is None and in_memory + block.nbytes <= budget:
+                blocks.append(block)
+                in_memory += block.nbytes
+                continue
+            if spill is None:
+                spill = tempfile.TemporaryFile(prefix="n2vdb-cache-")
+            blocks.append(_SpilledBlock(block, spill))
+        if spill is not None:
+            spill.flush()
+    except BaseException:
+        if spill is not None:
+            spill.close()
+        raise
+    return CachedBlocks(blocks, spill)

@@ -1,0 +1,141 @@
+"""Memory at size: the example cache keeps a fixed budget in memory and spills the rest to a file."""
+
+from __future__ import annotations
+
+import os
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+from n2vdb.embed import segmentation
+from n2vdb.embed.examples import CachedBlocks, SegExample, cache_budget, cached
+from n2vdb.errors import N2vdbError
+
+
+def examples_of(n=90, k=6, size=5, seed=0, shuffled=True):
+    """Images whose concept 7 is the OR of filters 1 and 3 and concept 8 is filter 0; a third of
+    them are 7 x 7 (another segmentation shape), and they arrive out of image-id order."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        s = size + 2 * (i % 3 == 0)
+        binary = torch.rand(k, s, s, generator=gen) < 0.15
+        ids, masks = [], []
+        for concept, mask in ((7, binary[1] | binary[3]), (8, binary[0])):
+            if mask.any():
+                ids.append(concept)
+                masks.append(mask)
+        stack = torch.stack(masks) if masks else torch.zeros(0, s, s, dtype=torch.bool)
+        out.append(SegExample(i, "train" if i % 4 else "val", binary, np.array(ids, np.int64), stack))
+    if shuffled:
+        order = torch.randperm(n, generator=gen).tolist()
+        out = [out[i] for i in order]
+    return out
+
+
+def train(source):
+    return segmentation.train(source, [7, 8], 6, epochs=3, lr=0.05, batch_size=4, seed=1)
+
+
+def test_spilled_cache_trains_to_the_same_weights_as_one_in_memory():
+    examples = examples_of()
+    in_memory = cached(lambda: iter(examples), budget_bytes=1 << 30, max_images=16)
+    spilled = cached(lambda: iter(examples), budget_bytes=0, max_images=16)
+    partly = cached(lambda: iter(examples), budget_bytes=in_memory.nbytes // 2, max_images=16)
+    assert in_memory.spilled_bytes == 0 and spilled.spilled_bytes == spilled.nbytes == in_memory.nbytes
+    assert 0 < partly.spilled_bytes < partly.nbytes
+    # every example comes back from the file as it went in
+    back = {ex.image_id: ex for ex in spilled()}
+    assert sorted(back) == list(range(len(examples)))
+    for ex in examples:
+        got = back[ex.image_id]
+        assert got.split == ex.split and list(got.concept_ids) == list(ex.concept_ids)
+        assert torch.equal(got.binary, ex.binary) and torch.equal(got.masks, ex.masks)
+    a, b, c = train(in_memory), train(spilled), train(partly)
+    for other in (b, c):
+        assert torch.equal(a.weights, other.weights)
+        np.testing.assert_array_equal(a.val_iou, other.val_iou)
+        np.testing.assert_array_equal(a.train_iou, other.train_iou)
+    # the weights do learn the planted concepts, so the comparison is not between two untrained sets
+    assert set(a.weights[:, 0].topk(2).indices.tolist()) == {1, 3}
+
+
+def test_blocks_are_sorted_by_image_and_bounded():
+    examples = examples_of(n=40)
+    packed = cached(lambda: iter(examples), budget_bytes=0, max_images=8)
+    blocks = list(packed.blocks)
+    assert all(len(b.image_ids) <= 8 for b in blocks)
+    assert all(np.all(np.diff(b.image_ids) > 0) for b in blocks)
+    assert sorted(i for b in blocks for i in b.image_ids.tolist()) == list(range(40))
+
+
+def test_spill_file_is_anonymous_and_closed(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    examples = examples_of(n=30)
+    packed = cached(lambda: iter(examples), budget_bytes=0)
+    assert isinstance(packed, CachedBlocks) and packed.spilled_bytes > 0
+    assert list(tmp_path.iterdir()) == []  # unlinked at creation: nothing is left behind by any exit
+    fd = packed._spill.fileno()
+    assert os.fstat(fd).st_size >= packed.spilled_bytes
+    packed.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_spill_is_closed_when_decoding_fails(monkeypatch):
+    import tempfile
+
+    opened = []
+    real = tempfile.TemporaryFile
+
+    def tracking(*args, **kwargs):
+        opened.append(real(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", tracking)
+
+    def failing():
+        yield from examples_of(n=20, shuffled=False)
+        raise RuntimeError("mask file unreadable")
+
+    with pytest.raises(RuntimeError):
+        cached(failing, budget_bytes=0, max_images=4)
+    assert len(opened) == 1 and opened[0].closed
+
+
+def test_cache_budget_from_environment(monkeypatch):
+    monkeypatch.delenv("N2VDB_CACHE_MEMORY", raising=False)
+    assert cache_budget() == 256 << 20
+    for text, expected in (("1GB", 1 << 30), ("64mb", 64 << 20), ("0", 0), ("512KiB", 512 << 10)):
+        monkeypatch.setenv("N2VDB_CACHE_MEMORY", text)
+        assert cache_budget() == expected
+    monkeypatch.setenv("N2VDB_CACHE_MEMORY", "lots")
+    with pytest.raises(N2vdbError, match="N2VDB_CACHE_MEMORY"):
+        cache_budget()
+
+
+def _limit_of(value: str) -> str:
+    with duckdb.connect(":memory:", config={"memory_limit": value}) as con:
+        return con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+
+
+def test_writer_gets_a_smaller_duckdb_cache_than_readers(tmp_path, monkeypatch):
+    from n2vdb.store.connection import connect
+
+    monkeypatch.delenv("N2VDB_DUCKDB_MEMORY", raising=False)
+    monkeypatch.delenv("N2VDB_DUCKDB_WRITER_MEMORY", raising=False)
+    db = tmp_path / "m.duckdb"
+    for env, expected_writer, expected_reader in ((None, "128MB", "1GB"), ("48MB", "48MB", "1GB")):
+        if env:
+            monkeypatch.setenv("N2VDB_DUCKDB_WRITER_MEMORY", env)
+        con = connect(db, read_only=False)
+        assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == _limit_of(expected_writer)
+        con.close()
+        con = connect(db, read_only=True)
+        assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == _limit_of(expected_reader)
+        con.close()
