@@ -139,3 +139,23 @@ def test_writer_gets_a_smaller_duckdb_cache_than_readers(tmp_path, monkeypatch):
         con = connect(db, read_only=True)
         assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == _limit_of(expected_reader)
         con.close()
+
+
+def test_an_ingests_reads_get_the_ingest_budget(tmp_path, monkeypatch):
+    """Store.reading() (an ingest's thresholds, IoU and training scans) opens with N2VDB_DUCKDB_INGEST_MEMORY,
+    a plain reader with N2VDB_DUCKDB_MEMORY."""
+    from n2vdb.store.connection import connect
+    from n2vdb.store.sessions import Store
+
+    for name in ("N2VDB_DUCKDB_MEMORY", "N2VDB_DUCKDB_INGEST_MEMORY"):
+        monkeypatch.delenv(name, raising=False)
+    db = tmp_path / "m.duckdb"
+    connect(db, read_only=False).close()
+    for env, expected in ((None, "256MB"), ("96MB", "96MB")):
+        if env:
+            monkeypatch.setenv("N2VDB_DUCKDB_INGEST_MEMORY", env)
+        with Store(db).reading() as con:
+            assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == _limit_of(expected)
+        con = connect(db, read_only=True)
+        assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == _limit_of("1GB")
+        con.close()

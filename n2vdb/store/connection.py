@@ -41,16 +41,21 @@ def busy_wait_s() -> float:
 
 
 def connect(
-    path: str | os.PathLike | None = None, *, read_only: bool, wait_s: float | None = None
+    path: str | os.PathLike | None = None,
+    *,
+    read_only: bool,
+    wait_s: float | None = None,
+    memory_env: str | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """Open the database, retrying while another process holds the lock for up to wait_s seconds,
     and translating lock conflicts and missing files into N2vdbErrors. A read-only connection is
-    always sealed (see seal())."""
+    always sealed (see seal()). MEMORY_ENV: the variable naming DuckDB's cache budget when this
+    connection starts the process's instance of the file (see MEMORY_BUDGETS)."""
     deadline = time.monotonic() + (busy_wait_s() if wait_s is None else wait_s)
     delay = 0.02
     while True:
         try:
-            con = _connect_once(path, read_only)
+            con = _connect_once(path, read_only, memory_env)
             if read_only:
                 seal(con)
             return con
@@ -61,7 +66,7 @@ def connect(
             delay = min(delay * 2, 0.5)
 
 
-def _connect_once(path: str | os.PathLike | None, read_only: bool) -> duckdb.DuckDBPyConnection:
+def _connect_once(path: str | os.PathLike | None, read_only: bool, memory_env: str | None) -> duckdb.DuckDBPyConnection:
     target = db_path(path)
     if read_only and not target.exists():
         raise N2vdbError(f"no database at {target}: create one with `n2vdb data synth` / `n2vdb ingest`, or pass --db")
@@ -97,10 +102,20 @@ def _connect_once(path: str | os.PathLike | None, read_only: bool) -> duckdb.Duc
         # A writer gets a smaller one: its cache of the blocks it wrote grew with the dataset during
         # extraction (measured: +250 MB of peak RSS from 1,000 to 4,000 images at 1GB, +80 MB at 64MB);
         # unsealed, it may spill to DuckDB's temp directory beside the database past it.
-        limit = "N2VDB_DUCKDB_MEMORY" if read_only else "N2VDB_DUCKDB_WRITER_MEMORY"
-        con.execute("SET memory_limit = ?", [os.environ.get(limit, "1GB" if read_only else "128MB")])
+        env = memory_env or ("N2VDB_DUCKDB_MEMORY" if read_only else "N2VDB_DUCKDB_WRITER_MEMORY")
+        con.execute("SET memory_limit = ?", [os.environ.get(env, MEMORY_BUDGETS[env])])
     return con
 
+
+# DuckDB's cache budget, by the variable that sets it. Readers never spill (seal()), so a query that
+# outgrows theirs fails; the ingest's own reads are plain scans of the activations, which fill the
+# cache with blocks they never revisit (measured: +290 MB of peak RSS from 1,000 to 4,000 images at
+# 1GB), so they get a small one.
+MEMORY_BUDGETS = {
+    "N2VDB_DUCKDB_MEMORY": "1GB",  # queries, show, report, the shell
+    "N2VDB_DUCKDB_WRITER_MEMORY": "128MB",  # writers (may spill beside the database, unless sealed)
+    "N2VDB_DUCKDB_INGEST_MEMORY": "256MB",  # an ingest's or merge's reading phases (store.sessions)
+}
 
 # Nothing is fetched or loaded behind the user's back, on any connection.
 _GLOBAL_SETTINGS = {

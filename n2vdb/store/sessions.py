@@ -35,7 +35,8 @@ class Store:
 
     @contextlib.contextmanager
     def _open(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = connect(self.path, read_only=read_only, wait_s=self.writer_wait_s)
+        memory_env = "N2VDB_DUCKDB_INGEST_MEMORY" if read_only else None  # scans: a small cache will do
+        con = connect(self.path, read_only=read_only, wait_s=self.writer_wait_s, memory_env=memory_env)
         try:
             yield con
         finally:
