@@ -28,20 +28,30 @@ class ClsResult:
     val_scores: torch.Tensor  # [N_val, C] probabilities
 
 
+CHUNK_CONCEPTS = 64  # concepts sorted at once: [64, N] keys and order, not [C, N] int64 tensors
+
+
 def balanced_sample(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """labels [N, C] bool -> selection [N, C] bool: per concept, the minority class and an equal draw of
-    the majority (the majority images with the smallest of one uniform noise draw), all columns at once."""
+    the majority (the majority images with the smallest of one uniform noise draw), a chunk of
+    concepts at a time so memory stays at the noise plus one chunk however many concepts there are."""
     n, c = labels.shape
     noise = torch.rand(n, c, generator=gen)
     n_pos = labels.sum(0)
     n_neg = n - n_pos
     minority = torch.where(n_pos <= n_neg, labels, ~labels)  # [N, C]
     size = torch.minimum(n_pos, n_neg)
-    # sorted along contiguous rows of the transpose: the same stable order, a quarter faster
-    order = torch.argsort(noise.masked_fill(minority, float("inf")).T.contiguous(), dim=1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n).expand(c, n).contiguous())
-    chosen = minority | (rank.T < size)
+    chosen = torch.empty(n, c, dtype=torch.bool)
+    positions = torch.arange(n)
+    for lo in range(0, c, CHUNK_CONCEPTS):
+        hi = min(c, lo + CHUNK_CONCEPTS)
+        mine = minority[:, lo:hi]
+        # sorted along contiguous rows of the transpose: the same stable order, a quarter faster
+        order = torch.argsort(noise[:, lo:hi].masked_fill(mine, float("inf")).T.contiguous(), dim=1, stable=True)
+        # the image at sorted position i is drawn when i < size (every minority image sorts last)
+        drawn = torch.zeros(hi - lo, n, dtype=torch.bool)
+        drawn.scatter_(1, order, positions < size[lo:hi, None])
+        chosen[:, lo:hi] = mine | drawn.T
     chosen[:, size == 0] = False  # a concept on every image or on none has no balanced sample
     return chosen
 
