@@ -119,3 +119,40 @@ def run_cli(*args, stdin: str | None = None, env: dict[str, str] | None = None, 
             for name, value in state.items():
                 setattr(cli, name, value)
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def classification_one_at_a_time(features, labels, is_val, *, epochs, lr, batch, seed, keep=None):
+    """The reference's recipe, concept by concept with torch's own SGD, StepLR and BCE, on the draws the
+    joint trainer makes from the same seed (val sample, initial weights, then each epoch's sample and
+    order): [(weights [K], bias)] per concept, to compare with classification.train."""
+    import torch.nn.functional as F
+
+    from n2vdb.embed import classification
+
+    k, c = features.shape[1], labels.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    train_x, train_y = features[~is_val], labels[~is_val]
+    classification.balanced_sample(labels[is_val], g)
+    init = (torch.rand(k, c, generator=g) * 2 - 1) / np.sqrt(k)
+    if keep is not None:
+        init = init * keep
+    draws = [
+        (classification.balanced_sample(train_y, g), torch.randperm(len(train_x), generator=g)) for _ in range(epochs)
+    ]
+    trained = []
+    for j in range(c):
+        w, b = init[:, j].clone().requires_grad_(), torch.zeros((), requires_grad=True)
+        optimiser = torch.optim.SGD([w, b], lr=lr, momentum=0.9)
+        schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, epochs // 2), gamma=0.1)
+        for selection, order in draws:
+            mine = [int(i) for i in order if selection[i, j]]
+            for start in range(0, len(mine), batch):
+                idx = mine[start : start + batch]
+                optimiser.zero_grad()
+                F.binary_cross_entropy_with_logits(train_x[idx] @ w + b, train_y[idx, j].float()).backward()
+                if keep is not None:
+                    w.grad *= keep[:, j]
+                optimiser.step()
+            schedule.step()
+        trained.append((w.detach(), b.detach()))
+    return trained

@@ -13,7 +13,7 @@ from n2vdb.embed.stage import parse_grid, sufficiency_grid, top_filters
 from n2vdb.errors import UsageError
 from n2vdb.probe import TrainSettings
 
-from helpers import run_cli
+from helpers import classification_one_at_a_time, run_cli
 
 
 def planted_examples(n=160, k=12, size=7, members=(2, 5, 9), seed=0):
@@ -247,27 +247,10 @@ def test_classification_joint_equals_one_concept_at_a_time():
     labels[:, 2] = features[:, 1] > 0.5
     labels[torch.nonzero(is_val).squeeze(1)[:2], :2] = True
     joint = classification.train(features, labels, is_val, [1, 2, 3], epochs=epochs, lr=lr, batch_size=batch, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    train_x, train_y = features[~is_val], labels[~is_val]
-    classification.balanced_sample(labels[is_val], g)
-    init = (torch.rand(k, 3, generator=g) * 2 - 1) / np.sqrt(k)
-    draws = [
-        (classification.balanced_sample(train_y, g), torch.randperm(len(train_x), generator=g)) for _ in range(epochs)
-    ]
-    for j in range(3):
-        w, b = init[:, j].clone().requires_grad_(), torch.zeros((), requires_grad=True)
-        optimiser = torch.optim.SGD([w, b], lr=lr, momentum=0.9)
-        schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, epochs // 2), gamma=0.1)
-        for selection, order in draws:
-            mine = [int(i) for i in order if selection[i, j]]
-            for start in range(0, len(mine), batch):
-                idx = mine[start : start + batch]
-                optimiser.zero_grad()
-                F.binary_cross_entropy_with_logits(train_x[idx] @ w + b, train_y[idx, j].float()).backward()
-                optimiser.step()
-            schedule.step()
-        torch.testing.assert_close(joint.weights[:, j], w.detach(), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(joint.bias[j], b.detach(), rtol=1e-4, atol=1e-6)
+    reference = classification_one_at_a_time(features, labels, is_val, epochs=epochs, lr=lr, batch=batch, seed=seed)
+    for j, (w, b) in enumerate(reference):
+        torch.testing.assert_close(joint.weights[:, j], w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(joint.bias[j], b, rtol=1e-4, atol=1e-6)
 
 
 def test_balanced_sample_and_average_precision():

@@ -10,6 +10,8 @@ from n2vdb.embed import classification, segmentation
 from n2vdb.embed.batches import MaskedMomentum, RowMomentum
 from n2vdb.embed.examples import SegExample, iter_blocks
 
+from helpers import classification_one_at_a_time
+
 
 @pytest.mark.parametrize("loss", ["paper", "loglik"])
 @pytest.mark.parametrize("with_workspace", [False, True])
@@ -113,25 +115,9 @@ def test_classification_with_keep_equals_masked_sgd_per_concept():
         features, labels, is_val, [5, 6], epochs=epochs, lr=lr, batch_size=batch, seed=seed, keep=keep
     )
     assert torch.equal(joint.weights[keep == 0], torch.zeros(int((keep == 0).sum())))
-    g = torch.Generator().manual_seed(seed)
-    train_x, train_y = features[~is_val], labels[~is_val]
-    classification.balanced_sample(labels[is_val], g)
-    init = (torch.rand(k, 2, generator=g) * 2 - 1) / np.sqrt(k) * keep
-    draws = [
-        (classification.balanced_sample(train_y, g), torch.randperm(len(train_x), generator=g)) for _ in range(epochs)
-    ]
-    for j in range(2):
-        w, b = init[:, j].clone().requires_grad_(), torch.zeros((), requires_grad=True)
-        optimiser = torch.optim.SGD([w, b], lr=lr, momentum=0.9)
-        schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, epochs // 2), gamma=0.1)
-        for selection, order in draws:
-            mine = [int(i) for i in order if selection[i, j]]
-            for start in range(0, len(mine), batch):
-                idx = mine[start : start + batch]
-                optimiser.zero_grad()
-                F.binary_cross_entropy_with_logits(train_x[idx] @ w + b, train_y[idx, j].float()).backward()
-                w.grad *= keep[:, j]
-                optimiser.step()
-            schedule.step()
-        torch.testing.assert_close(joint.weights[:, j], w.detach(), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(joint.bias[j], b.detach(), rtol=1e-4, atol=1e-6)
+    reference = classification_one_at_a_time(
+        features, labels, is_val, epochs=epochs, lr=lr, batch=batch, seed=seed, keep=keep
+    )
+    for j, (w, b) in enumerate(reference):
+        torch.testing.assert_close(joint.weights[:, j], w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(joint.bias[j], b, rtol=1e-4, atol=1e-6)
