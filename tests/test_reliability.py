@@ -111,25 +111,7 @@ def test_two_shards_under_torchrun_merge_into_the_unsharded_result(tmp_path, syn
     shards = tmp_path / "shards"
     api.add_dataset(synthetic_dir, "synthetic", db)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "n2vdb"]
-    args = [
-        "ingest",
-        "alexnet",
-        "conv5",
-        "--weights",
-        "random",
-        "--dataset",
-        "synthetic",
-        "--workers",
-        "0",
-        "--epochs",
-        "10",
-        "--shard",
-        "auto",
-        "--shard-dir",
-        str(shards),
-        "--db",
-        str(db),
-    ]
+    args = [*ingest_command(db)[3:], "--shard", "auto", "--shard-dir", str(shards)]  # the unsharded run's, sharded
     result = subprocess.run(torchrun + args, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     parts = sorted(p.parent.name for p in shards.glob("probe-*/shard-*/part-*.parquet"))
