@@ -197,7 +197,11 @@ def test_fast_gradient_equals_autograd_through_interpolate(loss):
     scale = torch.rand(len(pairs), generator=gen)
     geo = segmentation._Geometry(block, torch.device("cpu"))
     grad_w, grad_b = torch.zeros(k, 2), torch.zeros(2)
-    segmentation._accumulate(block, pairs, cols, weights, bias, alpha, scale, loss, geo, grad_w, grad_b)
+    grad_rows = grad_w.T.contiguous()
+    segmentation._accumulate(
+        block, pairs, cols, weights.T.contiguous(), bias, alpha, scale, loss, geo, grad_rows, grad_b
+    )
+    grad_w.copy_(grad_rows.T)
     torch.testing.assert_close(
         geo.up(torch.eye(6)[None, :4].repeat(2, 1, 1)),
         F.interpolate(

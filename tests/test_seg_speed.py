@@ -60,11 +60,11 @@ def test_reused_chunk_buffers_do_not_leak_between_chunks():
     block = _block(gen)
     column = {1: 0, 2: 1, 4: 2}
     pairs, cols = segmentation._pairs_in(block, column, train_only=True)
-    weights, bias = torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)
+    weights, bias = torch.randn(3, 4, generator=gen), torch.randn(3, generator=gen)  # concept rows [C, K]
     alpha, scale = torch.rand(3, generator=gen), torch.rand(len(pairs), generator=gen)
 
     def gradient(geo, chosen):
-        grad_w, grad_b = torch.zeros(4, 3), torch.zeros(3)
+        grad_w, grad_b = torch.zeros(3, 4), torch.zeros(3)
         segmentation._accumulate(
             block, pairs[chosen], cols[chosen], weights, bias, alpha, scale[chosen], "paper", geo, grad_w, grad_b
         )
@@ -79,7 +79,7 @@ def test_reused_chunk_buffers_do_not_leak_between_chunks():
     small = torch.zeros(len(part), 4, 3, 5)
     for i, p in enumerate(pairs[part]):
         small[i] = block.example(int(block.pair_image[p])).binary.float()
-    direct = torch.einsum("pkhw,pk->phw", small, weights[:, cols[part]].T) + bias[cols[part]][:, None, None]
+    direct = torch.einsum("pkhw,pk->phw", small, weights[cols[part]]) + bias[cols[part]][:, None, None]
     want = F.interpolate(direct[:, None], size=(8, 11), mode="bilinear", align_corners=True)[:, 0]
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)
     big = segmentation.CHUNK_PAIRS + 3

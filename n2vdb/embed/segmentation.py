@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from n2vdb.embed.batches import MaskedMomentum, own_batches, stepped_columns
+from n2vdb.embed import pixel_kernel
+from n2vdb.embed.batches import MaskedMomentum, RowMomentum, own_batches, stepped_columns
 from n2vdb.embed.examples import CachedBlocks, ExampleSource, PairBlock, blocks_of
 
 LOSSES = ("paper", "loglik")
@@ -114,6 +115,11 @@ def loss_gradient(
     return s.sub_(torch.where(labels, a * k, torch.zeros_like(a), out=coef))
 
 
+def uses_pixel_kernel(device: torch.device) -> bool:
+    """Whether training on DEVICE runs the per-pixel work as pixel_kernel's compiled CPU loop."""
+    return device.type == "cpu"
+
+
 def upsample_matrix(n_in: int, n_out: int) -> torch.Tensor:
     """[n_out, n_in]: 1-D bilinear interpolation with align_corners=True, read off torch's own."""
     eye = torch.eye(n_in, dtype=torch.float64)[None]
@@ -132,6 +138,10 @@ class _Geometry:
         self.a_h = upsample_matrix(h, block.mask_shape[0]).to(device)
         self.a_w = upsample_matrix(w, block.mask_shape[1]).to(device)
         self.device = device
+        # On the CPU the per-pixel work is one compiled loop (pixel_kernel); elsewhere torch's passes.
+        self.fused = uses_pixel_kernel(device)
+        self.rows = pixel_kernel.row_weights(self.a_h) if self.fused else None
+        self.columns = pixel_kernel.row_weights(self.a_w) if self.fused else None
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def buffers(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,15 +154,26 @@ class _Geometry:
     def up(self, small: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[P, H, W] -> [P, sh, sw] (into OUT if given): A_h X A_w^T as one flat product and one
         batched one (a broadcast matmul of small matrices is an order of magnitude slower on the CPU)."""
+        along_w = self.along_w(small)
+        return torch.bmm(self.a_h.expand(len(small), -1, -1), along_w, out=out)
+
+    def along_w(self, small: torch.Tensor) -> torch.Tensor:
+        """[P, H, W] -> [P, H, sw]: X A_w^T, the upsampling's first half."""
         p = small.shape[0]
-        along_w = (small.reshape(p * self.h, self.w) @ self.a_w.T).view(p, self.h, -1)
-        return torch.bmm(self.a_h.expand(p, -1, -1), along_w, out=out)
+        return (small.reshape(p * self.h, self.w) @ self.a_w.T).view(p, self.h, -1)
 
     def down(self, grad: torch.Tensor) -> torch.Tensor:
         """The adjoint: [P, sh, sw] -> [P, H, W], A_h^T G A_w."""
-        p = grad.shape[0]
-        along_h = torch.bmm(self.a_h.T.expand(p, -1, -1), grad)  # [P, H, sw]
+        return self.adjoint_w(torch.bmm(self.a_h.T.expand(grad.shape[0], -1, -1), grad))
+
+    def adjoint_w(self, along_h: torch.Tensor) -> torch.Tensor:
+        """[P, H, sw] -> [P, H, W]: G A_w, the adjoint's second half."""
+        p = along_h.shape[0]
         return (along_h.reshape(p * self.h, -1) @ self.a_w).view(p, self.h, self.w)
+
+    def low_rows(self, p: int) -> torch.Tensor:
+        """A float [P, H, sw] work buffer (in the first per-pixel buffer's memory), overwritten by the next chunk."""
+        return self.buffers(p)[0].view(-1)[: p * self.h * self.mask_shape[1]].view(p, self.h, -1)
 
 
 def _pairs_in(block: PairBlock, column: dict[int, int], train_only: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -169,9 +190,10 @@ def _pairs_in(block: PairBlock, column: dict[int, int], train_only: bool) -> tup
     return pairs, cols[at[pairs]]
 
 
-def _entries(block: PairBlock, pairs: np.ndarray, cols: np.ndarray, n_cols: int, geo: _Geometry):
+def _entries(block: PairBlock, pairs: np.ndarray, cols: np.ndarray, geo: _Geometry):
     """For every on value of every pair's image, two flat indices (device tensors): into the chunk's
-    [P * H * W] small logits (slot * H * W + position) and into W [K, C] (filter * C + column). The
+    [P * H * W] small logits (slot * H * W + position) and into the weight rows [C, K] (column * K +
+    filter). The
     forward scatters W's entries by them and the backward gathers back, so they are computed once."""
     images = block.pair_image[pairs]
     starts, stops = block.offsets[images], block.offsets[images + 1]
@@ -180,23 +202,38 @@ def _entries(block: PairBlock, pairs: np.ndarray, cols: np.ndarray, n_cols: int,
     within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     filt, pos = np.divmod(block.active[np.repeat(starts, lengths) + within].astype(np.int64), geo.hw)
     small_at = torch.from_numpy(slot * geo.hw + pos).to(geo.device)
-    weight_at = torch.from_numpy(filt * n_cols + cols[slot]).to(geo.device)
+    weight_at = torch.from_numpy(cols[slot] * geo.k + filt).to(geo.device)
     return small_at, weight_at
+
+
+def _small_logits(block, pairs, cols, weights, bias, geo):
+    """Logits [P, H, W] of the pairs before upsampling (WEIGHTS: rows [C, K]), and the entries their
+    backward needs."""
+    small_at, weight_at = _entries(block, pairs, cols, geo)
+    small = torch.zeros(len(pairs) * geo.hw, device=geo.device)
+    small.index_add_(0, small_at, weights.view(-1).index_select(0, weight_at))
+    cols_t = torch.from_numpy(cols).to(geo.device)
+    small = small.view(len(pairs), geo.h, geo.w) + bias[cols_t][:, None, None]
+    return small, (small_at, weight_at, cols_t)
 
 
 def _upsampled_logits(block, pairs, cols, weights, bias, geo):
     """Logits [P, sh, sw] of the pairs (in GEO's buffer, overwritten by the next chunk), and the
     entries their backward needs."""
-    small_at, weight_at = _entries(block, pairs, cols, weights.shape[1], geo)
-    small = torch.zeros(len(pairs) * geo.hw, device=geo.device)
-    small.index_add_(0, small_at, weights.view(-1).index_select(0, weight_at))
-    cols_t = torch.from_numpy(cols).to(geo.device)
-    small = small.view(len(pairs), geo.h, geo.w) + bias[cols_t][:, None, None]
-    return geo.up(small, out=geo.buffers(len(pairs))[0]), (small_at, weight_at, cols_t)
+    small, entries = _small_logits(block, pairs, cols, weights, bias, geo)
+    return geo.up(small, out=geo.buffers(len(pairs))[0]), entries
 
 
 def _accumulate(block, pairs, cols, weights, bias, alpha, scale, loss_kind, geo, grad_w, grad_b=None):
-    """Add the gradient of sum_p scale_p * loss_p over PAIRS to grad_w [K, C] and grad_b [C] (if given)."""
+    """Add the gradient of sum_p scale_p * loss_p over PAIRS to grad_w and grad_b [C] (if given).
+    WEIGHTS and grad_w are concept rows [C, K]: a pair reads and writes one contiguous row."""
+    if geo.fused:
+        unused = grad_b is None
+        grad_b = torch.zeros_like(bias) if unused else grad_b
+        pixel_kernel.accumulate(
+            block, pairs, cols, weights, bias, alpha, scale, loss_kind, geo.rows, geo.columns, grad_w, grad_b
+        )
+        return
     logits, (small_at, weight_at, cols_t) = _upsampled_logits(block, pairs, cols, weights, bias, geo)
     labels = block.labels(pairs).to(geo.device)
     g_up = loss_gradient(logits, labels, alpha[cols_t], scale, loss_kind, workspace=geo.buffers(len(pairs))[1])
@@ -239,10 +276,12 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     bound = 1 / math.sqrt(n_filters)
     init = ((torch.rand(n_filters, n_cols, generator=gen) * 2 - 1) * bound).to(device)
-    keep = None if keep is None else keep.float().to(device)
-    weights = init if keep is None else init * keep
+    # Held as concept rows [C, K]: each pair's scatter and gather stay in one row, and a step moves
+    # only its concepts' rows (RowMomentum is MaskedMomentum's arithmetic).
+    keep = None if keep is None else keep.float().T.contiguous().to(device)
+    weights = (init.T if keep is None else init.T * keep).contiguous()
     bias = torch.zeros(n_cols, device=device)
-    sgd_w, sgd_b = MaskedMomentum(weights), MaskedMomentum(bias)
+    sgd_w, sgd_b = RowMomentum(weights), MaskedMomentum(bias)
     alpha = compute_alpha(source, column).to(device)
     geometries: dict[tuple, _Geometry] = {}
     for _ in range(epochs):
@@ -272,10 +311,12 @@ def train(
                         grad_w,
                         grad_b if use_bias else None,
                     )
-                stepped = stepped_columns(step_cols, n_cols, device)
-                weights = sgd_w.step(weights, grad_w if keep is None else grad_w * keep, stepped, lr)
+                moved = torch.from_numpy(np.unique(step_cols)).to(device)
+                grad_rows = grad_w[moved] if keep is None else grad_w[moved] * keep[moved]
+                sgd_w.step(weights, moved, grad_rows, lr)
                 if use_bias:
-                    bias = sgd_b.step(bias, grad_b, stepped, lr)
+                    bias = sgd_b.step(bias, grad_b, stepped_columns(step_cols, n_cols, device), lr)
+    weights = weights.T.contiguous()
     train_iou, val_iou = evaluate(source, column, weights, bias, per_image)
     return SegResult(concept_ids, weights.cpu(), bias.cpu().clone(), alpha.cpu(), train_iou, val_iou)
 
@@ -298,7 +339,7 @@ def evaluate(
     for cid, j in column.items():
         concept_of[j] = cid
     device = torch.device(device) if device is not None else weights.device
-    weights, bias = weights.to(device), bias.to(device)
+    weights, bias = weights.T.contiguous().to(device), bias.to(device)  # concept rows, as training holds them
     for block in blocks_of(source):
         geo = _Geometry(block, device)
         pairs, cols = _pairs_in(block, column, train_only=False)

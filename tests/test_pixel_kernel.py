@@ -1,0 +1,115 @@
+"""The compiled per-pixel loop of segmentation training (n2vdb/embed/pixel_kernel.py) against
+autograd through F.interpolate and the loss, and its sigmoid against torch's."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from n2vdb.embed import pixel_kernel, segmentation
+from n2vdb.embed.examples import SegExample, iter_blocks
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(2, 2), (2, 9), (3, 8), (13, 113), (7, 7), (5, 3)])
+def test_row_weights_rebuild_the_interpolation_matrix(n_in, n_out):
+    a = segmentation.upsample_matrix(n_in, n_out)
+    r, t = pixel_kernel.row_weights(a)
+    rebuilt = torch.zeros(n_out, n_in)
+    rebuilt[torch.arange(n_out), torch.from_numpy(r)] += torch.from_numpy(1 - t)
+    rebuilt[torch.arange(n_out), torch.from_numpy(r + 1)] += torch.from_numpy(t)
+    torch.testing.assert_close(rebuilt, a, rtol=0, atol=1e-6)
+
+
+def test_row_weights_refuse_a_matrix_that_is_no_interpolation():
+    with pytest.raises(ValueError, match="two-tap"):
+        pixel_kernel.row_weights(torch.full((4, 3), 1 / 3))
+
+
+def test_sigmoid_agrees_with_torch_over_the_whole_range():
+    """With loglik, no mask pixel, inside 0 and outside 1, a row's gradient is the sigmoid itself,
+    so the vectorised exp is checked directly, its clamped tails included."""
+    z = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([-87.5, -87.0, 0.0, 87.0, 87.5])]).numpy()
+    g, scratch, two_n = (np.empty_like(z), np.empty_like(z), np.empty(len(z), np.int32))
+    mask = np.zeros(len(z), bool)
+    pixel_kernel._row_gradient(z, -z, np.float32(0), mask, np.float32(0), np.float32(1), True, scratch, two_n, g)
+    want = torch.sigmoid(torch.from_numpy(z).double()).float()
+    torch.testing.assert_close(torch.from_numpy(g), want, rtol=2e-6, atol=1e-30)
+    pixel_kernel._row_gradient(-z, z, np.float32(1), mask, np.float32(0), np.float32(1), True, scratch, two_n, g)
+    torch.testing.assert_close(torch.from_numpy(g), want, rtol=2e-6, atol=1e-30)
+
+
+def _block(gen, k, h, w, sh, sw, n=6):
+    return next(iter_blocks(_examples(gen, k, h, w, sh, sw, n), 100))
+
+
+def _examples(gen, k, h, w, sh, sw, n):
+    examples = []
+    for i in range(n):
+        ids = np.array([1, 2, 4][: 1 + i % 3])
+        masks = torch.rand(len(ids), sh, sw, generator=gen) < (0.1 + 0.3 * (i % 2))
+        split = "val" if i % 5 == 4 else "train"
+        examples.append(SegExample(i, split, torch.rand(k, h, w, generator=gen) < 0.4, ids, masks))
+    return examples
+
+
+def _autograd(block, pairs, cols, weights, bias, alpha, scale, loss):
+    """d/dW, d/db of sum_p scale_p loss_p, straight from the definition: dense maps, F.interpolate."""
+    w, b = weights.clone().requires_grad_(), bias.clone().requires_grad_()
+    k, h, wd = block.map_shape
+    maps = torch.stack([block.example(int(block.pair_image[p])).binary.float() for p in pairs])
+    small = torch.einsum("pkhw,pk->phw", maps, w[:, cols].T) + b[cols][:, None, None]
+    up = F.interpolate(small[:, None], size=block.mask_shape, mode="bilinear", align_corners=True)[:, 0]
+    labels = block.labels(pairs).float()
+    (scale * segmentation.concept_loss(up, labels, alpha[cols], loss)).sum().backward()
+    return w.grad, b.grad
+
+
+@pytest.mark.parametrize("loss", ["paper", "loglik"])
+@pytest.mark.parametrize(("k", "h", "w", "sh", "sw", "spread"), [(4, 3, 5, 8, 11, 1.0), (6, 13, 13, 113, 113, 40.0)])
+def test_fused_gradient_equals_autograd_and_the_torch_path(loss, k, h, w, sh, sw, spread):
+    """SPREAD 40 puts most logits far into the sigmoid's flat tails (beyond the exp's clamp)."""
+    gen = torch.Generator().manual_seed(7)
+    block = _block(gen, k, h, w, sh, sw)
+    column = {1: 0, 2: 1, 4: 2}
+    pairs, cols = segmentation._pairs_in(block, column, train_only=True)
+    weights, bias = torch.randn(k, 3, generator=gen) * spread, torch.randn(3, generator=gen)
+    alpha, scale = torch.rand(3, generator=gen), torch.rand(len(pairs), generator=gen)
+
+    def accumulate(fused):
+        geo = segmentation._Geometry(block, torch.device("cpu"))
+        geo.fused = fused
+        grad_w, grad_b = torch.zeros(k, 3), torch.zeros(3)
+        grad_rows = grad_w.T.contiguous()
+        segmentation._accumulate(
+            block, pairs, cols, weights.T.contiguous(), bias, alpha, scale, loss, geo, grad_rows, grad_b
+        )
+        grad_w.copy_(grad_rows.T)
+        return grad_w, grad_b
+
+    want_w, want_b = _autograd(block, pairs, cols, weights, bias, alpha, scale, loss)
+    fused, plain = accumulate(True), accumulate(False)
+    for got in (fused, plain):
+        torch.testing.assert_close(got[0], want_w, rtol=1e-4, atol=1e-3 * want_w.abs().max().item() * 1e-2)
+        torch.testing.assert_close(got[1], want_b, rtol=1e-4, atol=1e-3 * want_b.abs().max().item() * 1e-2)
+    assert fused[0].abs().sum() > 0  # the comparison is not between zeros
+
+
+def test_training_on_the_cpu_runs_the_kernel(monkeypatch):
+    """The trainer's CPU path goes through the compiled loop (a broken kernel changes the weights),
+    and the torch passes give the same weights to float rounding."""
+    gen = torch.Generator().manual_seed(8)
+    examples = _examples(gen, 5, 3, 4, 9, 10, n=12)
+
+    def source():
+        return iter(examples)
+
+    args = dict(epochs=3, lr=0.05, batch_size=4, use_bias=True, seed=3)
+    fused = segmentation.train(source, [1, 2, 4], 5, **args)
+    monkeypatch.setattr(segmentation, "uses_pixel_kernel", lambda device: False)
+    plain = segmentation.train(source, [1, 2, 4], 5, **args)
+    torch.testing.assert_close(fused.weights, plain.weights, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fused.bias, plain.bias, rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr(segmentation, "uses_pixel_kernel", lambda device: True)
+    monkeypatch.setattr(pixel_kernel, "coefficients", lambda a, k, loss: (np.zeros(len(a), np.float32),) * 2)
+    frozen = segmentation.train(source, [1, 2, 4], 5, **args)
+    assert not torch.allclose(frozen.weights, plain.weights, rtol=1e-3, atol=1e-4)
