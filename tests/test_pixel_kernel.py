@@ -29,13 +29,16 @@ def test_sigmoid_agrees_with_torch_over_the_whole_range():
     """With loglik, no mask pixel, inside 0 and outside 1, a row's gradient is the sigmoid itself,
     so the vectorised exp is checked directly, its clamped tails included."""
     z = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([-87.5, -87.0, 0.0, 87.0, 87.5])]).numpy()
-    g, scratch, two_n = (np.empty_like(z), np.empty_like(z), np.empty(len(z), np.int32))
+    scratch, two_n = np.empty_like(z), np.empty(len(z), np.int32)
     mask = np.zeros(len(z), bool)
-    pixel_kernel._row_gradient(z, -z, np.float32(0), mask, np.float32(0), np.float32(1), True, scratch, two_n, g)
     want = torch.sigmoid(torch.from_numpy(z).double()).float()
-    torch.testing.assert_close(torch.from_numpy(g), want, rtol=2e-6, atol=1e-30)
-    pixel_kernel._row_gradient(-z, z, np.float32(1), mask, np.float32(0), np.float32(1), True, scratch, two_n, g)
-    torch.testing.assert_close(torch.from_numpy(g), want, rtol=2e-6, atol=1e-30)
+    for t in (0, 1):  # all of the row's gradient goes below (t = 0) or above (t = 1)
+        below, above = np.zeros_like(z), np.zeros_like(z)
+        x0, x1 = (z, -z) if t == 0 else (-z, z)
+        zero, one = np.float32(0), np.float32(1)
+        pixel_kernel._row_gradient(x0, x1, np.float32(t), mask, zero, one, True, scratch, two_n, below, above)
+        torch.testing.assert_close(torch.from_numpy(above if t else below), want, rtol=2e-6, atol=1e-30)
+        assert not (below if t else above).any()
 
 
 def _block(gen, k, h, w, sh, sw, n=6):
@@ -113,3 +116,33 @@ def test_training_on_the_cpu_runs_the_kernel(monkeypatch):
     monkeypatch.setattr(pixel_kernel, "coefficients", lambda a, k, loss: (np.zeros(len(a), np.float32),) * 2)
     frozen = segmentation.train(source, [1, 2, 4], 5, **args)
     assert not torch.allclose(frozen.weights, plain.weights, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_concept_parts_never_split_a_concept(n):
+    rng = np.random.default_rng(n)
+    for _ in range(50):
+        cols = np.sort(rng.integers(0, rng.integers(1, 9), rng.integers(0, 40)))
+        parts = pixel_kernel._concept_parts(cols, n)
+        assert parts[0] == 0 and parts[-1] == len(cols) and np.all(np.diff(parts) > 0) | (len(cols) == 0)
+        assert len(parts) - 1 <= max(n, 1)
+        for a, b in zip(parts[1:-1], parts[1:-1] - 1):
+            assert cols[a] != cols[b]  # a cut falls between two concepts
+
+
+def test_threads_give_the_same_gradient_bit_for_bit(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    block = _block(gen, 6, 13, 13, 113, 113, n=12)
+    column = {1: 0, 2: 1, 4: 2}
+    pairs, cols = segmentation._pairs_in(block, column, train_only=True)
+    weights, bias = torch.randn(3, 6, generator=gen), torch.randn(3, generator=gen)
+    alpha, scale = torch.rand(3, generator=gen), torch.rand(len(pairs), generator=gen)
+    geo = segmentation._Geometry(block, torch.device("cpu"))
+    grads = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
+        grad_w, grad_b = torch.zeros(3, 6), torch.zeros(3)
+        segmentation._accumulate(block, pairs, cols, weights, bias, alpha, scale, "paper", geo, grad_w, grad_b)
+        grads.append((grad_w, grad_b))
+    for grad_w, grad_b in grads[1:]:
+        assert torch.equal(grad_w, grads[0][0]) and torch.equal(grad_b, grads[0][1])
