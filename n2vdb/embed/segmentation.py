@@ -143,6 +143,13 @@ class _Geometry:
         self.rows = pixel_kernel.row_weights(self.a_h) if self.fused else None
         self.columns = pixel_kernel.row_weights(self.a_w) if self.fused else None
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._on_values_of: PairBlock | None = None
+
+    def on_values(self, block: PairBlock) -> tuple[np.ndarray, np.ndarray]:
+        """pixel_kernel.split_on_values of BLOCK, kept while the trainer is on that block."""
+        if self._on_values_of is not block:
+            self._on_values_of, self._on_values = block, pixel_kernel.split_on_values(block, self.hw)
+        return self._on_values
 
     def buffers(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two float [P, sh, sw] work buffers, overwritten by the next chunk."""
@@ -231,7 +238,19 @@ def _accumulate(block, pairs, cols, weights, bias, alpha, scale, loss_kind, geo,
         unused = grad_b is None
         grad_b = torch.zeros_like(bias) if unused else grad_b
         pixel_kernel.accumulate(
-            block, pairs, cols, weights, bias, alpha, scale, loss_kind, geo.rows, geo.columns, grad_w, grad_b
+            block,
+            pairs,
+            cols,
+            weights,
+            bias,
+            alpha,
+            scale,
+            loss_kind,
+            geo.rows,
+            geo.columns,
+            geo.on_values(block),
+            grad_w,
+            grad_b,
         )
         return
     logits, (small_at, weight_at, cols_t) = _upsampled_logits(block, pairs, cols, weights, bias, geo)
