@@ -76,6 +76,25 @@ _COMPILE = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy", 
 
 
 @njit(inline="always", **_COMPILE)
+def _logits_along_w(
+    first, stop, filters, positions, weights, bias, columns, t_columns, low, along_w
+):  # pragma: no cover
+    """A pair's low logits into LOW [H * W] (BIAS plus its concept's WEIGHTS [K] at each of the image's
+    on values [FIRST, STOP)), and their upsampling along the width into ALONG_W [H, sw]."""
+    one = np.float32(1)
+    n_low, width = along_w.shape
+    n_cols = len(low) // n_low
+    low[:] = bias
+    for at in range(first, stop):
+        low[positions[at]] += weights[filters[at]]
+    for r in range(n_low):  # each output column is two taps of the low row
+        base = r * n_cols
+        for j in range(width):
+            c, u = columns[j], t_columns[j]
+            along_w[r, j] = low[base + c] * (one - u) + low[base + c + 1] * u
+
+
+@njit(inline="always", **_COMPILE)
 def _row_gradient(x0, x1, t, mask, inside, outside, loglik, z, two_n, below, above):  # pragma: no cover
     """dL/dz along one output row, whose logits are (1 - t) X0 + t X1 (MASK its labels; INSIDE,
     OUTSIDE the pair's coefficients), added into the rows of its adjoint along the height: (1 - t)
@@ -153,15 +172,18 @@ def _pairs_gradient(
     for q in range(first, stop):
         image, col = images[q], cols[q]
         inside, outside = pos[q], neg[q]
-        low[:] = bias[col]
-        for at in range(offsets[image], offsets[image + 1]):
-            filt, where = filters[at], positions[at]
-            low[where] += weights[col, filt]
-        for r in range(n_low):  # along_w = low A_w^T: each column is two taps of the low row
-            base = r * n_cols
-            for j in range(width):
-                c, u = columns[j], t_columns[j]
-                along_w[r, j] = low[base + c] * (one - u) + low[base + c + 1] * u
+        _logits_along_w(
+            offsets[image],
+            offsets[image + 1],
+            filters,
+            positions,
+            weights[col],
+            bias[col],
+            columns,
+            t_columns,
+            low,
+            along_w,
+        )
         # Output rows cell by cell (those between low rows r and r + 1), their adjoint summed into two
         # separate rows, so the adds never wait on each other through memory: BELOW ends as row r's
         # and ABOVE carries into the next cell's BELOW.
@@ -195,6 +217,63 @@ def _pairs_gradient(
         for at in range(offsets[image], offsets[image + 1]):
             filt, where = filters[at], positions[at]
             grad_w[col, filt] += low[where]
+
+
+@njit(**_COMPILE)
+def _pairs_predicted(
+    offsets, filters, positions, images, cols, labels, weights, bias, rows, t_rows, columns, t_columns, inter, predicted
+):  # pragma: no cover (compiled; tests/test_pixel_kernel.py checks it against F.interpolate)
+    """Per pair q: PREDICTED[q] pixels where the upsampled logit is > 0 (sigmoid > 0.5) and INTER[q]
+    of them inside its mask (LABELS [P, sh, sw])."""
+    n_low, n_cols, width = rows[-1] + 2, columns[-1] + 2, len(columns)
+    low = np.empty(n_low * n_cols, np.float32)
+    along_w = np.empty((n_low, width), np.float32)
+    one = np.float32(1)
+    for q in range(len(images)):
+        image, col = images[q], cols[q]
+        _logits_along_w(
+            offsets[image],
+            offsets[image + 1],
+            filters,
+            positions,
+            weights[col],
+            bias[col],
+            columns,
+            t_columns,
+            low,
+            along_w,
+        )
+        hits, on = 0, 0
+        for i in range(len(rows)):
+            r, t = rows[i], t_rows[i]
+            x0, x1, mask = along_w[r], along_w[r + 1], labels[q, i]
+            for j in range(width):
+                positive = x0[j] * (one - t) + x1[j] * t > 0
+                on += positive
+                hits += positive & mask[j]
+        inter[q], predicted[q] = hits, on
+
+
+def predicted_counts(block, pairs, cols, weights, bias, rows, columns, on_values) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels predicted inside the mask, pixels predicted) per pair of BLOCK, M = sigmoid(logits) >
+    0.5 as segmentation.evaluate counts it; arguments as accumulate's (CPU tensors)."""
+    inter, predicted = np.zeros(len(pairs), np.int64), np.zeros(len(pairs), np.int64)
+    _pairs_predicted(
+        block.offsets,
+        *on_values,
+        block.pair_image[pairs],
+        cols,
+        block.labels(pairs).numpy(),
+        weights.contiguous().numpy(),
+        bias.numpy(),
+        rows[0],
+        rows[1],
+        columns[0],
+        columns[1],
+        inter,
+        predicted,
+    )
+    return inter, predicted
 
 
 def accumulate(block, pairs, cols, weights, bias, alpha, scale, loss, rows, columns, on_values, grad_w, grad_b) -> None:

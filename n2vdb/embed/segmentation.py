@@ -364,11 +364,18 @@ def evaluate(
         pairs, cols = _pairs_in(block, column, train_only=False)
         for start in range(0, len(pairs), CHUNK_PAIRS):
             part_pairs, part_cols = pairs[start : start + CHUNK_PAIRS], cols[start : start + CHUNK_PAIRS]
-            logits, _ = _upsampled_logits(block, part_pairs, part_cols, weights, bias, geo)
-            # Counted on packed bits: sigmoid(x) > 0.5 packed, ANDed with the stored mask bits.
-            pred = np.packbits((logits > 0).flatten(1).cpu().numpy(), axis=1)
-            i = _POPCOUNT[pred & block.mask_bits[part_pairs]].sum(1, dtype=np.int64)
-            u = _POPCOUNT[pred].sum(1, dtype=np.int64) + block.mask_pixels[part_pairs] - i
+            if geo.fused:
+                on_values = geo.on_values(block)
+                i, predicted = pixel_kernel.predicted_counts(
+                    block, part_pairs, part_cols, weights, bias, geo.rows, geo.columns, on_values
+                )
+                u = predicted + block.mask_pixels[part_pairs] - i
+            else:
+                logits, _ = _upsampled_logits(block, part_pairs, part_cols, weights, bias, geo)
+                # Counted on packed bits: sigmoid(x) > 0.5 packed, ANDed with the stored mask bits.
+                pred = np.packbits((logits > 0).flatten(1).cpu().numpy(), axis=1)
+                i = _POPCOUNT[pred & block.mask_bits[part_pairs]].sum(1, dtype=np.int64)
+                u = _POPCOUNT[pred].sum(1, dtype=np.int64) + block.mask_pixels[part_pairs] - i
             is_train = block.is_train[block.pair_image[part_pairs]]
             for split, chosen in (("train", is_train), ("val", ~is_train)):
                 np.add.at(inter[split], part_cols[chosen], i[chosen])
