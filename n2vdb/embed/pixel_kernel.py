@@ -62,13 +62,13 @@ def row_weights(a_h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return r, t
 
 
-def coefficients(alpha: torch.Tensor, scale: torch.Tensor, loss: str) -> tuple[np.ndarray, np.ndarray]:
+def coefficients(alpha: np.ndarray, scale: np.ndarray, loss: str) -> tuple[np.ndarray, np.ndarray]:
     """The two per-pair constants of dL/dz for pixels inside (pos) and outside (neg) the mask.
     paper: dL/dz = s (1 - s) (y ? -a : 1 - a) k; loglik: dL/dz = y ? a k (s - 1) : (1 - a) k s."""
-    a, k = alpha.double(), scale.double()
+    a, k = alpha.astype(np.float64), scale.astype(np.float64)
     pos = -a * k if loss == "paper" else a * k
     neg = (1 - a) * k
-    return pos.float().numpy(), neg.float().numpy()
+    return pos.astype(np.float32), neg.astype(np.float32)
 
 
 # nogil: the trainer runs disjoint groups of pairs in threads of its own (see accumulate).
@@ -281,15 +281,16 @@ def accumulate(block, pairs, cols, weights, bias, alpha, scale, loss, rows, colu
     concept rows [C, K]; bias, grad_b, alpha [C]; scale [P]) to grad_w and grad_b, as segmentation._accumulate's
     torch passes would. ROWS = row_weights(A_h) and COLUMNS = row_weights(A_w) give the upsampling,
     ON_VALUES = split_on_values(block, H * W) the block's on values."""
+    width = len(columns[0])
     by_concept = np.argsort(cols, kind="stable")
-    pairs, cols, scale = pairs[by_concept], cols[by_concept], scale[torch.from_numpy(by_concept)]
-    pos, neg = coefficients(alpha[torch.from_numpy(cols)], scale, loss)
+    pairs, cols = pairs[by_concept], cols[by_concept]
+    pos, neg = coefficients(alpha.numpy()[cols], scale.numpy()[by_concept], loss)
     args = (
         block.offsets,
         *on_values,
         block.pair_image[pairs],
         cols,
-        block.labels(pairs).numpy(),
+        np.unpackbits(block.mask_bits[pairs], axis=1, count=width * len(rows[0])).reshape(len(pairs), -1, width),
         weights.contiguous().numpy(),
         bias.numpy(),
         pos,

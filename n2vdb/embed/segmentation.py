@@ -10,19 +10,20 @@ frequent concept).
 
 The arithmetic is arranged for speed, not changed:
 - binary maps are sparse (a filter is on at ~0.5% of positions), so the H x W logits of a pair are a
-  scatter of W's entries over the image's on values, and the gradient a gather back;
+  scatter of its concept's weights over the image's on values, and the gradient a gather back; the
+  weights are held as concept rows [C, K], so both stay in one row;
 - bilinear upsampling (align_corners=True) is linear and separable: up = A_h X A_w^T with fixed
-  [sh, H] and [sw, W] matrices, and its backward is A_h^T G A_w, two small matrix products;
-- the loss's gradient with respect to the upsampled logits is written out (it needs one sigmoid per
-  pixel), so nothing per pixel is kept for autograd; it takes three passes over the pixels (sigmoid,
-  per-label coefficient, and aten's fused sigmoid_backward g s (1-s));
-- the scatter and gather indices of a chunk are computed once, as flat indices, for both directions;
-- pairs go through in chunks of CHUNK_PAIRS with two reused per-pixel buffers.
-Per pixel the work is then five memory-bound passes (upsampling product, sigmoid, coefficient, fused
-product, adjoint product) of ~0.3-0.5 ns each on one core. Measured and rejected: gather + lerp
-upsampling (eager: three passes instead of one product; torch.compile'd fused kernel: 5-10 s to
-compile and 6x slower than the products on this CPU), a per-pair lookup table for the coefficient
-from the packed mask bits (3% faster, not worth a second path), chunk sizes 32-256 (within 5% above 64).
+  [sh, H] and [sw, W] matrices, and its backward is A_h^T G A_w;
+- the loss's gradient with respect to the upsampled logits is written out (one sigmoid per pixel),
+  so nothing per pixel is kept for autograd.
+On the CPU, everything per pair is one compiled loop (pixel_kernel.py: the two-tap upsampling, the
+sigmoid and the loss's derivative row by row in cache, and the adjoints), in chunks of
+FUSED_CHUNK_PAIRS, with disjoint concepts in threads. On other devices the same arithmetic is torch
+passes over chunks of CHUNK_PAIRS in two reused [P, sh, sw] buffers: the two products, the sigmoid,
+a per-label coefficient and aten's fused sigmoid_backward. Those five passes were 86% of CPU
+training; the compiled loop does the work in about a quarter of their time. Measured and rejected
+for the torch passes: torch.compile (5-10 s to compile, slower than the products on the CPU), a
+lookup table for the coefficient (3%), chunk sizes 32-256 (within 5% above 64).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from n2vdb.embed.examples import CachedBlocks, ExampleSource, PairBlock, blocks_
 LOSSES = ("paper", "loglik")
 _POPCOUNT = np.array([bin(b).count("1") for b in range(256)], np.uint8)
 CHUNK_PAIRS = 128  # (image, concept) pairs per pass: 128 x 113 x 113 floats = 6.5 MB
+FUSED_CHUNK_PAIRS = 512  # per call of the compiled CPU loop: 512 x 113 x 113 mask bytes = 6.5 MB
 
 
 @dataclass
@@ -140,6 +142,8 @@ class _Geometry:
         self.device = device
         # On the CPU the per-pixel work is one compiled loop (pixel_kernel); elsewhere torch's passes.
         self.fused = uses_pixel_kernel(device)
+        # The compiled loop keeps nothing per pixel but the chunk's unpacked masks (1 byte per pixel).
+        self.chunk_pairs = FUSED_CHUNK_PAIRS if self.fused else CHUNK_PAIRS
         self.rows = pixel_kernel.row_weights(self.a_h) if self.fused else None
         self.columns = pixel_kernel.row_weights(self.a_w) if self.fused else None
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -315,8 +319,8 @@ def train(
                 step_pairs, step_cols = pairs[chosen], cols[chosen]
                 grad_w, grad_b = torch.zeros_like(weights), torch.zeros_like(bias)
                 scale_t = torch.from_numpy(scale).float().to(device)
-                for start in range(0, len(step_pairs), CHUNK_PAIRS):
-                    part = slice(start, start + CHUNK_PAIRS)
+                for start in range(0, len(step_pairs), geo.chunk_pairs):
+                    part = slice(start, start + geo.chunk_pairs)
                     _accumulate(
                         block,
                         step_pairs[part],
@@ -362,8 +366,9 @@ def evaluate(
     for block in blocks_of(source):
         geo = _Geometry(block, device)
         pairs, cols = _pairs_in(block, column, train_only=False)
-        for start in range(0, len(pairs), CHUNK_PAIRS):
-            part_pairs, part_cols = pairs[start : start + CHUNK_PAIRS], cols[start : start + CHUNK_PAIRS]
+        for start in range(0, len(pairs), geo.chunk_pairs):
+            part = slice(start, start + geo.chunk_pairs)
+            part_pairs, part_cols = pairs[part], cols[part]
             if geo.fused:
                 on_values = geo.on_values(block)
                 i, predicted = pixel_kernel.predicted_counts(
