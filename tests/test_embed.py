@@ -257,6 +257,39 @@ def test_classification_joint_equals_one_concept_at_a_time():
         torch.testing.assert_close(joint.bias[j], b, rtol=1e-4, atol=1e-6)
 
 
+def _balanced_by_stable_sort(labels, noise):
+    """The draw by definition: per concept, the minority and the majority images first in a stable
+    sort of the noise, as many as the minority."""
+    chosen = torch.zeros_like(labels)
+    for j in range(labels.shape[1]):
+        pos = labels[:, j]
+        minority = pos if pos.sum() <= (~pos).sum() else ~pos
+        size = int(minority.sum())
+        if size == 0 or size == len(pos):
+            continue
+        majority = torch.nonzero(~minority).flatten()
+        order = torch.argsort(noise[majority, j], stable=True)
+        chosen[minority, j] = True
+        chosen[majority[order[:size]], j] = True
+    return chosen
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_balanced_sample_equals_a_stable_sort_per_concept(monkeypatch, ties):
+    """The partial sort by (noise bits, index) draws what a stable sort of each concept's noise
+    draws, ties included (TIES: noise rounded to 1/8, so most draws tie)."""
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.rand(300, 150, generator=gen) < torch.rand(150, generator=gen) ** 3
+    labels[:, 0], labels[:, 1] = False, True  # no balanced sample
+    real_rand = torch.rand
+    if ties:
+        monkeypatch.setattr(torch, "rand", lambda *a, **kw: (real_rand(*a, **kw) * 8).floor() / 8)
+    noise = torch.rand(*labels.shape, generator=torch.Generator().manual_seed(6))
+    got = classification.balanced_sample(labels, torch.Generator().manual_seed(6))
+    assert torch.equal(got, _balanced_by_stable_sort(labels, noise))
+    assert got.any(0).sum() > 100  # most concepts have a draw to compare
+
+
 def test_balanced_sample_and_average_precision():
     labels = torch.tensor([[1, 0], [0, 0], [0, 1], [0, 1], [0, 1], [1, 1]], dtype=torch.bool)
     chosen = classification.balanced_sample(labels, torch.Generator().manual_seed(0))
