@@ -11,18 +11,20 @@ from n2vdb.embed.examples import SegExample, iter_blocks
 
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(2, 2), (2, 9), (3, 8), (13, 113), (7, 7), (5, 3)])
-def test_row_weights_rebuild_the_interpolation_matrix(n_in, n_out):
+def test_taps_rebuild_the_interpolation_matrix(n_in, n_out):
     a = segmentation.upsample_matrix(n_in, n_out)
-    r, t = pixel_kernel.row_weights(a)
+    low, weight, first = pixel_kernel.taps(a)
     rebuilt = torch.zeros(n_out, n_in)
-    rebuilt[torch.arange(n_out), torch.from_numpy(r)] += torch.from_numpy(1 - t)
-    rebuilt[torch.arange(n_out), torch.from_numpy(r + 1)] += torch.from_numpy(t)
+    rebuilt[torch.arange(n_out), torch.from_numpy(low)] += torch.from_numpy(1 - weight)
+    rebuilt[torch.arange(n_out), torch.from_numpy(low + 1)] += torch.from_numpy(weight)
     torch.testing.assert_close(rebuilt, a, rtol=0, atol=1e-6)
+    for r in range(n_in - 1):  # the outputs of each low tap, as the loop walks them
+        assert np.array_equal(np.arange(first[r], first[r + 1]), np.flatnonzero(low == r))
 
 
-def test_row_weights_refuse_a_matrix_that_is_no_interpolation():
+def test_taps_refuse_a_matrix_that_is_no_interpolation():
     with pytest.raises(ValueError, match="two-tap"):
-        pixel_kernel.row_weights(torch.full((4, 3), 1 / 3))
+        pixel_kernel.taps(torch.full((4, 3), 1 / 3))
 
 
 def test_sigmoid_agrees_with_torch_over_the_whole_range():

@@ -144,8 +144,8 @@ class _Geometry:
         self.fused = uses_pixel_kernel(device)
         # The compiled loop keeps nothing per pixel but the chunk's unpacked masks (1 byte per pixel).
         self.chunk_pairs = FUSED_CHUNK_PAIRS if self.fused else CHUNK_PAIRS
-        self.rows = pixel_kernel.row_weights(self.a_h) if self.fused else None
-        self.columns = pixel_kernel.row_weights(self.a_w) if self.fused else None
+        self.rows = pixel_kernel.taps(self.a_h) if self.fused else None
+        self.columns = pixel_kernel.taps(self.a_w) if self.fused else None
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._on_values_of: PairBlock | None = None
 
