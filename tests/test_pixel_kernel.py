@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from n2vdb.embed import pixel_kernel, segmentation
+from n2vdb.embed import pixel_kernel, segmentation, threads
 from n2vdb.embed.examples import SegExample, iter_blocks
 
 
@@ -125,7 +125,7 @@ def test_concept_parts_never_split_a_concept(n):
     rng = np.random.default_rng(n)
     for _ in range(50):
         cols = np.sort(rng.integers(0, rng.integers(1, 9), rng.integers(0, 40)))
-        parts = pixel_kernel._concept_parts(cols, n)
+        parts = threads.concept_parts(cols, n)
         assert parts[0] == 0 and parts[-1] == len(cols) and np.all(np.diff(parts) > 0) | (len(cols) == 0)
         assert len(parts) - 1 <= max(n, 1)
         for a, b in zip(parts[1:-1], parts[1:-1] - 1):
@@ -141,8 +141,8 @@ def test_threads_give_the_same_gradient_bit_for_bit(monkeypatch):
     alpha, scale = torch.rand(3, generator=gen), torch.rand(len(pairs), generator=gen)
     geo = segmentation._Geometry(block, torch.device("cpu"))
     grads = []
-    for threads in (1, 2, 3):
-        monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
+    for n_threads in (1, 2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=n_threads: n)
         grad_w, grad_b = torch.zeros(3, 6), torch.zeros(3)
         segmentation._accumulate(block, pairs, cols, weights, bias, alpha, scale, "paper", geo, grad_w, grad_b)
         grads.append((grad_w, grad_b))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import sys
-from functools import cache
 from typing import NamedTuple
 
 import numpy as np
@@ -48,6 +47,8 @@ def _prefer_wide_vectors() -> None:
 
 _prefer_wide_vectors()
 from numba import njit  # noqa: E402  (after the vector width is chosen)
+
+from n2vdb.embed import threads  # noqa: E402
 
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)  # ln 2 = HI + LO, HI exact in few bits
@@ -85,7 +86,7 @@ def coefficients(alpha: np.ndarray, scale: np.ndarray, loss: str) -> tuple[np.nd
     return pos.astype(np.float32), neg.astype(np.float32)
 
 
-# nogil: the trainer runs disjoint groups of pairs in threads of its own (see accumulate).
+# nogil: disjoint concepts run in threads (embed/threads.py).
 _COMPILE = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
 
 
@@ -306,11 +307,7 @@ def accumulate(block, pairs, cols, weights, bias, alpha, scale, loss, rows, colu
         grad_w.numpy(),
         grad_b.numpy(),
     )
-    parts = _concept_parts(cols, torch.get_num_threads())
-    if len(parts) <= 2:
-        _pairs_gradient(parts[0], parts[-1], *args)
-        return
-    list(_threads(len(parts) - 1).map(lambda i: _pairs_gradient(parts[i], parts[i + 1], *args), range(len(parts) - 1)))
+    threads.over_concepts(lambda first, stop: _pairs_gradient(first, stop, *args), cols)
 
 
 def split_on_values(block, hw: int) -> tuple[np.ndarray, np.ndarray]:
@@ -318,23 +315,3 @@ def split_on_values(block, hw: int) -> tuple[np.ndarray, np.ndarray]:
     per block: an integer division per value in the loop costs more than the arithmetic it feeds."""
     filters, positions = np.divmod(block.active, hw)
     return filters.astype(np.int32), positions.astype(np.int32)
-
-
-def _concept_parts(cols: np.ndarray, n: int) -> np.ndarray:
-    """Bounds of at most N runs of the (sorted) COLS, as equal in length as whole concepts allow: no
-    concept is split, so threads running the runs never write the same gradient row, and each row's
-    sum is the same in any split."""
-    starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]]) if len(cols) else np.zeros(0, np.int64)
-    if n <= 1 or len(starts) <= 1:
-        return np.array([0, len(cols)])
-    at = np.searchsorted(starts, np.linspace(0, len(cols), n + 1)[1:-1]).clip(max=len(starts) - 1)
-    cuts = starts[at]
-    return np.unique(np.r_[0, cuts, len(cols)])
-
-
-@cache
-def _threads(n: int):
-    """A pool of N threads, made once per size (the compiled loop releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(n, thread_name_prefix="n2vdb-pixels")
