@@ -121,3 +121,24 @@ def test_classification_with_keep_equals_masked_sgd_per_concept():
     for j, (w, b) in enumerate(reference):
         torch.testing.assert_close(joint.weights[:, j], w, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(joint.bias[j], b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_compiled_classification_epochs_equal_the_torch_steps(monkeypatch, with_keep):
+    """The CPU's compiled epoch (concept by concept) and the torch steps other devices run (every
+    concept's t-th batch at once) give the same weights, keep included."""
+    gen = torch.Generator().manual_seed(12)
+    n, k = 120, 7
+    features = torch.rand(n, k, generator=gen)
+    is_val = torch.arange(n) % 5 == 0
+    labels = torch.rand(n, 4, generator=gen) < torch.tensor([0.05, 0.3, 0.5, 0.8])
+    keep = (torch.rand(k, 4, generator=gen) < 0.6).float() if with_keep else None
+    args = dict(epochs=6, lr=0.1, batch_size=8, seed=2, keep=keep)
+    compiled = classification.train(features, labels, is_val, [1, 2, 3, 4], **args)
+    monkeypatch.setattr(classification, "uses_compiled_steps", lambda device: False)
+    steps = classification.train(features, labels, is_val, [1, 2, 3, 4], **args)
+    torch.testing.assert_close(compiled.weights, steps.weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.bias, steps.bias, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(
+        compiled.weights, classification.train(features, labels, is_val, [1, 2, 3, 4], **{**args, "epochs": 1}).weights
+    )

@@ -3,7 +3,9 @@
 All concepts train at once (W [K, C]), each as the reference trains it alone: every epoch a concept
 draws its own balanced sample (all images of its minority class plus as many of the majority), takes
 it in the epoch's order in batches of BATCH_SIZE, averages the loss over each batch's own count, and
-steps (momentum included) only on its own batches (n2vdb.embed.batches).
+steps (momentum included) only on its own batches (n2vdb.embed.batches). On the CPU an epoch is one
+compiled loop, concept by concept (cls_kernel.py); elsewhere torch steps, every concept's t-th batch
+at once: the same updates, since a concept's batches touch only its own row.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from n2vdb.embed import cls_kernel
 from n2vdb.embed.batches import RowMomentum, own_batches
 
 
@@ -60,6 +63,11 @@ def balanced_sample(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         chosen[smallest[take], cols[:, None].expand(-1, k)[take]] = True
     chosen[:, size == 0] = False  # a concept on every image or on none has no balanced sample
     return chosen
+
+
+def uses_compiled_steps(device: torch.device) -> bool:
+    """Whether training on DEVICE runs each epoch as cls_kernel's compiled CPU loop."""
+    return device.type == "cpu"
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -123,6 +131,24 @@ def train(
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order))
         images, cols = (t.numpy() for t in torch.nonzero(selection, as_tuple=True))
+        if uses_compiled_steps(device):  # the same steps, concept by concept in one compiled loop
+            velocity_w, velocity_b = sgd_w.velocity, sgd_b.velocity
+            cls_kernel.epoch(
+                images,
+                cols,
+                rank.numpy(),
+                on_device,
+                targets,
+                rows_w,
+                bias,
+                velocity_w,
+                velocity_b,
+                keep_rows,
+                batch_size,
+                lr_now,
+                sgd_w.momentum,
+            )
+            continue
         for chosen, scale in own_batches(cols, rank.numpy()[images], batch_size):
             img = torch.from_numpy(images[chosen]).to(device)
             step_cols = cols[chosen]
