@@ -7,6 +7,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,29 +33,35 @@ def store_examples(
 ) -> ExampleSource:
     """A re-iterable source of SegExamples: each call streams activations and masks again."""
     from n2vdb import activations as acts_store
-    from n2vdb.stats.iou import iter_masks
+    from n2vdb.data import pool
 
     thresholds = acts_store.thresholds(con, probe.probe_id).view(1, -1, 1, 1)
     shape = (probe.n_filters, probe.height, probe.width)
     rows = [dataset.rows[i] for i in acts_store.stored_order(con, probe.activation_probe)]
     split_of = {r.image_id: r.split for r in rows}
+    decode = partial(_packed_masks, dataset, np.array(sorted(pixel_concepts), np.int64))
 
     def generate() -> Iterator[SegExample]:
-        masks = iter_masks(dataset, rows, workers)
+        masks = pool.decoded(decode, rows, workers)
         for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape, batch=64):
             binary = acts_store.dequantise(codes, scales) > thresholds
             for i, image_id in enumerate(ids):
-                _, concept_ids, concept_masks = next(masks)
-                keep = np.array([int(c) in pixel_concepts for c in concept_ids], dtype=bool)
+                _, concept_ids, bits, (sh, sw) = next(masks)
+                unpacked = np.unpackbits(bits, axis=1, count=sh * sw).view(bool).reshape(len(bits), sh, sw)
                 yield SegExample(
-                    int(image_id),
-                    split_of[int(image_id)],
-                    binary[i],
-                    concept_ids[keep],
-                    concept_masks[torch.from_numpy(keep)],
+                    int(image_id), split_of[int(image_id)], binary[i], concept_ids, torch.from_numpy(unpacked)
                 )
 
     return generate
+
+
+def _packed_masks(dataset: BrodenDataset, pixel_concepts: np.ndarray, row):
+    """(image_id, pixel-level concept ids, their masks as packed bits [C, bytes], mask shape) of one
+    row. Packed in the worker: its results cross a pipe, and packed masks are an eighth the bytes."""
+    ids, masks = dataset.masks(row)
+    keep = np.isin(ids, pixel_concepts)
+    flat = masks[keep].reshape(int(keep.sum()), masks.shape[1] * masks.shape[2])
+    return row.image_id, ids[keep], np.packbits(flat, axis=1), masks.shape[1:]
 
 
 class PairBlock:
