@@ -303,36 +303,61 @@ def decode_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return rgb[..., 0].astype(np.int32) | (rgb[..., 1].astype(np.int32) << 8)
 
 
-def concept_masks(root: Path, row: ImageRow, known: dict[int, Label] | set[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(concept ids, bool masks [C, sh, sw]) of every concept in the image.
+@dataclass
+class LabelMaps:
+    """An image's labels as decoded, before any per-concept mask exists: each pixel-level channel's
+    label numbers and the image-level numbers. Consumers that only count pixels per concept (the IoU
+    stage) read these directly; masks() builds the bool masks."""
 
-    A concept's mask is the OR over every channel of every category it appears in;
-    an image-level label is an all-ones mask.
-    """
+    ids: np.ndarray  # int32 [C] every concept in the image, sorted
+    channels: list[np.ndarray]  # int32 [sh, sw] per mask PNG; 0 is unlabelled
+    whole: np.ndarray  # int32 image-level numbers (all-ones masks), sorted
+    shape: tuple[int, int]
+
+    def local(self) -> np.ndarray:
+        """label number -> its row in ids, -1 for none (index 0, unlabelled, is always -1)."""
+        lut = np.full(int(self.ids.max(initial=0)) + 1, -1, np.int64)
+        lut[self.ids] = np.arange(len(self.ids))
+        lut[0] = -1
+        return lut
+
+    def masks(self) -> np.ndarray:
+        """bool [C, sh, sw]: a concept's mask is the OR over every channel it appears in; an
+        image-level label's is all ones."""
+        masks = np.zeros((len(self.ids), self.shape[0] * self.shape[1]), dtype=bool)
+        if len(self.ids):
+            lut = self.local()
+            for codes in self.channels:
+                local = lut[codes.ravel()]
+                at = np.flatnonzero(local >= 0)
+                masks[local[at], at] = True
+            masks[np.searchsorted(self.ids, self.whole)] = True
+        return masks.reshape(len(self.ids), *self.shape)
+
+
+def label_maps(root: Path, row: ImageRow, known: dict[int, Label] | set[int]) -> LabelMaps:
+    """Every mask PNG of ROW decoded, with the concepts they and its image-level cells name; a
+    number missing from label.csv is refused."""
     shape = (row.sh, row.sw)
-    per_label: dict[int, np.ndarray] = {}
-    for paths in row.masks.values():
-        for rel in paths:
-            codes = decode_mask(dataset_file(root, rel), shape)
-            present = np.flatnonzero(np.bincount(codes.ravel()))
-            for number in present[present > 0].tolist():
-                hit = codes == number
-                if number in per_label:
-                    per_label[number] |= hit
-                else:
-                    per_label[number] = hit
-    for numbers in row.labels.values():
-        for number in numbers:
-            per_label[number] = np.ones(shape, dtype=bool)
-    unknown = sorted(n for n in per_label if n not in known)
+    channels = [decode_mask(dataset_file(root, rel), shape) for paths in row.masks.values() for rel in paths]
+    present: set[int] = set()
+    for codes in channels:
+        found = np.flatnonzero(np.bincount(codes.ravel()))
+        present.update(found[found > 0].tolist())
+    whole = sorted({number for numbers in row.labels.values() for number in numbers})
+    present.update(whole)
+    unknown = sorted(n for n in present if n not in known)
     if unknown:
         raise DatasetError(
             f"image {row.image} (index.csv line {row.image_id + 2}) uses label {unknown[0]} missing from label.csv"
         )
-    ids = np.array(sorted(per_label), dtype=np.int32)
-    if not len(ids):
-        return ids, np.zeros((0, *shape), dtype=bool)
-    return ids, np.stack([per_label[i] for i in ids])
+    return LabelMaps(np.array(sorted(present), dtype=np.int32), channels, np.array(whole, dtype=np.int32), shape)
+
+
+def concept_masks(root: Path, row: ImageRow, known: dict[int, Label] | set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(concept ids, bool masks [C, sh, sw]) of every concept in the image (LabelMaps.masks)."""
+    maps = label_maps(root, row, known)
+    return maps.ids, maps.masks()
 
 
 @dataclass
@@ -358,6 +383,9 @@ class BrodenDataset:
 
     def masks(self, row: ImageRow) -> tuple[np.ndarray, np.ndarray]:
         return concept_masks(self.root, row, self.labels)
+
+    def label_maps(self, row: ImageRow) -> LabelMaps:
+        return label_maps(self.root, row, self.labels)
 
     def concept_levels(self) -> dict[int, str]:
         """'image' for labels that only ever appear as image-level labels, else 'pixel'."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from n2vdb import activations as acts_store
 from n2vdb.data import pool
-from n2vdb.data.broden import BrodenDataset, ImageRow
+from n2vdb.data.broden import BrodenDataset, ImageRow, LabelMaps
 from n2vdb.probe import Probe
 from n2vdb.progress import progress_bar
 from n2vdb.stats import netdissect, pil_resize, upsample_patterns
@@ -77,19 +77,33 @@ def label_side(masks: torch.Tensor, layer: tuple[int, int] | None) -> LabelSide:
     tab = upsample_patterns.table(*layer, *masks.shape[1:]) if layer is not None and len(masks) else None
     if tab is None:
         return LabelSide(masks.flatten(1).sum(dim=1), None, masks)
-    counts = upsample_patterns.label_counts(masks, tab)
+    return _counted(upsample_patterns.label_counts(masks, tab), tab)
+
+
+def _counted(counts: torch.Tensor, tab: upsample_patterns.PatternTable) -> LabelSide:
+    """The LabelSide of per-cell counts [C, cells * 16] (float)."""
     # Pattern 15 (all corners on) turns on every pixel of its cell, and every pixel has one cell.
     area = counts[:, 15::16].sum(dim=1).round().long()
     # A cell holds at most tab.order.shape[1] pixels: counts that fit in a byte travel as bytes.
     return LabelSide(area, counts.to(torch.uint8 if tab.order.shape[1] <= 255 else torch.int32), None)
 
 
+def maps_side(maps: LabelMaps, layer: tuple[int, int] | None) -> LabelSide:
+    """label_side of an image's decoded label maps: with a pattern table, the counts come straight from
+    the label numbers (upsample_patterns.code_counts), no per-concept mask built; else its masks."""
+    if layer is None or not len(maps.ids) or upsample_patterns.table(*layer, *maps.shape) is None:
+        return label_side(torch.from_numpy(maps.masks()), layer)
+    tab, types = upsample_patterns.table(*layer, *maps.shape), upsample_patterns.pixel_types(*layer, *maps.shape)
+    whole = np.searchsorted(maps.ids, maps.whole)
+    return _counted(upsample_patterns.code_counts(maps.channels, maps.local(), whole, len(maps.ids), tab, types), tab)
+
+
 def _label_arrays(dataset: BrodenDataset, layer: tuple[int, int] | None, row: ImageRow):
     """(image_id, concept ids, LabelSide as numpy arrays) of one row. A worker sends numpy arrays:
     pickled inline, where tensors would each cost a shared-memory file and its handover."""
-    ids, masks = dataset.masks(row)
-    side = label_side(torch.from_numpy(masks), layer)
-    return row.image_id, ids, tuple(None if t is None else t.numpy() for t in (side.area, side.counts, side.masks))
+    maps = dataset.label_maps(row)
+    side = maps_side(maps, layer)
+    return row.image_id, maps.ids, tuple(None if t is None else t.numpy() for t in (side.area, side.counts, side.masks))
 
 
 def iter_label_sides(

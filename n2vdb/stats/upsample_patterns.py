@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -140,6 +141,56 @@ def label_counts(labels: torch.Tensor, tab: PatternTable) -> torch.Tensor:
         count = torch.bmm(by_cell.transpose(0, 1), tab.on)  # [cells, n, 16]
         out[start : start + len(part)] = count.transpose(0, 1).reshape(len(part), -1)
     return out
+
+
+@dataclass(frozen=True)
+class PixelTypes:
+    """The output pixels of a geometry grouped by what the 16 patterns do to them: within a cell, a
+    pixel's on/off column over the patterns depends only on where it sits, and few columns occur
+    (18 for 13x13 -> 113x113), so per-cell counts are per-(cell, type) pixel counts times values."""
+
+    key: np.ndarray  # int64 [sh * sw]: cell * n_types + type of each output pixel
+    values: np.ndarray  # float32 [n_types, 16]: 1 where the pattern turns a pixel of the type on
+    n_types: int
+
+
+@functools.lru_cache(maxsize=64)
+def pixel_types(h: int, w: int, sh: int, sw: int) -> PixelTypes | None:
+    """The pixel types of a geometry, read off its pattern table (None where there is none)."""
+    tab = table(h, w, sh, sw)
+    if tab is None:
+        return None
+    order = tab.order.flatten()
+    real = order < sh * sw  # padding slots name no pixel
+    values, inverse = torch.unique(tab.on.flatten(0, 1)[real], dim=0, return_inverse=True)
+    cell = torch.arange(tab.cells).repeat_interleave(tab.order.shape[1])[real]
+    key = torch.empty(sh * sw, dtype=torch.int64)
+    key[order[real]] = cell * len(values) + inverse
+    return PixelTypes(key.numpy(), values.numpy().astype(np.float32), len(values))
+
+
+def code_counts(
+    channels: list[np.ndarray], local: np.ndarray, whole: np.ndarray, n: int, tab: PatternTable, types: PixelTypes
+) -> np.ndarray:
+    """label_counts of an image's concept masks straight from its decoded label maps, no mask built.
+    CHANNELS: int label maps [sh, sw]; LOCAL: label number -> concept row (-1: none, as for 0);
+    WHOLE: rows of image-level concepts (all-ones masks); N concepts -> float32 tensor [N, cells * 16]."""
+    per_image = tab.cells * types.n_types
+    keys = []
+    for j, codes in enumerate(channels):
+        flat = codes.ravel()
+        for earlier in channels[:j]:  # a mask is the OR of its channels: each (pixel, label) once
+            flat = np.where(flat == earlier.ravel(), 0, flat)
+        rows = local[flat]
+        at = rows >= 0
+        keys.append(rows[at] * per_image + types.key[at])
+    pixels = np.bincount(np.concatenate(keys) if keys else np.zeros(0, np.int64), minlength=n * per_image)
+    # Integers below 2^24 in float32: the product is exact, as label_counts' is. In torch, whose
+    # thread count a worker sets to one (numpy's BLAS would start threads of its own in every worker).
+    pixels = torch.from_numpy(pixels.reshape(n * tab.cells, types.n_types).astype(np.float32))
+    counts = (pixels @ torch.from_numpy(types.values)).view(n, -1)
+    counts[torch.from_numpy(whole)] = tab.area.flatten()  # every pixel of every cell is on
+    return counts
 
 
 def batch_overlaps(

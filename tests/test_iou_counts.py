@@ -1,0 +1,73 @@
+"""The IoU stage's label side from decoded label numbers (no per-concept mask) equals the one from masks."""
+
+import numpy as np
+import pytest
+import torch
+
+from n2vdb.data.broden import LabelMaps
+from n2vdb.stats import iou, upsample_patterns
+
+
+def random_maps(rng, shape, n_channels=4) -> LabelMaps:
+    """Channels drawing from overlapping label sets (as Broden's two part channels share one), so that
+    a label often sits at the same pixel in two channels; one image-level label is also a pixel label."""
+    pools = [range(1, 6), range(4, 9), range(4, 9), range(20, 23)][:n_channels]
+    channels = []
+    for pool in pools:
+        codes = rng.choice(list(pool), size=shape).astype(np.int32)
+        codes[rng.random(shape) < 0.3] = 0
+        channels.append(codes)
+    whole = np.array([5, 40], np.int32)
+    present = set(np.unique(np.stack(channels)).tolist()) - {0} | set(whole.tolist())
+    return LabelMaps(np.array(sorted(present), np.int32), channels, whole, shape)
+
+
+def reference_masks(maps: LabelMaps) -> np.ndarray:
+    """OR over channels, one label at a time; all ones for image-level labels."""
+    out = []
+    for number in maps.ids:
+        mask = np.zeros(maps.shape, bool)
+        for codes in maps.channels:
+            mask |= codes == number
+        out.append(mask | (number in maps.whole))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize(
+    "layer,shape", [((13, 13), (113, 113)), ((6, 6), (25, 25)), ((8, 8), (12, 31)), ((5, 7), (19, 23))]
+)
+def test_counts_from_label_numbers_equal_counts_from_masks(layer, shape):
+    rng = np.random.default_rng(sum(shape))
+    for _ in range(3):
+        maps = random_maps(rng, shape)
+        masks = maps.masks()
+        assert np.array_equal(masks, reference_masks(maps))
+        from_masks = iou.label_side(torch.from_numpy(masks), layer)
+        from_numbers = iou.maps_side(maps, layer)
+        assert from_masks.counts is not None and from_numbers.masks is None
+        assert from_numbers.counts.dtype == from_masks.counts.dtype
+        assert torch.equal(from_numbers.counts, from_masks.counts)
+        assert torch.equal(from_numbers.area, from_masks.area)
+        assert torch.equal(from_numbers.area, torch.from_numpy(masks.reshape(len(masks), -1).sum(1)))
+
+
+def test_no_table_or_no_concepts_falls_back_to_masks():
+    rng = np.random.default_rng(0)
+    maps = random_maps(rng, (9, 1))  # a 1-pixel side: no pattern table
+    side = iou.maps_side(maps, (4, 1))
+    assert side.counts is None and torch.equal(side.masks, torch.from_numpy(reference_masks(maps)))
+    empty = LabelMaps(np.zeros(0, np.int32), [np.zeros((7, 7), np.int32)], np.zeros(0, np.int32), (7, 7))
+    side = iou.maps_side(empty, (3, 3))
+    assert side.masks.shape == (0, 7, 7) and len(side.area) == 0
+
+
+def test_pixel_types_reproduce_the_pattern_table():
+    """Every pixel's type column is its own on/off column in the table, and types are few."""
+    tab, types = upsample_patterns.table(13, 13, 113, 113), upsample_patterns.pixel_types(13, 13, 113, 113)
+    assert types.n_types <= 32
+    order, on = tab.order.flatten(), tab.on.flatten(0, 1)
+    real = order < 113 * 113
+    cell = torch.arange(tab.cells).repeat_interleave(tab.order.shape[1])[real]
+    key = torch.from_numpy(types.key)[order[real]]
+    assert torch.equal(key // types.n_types, cell)
+    assert torch.equal(torch.from_numpy(types.values)[key % types.n_types], on[real])
