@@ -71,3 +71,23 @@ def test_pixel_types_reproduce_the_pattern_table():
     key = torch.from_numpy(types.key)[order[real]]
     assert torch.equal(key // types.n_types, cell)
     assert torch.equal(torch.from_numpy(types.values)[key % types.n_types], on[real])
+
+
+def test_code_cutoffs_threshold_codes_exactly_as_dequantised_values():
+    """codes >= cutoffs equals dequantise(codes, scales) > thresholds for every code, with thresholds
+    placed exactly on a code's product, one float above it, below zero, and scales from 1e-8 to 1e3."""
+    from n2vdb import activations as acts_store
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 500, 8
+    codes = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(n, k, 16, 16)
+    scales = torch.rand(n, k, generator=gen) * 10.0 ** torch.randint(-8, 4, (n, k), generator=gen).float()
+    scales[:5] = 0
+    for trial in range(6):
+        on_code = torch.randint(0, 256, (k,), generator=gen).float() * scales[trial * 80]
+        thresholds = [on_code, torch.nextafter(on_code, torch.full_like(on_code, 1e30)), on_code - 1.0][trial % 3]
+        cutoffs = iou.code_cutoffs(scales, thresholds)
+        assert cutoffs is not None and cutoffs.min() >= 0 and cutoffs.max() <= 256
+        got = (codes >= cutoffs.clamp(max=255).to(torch.uint8)[..., None, None]) & (cutoffs <= 255)[..., None, None]
+        assert torch.equal(got, acts_store.dequantise(codes, scales) > thresholds.view(1, -1, 1, 1))
+    assert iou.code_cutoffs(scales, thresholds.double()) is None

@@ -166,12 +166,17 @@ def iter_batch_overlaps(
     device = torch.device(device)
     thresholds = thresholds.to(device)
     for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, (k, h, w), batch=batch):
-        values = acts_store.dequantise(codes, scales, device)
+        codes, scales = torch.as_tensor(codes, device=device), torch.as_tensor(scales, device=device)
+        cutoffs = code_cutoffs(scales, thresholds) if mode == "net2vec" else None
+        # The dequantised activations, only where cutoffs cannot stand for them.
+        values = acts_store.dequantise(codes, scales) if cutoffs is None else None
         decoded = []
         for image_id in ids:
             side_id, concept_ids, side = next(sides)
             assert side_id == image_id, "activations and masks out of step"
             decoded.append((np.asarray(concept_ids, dtype=np.int64), side))
+        if values is None and any(side.counts is None and len(side.area) for _, side in decoded):
+            values = acts_store.dequantise(codes, scales)
         sizes = np.array([len(c) for c, _ in decoded], dtype=np.int64)
         first_pair = np.cumsum(sizes) - sizes
         n = int(sizes.sum())
@@ -196,9 +201,15 @@ def iter_batch_overlaps(
             tab = upsample_patterns.table_on(h, w, *size, device)
             pair_image = torch.from_numpy(np.repeat(np.arange(len(members)), sizes[members])).to(device)
             counts = torch.cat([decoded[i][1].counts for i in members]).to(device)
-            group_inter, group_area = upsample_patterns.batch_overlaps(
-                values[members] > thresholds.view(1, -1, 1, 1), counts, pair_image, tab
-            )
+            chosen = torch.as_tensor(members, device=device) if len(members) < len(ids) else slice(None)
+            if cutoffs is not None:
+                group_inter, group_area = upsample_patterns.code_overlaps(
+                    codes[chosen], cutoffs[chosen], counts, pair_image, tab
+                )
+            else:
+                group_inter, group_area = upsample_patterns.batch_overlaps(
+                    values[chosen] > thresholds.view(1, -1, 1, 1), counts, pair_image, tab
+                )
             inter[pairs] = group_inter.cpu()
             mask_area[members] = group_area.cpu()
         yield BatchOverlaps(
@@ -209,6 +220,31 @@ def iter_batch_overlaps(
             mask_area,
             label_area,
         )
+
+
+def code_cutoffs(scales: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor | None:
+    """Per (image, filter), the least stored code whose dequantised value is above the filter's
+    threshold (256 where none is), so that codes >= cutoffs is exactly
+    activations.dequantise(codes, scales) > thresholds, without dequantising: scales [n, K] float32,
+    thresholds [K]. None where that cannot be vouched for (thresholds not float32)."""
+    if thresholds.dtype != torch.float32 or scales.dtype != torch.float32:
+        return None
+    s, t = scales, thresholds.view(1, -1).expand_as(scales)
+    # dequantise's value of code c is the float32 product c * s: monotone in c, and within half an
+    # ulp of the real product. A code at or below floor(t / s) - 2 is off for certain (its real
+    # product is at most t - s, so rounding gives at most t); the boundary lies among the next five,
+    # each tried with dequantise's own float32 product (checked below).
+    positive = s > 0
+    ratio = torch.where(positive, t.double() / torch.where(positive, s, 1).double(), 0)
+    low = (torch.floor(ratio) - 2).clamp(-3, 256)
+    tried = low[..., None] + torch.arange(1, 6, device=s.device, dtype=low.dtype)
+    on = tried.float() * s[..., None] > t[..., None]
+    cutoffs = low.long() + 1 + (~on).sum(dim=-1)
+    if not bool((on[..., -1] | (tried[..., -1] > 255) | ~positive).all()):
+        return None  # the boundary was not among the five (not expected: then the general path)
+    # A zero scale stores all-zero maps: on everywhere or nowhere.
+    zero = torch.where(t < 0, 0, 256).to(cutoffs.dtype)
+    return torch.where(positive, cutoffs, zero).clamp(0, 256)
 
 
 def image_overlaps(

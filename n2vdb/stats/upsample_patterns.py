@@ -199,12 +199,40 @@ def batch_overlaps(
     """binary [B, K, H, W] bool; counts [N, cells * 16] (label_counts, any dtype) of N concept masks, mask n
     belonging to image pair_image[n] (non-decreasing) -> (intersections [N, K], |M| [B, K])."""
     b, k = binary.shape[:2]
+    pattern = cell_patterns(binary.flatten(0, 1))  # [B * K, cells]
+    rows, cells = torch.nonzero(pattern, as_tuple=True)
+    return _entry_overlaps(b, k, rows, cells * 16 + pattern[rows, cells].long(), counts, pair_image, tab)
+
+
+def code_overlaps(
+    codes: torch.Tensor, cutoffs: torch.Tensor, counts: torch.Tensor, pair_image: torch.Tensor, tab: PatternTable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_overlaps of the binary maps codes >= cutoffs: codes [B, K, H, W] uint8, cutoffs [B, K] integers
+    (256 and above: no code is on). Only the maps with some position on are read: with thresholds at a
+    top quantile most (image, filter) maps have none (NetDissect-Lite skips those units too)."""
+    b, k = codes.shape[:2]
+    flat = cutoffs.flatten()
+    live = torch.nonzero(flat <= 255).flatten()  # (image, filter) rows whose largest code could be on
+    binary = codes.reshape(b * k, *codes.shape[2:])[live] >= flat[live].clamp(min=0).to(torch.uint8)[:, None, None]
+    pattern = cell_patterns(binary)  # [live, cells]
+    at, cells = torch.nonzero(pattern, as_tuple=True)
+    return _entry_overlaps(b, k, live[at], cells * 16 + pattern[at, cells].long(), counts, pair_image, tab)
+
+
+def _entry_overlaps(
+    b: int,
+    k: int,
+    rows: torch.Tensor,
+    code: torch.Tensor,
+    counts: torch.Tensor,
+    pair_image: torch.Tensor,
+    tab: PatternTable,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums behind batch_overlaps, from the (image, filter, cell) entries with some corner on:
+    ROWS = image * K + filter, CODE = cell * 16 + pattern."""
     n, device = len(counts), counts.device
-    pattern = cell_patterns(binary.flatten(0, 1)).view(b, k, tab.cells)
-    images, filters, cells = torch.nonzero(pattern, as_tuple=True)
-    code = cells * 16 + pattern[images, filters, cells].long()
-    row = images * k + filters
-    mask_area = torch.zeros(b * k, device=device).index_add_(0, row, tab.area.flatten()[code]).view(b, k)
+    images = torch.div(rows, k, rounding_mode="floor")
+    mask_area = torch.zeros(b * k, device=device).index_add_(0, rows, tab.area.flatten()[code]).view(b, k)
     if n == 0:
         return torch.zeros(0, k, device=device), mask_area
     # Each image's masks in slots 0..C_b-1 of a padded [B, cells * 16, C_max] table, so that one
@@ -218,7 +246,7 @@ def batch_overlaps(
     source = images * (tab.cells * 16) + code
     inter = torch.zeros(b * k, width, device=device)
     step = max(1, _GATHER_FLOATS // width)
-    for start in range(0, len(row), step):
-        inter.index_add_(0, row[start : start + step], table_rows[source[start : start + step]].float())
+    for start in range(0, len(rows), step):
+        inter.index_add_(0, rows[start : start + step], table_rows[source[start : start + step]].float())
     inter = inter.view(b, k, width)[pair_image, :, slot]  # [N, K]
     return inter, mask_area
