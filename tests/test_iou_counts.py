@@ -6,6 +6,7 @@ import torch
 
 from n2vdb.data.broden import LabelMaps
 from n2vdb.stats import iou, upsample_patterns
+from n2vdb.stats.thresholds import code_cutoffs
 
 
 def random_maps(rng, shape, n_channels=4) -> LabelMaps:
@@ -86,8 +87,8 @@ def test_code_cutoffs_threshold_codes_exactly_as_dequantised_values():
     for trial in range(6):
         on_code = torch.randint(0, 256, (k,), generator=gen).float() * scales[trial * 80]
         thresholds = [on_code, torch.nextafter(on_code, torch.full_like(on_code, 1e30)), on_code - 1.0][trial % 3]
-        cutoffs = iou.code_cutoffs(scales, thresholds)
+        cutoffs = code_cutoffs(scales, thresholds)
         assert cutoffs is not None and cutoffs.min() >= 0 and cutoffs.max() <= 256
         got = (codes >= cutoffs.clamp(max=255).to(torch.uint8)[..., None, None]) & (cutoffs <= 255)[..., None, None]
         assert torch.equal(got, acts_store.dequantise(codes, scales) > thresholds.view(1, -1, 1, 1))
-    assert iou.code_cutoffs(scales, thresholds.double()) is None
+    assert code_cutoffs(scales, thresholds.double()) is None

@@ -25,6 +25,7 @@ from n2vdb.data.broden import BrodenDataset, ImageRow, LabelMaps
 from n2vdb.probe import Probe
 from n2vdb.progress import progress_bar
 from n2vdb.stats import netdissect, pil_resize, upsample_patterns
+from n2vdb.stats.thresholds import code_cutoffs
 from n2vdb.store import writer
 from n2vdb.store.connection import first, transaction
 from n2vdb.store.sessions import Store
@@ -220,31 +221,6 @@ def iter_batch_overlaps(
             mask_area,
             label_area,
         )
-
-
-def code_cutoffs(scales: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor | None:
-    """Per (image, filter), the least stored code whose dequantised value is above the filter's
-    threshold (256 where none is), so that codes >= cutoffs is exactly
-    activations.dequantise(codes, scales) > thresholds, without dequantising: scales [n, K] float32,
-    thresholds [K]. None where that cannot be vouched for (thresholds not float32)."""
-    if thresholds.dtype != torch.float32 or scales.dtype != torch.float32:
-        return None
-    s, t = scales, thresholds.view(1, -1).expand_as(scales)
-    # dequantise's value of code c is the float32 product c * s: monotone in c, and within half an
-    # ulp of the real product. A code at or below floor(t / s) - 2 is off for certain (its real
-    # product is at most t - s, so rounding gives at most t); the boundary lies among the next five,
-    # each tried with dequantise's own float32 product (checked below).
-    positive = s > 0
-    ratio = torch.where(positive, t.double() / torch.where(positive, s, 1).double(), 0)
-    low = (torch.floor(ratio) - 2).clamp(-3, 256)
-    tried = low[..., None] + torch.arange(1, 6, device=s.device, dtype=low.dtype)
-    on = tried.float() * s[..., None] > t[..., None]
-    cutoffs = low.long() + 1 + (~on).sum(dim=-1)
-    if not bool((on[..., -1] | (tried[..., -1] > 255) | ~positive).all()):
-        return None  # the boundary was not among the five (not expected: then the general path)
-    # A zero scale stores all-zero maps: on everywhere or nowhere.
-    zero = torch.where(t < 0, 0, 256).to(cutoffs.dtype)
-    return torch.where(positive, cutoffs, zero).clamp(0, 256)
 
 
 def image_overlaps(
