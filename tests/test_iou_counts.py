@@ -19,8 +19,9 @@ def random_maps(rng, shape, n_channels=4) -> LabelMaps:
         codes[rng.random(shape) < 0.3] = 0
         channels.append(codes)
     whole = np.array([5, 40], np.int32)
-    present = set(np.unique(np.stack(channels)).tolist()) - {0} | set(whole.tolist())
-    return LabelMaps(np.array(sorted(present), np.int32), channels, whole, shape)
+    per_channel = [np.setdiff1d(np.unique(c), [0]).astype(np.int32) for c in channels]
+    present = set(np.concatenate(per_channel).tolist()) | set(whole.tolist())
+    return LabelMaps(np.array(sorted(present), np.int32), channels, per_channel, whole, shape)
 
 
 def reference_masks(maps: LabelMaps) -> np.ndarray:
@@ -57,7 +58,9 @@ def test_no_table_or_no_concepts_falls_back_to_masks():
     maps = random_maps(rng, (9, 1))  # a 1-pixel side: no pattern table
     side = iou.maps_side(maps, (4, 1))
     assert side.counts is None and torch.equal(side.masks, torch.from_numpy(reference_masks(maps)))
-    empty = LabelMaps(np.zeros(0, np.int32), [np.zeros((7, 7), np.int32)], np.zeros(0, np.int32), (7, 7))
+    empty = LabelMaps(
+        np.zeros(0, np.int32), [np.zeros((7, 7), np.int32)], [np.zeros(0, np.int32)], np.zeros(0, np.int32), (7, 7)
+    )
     side = iou.maps_side(empty, (3, 3))
     assert side.masks.shape == (0, 7, 7) and len(side.area) == 0
 

@@ -214,10 +214,11 @@ def _is_link(path: str) -> bool:
         return False  # a missing file is reported where it is read
 
 
-def dataset_file(root: Path, rel: str) -> Path:
+def dataset_file(root: Path, rel: str, paths: _Paths | None = None) -> Path:
     """ROOT/images/REL, refused when it resolves (symlinks included) outside ROOT: the read-side
-    guard, for a directory that changed after it was checked."""
-    why = _Paths(root).outside(rel)
+    guard, for a directory that changed after it was checked. PATHS: a _Paths of ROOT to reuse across
+    the files of one image (its folders resolved once)."""
+    why = (paths or _Paths(root)).outside(rel)
     if why:
         raise DatasetError(f"{rel!r} in {root}/index.csv {why}; paths must stay inside the dataset directory")
     return root / "images" / rel
@@ -311,6 +312,7 @@ class LabelMaps:
 
     ids: np.ndarray  # int32 [C] every concept in the image, sorted
     channels: list[np.ndarray]  # int32 [sh, sw] per mask PNG; 0 is unlabelled
+    present: list[np.ndarray]  # int32 per channel: the label numbers it holds, sorted
     whole: np.ndarray  # int32 image-level numbers (all-ones masks), sorted
     shape: tuple[int, int]
 
@@ -326,11 +328,11 @@ class LabelMaps:
         image-level label's is all ones."""
         masks = np.zeros((len(self.ids), self.shape[0] * self.shape[1]), dtype=bool)
         if len(self.ids):
-            lut = self.local()
-            for codes in self.channels:
-                local = lut[codes.ravel()]
-                at = np.flatnonzero(local >= 0)
-                masks[local[at], at] = True
+            row_of = dict(zip(self.ids.tolist(), range(len(self.ids))))
+            for codes, numbers in zip(self.channels, self.present):
+                flat = codes.ravel()
+                for number in numbers.tolist():
+                    masks[row_of[number]] |= flat == number
             masks[np.searchsorted(self.ids, self.whole)] = True
         return masks.reshape(len(self.ids), *self.shape)
 
@@ -338,12 +340,15 @@ class LabelMaps:
 def label_maps(root: Path, row: ImageRow, known: dict[int, Label] | set[int]) -> LabelMaps:
     """Every mask PNG of ROW decoded, with the concepts they and its image-level cells name; a
     number missing from label.csv is refused."""
-    shape = (row.sh, row.sw)
-    channels = [decode_mask(dataset_file(root, rel), shape) for paths in row.masks.values() for rel in paths]
-    present: set[int] = set()
+    shape, resolver = (row.sh, row.sw), _Paths(root)
+    channels = [decode_mask(dataset_file(root, rel, resolver), shape) for paths in row.masks.values() for rel in paths]
+    per_channel = []
     for codes in channels:
         found = np.flatnonzero(np.bincount(codes.ravel()))
-        present.update(found[found > 0].tolist())
+        per_channel.append(found[found > 0].astype(np.int32))
+    present: set[int] = set()
+    for found in per_channel:
+        present.update(found.tolist())
     whole = sorted({number for numbers in row.labels.values() for number in numbers})
     present.update(whole)
     unknown = sorted(n for n in present if n not in known)
@@ -351,7 +356,8 @@ def label_maps(root: Path, row: ImageRow, known: dict[int, Label] | set[int]) ->
         raise DatasetError(
             f"image {row.image} (index.csv line {row.image_id + 2}) uses label {unknown[0]} missing from label.csv"
         )
-    return LabelMaps(np.array(sorted(present), dtype=np.int32), channels, np.array(whole, dtype=np.int32), shape)
+    ids = np.array(sorted(present), dtype=np.int32)
+    return LabelMaps(ids, channels, per_channel, np.array(whole, dtype=np.int32), shape)
 
 
 def concept_masks(root: Path, row: ImageRow, known: dict[int, Label] | set[int]) -> tuple[np.ndarray, np.ndarray]:

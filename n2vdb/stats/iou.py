@@ -96,7 +96,8 @@ def maps_side(maps: LabelMaps, layer: tuple[int, int] | None) -> LabelSide:
         return label_side(torch.from_numpy(maps.masks()), layer)
     tab, types = upsample_patterns.table(*layer, *maps.shape), upsample_patterns.pixel_types(*layer, *maps.shape)
     whole = np.searchsorted(maps.ids, maps.whole)
-    return _counted(upsample_patterns.code_counts(maps.channels, maps.local(), whole, len(maps.ids), tab, types), tab)
+    counts = upsample_patterns.code_counts(maps.channels, maps.present, maps.local(), whole, len(maps.ids), tab, types)
+    return _counted(counts, tab)
 
 
 def _label_arrays(dataset: BrodenDataset, layer: tuple[int, int] | None, row: ImageRow):

@@ -149,7 +149,7 @@ class PixelTypes:
     pixel's on/off column over the patterns depends only on where it sits, and few columns occur
     (18 for 13x13 -> 113x113), so per-cell counts are per-(cell, type) pixel counts times values."""
 
-    key: np.ndarray  # int64 [sh * sw]: cell * n_types + type of each output pixel
+    key: np.ndarray  # int32 [sh * sw]: cell * n_types + type of each output pixel
     values: np.ndarray  # float32 [n_types, 16]: 1 where the pattern turns a pixel of the type on
     n_types: int
 
@@ -166,25 +166,36 @@ def pixel_types(h: int, w: int, sh: int, sw: int) -> PixelTypes | None:
     cell = torch.arange(tab.cells).repeat_interleave(tab.order.shape[1])[real]
     key = torch.empty(sh * sw, dtype=torch.int64)
     key[order[real]] = cell * len(values) + inverse
-    return PixelTypes(key.numpy(), values.numpy().astype(np.float32), len(values))
+    return PixelTypes(key.numpy().astype(np.int32), values.numpy().astype(np.float32), len(values))
 
 
 def code_counts(
-    channels: list[np.ndarray], local: np.ndarray, whole: np.ndarray, n: int, tab: PatternTable, types: PixelTypes
-) -> np.ndarray:
+    channels: list[np.ndarray],
+    present: list[np.ndarray],
+    local: np.ndarray,
+    whole: np.ndarray,
+    n: int,
+    tab: PatternTable,
+    types: PixelTypes,
+) -> torch.Tensor:
     """label_counts of an image's concept masks straight from its decoded label maps, no mask built.
-    CHANNELS: int label maps [sh, sw]; LOCAL: label number -> concept row (-1: none, as for 0);
-    WHOLE: rows of image-level concepts (all-ones masks); N concepts -> float32 tensor [N, cells * 16]."""
+    CHANNELS: int label maps [sh, sw], PRESENT: the label numbers of each; LOCAL: label number ->
+    concept row (-1: none, as for 0); WHOLE: rows of image-level concepts (all-ones masks);
+    N concepts -> float32 [N, cells * 16]."""
     per_image = tab.cells * types.n_types
-    keys = []
+    dump = n * per_image  # one bin past the counts, for unlabelled pixels
+    local = local.astype(np.int32)
+    keys = np.empty((len(channels), types.key.size), np.int32)
     for j, codes in enumerate(channels):
         flat = codes.ravel()
-        for earlier in channels[:j]:  # a mask is the OR of its channels: each (pixel, label) once
-            flat = np.where(flat == earlier.ravel(), 0, flat)
-        rows = local[flat]
-        at = rows >= 0
-        keys.append(rows[at] * per_image + types.key[at])
-    pixels = np.bincount(np.concatenate(keys) if keys else np.zeros(0, np.int64), minlength=n * per_image)
+        for i in range(j):  # a mask is the OR of its channels: each (pixel, label) once
+            if np.intersect1d(present[i], present[j], assume_unique=True).size:
+                flat = np.where(flat == channels[i].ravel(), 0, flat)
+        rows = np.take(local, flat)
+        np.multiply(rows, per_image, out=keys[j])
+        keys[j] += types.key
+        keys[j][rows < 0] = dump
+    pixels = np.bincount(keys.ravel(), minlength=dump + 1)[:dump]
     # Integers below 2^24 in float32: the product is exact, as label_counts' is. In torch, whose
     # thread count a worker sets to one (numpy's BLAS would start threads of its own in every worker).
     pixels = torch.from_numpy(pixels.reshape(n * tab.cells, types.n_types).astype(np.float32))
