@@ -95,3 +95,29 @@ def test_code_cutoffs_threshold_codes_exactly_as_dequantised_values():
         got = (codes >= cutoffs.clamp(max=255).to(torch.uint8)[..., None, None]) & (cutoffs <= 255)[..., None, None]
         assert torch.equal(got, acts_store.dequantise(codes, scales) > thresholds.view(1, -1, 1, 1))
     assert code_cutoffs(scales, thresholds.double()) is None
+
+
+def test_tally_sums_in_float32_per_batch_equal_integer_sums(tmp_path, monkeypatch):
+    """tally adds a batch in float32 where its sums stay below 2^24, else pair by pair in int64: the same totals."""
+    import duckdb
+    from test_iou import broden_density
+
+    from n2vdb import probe as probes
+    from n2vdb.data.broden import BrodenDataset
+
+    from helpers import planted_probe
+
+    root = broden_density(tmp_path / "dense")
+    acts = np.maximum(np.random.default_rng(5).normal(size=(6, 5, 8, 8)), 0).astype(np.float32)
+    db = tmp_path / "t.duckdb"
+    probe_id, _ = planted_probe(db, root, acts, quantile=0.7)
+    con = duckdb.connect(str(db), read_only=True)
+    probe, dataset = probes.load(con, probe_id), BrodenDataset.open(root)
+    thresholds = iou.thresholds_for(con, probe_id, "net2vec")
+    fast = iou.tally(con, probe, dataset, thresholds, "net2vec")
+    monkeypatch.setattr(iou, "EXACT_FLOAT32", 0)
+    exact = iou.tally(con, probe, dataset, thresholds, "net2vec")
+    for split in ("train", "val"):
+        assert fast.union[split].sum() > 0
+        np.testing.assert_array_equal(fast.intersection[split], exact.intersection[split])
+        np.testing.assert_array_equal(fast.union[split], exact.union[split])

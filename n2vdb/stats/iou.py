@@ -31,6 +31,7 @@ from n2vdb.store.connection import first, transaction
 from n2vdb.store.sessions import Store
 
 MODES = ("net2vec", "netdissect")
+EXACT_FLOAT32 = 1 << 24  # float32 holds every integer up to here exactly
 
 
 def filter_masks(acts: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -307,10 +308,12 @@ def tally(
     """Set totals over every image; SPILL, if given, keeps each batch's overlaps for per_image_best."""
     concept_ids = np.array(sorted(dataset.labels), dtype=np.int64)
     split_of = _split_lookup(dataset)
-    k = probe.n_filters
-    # Accumulated [C, K] (a pair's row adds to its concept's row), handed out as [K, C].
-    inter = {s: torch.zeros(len(concept_ids), k, dtype=torch.int64) for s in ("train", "val")}
-    union = {s: torch.zeros(len(concept_ids), k, dtype=torch.int64) for s in ("train", "val")}
+    k, c = probe.n_filters, len(concept_ids)
+    # Accumulated [2C, K]: a pair's row adds to its concept's row, train's concepts then val's;
+    # handed out as [K, C] per split.
+    inter = torch.zeros(2 * c, k, dtype=torch.int64)
+    union = torch.zeros(2 * c, k, dtype=torch.int64)
+    largest = max((r.sh * r.sw for r in dataset.rows), default=0)
     total = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?", [probe.activation_probe]))[0]
     with progress_bar() as bar:
         task = bar.add_task("single-filter IoU", total=total)
@@ -320,18 +323,24 @@ def tally(
                 spill.add(batch)
             if not len(batch.concept_ids):
                 continue
-            cols = torch.from_numpy(np.searchsorted(concept_ids, batch.concept_ids))
-            i_nk = batch.intersection.round().long()
-            u_nk = (batch.mask_area[batch.pair_image] + batch.label_area[:, None]).round().long() - i_nk
-            split = split_of[batch.image_ids[batch.pair_image]]
-            for code, name in enumerate(("train", "val")):
-                chosen = torch.from_numpy(split == code)
-                inter[name].index_add_(0, cols[chosen], i_nk[chosen])
-                union[name].index_add_(0, cols[chosen], u_nk[chosen])
+            split = torch.from_numpy(split_of[batch.image_ids[batch.pair_image]]).long()
+            rows = torch.from_numpy(np.searchsorted(concept_ids, batch.concept_ids)) + c * split
+            mask_area = batch.mask_area[batch.pair_image]
+            if 2 * len(batch.image_ids) * largest <= EXACT_FLOAT32:
+                # A concept has at most one pair per image, so its sums over a batch stay below 2^24
+                # (a union is at most twice an image's pixels): exact in float32, then added as integers.
+                part = torch.zeros(2 * c, k).index_add_(0, rows, batch.intersection)
+                labels = torch.zeros(2 * c).index_add_(0, rows, batch.label_area)
+                inter += part.long()
+                union += (torch.zeros(2 * c, k).index_add_(0, rows, mask_area) + labels[:, None] - part).long()
+            else:
+                i_nk = batch.intersection.round().long()
+                inter.index_add_(0, rows, i_nk)
+                union.index_add_(0, rows, (mask_area + batch.label_area[:, None]).round().long() - i_nk)
     return IouTotals(
         concept_ids,
-        {s: t.T.numpy().copy() for s, t in inter.items()},
-        {s: t.T.numpy().copy() for s, t in union.items()},
+        {s: inter[j * c : (j + 1) * c].T.numpy().copy() for j, s in enumerate(("train", "val"))},
+        {s: union[j * c : (j + 1) * c].T.numpy().copy() for j, s in enumerate(("train", "val"))},
     )
 
 
