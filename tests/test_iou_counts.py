@@ -48,7 +48,14 @@ def test_counts_from_label_numbers_equal_counts_from_masks(layer, shape):
         from_numbers = iou.maps_side(maps, layer)
         assert from_masks.counts is not None and from_numbers.masks is None
         assert from_numbers.counts.dtype == from_masks.counts.dtype
+        assert torch.equal(from_numbers.cells, from_masks.cells)
         assert torch.equal(from_numbers.counts, from_masks.counts)
+        # The rows left out are exactly the all-zero ones of the dense counts.
+        dense = upsample_patterns.label_counts(torch.from_numpy(masks), upsample_patterns.table(*layer, *shape))
+        rows = dense.view(-1, 16)
+        kept = torch.zeros(len(rows), dtype=torch.bool)
+        kept[from_numbers.cells] = True
+        assert torch.equal(rows[kept], from_numbers.counts.float()) and not rows[~kept].any()
         assert torch.equal(from_numbers.area, from_masks.area)
         assert torch.equal(from_numbers.area, torch.from_numpy(masks.reshape(len(masks), -1).sum(1)))
 

@@ -65,11 +65,13 @@ def iter_masks(dataset: BrodenDataset, rows: list[ImageRow], workers: int) -> It
 @dataclass
 class LabelSide:
     """What the IoU arithmetic needs of an image's concept masks: with a pattern table, their
-    per-cell counts (upsample_patterns.label_counts, small integers in COUNT_DTYPE) and not the
-    masks; without one, the masks."""
+    per-cell counts (upsample_patterns.label_counts, small integers) where a concept has pixels in the
+    cell (sparse_counts: about a fifth of them at Broden density) and not the masks; without one,
+    the masks."""
 
     area: torch.Tensor  # [C] |L| per concept, int64
-    counts: torch.Tensor | None  # [C, cells * 16]
+    cells: torch.Tensor | None  # [Z] concept * cells + cell of each row of counts, ascending
+    counts: torch.Tensor | None  # [Z, 16]
     masks: torch.Tensor | None  # [C, sh, sw] bool
 
 
@@ -78,16 +80,17 @@ def label_side(masks: torch.Tensor, layer: tuple[int, int] | None) -> LabelSide:
     mode, None for masks only."""
     tab = upsample_patterns.table(*layer, *masks.shape[1:]) if layer is not None and len(masks) else None
     if tab is None:
-        return LabelSide(masks.flatten(1).sum(dim=1), None, masks)
-    return _counted(upsample_patterns.label_counts(masks, tab), tab)
+        return LabelSide(masks.flatten(1).sum(dim=1), None, None, masks)
+    return _counted(*upsample_patterns.sparse_counts(upsample_patterns.label_counts(masks, tab)), len(masks), tab)
 
 
-def _counted(counts: torch.Tensor, tab: upsample_patterns.PatternTable) -> LabelSide:
-    """The LabelSide of per-cell counts [C, cells * 16] (float)."""
+def _counted(index: torch.Tensor, counts: torch.Tensor, n: int, tab: upsample_patterns.PatternTable) -> LabelSide:
+    """The LabelSide of N concepts' sparse per-cell counts (float)."""
     # Pattern 15 (all corners on) turns on every pixel of its cell, and every pixel has one cell.
-    area = counts[:, 15::16].sum(dim=1).round().long()
+    concept = torch.div(index, tab.cells, rounding_mode="floor")
+    area = torch.zeros(n).index_add_(0, concept, counts[:, 15]).round().long()
     # A cell holds at most tab.order.shape[1] pixels: counts that fit in a byte travel as bytes.
-    return LabelSide(area, counts.to(torch.uint8 if tab.order.shape[1] <= 255 else torch.int32), None)
+    return LabelSide(area, index, counts.to(torch.uint8 if tab.order.shape[1] <= 255 else torch.int32), None)
 
 
 def maps_side(maps: LabelMaps, layer: tuple[int, int] | None) -> LabelSide:
@@ -97,8 +100,10 @@ def maps_side(maps: LabelMaps, layer: tuple[int, int] | None) -> LabelSide:
         return label_side(torch.from_numpy(maps.masks()), layer)
     tab, types = upsample_patterns.table(*layer, *maps.shape), upsample_patterns.pixel_types(*layer, *maps.shape)
     whole = np.searchsorted(maps.ids, maps.whole)
-    counts = upsample_patterns.code_counts(maps.channels, maps.present, maps.local(), whole, len(maps.ids), tab, types)
-    return _counted(counts, tab)
+    index, counts = upsample_patterns.code_counts(
+        maps.channels, maps.present, maps.local(), whole, len(maps.ids), tab, types
+    )
+    return _counted(index, counts, len(maps.ids), tab)
 
 
 def _label_arrays(dataset: BrodenDataset, layer: tuple[int, int] | None, row: ImageRow):
@@ -106,7 +111,8 @@ def _label_arrays(dataset: BrodenDataset, layer: tuple[int, int] | None, row: Im
     pickled inline, where tensors would each cost a shared-memory file and its handover."""
     maps = dataset.label_maps(row)
     side = maps_side(maps, layer)
-    return row.image_id, maps.ids, tuple(None if t is None else t.numpy() for t in (side.area, side.counts, side.masks))
+    arrays = (side.area, side.cells, side.counts, side.masks)
+    return row.image_id, maps.ids, tuple(None if t is None else t.numpy() for t in arrays)
 
 
 def iter_label_sides(
@@ -203,15 +209,18 @@ def iter_batch_overlaps(
             )
             tab = upsample_patterns.table_on(h, w, *size, device)
             pair_image = torch.from_numpy(np.repeat(np.arange(len(members)), sizes[members])).to(device)
+            # Each member's (concept, cell) rows renumbered to (pair of the group, cell).
+            first_of = np.cumsum(sizes[members]) - sizes[members]
+            index = torch.cat([decoded[i][1].cells + int(f) * tab.cells for i, f in zip(members, first_of)])
             counts = torch.cat([decoded[i][1].counts for i in members]).to(device)
             chosen = torch.as_tensor(members, device=device) if len(members) < len(ids) else slice(None)
             if cutoffs is not None:
                 group_inter, group_area = upsample_patterns.code_overlaps(
-                    codes[chosen], cutoffs[chosen], counts, pair_image, tab
+                    codes[chosen], cutoffs[chosen], index.to(device), counts, pair_image, tab
                 )
             else:
                 group_inter, group_area = upsample_patterns.batch_overlaps(
-                    values[chosen] > thresholds.view(1, -1, 1, 1), counts, pair_image, tab
+                    values[chosen] > thresholds.view(1, -1, 1, 1), index.to(device), counts, pair_image, tab
                 )
             inter[pairs] = group_inter.cpu()
             mask_area[members] = group_area.cpu()
