@@ -194,26 +194,25 @@ def code_counts(
     LOCAL: label number -> concept row (-1: none, as for 0); WHOLE: rows of image-level concepts
     (all-ones masks); N concepts -> (index [Z] int64, counts [Z, 16] float32)."""
     per_image = tab.cells * types.n_types
-    dump = n * per_image  # one bin past the counts, for unlabelled pixels
-    local = local.astype(np.int32)
+    dump = n * per_image  # where unlabelled pixels count: a block past the concepts' bins, cut off
+    # Label number -> the first bin of its concept's block (unlabelled: the dump block), so that a
+    # pixel's bin is one lookup and one addition.
+    first_bin = np.where(local >= 0, local * per_image, dump).astype(np.int32)
     keys = np.empty((len(channels), types.key.size), np.int32)
     for j, codes in enumerate(channels):
         flat = codes.ravel()
         for i in range(j):  # a mask is the OR of its channels: each (pixel, label) once
             if np.intersect1d(present[i], present[j], assume_unique=True).size:
                 flat = np.where(flat == channels[i].ravel(), 0, flat)
-        rows = np.take(local, flat)
-        np.multiply(rows, per_image, out=keys[j])
-        keys[j] += types.key
-        keys[j][rows < 0] = dump
-    pixels = np.bincount(keys.ravel(), minlength=dump + 1)[:dump].reshape(n, per_image)
+        np.add(np.take(first_bin, flat), types.key, out=keys[j])
+    pixels = np.bincount(keys.ravel(), minlength=dump + per_image)[:dump].reshape(n, per_image)
     pixels[whole] = types.full  # every pixel of every cell
-    pixels = pixels.reshape(n * tab.cells, types.n_types)
-    index = np.flatnonzero(pixels.any(axis=1))
+    pixels = torch.from_numpy(pixels.reshape(n * tab.cells, types.n_types).astype(np.float32))
     # Integers below 2^24 in float32: the product is exact, as label_counts' is. In torch, whose
     # thread count a worker sets to one (numpy's BLAS would start threads of its own in every worker).
-    counts = torch.from_numpy(pixels[index].astype(np.float32)) @ torch.from_numpy(types.values)
-    return torch.from_numpy(index), counts
+    counts = pixels @ torch.from_numpy(types.values)
+    index = torch.nonzero(counts[:, 15]).flatten()  # as sparse_counts: the rows with labelled pixels
+    return index, counts[index]
 
 
 def batch_overlaps(
