@@ -293,7 +293,8 @@ def decode_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
             if img.size != (shape[1], shape[0]):  # before decoding: a huge PNG is refused unread
                 raise DatasetError(f"mask {path} is {img.size[0]}x{img.size[1]}, index.csv says {shape[1]}x{shape[0]}")
             img.load()
-            rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+            # Packed as little-endian R, G, B, X words: the label R + 256*G is the low 16 bits.
+            packed = (img if img.mode == "RGB" else img.convert("RGB")).tobytes("raw", "RGBX")
     except FileNotFoundError:
         raise DatasetError(f"mask {path} is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -301,7 +302,7 @@ def decode_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
             f"mask {path} cannot be decoded ({exc}); replace the file, or remove that row "
             "before registering the directory"
         ) from None
-    return rgb[..., 0].astype(np.int32) | (rgb[..., 1].astype(np.int32) << 8)
+    return (np.frombuffer(packed, np.dtype("<u4")).reshape(shape) & 0xFFFF).astype(np.int32)
 
 
 @dataclass
