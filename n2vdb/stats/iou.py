@@ -222,7 +222,10 @@ def iter_batch_overlaps(
                 group_inter, group_area = upsample_patterns.batch_overlaps(
                     values[chosen] > thresholds.view(1, -1, 1, 1), index.to(device), counts, pair_image, tab
                 )
-            inter[pairs] = group_inter.cpu()
+            if len(pairs) == n:  # the batch's every pair, in order: no copy
+                inter = group_inter.cpu()
+            else:
+                inter[pairs] = group_inter.cpu()
             mask_area[members] = group_area.cpu()
         yield BatchOverlaps(
             np.asarray(ids, dtype=np.int64),
