@@ -1,6 +1,6 @@
 """Thresholds and single-filter IoU of an existing probe beside a bare forward pass, in one run.
 
-    python bench/iou_stage.py --db DB [--probe ID] [--repeat 3] [--workers 2]
+    python bench/iou_stage.py --db DB [--probe ID] [--repeat 3] [--workers 2] [--threads 1]
     python bench/iou_stage.py --images 1000 [--repeat 3]   (a broden-profile set, extracted here)
 
 The probe's database is copied to a scratch file first, so its rows and status stay as they were;
@@ -83,10 +83,13 @@ def main() -> None:
     parser.add_argument("--probe", type=int)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default), as scale.py's")
     parser.add_argument(
         "--parts", action=argparse.BooleanOptionalAction, default=True, help="also time the IoU stage's parts"
     )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ["N2VDB_QUIET"] = "1"
     tmp = tempfile.TemporaryDirectory()
     db = Path(tmp.name) / "bench.duckdb"

@@ -42,3 +42,27 @@ def test_refuses_incomplete_data():
     sketch.add(torch.rand(2, 3, 5, 5))
     with pytest.raises(ValueError, match="expected 100"):
         sketch.result()
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.995])
+def test_codes_above_the_bound_give_the_result_of_every_value(q):
+    """thresholds.add (only the codes above the sketch's bound dequantised, after the first batch)
+    equals add() of every dequantised value, and so numpy's quantile; half the images hold few codes (ties)."""
+    from n2vdb import activations as acts_store
+    from n2vdb.stats.thresholds import add
+
+    gen = torch.Generator().manual_seed(int(q * 1000))
+    codes = torch.randint(0, 256, (60, 5, 4, 4), generator=gen, dtype=torch.uint8)
+    codes[::2] //= 32  # ties: many equal values
+    scales = torch.rand(60, 5, generator=gen) * 10.0 ** torch.randint(-3, 2, (60, 5), generator=gen).float()
+    scales[:3, 0] = 0
+    fast, dense = TopQuantile(q, 60 * 16), TopQuantile(q, 60 * 16)
+    bounded = 0
+    for c, s in zip(codes.split(7), scales.split(7)):
+        bounded += fast.bound() is not None
+        add(fast, c, s)
+        dense.add(acts_store.dequantise(c, s))
+    assert bounded >= 3
+    assert torch.equal(fast.result(), dense.result())
+    values = acts_store.dequantise(codes, scales).transpose(0, 1).reshape(5, -1).double().numpy()
+    np.testing.assert_array_equal(fast.result().numpy(), np.quantile(values, q, axis=1))

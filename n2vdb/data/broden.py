@@ -214,10 +214,11 @@ def _is_link(path: str) -> bool:
         return False  # a missing file is reported where it is read
 
 
-def dataset_file(root: Path, rel: str) -> Path:
+def dataset_file(root: Path, rel: str, paths: _Paths | None = None) -> Path:
     """ROOT/images/REL, refused when it resolves (symlinks included) outside ROOT: the read-side
-    guard, for a directory that changed after it was checked."""
-    why = _Paths(root).outside(rel)
+    guard, for a directory that changed after it was checked. PATHS: a _Paths of ROOT to reuse across
+    the files of one image (its folders resolved once)."""
+    why = (paths or _Paths(root)).outside(rel)
     if why:
         raise DatasetError(f"{rel!r} in {root}/index.csv {why}; paths must stay inside the dataset directory")
     return root / "images" / rel
@@ -292,7 +293,8 @@ def decode_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
             if img.size != (shape[1], shape[0]):  # before decoding: a huge PNG is refused unread
                 raise DatasetError(f"mask {path} is {img.size[0]}x{img.size[1]}, index.csv says {shape[1]}x{shape[0]}")
             img.load()
-            rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+            # Packed as little-endian R, G, B, X words: the label R + 256*G is the low 16 bits.
+            packed = (img if img.mode == "RGB" else img.convert("RGB")).tobytes("raw", "RGBX")
     except FileNotFoundError:
         raise DatasetError(f"mask {path} is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -300,39 +302,69 @@ def decode_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
             f"mask {path} cannot be decoded ({exc}); replace the file, or remove that row "
             "before registering the directory"
         ) from None
-    return rgb[..., 0].astype(np.int32) | (rgb[..., 1].astype(np.int32) << 8)
+    return (np.frombuffer(packed, np.dtype("<u4")).reshape(shape) & 0xFFFF).astype(np.int32)
 
 
-def concept_masks(root: Path, row: ImageRow, known: dict[int, Label] | set[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(concept ids, bool masks [C, sh, sw]) of every concept in the image.
+@dataclass
+class LabelMaps:
+    """An image's labels as decoded, before any per-concept mask exists: each pixel-level channel's
+    label numbers and the image-level numbers. Consumers that only count pixels per concept (the IoU
+    stage) read these directly; masks() builds the bool masks."""
 
-    A concept's mask is the OR over every channel of every category it appears in;
-    an image-level label is an all-ones mask.
-    """
-    shape = (row.sh, row.sw)
-    per_label: dict[int, np.ndarray] = {}
-    for paths in row.masks.values():
-        for rel in paths:
-            codes = decode_mask(dataset_file(root, rel), shape)
-            present = np.flatnonzero(np.bincount(codes.ravel()))
-            for number in present[present > 0].tolist():
-                hit = codes == number
-                if number in per_label:
-                    per_label[number] |= hit
-                else:
-                    per_label[number] = hit
-    for numbers in row.labels.values():
-        for number in numbers:
-            per_label[number] = np.ones(shape, dtype=bool)
-    unknown = sorted(n for n in per_label if n not in known)
+    ids: np.ndarray  # int32 [C] every concept in the image, sorted
+    channels: list[np.ndarray]  # int32 [sh, sw] per mask PNG; 0 is unlabelled
+    present: list[np.ndarray]  # int32 per channel: the label numbers it holds, sorted
+    whole: np.ndarray  # int32 image-level numbers (all-ones masks), sorted
+    shape: tuple[int, int]
+
+    def local(self) -> np.ndarray:
+        """label number -> its row in ids, -1 for none (index 0, unlabelled, is always -1)."""
+        lut = np.full(int(self.ids.max(initial=0)) + 1, -1, np.int64)
+        lut[self.ids] = np.arange(len(self.ids))
+        lut[0] = -1
+        return lut
+
+    def masks(self) -> np.ndarray:
+        """bool [C, sh, sw]: a concept's mask is the OR over every channel it appears in; an
+        image-level label's is all ones."""
+        masks = np.zeros((len(self.ids), self.shape[0] * self.shape[1]), dtype=bool)
+        if len(self.ids):
+            row_of = dict(zip(self.ids.tolist(), range(len(self.ids))))
+            for codes, numbers in zip(self.channels, self.present):
+                flat = codes.ravel()
+                for number in numbers.tolist():
+                    masks[row_of[number]] |= flat == number
+            masks[np.searchsorted(self.ids, self.whole)] = True
+        return masks.reshape(len(self.ids), *self.shape)
+
+
+def label_maps(root: Path, row: ImageRow, known: dict[int, Label] | set[int]) -> LabelMaps:
+    """Every mask PNG of ROW decoded, with the concepts they and its image-level cells name; a
+    number missing from label.csv is refused."""
+    shape, resolver = (row.sh, row.sw), _Paths(root)
+    channels = [decode_mask(dataset_file(root, rel, resolver), shape) for paths in row.masks.values() for rel in paths]
+    per_channel = []
+    for codes in channels:
+        found = np.flatnonzero(np.bincount(codes.ravel()))
+        per_channel.append(found[found > 0].astype(np.int32))
+    present: set[int] = set()
+    for found in per_channel:
+        present.update(found.tolist())
+    whole = sorted({number for numbers in row.labels.values() for number in numbers})
+    present.update(whole)
+    unknown = sorted(n for n in present if n not in known)
     if unknown:
         raise DatasetError(
             f"image {row.image} (index.csv line {row.image_id + 2}) uses label {unknown[0]} missing from label.csv"
         )
-    ids = np.array(sorted(per_label), dtype=np.int32)
-    if not len(ids):
-        return ids, np.zeros((0, *shape), dtype=bool)
-    return ids, np.stack([per_label[i] for i in ids])
+    ids = np.array(sorted(present), dtype=np.int32)
+    return LabelMaps(ids, channels, per_channel, np.array(whole, dtype=np.int32), shape)
+
+
+def concept_masks(root: Path, row: ImageRow, known: dict[int, Label] | set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(concept ids, bool masks [C, sh, sw]) of every concept in the image (LabelMaps.masks)."""
+    maps = label_maps(root, row, known)
+    return maps.ids, maps.masks()
 
 
 @dataclass
@@ -358,6 +390,9 @@ class BrodenDataset:
 
     def masks(self, row: ImageRow) -> tuple[np.ndarray, np.ndarray]:
         return concept_masks(self.root, row, self.labels)
+
+    def label_maps(self, row: ImageRow) -> LabelMaps:
+        return label_maps(self.root, row, self.labels)
 
     def concept_levels(self) -> dict[int, str]:
         """'image' for labels that only ever appear as image-level labels, else 'pixel'."""

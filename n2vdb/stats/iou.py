@@ -21,15 +21,17 @@ import torch.nn.functional as F
 
 from n2vdb import activations as acts_store
 from n2vdb.data import pool
-from n2vdb.data.broden import BrodenDataset, ImageRow
+from n2vdb.data.broden import BrodenDataset, ImageRow, LabelMaps
 from n2vdb.probe import Probe
 from n2vdb.progress import progress_bar
 from n2vdb.stats import netdissect, pil_resize, upsample_patterns
+from n2vdb.stats.thresholds import code_cutoffs
 from n2vdb.store import writer
 from n2vdb.store.connection import first, transaction
 from n2vdb.store.sessions import Store
 
 MODES = ("net2vec", "netdissect")
+EXACT_FLOAT32 = 1 << 24  # float32 holds every integer up to here exactly
 
 
 def filter_masks(acts: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -63,11 +65,13 @@ def iter_masks(dataset: BrodenDataset, rows: list[ImageRow], workers: int) -> It
 @dataclass
 class LabelSide:
     """What the IoU arithmetic needs of an image's concept masks: with a pattern table, their
-    per-cell counts (upsample_patterns.label_counts, small integers in COUNT_DTYPE) and not the
-    masks; without one, the masks."""
+    per-cell counts (upsample_patterns.label_counts, small integers) where a concept has pixels in the
+    cell (sparse_counts: about a fifth of them at Broden density) and not the masks; without one,
+    the masks."""
 
     area: torch.Tensor  # [C] |L| per concept, int64
-    counts: torch.Tensor | None  # [C, cells * 16]
+    cells: torch.Tensor | None  # [Z] concept * cells + cell of each row of counts, ascending
+    counts: torch.Tensor | None  # [Z, 16]
     masks: torch.Tensor | None  # [C, sh, sw] bool
 
 
@@ -76,20 +80,39 @@ def label_side(masks: torch.Tensor, layer: tuple[int, int] | None) -> LabelSide:
     mode, None for masks only."""
     tab = upsample_patterns.table(*layer, *masks.shape[1:]) if layer is not None and len(masks) else None
     if tab is None:
-        return LabelSide(masks.flatten(1).sum(dim=1), None, masks)
-    counts = upsample_patterns.label_counts(masks, tab)
+        return LabelSide(masks.flatten(1).sum(dim=1), None, None, masks)
+    return _counted(*upsample_patterns.sparse_counts(upsample_patterns.label_counts(masks, tab)), len(masks), tab)
+
+
+def _counted(index: torch.Tensor, counts: torch.Tensor, n: int, tab: upsample_patterns.PatternTable) -> LabelSide:
+    """The LabelSide of N concepts' sparse per-cell counts (float)."""
     # Pattern 15 (all corners on) turns on every pixel of its cell, and every pixel has one cell.
-    area = counts[:, 15::16].sum(dim=1).round().long()
+    concept = torch.div(index, tab.cells, rounding_mode="floor")
+    area = torch.zeros(n).index_add_(0, concept, counts[:, 15]).round().long()
     # A cell holds at most tab.order.shape[1] pixels: counts that fit in a byte travel as bytes.
-    return LabelSide(area, counts.to(torch.uint8 if tab.order.shape[1] <= 255 else torch.int32), None)
+    return LabelSide(area, index, counts.to(torch.uint8 if tab.order.shape[1] <= 255 else torch.int32), None)
+
+
+def maps_side(maps: LabelMaps, layer: tuple[int, int] | None) -> LabelSide:
+    """label_side of an image's decoded label maps: with a pattern table, the counts come straight from
+    the label numbers (upsample_patterns.code_counts), no per-concept mask built; else its masks."""
+    if layer is None or not len(maps.ids) or upsample_patterns.table(*layer, *maps.shape) is None:
+        return label_side(torch.from_numpy(maps.masks()), layer)
+    tab, types = upsample_patterns.table(*layer, *maps.shape), upsample_patterns.pixel_types(*layer, *maps.shape)
+    whole = np.searchsorted(maps.ids, maps.whole)
+    index, counts = upsample_patterns.code_counts(
+        maps.channels, maps.present, maps.local(), whole, len(maps.ids), tab, types
+    )
+    return _counted(index, counts, len(maps.ids), tab)
 
 
 def _label_arrays(dataset: BrodenDataset, layer: tuple[int, int] | None, row: ImageRow):
     """(image_id, concept ids, LabelSide as numpy arrays) of one row. A worker sends numpy arrays:
     pickled inline, where tensors would each cost a shared-memory file and its handover."""
-    ids, masks = dataset.masks(row)
-    side = label_side(torch.from_numpy(masks), layer)
-    return row.image_id, ids, tuple(None if t is None else t.numpy() for t in (side.area, side.counts, side.masks))
+    maps = dataset.label_maps(row)
+    side = maps_side(maps, layer)
+    arrays = (side.area, side.cells, side.counts, side.masks)
+    return row.image_id, maps.ids, tuple(None if t is None else t.numpy() for t in arrays)
 
 
 def iter_label_sides(
@@ -152,12 +175,17 @@ def iter_batch_overlaps(
     device = torch.device(device)
     thresholds = thresholds.to(device)
     for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, (k, h, w), batch=batch):
-        values = acts_store.dequantise(codes, scales, device)
+        codes, scales = torch.as_tensor(codes, device=device), torch.as_tensor(scales, device=device)
+        cutoffs = code_cutoffs(scales, thresholds) if mode == "net2vec" else None
+        # The dequantised activations, only where cutoffs cannot stand for them.
+        values = acts_store.dequantise(codes, scales) if cutoffs is None else None
         decoded = []
         for image_id in ids:
             side_id, concept_ids, side = next(sides)
             assert side_id == image_id, "activations and masks out of step"
             decoded.append((np.asarray(concept_ids, dtype=np.int64), side))
+        if values is None and any(side.counts is None and len(side.area) for _, side in decoded):
+            values = acts_store.dequantise(codes, scales)
         sizes = np.array([len(c) for c, _ in decoded], dtype=np.int64)
         first_pair = np.cumsum(sizes) - sizes
         n = int(sizes.sum())
@@ -181,11 +209,23 @@ def iter_batch_overlaps(
             )
             tab = upsample_patterns.table_on(h, w, *size, device)
             pair_image = torch.from_numpy(np.repeat(np.arange(len(members)), sizes[members])).to(device)
+            # Each member's (concept, cell) rows renumbered to (pair of the group, cell).
+            first_of = np.cumsum(sizes[members]) - sizes[members]
+            index = torch.cat([decoded[i][1].cells + int(f) * tab.cells for i, f in zip(members, first_of)])
             counts = torch.cat([decoded[i][1].counts for i in members]).to(device)
-            group_inter, group_area = upsample_patterns.batch_overlaps(
-                values[members] > thresholds.view(1, -1, 1, 1), counts, pair_image, tab
-            )
-            inter[pairs] = group_inter.cpu()
+            chosen = torch.as_tensor(members, device=device) if len(members) < len(ids) else slice(None)
+            if cutoffs is not None:
+                group_inter, group_area = upsample_patterns.code_overlaps(
+                    codes[chosen], cutoffs[chosen], index.to(device), counts, pair_image, tab
+                )
+            else:
+                group_inter, group_area = upsample_patterns.batch_overlaps(
+                    values[chosen] > thresholds.view(1, -1, 1, 1), index.to(device), counts, pair_image, tab
+                )
+            if len(pairs) == n:  # the batch's every pair, in order: no copy
+                inter = group_inter.cpu()
+            else:
+                inter[pairs] = group_inter.cpu()
             mask_area[members] = group_area.cpu()
         yield BatchOverlaps(
             np.asarray(ids, dtype=np.int64),
@@ -280,10 +320,12 @@ def tally(
     """Set totals over every image; SPILL, if given, keeps each batch's overlaps for per_image_best."""
     concept_ids = np.array(sorted(dataset.labels), dtype=np.int64)
     split_of = _split_lookup(dataset)
-    k = probe.n_filters
-    # Accumulated [C, K] (a pair's row adds to its concept's row), handed out as [K, C].
-    inter = {s: torch.zeros(len(concept_ids), k, dtype=torch.int64) for s in ("train", "val")}
-    union = {s: torch.zeros(len(concept_ids), k, dtype=torch.int64) for s in ("train", "val")}
+    k, c = probe.n_filters, len(concept_ids)
+    # Accumulated [2C, K]: a pair's row adds to its concept's row, train's concepts then val's;
+    # handed out as [K, C] per split.
+    inter = torch.zeros(2 * c, k, dtype=torch.int64)
+    union = torch.zeros(2 * c, k, dtype=torch.int64)
+    largest = max((r.sh * r.sw for r in dataset.rows), default=0)
     total = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?", [probe.activation_probe]))[0]
     with progress_bar() as bar:
         task = bar.add_task("single-filter IoU", total=total)
@@ -293,18 +335,24 @@ def tally(
                 spill.add(batch)
             if not len(batch.concept_ids):
                 continue
-            cols = torch.from_numpy(np.searchsorted(concept_ids, batch.concept_ids))
-            i_nk = batch.intersection.round().long()
-            u_nk = (batch.mask_area[batch.pair_image] + batch.label_area[:, None]).round().long() - i_nk
-            split = split_of[batch.image_ids[batch.pair_image]]
-            for code, name in enumerate(("train", "val")):
-                chosen = torch.from_numpy(split == code)
-                inter[name].index_add_(0, cols[chosen], i_nk[chosen])
-                union[name].index_add_(0, cols[chosen], u_nk[chosen])
+            split = torch.from_numpy(split_of[batch.image_ids[batch.pair_image]]).long()
+            rows = torch.from_numpy(np.searchsorted(concept_ids, batch.concept_ids)) + c * split
+            mask_area = batch.mask_area[batch.pair_image]
+            if 2 * len(batch.image_ids) * largest <= EXACT_FLOAT32:
+                # A concept has at most one pair per image, so its sums over a batch stay below 2^24
+                # (a union is at most twice an image's pixels): exact in float32, then added as integers.
+                part = torch.zeros(2 * c, k).index_add_(0, rows, batch.intersection)
+                labels = torch.zeros(2 * c).index_add_(0, rows, batch.label_area)
+                inter += part.long()
+                union += (torch.zeros(2 * c, k).index_add_(0, rows, mask_area) + labels[:, None] - part).long()
+            else:
+                i_nk = batch.intersection.round().long()
+                inter.index_add_(0, rows, i_nk)
+                union.index_add_(0, rows, (mask_area + batch.label_area[:, None]).round().long() - i_nk)
     return IouTotals(
         concept_ids,
-        {s: t.T.numpy().copy() for s, t in inter.items()},
-        {s: t.T.numpy().copy() for s, t in union.items()},
+        {s: inter[j * c : (j + 1) * c].T.numpy().copy() for j, s in enumerate(("train", "val"))},
+        {s: union[j * c : (j + 1) * c].T.numpy().copy() for j, s in enumerate(("train", "val"))},
     )
 
 

@@ -35,6 +35,30 @@ class TopQuantile:
             pool = torch.topk(pool, self.keep, dim=1, sorted=False).values
         self.top = pool.contiguous()
 
+    def bound(self) -> torch.Tensor | None:
+        """[K] the smallest value kept, once KEEP values are: a later value at or below it cannot
+        change the result (the kept values stay the KEEP largest), so add_above may leave it out."""
+        if self.top is None or self.top.shape[1] < self.keep:
+            return None
+        return self.top.min(dim=1).values
+
+    def add_above(self, filters: torch.Tensor, values: torch.Tensor, count: int) -> None:
+        """A batch of COUNT values per filter of which only those above bound() are given, as
+        VALUES [n] of FILTERS [n]; the same result as add() of the whole batch."""
+        if self.top is None:
+            raise ValueError("add_above needs a full sketch (see bound())")
+        k = self.top.shape[0]
+        self.seen += count
+        if not len(values):
+            return
+        order = torch.sort(filters, stable=True).indices
+        filters, values = filters[order], values[order].float()
+        per_filter = torch.bincount(filters, minlength=k)
+        slot = torch.arange(len(filters)) - (torch.cumsum(per_filter, 0) - per_filter)[filters]
+        given = torch.full((k, int(per_filter.max())), -torch.inf)  # below every kept value: never chosen
+        given[filters, slot] = values
+        self.top = torch.topk(torch.cat([self.top, given], dim=1), self.keep, dim=1, sorted=False).values.contiguous()
+
     def merge(self, other: TopQuantile) -> None:
         if (other.quantile, other.total) != (self.quantile, self.total):
             raise ValueError("cannot merge quantile sketches of different settings")

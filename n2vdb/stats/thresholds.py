@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from n2vdb import activations as acts_store
 from n2vdb.probe import Probe
@@ -32,7 +33,7 @@ def threshold_rows(store: Store, probe: Probe, quantile: float) -> pa.Table:
         with progress_bar() as bar:
             task = bar.add_task("thresholds", total=n_images)
             for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape):
-                sketch.add(acts_store.dequantise(codes, scales))
+                add(sketch, torch.from_numpy(codes), torch.from_numpy(scales))
                 peak = np.maximum(peak, scales.max(axis=0))
                 bar.advance(task, len(ids))
         thresholds = sketch.result().numpy()
@@ -47,6 +48,47 @@ def threshold_rows(store: Store, probe: Probe, quantile: float) -> pa.Table:
             "mean_value": pooled.mean(axis=0).astype(np.float64),
         }
     )
+
+
+def add(sketch: TopQuantile, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """sketch.add(dequantise(codes, scales)) for codes [n, K, H, W], scales [n, K]: once the sketch
+    holds its KEEP values, only the values above its bound are dequantised and given (most are not:
+    they are found on the codes, by code_cutoffs)."""
+    bound = sketch.bound()
+    cutoffs = None if bound is None else code_cutoffs(scales, bound)
+    if cutoffs is None:
+        sketch.add(acts_store.dequantise(codes, scales))
+        return
+    live = torch.nonzero(cutoffs.flatten() <= 255).flatten()  # (image, filter) maps with a value above
+    maps = codes.flatten(2).flatten(0, 1)[live]
+    at, position = torch.nonzero(maps >= cutoffs.flatten()[live].clamp(min=0).to(torch.uint8)[:, None], as_tuple=True)
+    values = maps[at, position].float() * scales.flatten()[live[at]]  # dequantise's own product
+    sketch.add_above(live[at] % codes.shape[1], values, codes.shape[0] * codes[0, 0].numel())
+
+
+def code_cutoffs(scales: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor | None:
+    """Per (image, filter), the least stored code whose dequantised value is above the filter's
+    threshold (256 where none is), so that codes >= cutoffs is exactly
+    activations.dequantise(codes, scales) > thresholds, without dequantising: scales [n, K] float32,
+    thresholds [K]. None where that cannot be vouched for (thresholds not float32)."""
+    if thresholds.dtype != torch.float32 or scales.dtype != torch.float32:
+        return None
+    s, t = scales, thresholds.view(1, -1).expand_as(scales)
+    # dequantise's value of code c is the float32 product c * s: monotone in c, and within half an
+    # ulp of the real product. A code at or below floor(t / s) - 2 is off for certain (its real
+    # product is at most t - s, so rounding gives at most t); the boundary lies among the next five,
+    # each tried with dequantise's own float32 product (checked below).
+    positive = s > 0
+    ratio = torch.where(positive, t.double() / torch.where(positive, s, 1).double(), 0)
+    low = (torch.floor(ratio) - 2).clamp(-3, 256)
+    tried = low[..., None] + torch.arange(1, 6, device=s.device, dtype=low.dtype)
+    on = tried.float() * s[..., None] > t[..., None]
+    cutoffs = low.long() + 1 + (~on).sum(dim=-1)
+    if not bool((on[..., -1] | (tried[..., -1] > 255) | ~positive).all()):
+        return None  # the boundary was not among the five (not expected: then the general path)
+    # A zero scale stores all-zero maps: on everywhere or nowhere.
+    zero = torch.where(t < 0, 0, 256).to(cutoffs.dtype)
+    return torch.where(positive, cutoffs, zero).clamp(0, 256)
 
 
 def compute_thresholds(store: Store, probe: Probe, quantile: float, finish=None) -> np.ndarray:

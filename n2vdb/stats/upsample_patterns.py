@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -142,32 +143,141 @@ def label_counts(labels: torch.Tensor, tab: PatternTable) -> torch.Tensor:
     return out
 
 
-def batch_overlaps(
-    binary: torch.Tensor, counts: torch.Tensor, pair_image: torch.Tensor, tab: PatternTable
+@dataclass(frozen=True)
+class PixelTypes:
+    """The output pixels of a geometry grouped by what the 16 patterns do to them: within a cell, a
+    pixel's on/off column over the patterns depends only on where it sits, and few columns occur
+    (18 for 13x13 -> 113x113), so per-cell counts are per-(cell, type) pixel counts times values."""
+
+    key: np.ndarray  # int32 [sh * sw]: cell * n_types + type of each output pixel
+    values: np.ndarray  # float32 [n_types, 16]: 1 where the pattern turns a pixel of the type on
+    n_types: int
+    full: np.ndarray  # int64 [cells * n_types]: the pixels of each (cell, type), an all-ones mask's counts
+
+
+@functools.lru_cache(maxsize=64)
+def pixel_types(h: int, w: int, sh: int, sw: int) -> PixelTypes | None:
+    """The pixel types of a geometry, read off its pattern table (None where there is none)."""
+    tab = table(h, w, sh, sw)
+    if tab is None:
+        return None
+    order = tab.order.flatten()
+    real = order < sh * sw  # padding slots name no pixel
+    values, inverse = torch.unique(tab.on.flatten(0, 1)[real], dim=0, return_inverse=True)
+    cell = torch.arange(tab.cells).repeat_interleave(tab.order.shape[1])[real]
+    key = torch.empty(sh * sw, dtype=torch.int64)
+    key[order[real]] = cell * len(values) + inverse
+    full = torch.bincount(key, minlength=tab.cells * len(values)).numpy()
+    return PixelTypes(key.numpy().astype(np.int32), values.numpy().astype(np.float32), len(values), full)
+
+
+def sparse_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell counts [C, cells * 16] -> (index [Z], counts [Z, 16]) of the (concept, cell) rows with
+    some labelled pixel, index = concept * cells + cell, ascending. Pattern 15 (all corners on) turns on
+    every pixel of its cell, so a row is all zeros exactly where its count for pattern 15 is."""
+    rows = counts.reshape(-1, 16)
+    index = torch.nonzero(rows[:, 15]).flatten()
+    return index, rows[index]
+
+
+def code_counts(
+    channels: list[np.ndarray],
+    present: list[np.ndarray],
+    local: np.ndarray,
+    whole: np.ndarray,
+    n: int,
+    tab: PatternTable,
+    types: PixelTypes,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """binary [B, K, H, W] bool; counts [N, cells * 16] (label_counts, any dtype) of N concept masks, mask n
-    belonging to image pair_image[n] (non-decreasing) -> (intersections [N, K], |M| [B, K])."""
+    """sparse_counts(label_counts(masks)) of an image's concept masks straight from its decoded label
+    maps, no mask built. CHANNELS: int label maps [sh, sw], PRESENT: the label numbers of each;
+    LOCAL: label number -> concept row (-1: none, as for 0); WHOLE: rows of image-level concepts
+    (all-ones masks); N concepts -> (index [Z] int64, counts [Z, 16] float32)."""
+    per_image = tab.cells * types.n_types
+    dump = n * per_image  # where unlabelled pixels count: a block past the concepts' bins, cut off
+    # Label number -> the first bin of its concept's block (unlabelled: the dump block), so that a
+    # pixel's bin is one lookup and one addition.
+    first_bin = np.where(local >= 0, local * per_image, dump).astype(np.int32)
+    keys = np.empty((len(channels), types.key.size), np.int32)
+    for j, codes in enumerate(channels):
+        flat = codes.ravel()
+        for i in range(j):  # a mask is the OR of its channels: each (pixel, label) once
+            if np.intersect1d(present[i], present[j], assume_unique=True).size:
+                flat = np.where(flat == channels[i].ravel(), 0, flat)
+        np.add(np.take(first_bin, flat), types.key, out=keys[j])
+    pixels = np.bincount(keys.ravel(), minlength=dump + per_image)[:dump].reshape(n, per_image)
+    pixels[whole] = types.full  # every pixel of every cell
+    pixels = torch.from_numpy(pixels.reshape(n * tab.cells, types.n_types).astype(np.float32))
+    # Integers below 2^24 in float32: the product is exact, as label_counts' is. In torch, whose
+    # thread count a worker sets to one (numpy's BLAS would start threads of its own in every worker).
+    counts = pixels @ torch.from_numpy(types.values)
+    index = torch.nonzero(counts[:, 15]).flatten()  # as sparse_counts: the rows with labelled pixels
+    return index, counts[index]
+
+
+def batch_overlaps(
+    binary: torch.Tensor, index: torch.Tensor, counts: torch.Tensor, pair_image: torch.Tensor, tab: PatternTable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """binary [B, K, H, W] bool; the counts of N concept masks as sparse_counts gives them (INDEX = mask *
+    cells + cell; COUNTS [Z, 16], any dtype), mask n belonging to image pair_image[n] (non-decreasing)
+    -> (intersections [N, K], |M| [B, K])."""
     b, k = binary.shape[:2]
-    n, device = len(counts), counts.device
-    pattern = cell_patterns(binary.flatten(0, 1)).view(b, k, tab.cells)
-    images, filters, cells = torch.nonzero(pattern, as_tuple=True)
-    code = cells * 16 + pattern[images, filters, cells].long()
-    row = images * k + filters
-    mask_area = torch.zeros(b * k, device=device).index_add_(0, row, tab.area.flatten()[code]).view(b, k)
+    pattern = cell_patterns(binary.flatten(0, 1))  # [B * K, cells]
+    rows, cells = torch.nonzero(pattern, as_tuple=True)
+    return _entry_overlaps(b, k, rows, cells * 16 + pattern[rows, cells].long(), index, counts, pair_image, tab)
+
+
+def code_overlaps(
+    codes: torch.Tensor,
+    cutoffs: torch.Tensor,
+    index: torch.Tensor,
+    counts: torch.Tensor,
+    pair_image: torch.Tensor,
+    tab: PatternTable,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_overlaps of the binary maps codes >= cutoffs: codes [B, K, H, W] uint8, cutoffs [B, K] integers
+    (256 and above: no code is on). Only the maps with some position on are read: with thresholds at a top quantile most
+    (image, filter) maps have none (NetDissect-Lite skips those units too)."""
+    b, k = codes.shape[:2]
+    flat = cutoffs.flatten()
+    live = torch.nonzero(flat <= 255).flatten()  # (image, filter) rows whose largest code could be on
+    binary = codes.reshape(b * k, *codes.shape[2:])[live] >= flat[live].clamp(min=0).to(torch.uint8)[:, None, None]
+    pattern = cell_patterns(binary)  # [live, cells]
+    at, cells = torch.nonzero(pattern, as_tuple=True)
+    return _entry_overlaps(b, k, live[at], cells * 16 + pattern[at, cells].long(), index, counts, pair_image, tab)
+
+
+def _entry_overlaps(
+    b: int,
+    k: int,
+    rows: torch.Tensor,
+    code: torch.Tensor,
+    index: torch.Tensor,
+    counts: torch.Tensor,
+    pair_image: torch.Tensor,
+    tab: PatternTable,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums behind batch_overlaps, from the (image, filter, cell) entries with some corner on
+    (ROWS = image * K + filter, CODE = cell * 16 + pattern) and the masks' sparse counts."""
+    n, device = len(pair_image), pair_image.device
+    images = torch.div(rows, k, rounding_mode="floor")
+    mask_area = torch.zeros(b * k, device=device).index_add_(0, rows, tab.area.flatten()[code]).view(b, k)
     if n == 0:
         return torch.zeros(0, k, device=device), mask_area
-    # Each image's masks in slots 0..C_b-1 of a padded [B, cells * 16, C_max] table, so that one
+    # Each image's masks in slots 0..C_b-1 of a padded [B, cells, C_max, 16] table, so that one
     # gather reads, for every (image, filter, cell) on, the counts of all of that image's concepts.
     per_image = torch.bincount(pair_image, minlength=b)
     slot = torch.arange(n, device=device) - (torch.cumsum(per_image, 0) - per_image)[pair_image]
     width = int(per_image.max())
-    table_rows = torch.zeros(b, tab.cells * 16, width, dtype=counts.dtype, device=device)
-    table_rows[pair_image, :, slot] = counts
-    table_rows = table_rows.view(b * tab.cells * 16, width)
-    source = images * (tab.cells * 16) + code
+    mask, cell = torch.div(index, tab.cells, rounding_mode="floor"), index % tab.cells
+    table = torch.zeros(b * tab.cells * width, 16, dtype=counts.dtype, device=device)
+    table.index_copy_(0, (pair_image[mask] * tab.cells + cell) * width + slot[mask], counts)
+    table = table.view(b * tab.cells, width, 16)
+    source, pattern = images * tab.cells + torch.div(code, 16, rounding_mode="floor"), code % 16
     inter = torch.zeros(b * k, width, device=device)
     step = max(1, _GATHER_FLOATS // width)
-    for start in range(0, len(row), step):
-        inter.index_add_(0, row[start : start + step], table_rows[source[start : start + step]].float())
+    for start in range(0, len(rows), step):
+        part = slice(start, start + step)
+        inter.index_add_(0, rows[part], table[source[part], :, pattern[part]].float())
     inter = inter.view(b, k, width)[pair_image, :, slot]  # [N, K]
     return inter, mask_area
