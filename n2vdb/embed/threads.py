@@ -26,7 +26,8 @@ def concept_parts(cols: np.ndarray, n: int) -> np.ndarray:
 
 def over_concepts(run: Callable[[int, int], None], cols: np.ndarray) -> None:
     """RUN(first, stop) over the runs of the sorted COLS, split between torch's thread count."""
-    parts = concept_parts(cols, torch.get_num_threads())
+    n = torch.get_num_threads()
+    parts = concept_parts(cols, n) if n > 1 else (0, len(cols))
     if len(parts) <= 2:
         run(int(parts[0]), int(parts[-1]))
         return
