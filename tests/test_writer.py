@@ -163,3 +163,32 @@ def test_replace_deletes_only_that_probes_rows_of_those_methods(tmp_path):
         (2, "best_filter", 0.5),
         (2, "segmentation", 0.5),
     ]
+
+
+def test_a_wide_layers_iou_rows_fit_the_writers_default_budget(tmp_path, monkeypatch):
+    """A 256-filter layer (AlexNet conv5) against Broden's ~1,200 concepts is 614k IoU rows under a
+    primary key: they are written, and replaced (the stage run again: delete and insert in one
+    transaction, which a 128MB budget could not hold), under the writer's default memory budget."""
+    monkeypatch.delenv("N2VDB_DUCKDB_WRITER_MEMORY", raising=False)
+    k, c = 256, 1200
+    filters, concepts = (a.ravel().astype(np.int32) for a in np.meshgrid(np.arange(k), np.arange(c), indexing="ij"))
+    n = len(filters)
+    rows = pa.table(
+        {
+            "probe_id": np.full(2 * n, 1, np.int32),
+            "filter": np.r_[filters, filters],
+            "concept_id": np.r_[concepts, concepts],
+            "split": pa.array(["train"] * n + ["val"] * n),
+            "intersection": np.zeros(2 * n, np.int64),
+            "union_": np.ones(2 * n, np.int64),
+            "iou": np.zeros(2 * n),
+        }
+    )
+    db = tmp_path / "wide.duckdb"
+    for _ in range(2):
+        with write_connection(db) as con:
+            con.execute("BEGIN")
+            writer.replace_probe_rows(con, "filter_concept_iou", 1, rows)
+            con.execute("COMMIT")
+    with write_connection(db) as con:
+        assert con.execute("SELECT count(*) FROM filter_concept_iou").fetchone()[0] == 2 * n

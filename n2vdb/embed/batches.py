@@ -27,33 +27,14 @@ def own_batches(cols: np.ndarray, rank: np.ndarray, batch_size: int) -> Iterator
         yield chosen[a:b], 1.0 / count[a:b]
 
 
-class MaskedMomentum:
-    """torch's SGD with momentum (v = m v + g; w -= lr v) for a [..., C] parameter whose columns
-    are separate problems: only the columns that had a batch in a step move, their velocity included,
-    as each concept's own optimiser would."""
-
-    def __init__(self, param: torch.Tensor, momentum: float = 0.9) -> None:
-        self.velocity = torch.zeros_like(param)
-        self.momentum = momentum
-
-    def step(self, param: torch.Tensor, grad: torch.Tensor, stepped: torch.Tensor, lr: float) -> torch.Tensor:
-        self.velocity = torch.where(stepped, self.momentum * self.velocity + grad, self.velocity)
-        return param - lr * self.velocity * stepped
-
-
-def stepped_columns(cols: np.ndarray, n_cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    stepped = torch.zeros(n_cols, dtype=torch.bool, device=device)
-    stepped[torch.from_numpy(np.unique(cols)).to(device)] = True
-    return stepped
-
-
 class RowMomentum:
-    """MaskedMomentum's update for a [C, ...] parameter whose rows are separate problems, done in
-    place on the stepped rows only (the others would be left exactly as they are): the same
-    arithmetic, without passes over every row when a step has batches for a few concepts."""
+    """torch's SGD with momentum (v = m v + g; w -= lr v) for a [C, ...] parameter whose rows are
+    separate problems: only the rows that had a batch in a step move, their velocity included, as
+    each concept's own optimiser would, in place (the other rows are not touched). The parameter is
+    a torch tensor or a numpy array (the same float32 operations)."""
 
-    def __init__(self, param: torch.Tensor, momentum: float = 0.9) -> None:
-        self.velocity = torch.zeros_like(param)
+    def __init__(self, param: torch.Tensor | np.ndarray, momentum: float = 0.9) -> None:
+        self.velocity = np.zeros_like(param) if isinstance(param, np.ndarray) else torch.zeros_like(param)
         self.momentum = momentum
 
     def step(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, lr: float) -> None:

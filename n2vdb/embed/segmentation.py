@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from n2vdb.embed import pixel_kernel
-from n2vdb.embed.batches import MaskedMomentum, RowMomentum, own_batches, stepped_columns
+from n2vdb.embed.batches import RowMomentum, own_batches
 from n2vdb.embed.examples import CachedBlocks, ExampleSource, PairBlock, blocks_of
 
 LOSSES = ("paper", "loglik")
@@ -300,11 +300,26 @@ def train(
     bound = 1 / math.sqrt(n_filters)
     init = ((torch.rand(n_filters, n_cols, generator=gen) * 2 - 1) * bound).to(device)
     # Held as concept rows [C, K]: each pair's scatter and gather stay in one row, and a step moves
-    # only its concepts' rows (RowMomentum is MaskedMomentum's arithmetic).
+    # only its concepts' rows (RowMomentum).
     keep = None if keep is None else keep.float().T.contiguous().to(device)
     weights = (init.T if keep is None else init.T * keep).contiguous()
     bias = torch.zeros(n_cols, device=device)
-    sgd_w, sgd_b = RowMomentum(weights), MaskedMomentum(bias)
+    grad_w, grad_b = torch.zeros_like(weights), torch.zeros_like(bias)
+    # The step's bookkeeping (momentum, zeroing the moved gradient rows) is a few small operations
+    # per step. On the CPU they run in numpy on views of the same memory: torch would split each over
+    # its threads for no gain, and on a shared machine wait on the busy core at every one (measured:
+    # training 4x slower at 2 threads).
+    on_cpu = device.type == "cpu"
+    params, grads = (
+        ((weights.numpy(), bias.numpy()), (grad_w.numpy(), grad_b.numpy()))
+        if on_cpu
+        else (
+            (weights, bias),
+            (grad_w, grad_b),
+        )
+    )
+    keep_rows = keep.numpy() if on_cpu and keep is not None else keep
+    sgd_w, sgd_b = RowMomentum(params[0]), RowMomentum(params[1])
     alpha = compute_alpha(source, column).to(device)
     geometries: dict[tuple, _Geometry] = {}
     for _ in range(epochs):
@@ -317,7 +332,6 @@ def train(
             order[train_images] = epoch_order(gen, len(train_images))
             for chosen, scale in own_batches(cols, order[block.pair_image[pairs]], batch_size):
                 step_pairs, step_cols = pairs[chosen], cols[chosen]
-                grad_w, grad_b = torch.zeros_like(weights), torch.zeros_like(bias)
                 scale_t = torch.from_numpy(scale).float().to(device)
                 for start in range(0, len(step_pairs), geo.chunk_pairs):
                     part = slice(start, start + geo.chunk_pairs)
@@ -334,11 +348,12 @@ def train(
                         grad_w,
                         grad_b if use_bias else None,
                     )
-                moved = torch.from_numpy(np.unique(step_cols)).to(device)
-                grad_rows = grad_w[moved] if keep is None else grad_w[moved] * keep[moved]
-                sgd_w.step(weights, moved, grad_rows, lr)
+                moved = np.unique(step_cols) if on_cpu else torch.from_numpy(np.unique(step_cols)).to(device)
+                grad_rows = grads[0][moved] if keep is None else grads[0][moved] * keep_rows[moved]
+                sgd_w.step(params[0], moved, grad_rows, lr)
                 if use_bias:
-                    bias = sgd_b.step(bias, grad_b, stepped_columns(step_cols, n_cols, device), lr)
+                    sgd_b.step(params[1], moved, grads[1][moved], lr)
+                grads[0][moved], grads[1][moved] = 0, 0  # zero again for the next step
     weights = weights.T.contiguous()
     train_iou, val_iou = evaluate(source, column, weights, bias, per_image)
     return SegResult(concept_ids, weights.cpu(), bias.cpu().clone(), alpha.cpu(), train_iou, val_iou)
