@@ -38,31 +38,33 @@ def balanced_sample(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """labels [N, C] bool -> selection [N, C] bool: per concept, the minority class and an equal draw of
     the majority (the majority images with the smallest of one uniform noise draw, ties to the lower
     index as a stable sort breaks them), a chunk of concepts at a time so memory stays at the noise
-    plus one chunk however many concepts there are."""
+    plus one chunk however many concepts there are. In numpy after the draw: some 20 small
+    operations per chunk, which torch would split over its threads for no gain."""
     n, c = labels.shape
-    noise = torch.rand(n, c, generator=gen)
-    n_pos = labels.sum(0)
-    n_neg = n - n_pos
-    minority = torch.where(n_pos <= n_neg, labels, ~labels)  # [N, C]
-    size = torch.minimum(n_pos, n_neg)
-    chosen = minority.clone()
+    noise = torch.rand(n, c, generator=gen).numpy()
+    positive = labels.numpy()
+    n_pos = positive.sum(0)
+    minority = np.where(n_pos <= n - n_pos, positive, ~positive)  # [N, C]
+    size = np.minimum(n_pos, n - n_pos)
+    chosen = minority.copy()
     # One unique key per image in the stable sort's order: a non-negative float orders as its bit
     # pattern, then the index breaks ties. The SIZE smallest keys are the draw, so a partial sort
-    # (topk) does; concepts go in order of size, so a chunk's k fits all of its concepts.
-    index = torch.arange(n)
-    by_size = torch.argsort(size, stable=True)
+    # does; concepts go in order of size, so a chunk's k fits all of its concepts.
+    index = np.arange(n, dtype=np.int64)
+    by_size = np.argsort(size, kind="stable")
     for lo in range(0, c, CHUNK_CONCEPTS):
         cols = by_size[lo : lo + CHUNK_CONCEPTS]
         k = int(size[cols].max())
         if k == 0:
             continue
-        keys = noise[:, cols].T.contiguous().view(torch.int32).long() * n + index
-        keys.masked_fill_(minority[:, cols].T, torch.iinfo(torch.int64).max)
-        smallest = torch.topk(keys, k, dim=1, largest=False, sorted=True).indices  # [chunk, k]
-        take = torch.arange(k) < size[cols][:, None]
-        chosen[smallest[take], cols[:, None].expand(-1, k)[take]] = True
+        keys = noise[:, cols].T.view(np.int32).astype(np.int64) * n + index  # [chunk, N]
+        keys[minority[:, cols].T] = np.iinfo(np.int64).max
+        part = np.argpartition(keys, k - 1, axis=1)[:, :k]  # the k smallest, in no order
+        smallest = np.take_along_axis(part, np.take_along_axis(keys, part, 1).argsort(axis=1), 1)
+        take = np.arange(k) < size[cols][:, None]
+        chosen[smallest[take], np.broadcast_to(cols[:, None], smallest.shape)[take]] = True
     chosen[:, size == 0] = False  # a concept on every image or on none has no balanced sample
-    return chosen
+    return torch.from_numpy(chosen)
 
 
 def uses_compiled_steps(device: torch.device) -> bool:
