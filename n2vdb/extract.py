@@ -17,6 +17,7 @@ from n2vdb.models.device import pick_device
 from n2vdb.models.layers import LayerTap, Layout
 from n2vdb.probe import Probe, ProbeSpec
 from n2vdb.progress import progress_bar
+from n2vdb.store.behind import write_behind
 from n2vdb.store.sessions import Store
 
 PREPROCESS = ("torchvision", "caffe")
@@ -151,6 +152,8 @@ def extract(
         writer.connection().execute(
             "UPDATE probes SET n_filters = ?, height = ?, width = ? WHERE probe_id = ?", [k, h, w, probe.probe_id]
         )
-        for image_ids, codes, scales, pooled in batches:
-            table = acts_store.to_arrow(probe.probe_id, image_ids, codes, scales, pooled)
-            acts_store.write(writer.connection(), table)  # one commit per batch
+
+        def write(batch) -> None:  # one commit per batch, in the writer thread
+            acts_store.write(writer.connection(), acts_store.to_arrow(probe.probe_id, *batch))
+
+        write_behind(write, batches)
