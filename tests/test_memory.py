@@ -200,3 +200,40 @@ def test_activation_reads_fit_a_budget_smaller_than_one_scan_vector(tmp_path, mo
         assert ids.tolist() == list(range(n)) and np.array_equal(means[:, 0], np.arange(n, dtype=np.float32) / 2)
     finally:
         con.close()
+
+
+_HEAP_PROBE = """
+import ctypes, sys
+import numpy as np
+from n2vdb import heap
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "bounded":
+    heap.bound_freed_memory()
+big = np.ones(8 << 20, np.uint8)  # mmapped, then freed: glibc's own rule raises its threshold to 8 MB
+del big
+before = libc.mallinfo2().hblkhd
+batch = np.ones(6 << 20, np.uint8)  # a batch's array below that: mmapped only under a fixed threshold
+print(libc.mallinfo2().hblkhd - before >= 6 << 20)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
+def test_freed_batch_arrays_go_back_to_the_system(monkeypatch):
+    """After heap.bound_freed_memory(), a 6 MB array allocated after an 8 MB one was freed is its own
+    mapping (returned whole on free), not heap space that stays resident once freed; without it,
+    glibc's moving threshold puts it in the heap."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    got = {
+        mode: subprocess.run(
+            [sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for mode in ("bounded", "default")
+    }
+    assert got == {"bounded": "True", "default": "False"}
