@@ -76,28 +76,56 @@ def iter_codes(
     image_ids: list[int] | None = None,
     batch: int = 256,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Stream (image_ids, codes uint8 [n, K, H, W], scales float32 [n, K]) in storage order.
+    """Stream (image_ids, codes uint8 [n, K, H, W], scales float32 [n, K]) in storage order, BATCH
+    rows at a time.
 
     No ORDER BY: DuckDB cannot sort a table of large blobs within a bounded memory (measured: a
     sorted scan of 86 MB of codes fails under a 250 MB limit that the plain scan runs within), while
-    a plain scan streams in insertion order (preserve_insertion_order), as stored_order lists."""
+    a plain scan streams in insertion order (preserve_insertion_order), as stored_order lists.
+    Each read is one window of BATCH consecutive rows (by rowid), not one scan of the whole table:
+    a scan decodes 2,048 rows per vector whatever batch its reader hands out (90 MB of codes at
+    AlexNet conv5), and fills DuckDB's cache as it goes, so its memory rose with the dataset up to
+    several vectors (measured: +160 MB of peak RSS from 1,000 to 4,000 images); a window holds
+    BATCH rows (tests/test_memory.py)."""
     k, h, w = shape
-    sql = "SELECT image_id, scales, codes FROM activations WHERE probe_id = $p"
+    for record in _windows(con, probe_id, "image_id, scales, codes", image_ids, batch):
+        ids = record.column(0).to_numpy()
+        scales = np.array(record.column(1).combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(-1, k)
+        codes = np.frombuffer(bytearray(b"".join(record.column(2).to_pylist())), np.uint8).reshape(-1, k, h, w)
+        del record
+        yield ids, codes, scales
+
+
+def _windows(
+    con: duckdb.DuckDBPyConnection, probe_id: int, columns: str, image_ids: list[int] | None, rows: int
+) -> Iterator[pa.Table]:
+    """COLUMNS of the probe's rows (of IMAGE_IDS only, where given) in storage order, as tables of
+    at most ROWS consecutive rows, each read on its own (see iter_codes)."""
+    sql = f"SELECT {columns} FROM activations WHERE probe_id = $p AND rowid BETWEEN $lo AND $hi"
+    if image_ids is not None:  # other images may lie between a window's rows
+        sql += " AND image_id IN (SELECT unnest($ids))"
+    located = _locate(con, probe_id, image_ids)
+    # A cursor of its own, so other statements on `con` between windows cannot touch its results.
+    cursor = con.cursor()
+    try:
+        for start in range(0, len(located), rows):
+            window = located[start : start + rows]
+            params: dict = {"p": probe_id, "lo": window[0][0], "hi": window[-1][0]}
+            if image_ids is not None:
+                params["ids"] = [image_id for _, image_id in window]
+            yield cursor.sql(sql, params=params).to_arrow_table()
+    finally:
+        cursor.close()
+
+
+def _locate(con: duckdb.DuckDBPyConnection, probe_id: int, image_ids: list[int] | None) -> list[tuple[int, int]]:
+    """(rowid, image_id) of the probe's rows (of IMAGE_IDS only, where given), in storage order."""
+    sql = "SELECT rowid, image_id FROM activations WHERE probe_id = $p"
     params: dict = {"p": probe_id}
     if image_ids is not None:
         sql += " AND image_id IN (SELECT unnest($ids))"
         params["ids"] = [int(i) for i in image_ids]
-    # A cursor of its own, so other statements on `con` cannot invalidate the open stream.
-    cursor = con.cursor()
-    reader = cursor.sql(sql, params=params).to_arrow_reader(batch)
-    for record in reader:
-        if record.num_rows == 0:
-            continue
-        ids = record.column(0).to_numpy()
-        scales = np.array(record.column(1).flatten().to_numpy(zero_copy_only=False)).reshape(-1, k)
-        codes = np.frombuffer(bytearray(b"".join(record.column(2).to_pylist())), np.uint8).reshape(-1, k, h, w)
-        yield ids, codes, scales
-    cursor.close()
+    return [(int(r), int(i)) for r, i in con.sql(sql, params=params).fetchall()]
 
 
 def iter_activations(
@@ -113,14 +141,18 @@ def iter_activations(
 
 
 def pooled(con: duckdb.DuckDBPyConnection, probe_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image_ids, spatial means [N, K]) for classification embeddings."""
-    table = con.sql(
-        "SELECT image_id, pooled FROM activations WHERE probe_id = $p ORDER BY image_id", params={"p": probe_id}
-    ).to_arrow_table()
-    ids = table.column(0).to_numpy()
-    values = table.column(1).combine_chunks()
-    k = len(values[0]) if len(values) else 0
-    return ids, np.array(values.flatten().to_numpy(zero_copy_only=False)).reshape(-1, k)
+    """(image_ids, spatial means [N, K]) for classification embeddings, in image-id order: read in
+    windows and sorted here, not by an ORDER BY, whose sort of every row would have to fit DuckDB's
+    budget at once (64 MB of means for all of Broden at 256 filters; readers never spill)."""
+    ids, values = [], []
+    for record in _windows(con, probe_id, "image_id, pooled", None, 4096):
+        ids.append(record.column(0).to_numpy())
+        values.append(np.array(record.column(1).combine_chunks().flatten().to_numpy(zero_copy_only=False)))
+    if not ids:
+        return np.zeros(0, np.int32), np.zeros((0, 0), np.float32)
+    image_ids = np.concatenate(ids)
+    order = np.argsort(image_ids, kind="stable")
+    return image_ids[order], np.concatenate(values).reshape(len(image_ids), -1)[order]
 
 
 def thresholds(con: duckdb.DuckDBPyConnection, probe_id: int) -> torch.Tensor:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import duckdb
 
+from n2vdb import heap
+
 
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far (ru_maxrss: KB on Linux, bytes on macOS)."""
@@ -29,7 +31,9 @@ class StageTiming:
 
 @contextmanager
 def timed(stage: str, images: int | None = None, pairs: int | None = None) -> Iterator[StageTiming]:
-    """Time the block; the caller may fill in images and pairs on the yielded record."""
+    """Time the block; the caller may fill in images and pairs on the yielded record. Every stage runs
+    through here, so here the heap is set not to keep what the stages free (n2vdb.heap)."""
+    heap.bound_freed_memory()
     record = StageTiming(stage, images=images, pairs=pairs)
     start = time.perf_counter()
     yield record

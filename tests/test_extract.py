@@ -78,7 +78,9 @@ def test_sql_macro_reads_the_same_values(ingested_db):
 
 def test_bytes_per_value(db_copy):
     """What the activations cost on disk, as DuckDB counts its blocks (dropping the table frees
-    them), not as a formula: at most ~1 byte per value, the scales included."""
+    them), not as a formula: about 1 byte per value, the scales included (stored uncompressed, see
+    store/connection.py; the last 256 KB block of each column partly filled at this size: 1.05 at
+    4,000 images)."""
     con = duckdb.connect(str(db_copy))
     k, h, w = con.execute("SELECT n_filters, height, width FROM probes").fetchone()
     assert con.execute(
@@ -90,7 +92,7 @@ def test_bytes_per_value(db_copy):
     con.execute("DROP TABLE activations; CHECKPOINT")
     after, _ = used()
     con.close()
-    assert 0 < (before - after) * block / values <= 1.1
+    assert 0 < (before - after) * block / values <= 1.25
 
 
 def test_resume_after_a_failure_gives_the_uninterrupted_result(tmp_path, synthetic_dir, ingested_db):

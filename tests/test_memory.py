@@ -110,7 +110,7 @@ def test_spill_is_closed_when_decoding_fails(monkeypatch):
 
 def test_cache_budget_from_environment(monkeypatch):
     monkeypatch.delenv("N2VDB_CACHE_MEMORY", raising=False)
-    assert cache_budget() == 256 << 20
+    assert cache_budget() == 64 << 20
     for text, expected in (("1GB", 1 << 30), ("64mb", 64 << 20), ("0", 0), ("512KiB", 512 << 10)):
         monkeypatch.setenv("N2VDB_CACHE_MEMORY", text)
         assert cache_budget() == expected
@@ -151,7 +151,7 @@ def test_an_ingests_reads_get_the_ingest_budget(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     db = tmp_path / "m.duckdb"
     connect(db, read_only=False).close()
-    for env, expected in ((None, "256MB"), ("96MB", "96MB")):
+    for env, expected in ((None, "64MB"), ("96MB", "96MB")):
         if env:
             monkeypatch.setenv("N2VDB_DUCKDB_INGEST_MEMORY", env)
         with Store(db).reading() as con:
@@ -159,3 +159,81 @@ def test_an_ingests_reads_get_the_ingest_budget(tmp_path, monkeypatch):
         con = connect(db, read_only=True)
         assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == _limit_of("1GB")
         con.close()
+
+
+def test_activation_reads_fit_a_budget_smaller_than_one_scan_vector(tmp_path, monkeypatch):
+    """iter_codes and pooled read the activations in windows of BATCH rows, written without ZSTD: under
+    a DuckDB budget of 24MB they stream 2,100 rows of 16 KB codes (one 2,048-row scan vector of them
+    is 34 MB: the single scan iter_codes made before runs out of memory here), every row as written,
+    in storage order, and pooled in image-id order."""
+    from n2vdb import activations as acts_store
+    from n2vdb.store import write_connection
+    from n2vdb.store.connection import connect
+
+    db, shape, n = tmp_path / "big.duckdb", (64, 16, 16), 2100
+    rng = np.random.default_rng(0)
+    order = rng.permutation(n)  # stored out of image-id order
+    with write_connection(db) as con:
+        for start in range(0, n, 300):
+            ids = order[start : start + 300]
+            codes = rng.integers(0, 256, (len(ids), *shape), dtype=np.uint8)
+            codes[:, ::2] = 0  # compressible, as post-ReLU maps are
+            scales = ids[:, None].astype(np.float32) + np.zeros((1, shape[0]), np.float32)
+            acts_store.write(con, acts_store.to_arrow(1, ids, codes, scales, scales / 2))
+        compressions = {r[0] for r in con.execute(
+            "SELECT DISTINCT compression FROM pragma_storage_info('activations') WHERE column_name = 'codes'"
+            " AND segment_type = 'BLOB'").fetchall()}
+    assert "ZSTD" not in compressions
+    monkeypatch.setenv("N2VDB_DUCKDB_MEMORY", "24MB")
+    con = connect(db, read_only=True)
+    try:
+        seen = []
+        for ids, codes, scales in acts_store.iter_codes(con, 1, shape, batch=64):
+            assert len(ids) <= 64 and codes.shape[1:] == shape
+            assert np.array_equal(scales[:, 0], ids.astype(np.float32)) and not codes[:, ::2].any()
+            seen.extend(ids.tolist())
+        assert seen == order.tolist() == acts_store.stored_order(con, 1)
+        some = [int(i) for i in order[::97]]
+        picked = [int(i) for ids, _, _ in acts_store.iter_codes(con, 1, shape, some[::-1], batch=8) for i in ids]
+        assert picked == some  # storage order, whatever order they were asked in
+        ids, means = acts_store.pooled(con, 1)
+        assert ids.tolist() == list(range(n)) and np.array_equal(means[:, 0], np.arange(n, dtype=np.float32) / 2)
+    finally:
+        con.close()
+
+
+_HEAP_PROBE = """
+import ctypes, sys
+import numpy as np
+from n2vdb import heap
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "bounded":
+    heap.bound_freed_memory()
+big = np.ones(8 << 20, np.uint8)  # mmapped, then freed: glibc's own rule raises its threshold to 8 MB
+del big
+before = libc.mallinfo2().hblkhd
+batch = np.ones(6 << 20, np.uint8)  # a batch's array below that: mmapped only under a fixed threshold
+print(libc.mallinfo2().hblkhd - before >= 6 << 20)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
+def test_freed_batch_arrays_go_back_to_the_system(monkeypatch):
+    """After heap.bound_freed_memory(), a 6 MB array allocated after an 8 MB one was freed is its own
+    mapping (returned whole on free), not heap space that stays resident once freed; without it,
+    glibc's moving threshold puts it in the heap."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    got = {
+        mode: subprocess.run(
+            [sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for mode in ("bounded", "default")
+    }
+    assert got == {"bounded": "True", "default": "False"}

@@ -125,7 +125,7 @@ def train(
     on_device = train_x.to(device)
     sgd_w, sgd_b = RowMomentum(rows_w), RowMomentum(bias)
     step_size = max(1, epochs // 2)  # lr x 0.1 halfway, as the reference's StepLR
-    targets = train_y.float().to(device)
+    targets = train_y.to(device)  # bool: a float copy of [N, C] grew with images x concepts
     for epoch in range(epochs):
         lr_now = lr * 0.1 ** (epoch // step_size)
         selection = balanced_sample(train_y, gen)
@@ -159,7 +159,7 @@ def train(
             x = on_device.index_select(0, img)
             logits = (x * rows_w.index_select(0, col)).sum(1) + bias[col]
             # d BCE-with-logits / d logit = sigmoid(z) - y, over the batch's own count
-            residual = (torch.sigmoid(logits) - targets[img, col]) * torch.from_numpy(scale).float().to(device)
+            residual = (torch.sigmoid(logits) - targets[img, col].float()) * torch.from_numpy(scale).float().to(device)
             grad_w = torch.zeros(len(stepped), n_filters, device=device).index_add_(0, slot, x * residual[:, None])
             if keep_rows is not None:
                 grad_w *= keep_rows[stepped]

@@ -108,13 +108,13 @@ def _connect_once(path: str | os.PathLike | None, read_only: bool, memory_env: s
 
 
 # DuckDB's cache budget, by the variable that sets it. Readers never spill (seal()), so a query that
-# outgrows theirs fails; the ingest's own reads are plain scans of the activations, which fill the
-# cache with blocks they never revisit (measured: +290 MB of peak RSS from 1,000 to 4,000 images at
-# 1GB), so they get a small one.
+# outgrows theirs fails; the ingest's own reads are windows of the activations (activations.iter_codes),
+# which fill the cache with blocks they never revisit (measured: +290 MB of peak RSS from 1,000 to
+# 4,000 images at 1GB; +100 MB from 4,000 to 8,000 at 256MB, none at 64MB), so they get a small one.
 MEMORY_BUDGETS = {
     "N2VDB_DUCKDB_MEMORY": "1GB",  # queries, show, report, the shell
     "N2VDB_DUCKDB_WRITER_MEMORY": "128MB",  # writers (may spill beside the database, unless sealed)
-    "N2VDB_DUCKDB_INGEST_MEMORY": "256MB",  # an ingest's or merge's reading phases (store.sessions)
+    "N2VDB_DUCKDB_INGEST_MEMORY": "64MB",  # an ingest's or merge's reading phases (store.sessions)
 }
 
 # Nothing is fetched or loaded behind the user's back, on any connection.
@@ -122,6 +122,13 @@ _GLOBAL_SETTINGS = {
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
     "allow_community_extensions": False,
+    # Large blobs (the activations' codes) compressed with ZSTD are decompressed a whole 2,048-row
+    # vector at a time, however few rows a read asks for: 90 MB at AlexNet conv5, more than DuckDB's
+    # cache budget, so reading them grew peak RSS with the dataset (measured: +180 MB of peak RSS
+    # from 1,000 to 4,000 images under a 64MB budget, none once stored uncompressed) and was 3x
+    # slower; stored plainly, a read of a few rows touches their blocks only. Files grow: ZSTD
+    # saved ~35% of random-weight codes. Rows written before keep theirs.
+    "disabled_compression_methods": "zstd",
 }
 
 
