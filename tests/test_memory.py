@@ -124,13 +124,13 @@ def _limit_of(value: str) -> str:
         return con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
 
 
-def test_writer_gets_a_smaller_duckdb_cache_than_readers(tmp_path, monkeypatch):
+def test_writer_and_readers_get_their_own_duckdb_budgets(tmp_path, monkeypatch):
     from n2vdb.store.connection import connect
 
     monkeypatch.delenv("N2VDB_DUCKDB_MEMORY", raising=False)
     monkeypatch.delenv("N2VDB_DUCKDB_WRITER_MEMORY", raising=False)
     db = tmp_path / "m.duckdb"
-    for env, expected_writer, expected_reader in ((None, "128MB", "1GB"), ("48MB", "48MB", "1GB")):
+    for env, expected_writer, expected_reader in ((None, "1GB", "1GB"), ("48MB", "48MB", "1GB")):
         if env:
             monkeypatch.setenv("N2VDB_DUCKDB_WRITER_MEMORY", env)
         con = connect(db, read_only=False)
@@ -180,9 +180,13 @@ def test_activation_reads_fit_a_budget_smaller_than_one_scan_vector(tmp_path, mo
             codes[:, ::2] = 0  # compressible, as post-ReLU maps are
             scales = ids[:, None].astype(np.float32) + np.zeros((1, shape[0]), np.float32)
             acts_store.write(con, acts_store.to_arrow(1, ids, codes, scales, scales / 2))
-        compressions = {r[0] for r in con.execute(
-            "SELECT DISTINCT compression FROM pragma_storage_info('activations') WHERE column_name = 'codes'"
-            " AND segment_type = 'BLOB'").fetchall()}
+        compressions = {
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT compression FROM pragma_storage_info('activations') WHERE column_name = 'codes'"
+                " AND segment_type = 'BLOB'"
+            ).fetchall()
+        }
     assert "ZSTD" not in compressions
     monkeypatch.setenv("N2VDB_DUCKDB_MEMORY", "24MB")
     con = connect(db, read_only=True)

@@ -44,7 +44,7 @@ def _concept_batches(
                 z = bias[c]
                 for j in range(k):
                     z += x[j] * w[j]
-                residual = (one / (one + np.float32(math.exp(-z))) - targets[images[p], c]) * scale
+                residual = (one / (one + np.float32(math.exp(-z))) - np.float32(targets[images[p], c])) * scale
                 for j in range(k):
                     grad[j] += x[j] * residual
                 grad_b += residual
