@@ -104,10 +104,11 @@ def _windows(
     sql = f"SELECT {columns} FROM activations WHERE probe_id = $p AND rowid BETWEEN $lo AND $hi"
     if image_ids is not None:  # other images may lie between a window's rows
         sql += " AND image_id IN (SELECT unnest($ids))"
-    located = _locate(con, probe_id, image_ids)
-    # A cursor of its own, so other statements on `con` between windows cannot touch its results.
+    # A cursor of its own, so the caller's unfinished results on `con` and its statements between
+    # windows cannot touch (or be touched by) this read.
     cursor = con.cursor()
     try:
+        located = _locate(cursor, probe_id, image_ids)
         for start in range(0, len(located), rows):
             window = located[start : start + rows]
             params: dict = {"p": probe_id, "lo": window[0][0], "hi": window[-1][0]}
