@@ -357,6 +357,11 @@ def generate_broden(
             with multiprocessing.get_context("fork").Pool(workers) as pool:
                 results = pool.imap(_broden_chunk, jobs)
                 _write_rows(writer, results, counts)
+                # Workers leave on their own once the queue is closed. Leaving it to the context's
+                # terminate() SIGTERMs them: one killed while holding the task queue's lock can leave
+                # a worker the pool starts meanwhile waiting for it forever (a test run hung so).
+                pool.close()
+                pool.join()
         else:
             _write_rows(writer, map(_broden_chunk, jobs), counts)
     _write_labels(root, broden_label_table(), counts, BRODEN_CATEGORIES)
