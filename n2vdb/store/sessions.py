@@ -99,7 +99,12 @@ class SessionWriter:
         if self.con is not None and time.monotonic() - self.opened > self.hold_s:
             self.close()  # let waiting readers in
         if self.con is None:
-            self.con = connect(self.store.path, read_only=False, wait_s=self.store.writer_wait_s)
+            self.con = connect(
+                self.store.path,
+                read_only=False,
+                wait_s=self.store.writer_wait_s,
+                memory_env="N2VDB_DUCKDB_EXTRACT_MEMORY",
+            )
             self.opened = time.monotonic()
         return self.con
 
