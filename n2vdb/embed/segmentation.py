@@ -165,26 +165,15 @@ class _Geometry:
     def up(self, small: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[P, H, W] -> [P, sh, sw] (into OUT if given): A_h X A_w^T as one flat product and one
         batched one (a broadcast matmul of small matrices is an order of magnitude slower on the CPU)."""
-        along_w = self.along_w(small)
-        return torch.bmm(self.a_h.expand(len(small), -1, -1), along_w, out=out)
-
-    def along_w(self, small: torch.Tensor) -> torch.Tensor:
-        """[P, H, W] -> [P, H, sw]: X A_w^T, the upsampling's first half."""
         p = small.shape[0]
-        return (small.reshape(p * self.h, self.w) @ self.a_w.T).view(p, self.h, -1)
+        along_w = (small.reshape(p * self.h, self.w) @ self.a_w.T).view(p, self.h, -1)
+        return torch.bmm(self.a_h.expand(p, -1, -1), along_w, out=out)
 
     def down(self, grad: torch.Tensor) -> torch.Tensor:
         """The adjoint: [P, sh, sw] -> [P, H, W], A_h^T G A_w."""
-        return self.adjoint_w(torch.bmm(self.a_h.T.expand(grad.shape[0], -1, -1), grad))
-
-    def adjoint_w(self, along_h: torch.Tensor) -> torch.Tensor:
-        """[P, H, sw] -> [P, H, W]: G A_w, the adjoint's second half."""
-        p = along_h.shape[0]
+        p = grad.shape[0]
+        along_h = torch.bmm(self.a_h.T.expand(p, -1, -1), grad)  # [P, H, sw]
         return (along_h.reshape(p * self.h, -1) @ self.a_w).view(p, self.h, self.w)
-
-    def low_rows(self, p: int) -> torch.Tensor:
-        """A float [P, H, sw] work buffer (in the first per-pixel buffer's memory), overwritten by the next chunk."""
-        return self.buffers(p)[0].view(-1)[: p * self.h * self.mask_shape[1]].view(p, self.h, -1)
 
 
 def _pairs_in(block: PairBlock, column: dict[int, int], train_only: bool) -> tuple[np.ndarray, np.ndarray]:
