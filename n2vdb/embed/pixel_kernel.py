@@ -287,7 +287,6 @@ def accumulate(block, pairs, cols, weights, bias, alpha, scale, loss, rows, colu
     concept rows [C, K]; bias, grad_b, alpha [C]; scale [P]) to grad_w and grad_b, as segmentation._accumulate's
     torch passes would. ROWS = taps(A_h) and COLUMNS = taps(A_w) give the upsampling,
     ON_VALUES = split_on_values(block, H * W) the block's on values."""
-    width = len(columns.low)
     by_concept = np.argsort(cols, kind="stable")
     pairs, cols = pairs[by_concept], cols[by_concept]
     pos, neg = coefficients(alpha.numpy()[cols], scale.numpy()[by_concept], loss)
@@ -296,7 +295,7 @@ def accumulate(block, pairs, cols, weights, bias, alpha, scale, loss, rows, colu
         *on_values,
         block.pair_image[pairs],
         cols,
-        np.unpackbits(block.mask_bits[pairs], axis=1, count=width * len(rows.low)).reshape(len(pairs), -1, width),
+        block.labels(pairs).numpy(),
         weights.contiguous().numpy(),
         bias.numpy(),
         pos,
