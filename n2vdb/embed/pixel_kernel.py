@@ -86,6 +86,15 @@ def coefficients(alpha: np.ndarray, scale: np.ndarray, loss: str) -> tuple[np.nd
     return pos.astype(np.float32), neg.astype(np.float32)
 
 
+def _bit_table() -> np.ndarray:
+    """Byte value -> its 8 bits as 8 bytes, most significant first (np.packbits' order), each entry
+    one uint64 so that a packed mask row unpacks with one load and one store per byte."""
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)
+    return np.ascontiguousarray(bits).view(np.uint64).ravel()
+
+
+_BITS = _bit_table()
+
 # nogil: disjoint concepts run in threads (embed/threads.py).
 _COMPILE = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
 
@@ -107,6 +116,14 @@ def _logits_along_w(
         for j in range(width):
             c, u = columns[j], t_columns[j]
             along_w[r, j] = low[base + c] * (one - u) + low[base + c + 1] * u
+
+
+@njit(inline="always", **_COMPILE)
+def _unpack(packed, table, words):  # pragma: no cover
+    """A pair's packed mask row into WORDS (uint64, viewed by the caller as one byte per pixel), in
+    the loop rather than by np.unpackbits per chunk: the unpacked mask stays in cache."""
+    for b in range(len(packed)):
+        words[b] = table[packed[b]]
 
 
 @njit(inline="always", **_COMPILE)
@@ -148,7 +165,9 @@ def _pairs_gradient(
     positions,
     images,
     cols,
-    labels,
+    mask_rows,
+    mask_bits,
+    table,
     weights,
     bias,
     pos,
@@ -163,8 +182,8 @@ def _pairs_gradient(
     grad_w,
     grad_b,
 ):  # pragma: no cover (compiled; tests/test_pixel_kernel.py checks it against autograd)
-    """For each pair q in [FIRST, STOP) (image images[q], column cols[q]): its low logits from the
-    image's on values, their upsampled row logits, the loss's gradient at each pixel, and its adjoint
+    """For each pair q in [FIRST, STOP) (image images[q], column cols[q], mask mask_bits[mask_rows[q]]
+    packed): its low logits from the image's on values, their upsampled row logits, the loss's gradient at each pixel, and its adjoint
     back onto the on values, added into grad_w [C, K] (concept rows, as WEIGHTS) and grad_b [C]."""
     n_low, n_cols, width = rows[-1] + 2, columns[-1] + 2, len(columns)
     hw = n_low * n_cols
@@ -174,10 +193,16 @@ def _pairs_gradient(
     z = np.empty(width, np.float32)
     two_n = np.empty(width, np.int32)
     below, above = np.empty(width, np.float32), np.empty(width, np.float32)
+    # One byte per pixel, as [sh, sw] rows of a C-ordered array (so LLVM vectorises their loads),
+    # filled eight at a time through a uint64 view.
+    mask = np.empty(mask_bits.shape[1] * 8, np.uint8)
+    words = mask.view(np.uint64)
+    labels = mask[: len(t_rows) * width].reshape(len(t_rows), width)
     one = np.float32(1)
     for q in range(first, stop):
         image, col = images[q], cols[q]
         inside, outside = pos[q], neg[q]
+        _unpack(mask_bits[mask_rows[q]], table, words)
         _logits_along_w(
             offsets[image],
             offsets[image + 1],
@@ -198,7 +223,17 @@ def _pairs_gradient(
             above[:] = 0
             for i in range(row_firsts[r], row_firsts[r + 1]):
                 _row_gradient(
-                    along_w[r], along_w[r + 1], t_rows[i], labels[q, i], inside, outside, loglik, z, two_n, below, above
+                    along_w[r],
+                    along_w[r + 1],
+                    t_rows[i],
+                    labels[i],
+                    inside,
+                    outside,
+                    loglik,
+                    z,
+                    two_n,
+                    below,
+                    above,
                 )
             along_h[r] = below
             below, above = above, below
@@ -227,16 +262,35 @@ def _pairs_gradient(
 
 @njit(**_COMPILE)
 def _pairs_predicted(
-    offsets, filters, positions, images, cols, labels, weights, bias, rows, t_rows, columns, t_columns, inter, predicted
+    offsets,
+    filters,
+    positions,
+    images,
+    cols,
+    mask_rows,
+    mask_bits,
+    table,
+    weights,
+    bias,
+    rows,
+    t_rows,
+    columns,
+    t_columns,
+    inter,
+    predicted,
 ):  # pragma: no cover (compiled; tests/test_pixel_kernel.py checks it against F.interpolate)
     """Per pair q: PREDICTED[q] pixels where the upsampled logit is > 0 (sigmoid > 0.5) and INTER[q]
-    of them inside its mask (LABELS [P, sh, sw])."""
+    of them inside its mask (mask_bits[mask_rows[q]], packed)."""
     n_low, n_cols, width = rows[-1] + 2, columns[-1] + 2, len(columns)
     low = np.empty(n_low * n_cols, np.float32)
     along_w = np.empty((n_low, width), np.float32)
+    unpacked = np.empty(mask_bits.shape[1] * 8, np.uint8)
+    words = unpacked.view(np.uint64)
+    labels = unpacked[: len(rows) * width].reshape(len(rows), width)
     one = np.float32(1)
     for q in range(len(images)):
         image, col = images[q], cols[q]
+        _unpack(mask_bits[mask_rows[q]], table, words)
         _logits_along_w(
             offsets[image],
             offsets[image + 1],
@@ -252,7 +306,7 @@ def _pairs_predicted(
         hits, on = 0, 0
         for i in range(len(rows)):
             r, t = rows[i], t_rows[i]
-            x0, x1, mask = along_w[r], along_w[r + 1], labels[q, i]
+            x0, x1, mask = along_w[r], along_w[r + 1], labels[i]
             for j in range(width):
                 positive = x0[j] * (one - t) + x1[j] * t > 0
                 on += positive
@@ -269,7 +323,9 @@ def predicted_counts(block, pairs, cols, weights, bias, rows, columns, on_values
         *on_values,
         block.pair_image[pairs],
         cols,
-        block.labels(pairs).numpy(),
+        pairs,
+        block.mask_bits,
+        _BITS,
         weights.contiguous().numpy(),
         bias.numpy(),
         rows.low,
@@ -295,7 +351,9 @@ def accumulate(block, pairs, cols, weights, bias, alpha, scale, loss, rows, colu
         *on_values,
         block.pair_image[pairs],
         cols,
-        block.labels(pairs).numpy(),
+        pairs,
+        block.mask_bits,
+        _BITS,
         weights.contiguous().numpy(),
         bias.numpy(),
         pos,

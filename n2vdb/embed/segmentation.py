@@ -17,8 +17,9 @@ The arithmetic is arranged for speed, not changed:
 - the loss's gradient with respect to the upsampled logits is written out (one sigmoid per pixel),
   so nothing per pixel is kept for autograd.
 On the CPU, everything per pair is one compiled loop (pixel_kernel.py: the two-tap upsampling, the
-sigmoid and the loss's derivative row by row in cache, and the adjoints), in chunks of
-FUSED_CHUNK_PAIRS, with disjoint concepts in threads. On other devices the same arithmetic is torch
+sigmoid and the loss's derivative row by row in cache, and the adjoints), a whole step per call
+(it unpacks each pair's mask bits itself, so nothing per pixel is held), with disjoint concepts in
+threads. On other devices the same arithmetic is torch
 passes over chunks of CHUNK_PAIRS in two reused [P, sh, sw] buffers: the two products, the sigmoid,
 a per-label coefficient and aten's fused sigmoid_backward. Those five passes were 86% of CPU
 training; the compiled loop does the work in about a quarter of their time. Measured and rejected
@@ -29,6 +30,7 @@ lookup table for the coefficient (3%), chunk sizes 32-256 (within 5% above 64).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,7 +45,6 @@ from n2vdb.embed.examples import CachedBlocks, ExampleSource, PairBlock, blocks_
 LOSSES = ("paper", "loglik")
 _POPCOUNT = np.array([bin(b).count("1") for b in range(256)], np.uint8)
 CHUNK_PAIRS = 128  # (image, concept) pairs per pass: 128 x 113 x 113 floats = 6.5 MB
-FUSED_CHUNK_PAIRS = 512  # per call of the compiled CPU loop: 512 x 113 x 113 mask bytes = 6.5 MB
 
 
 @dataclass
@@ -142,8 +143,8 @@ class _Geometry:
         self.device = device
         # On the CPU the per-pixel work is one compiled loop (pixel_kernel); elsewhere torch's passes.
         self.fused = uses_pixel_kernel(device)
-        # The compiled loop keeps nothing per pixel but the chunk's unpacked masks (1 byte per pixel).
-        self.chunk_pairs = FUSED_CHUNK_PAIRS if self.fused else CHUNK_PAIRS
+        # The compiled loop keeps nothing per pixel, so it takes a step's pairs in one call.
+        self.chunk_pairs = sys.maxsize if self.fused else CHUNK_PAIRS
         self.rows = pixel_kernel.taps(self.a_h) if self.fused else None
         self.columns = pixel_kernel.taps(self.a_w) if self.fused else None
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
