@@ -43,6 +43,36 @@ def test_sigmoid_agrees_with_torch_over_the_whole_range():
         assert not (below if t else above).any()
 
 
+@pytest.mark.parametrize("loglik", [False, True])
+def test_a_cells_recurrence_equals_an_exp_per_row(loglik):
+    """_cell_gradient carries e^-z from row to row; _row_gradient computes it at every pixel."""
+    rows = pixel_kernel.taps(segmentation.upsample_matrix(13, 113))
+    rng = np.random.default_rng(3)
+    width = 113
+    x0, x1 = (rng.uniform(-25, 25, width).astype(np.float32) for _ in range(2))
+    a, b = int(rows.first[5]), int(rows.first[6])
+    labels = rng.random((113, width)) < 0.3
+    inside, outside = np.float32(-0.7), np.float32(0.2)
+    scratch = [np.empty(width, np.float32), np.empty(width, np.float32), np.empty(width, np.int32)]
+    want = np.zeros((2, width), np.float32)
+    for i in range(a, b):
+        pixel_kernel._row_gradient(
+            x0, x1, rows.weight[i], labels[i], inside, outside, loglik, scratch[0], scratch[2], *want
+        )
+    got = np.zeros((2, width), np.float32)
+    pixel_kernel._cell_gradient(x0, x1, rows.weight, a, b, labels, inside, outside, loglik, *scratch, *got)
+    assert b - a >= 9
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_taps_refuse_uneven_spacing():
+    a = torch.zeros(4, 3)
+    for i, (low, t) in enumerate([(0, 0.0), (0, 0.2), (1, 0.5), (1, 1.0)]):
+        a[i, low], a[i, low + 1] = 1 - t, t
+    with pytest.raises(ValueError, match="evenly spaced"):
+        pixel_kernel.taps(a)
+
+
 def _block(gen, k, h, w, sh, sw, n=6):
     return next(iter_blocks(_examples(gen, k, h, w, sh, sw, n), 100))
 
@@ -70,9 +100,14 @@ def _autograd(block, pairs, cols, weights, bias, alpha, scale, loss):
 
 
 @pytest.mark.parametrize("loss", ["paper", "loglik"])
-@pytest.mark.parametrize(("k", "h", "w", "sh", "sw", "spread"), [(4, 3, 5, 8, 11, 1.0), (6, 13, 13, 113, 113, 40.0)])
+@pytest.mark.parametrize(
+    ("k", "h", "w", "sh", "sw", "spread"),
+    [(4, 3, 5, 8, 11, 1.0), (6, 13, 13, 113, 113, 1.0), (6, 13, 13, 113, 113, 12.0), (6, 13, 13, 113, 113, 40.0)],
+)
 def test_fused_gradient_equals_autograd_and_the_torch_path(loss, k, h, w, sh, sw, spread):
-    """SPREAD 40 puts most logits far into the sigmoid's flat tails (beyond the exp's clamp)."""
+    """SPREAD 1 keeps every cell on the exp's recurrence, 12 mixes cells on it with cells past its
+    limit (an exp per pixel), 40 puts most logits far into the sigmoid's flat tails (beyond the
+    exp's clamp)."""
     gen = torch.Generator().manual_seed(7)
     block = _block(gen, k, h, w, sh, sw)
     column = {1: 0, 2: 1, 4: 2}
