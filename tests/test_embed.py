@@ -475,3 +475,44 @@ def test_an_image_without_pixel_concepts_joins_a_block():
     block.add(SegExample(1, "val", torch.ones(2, 3, 3, dtype=torch.bool), np.array([7]), masks))
     assert block.nbytes > 0 and len(block._ids) == 2 and [len(a) for a in block._active] == [0, 18]
     assert [int(p.sum()) for p in block._pixels] == [0, 1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_store_examples_are_the_dequantised_maps_and_decoded_masks(ingested_db, synthetic_dir, workers):
+    """store_examples compares codes with per-image cutoffs and keeps the workers' packed masks; the
+    same examples, built the long way: dequantised activations > thresholds, and each image's
+    concept masks decoded and filtered to the pixel concepts."""
+    from n2vdb import activations as acts_store
+    from n2vdb.data.broden import BrodenDataset
+    from n2vdb.embed.examples import packed, store_examples
+    from n2vdb.probe import load
+    from n2vdb.store import read_connection
+
+    dataset = BrodenDataset.open(synthetic_dir)
+    with read_connection(ingested_db) as con:
+        probe = load(con, 1)
+        pixel = {c for (c,) in con.execute("SELECT concept_id FROM concepts WHERE level = 'pixel'").fetchall()}
+        pixel = set(sorted(pixel)[::2])  # some of them, so the filtering shows
+        got = list(store_examples(con, probe, dataset, pixel, workers)())
+        shape = (probe.n_filters, probe.height, probe.width)
+        thresholds = acts_store.thresholds(con, probe.probe_id).view(1, -1, 1, 1)
+        want = []
+        for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape):
+            for image_id, binary in zip(ids, acts_store.dequantise(codes, scales) > thresholds):
+                row = dataset.rows[int(image_id)]
+                concepts, masks = dataset.masks(row)
+                keep = np.isin(concepts, sorted(pixel))
+                masks = torch.from_numpy(masks[keep])
+                want.append(packed(SegExample(int(image_id), row.split, binary, concepts[keep], masks)))
+    assert len(got) == len(want) == len(dataset.rows)
+    assert sum(len(w.active) for w in want) > 0 and sum(len(w.concept_ids) for w in want) > 0
+    for g, w in zip(got, want):
+        assert (g.image_id, g.split, g.map_shape, tuple(g.mask_shape)) == (
+            w.image_id,
+            w.split,
+            w.map_shape,
+            w.mask_shape,
+        )
+        np.testing.assert_array_equal(g.active, w.active)
+        np.testing.assert_array_equal(g.concept_ids, w.concept_ids)
+        np.testing.assert_array_equal(g.bits, w.bits)

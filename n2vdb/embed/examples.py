@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,31 +26,61 @@ class SegExample:
     masks: torch.Tensor  # bool [C, sh, sw]
 
 
-ExampleSource = Callable[[], Iterable[SegExample]]
+class PackedExample(NamedTuple):
+    """An example in the form a PairBlock keeps it, which is how the store streams them: decoded
+    masks cross from the workers packed and stay packed."""
+
+    image_id: int
+    split: str
+    map_shape: tuple[int, int, int]
+    active: np.ndarray  # int32 flat indices (k * H * W + position) of the binary map's on values
+    concept_ids: np.ndarray  # [C]
+    bits: np.ndarray  # uint8 [C, bytes]: each mask flattened and np.packbits-ed
+    mask_shape: tuple[int, int]
+
+
+def packed(ex: SegExample) -> PackedExample:
+    k, h, w = ex.binary.shape
+    sh, sw = ex.masks.shape[1:]
+    # an image with no pixel concept has a [0, sh, sw] stack: its width must be stated, not inferred
+    masks = ex.masks.numpy().reshape(len(ex.concept_ids), sh * sw)
+    active = np.flatnonzero(ex.binary.numpy().ravel()).astype(np.int32)
+    return PackedExample(ex.image_id, ex.split, (k, h, w), active, ex.concept_ids, np.packbits(masks, axis=1), (sh, sw))
+
+
+ExampleSource = Callable[[], Iterable[SegExample | PackedExample]]
 
 
 def store_examples(
     con, probe: Probe, dataset: BrodenDataset, pixel_concepts: set[int], workers: int = 0
 ) -> ExampleSource:
-    """A re-iterable source of SegExamples: each call streams activations and masks again."""
+    """A re-iterable source of PackedExamples: each call streams activations and masks again."""
     from n2vdb import activations as acts_store
     from n2vdb.data import pool
+    from n2vdb.stats.thresholds import code_cutoffs
 
-    thresholds = acts_store.thresholds(con, probe.probe_id).view(1, -1, 1, 1)
+    thresholds = acts_store.thresholds(con, probe.probe_id)
     shape = (probe.n_filters, probe.height, probe.width)
     rows = [dataset.rows[i] for i in acts_store.stored_order(con, probe.activation_probe)]
     split_of = {r.image_id: r.split for r in rows}
     decode = partial(_packed_masks, dataset, np.array(sorted(pixel_concepts), np.int64))
 
-    def generate() -> Iterator[SegExample]:
+    def on_values(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """bool [n, K, H, W]: activation > threshold, compared on the codes where that is exact."""
+        cutoffs = code_cutoffs(torch.from_numpy(scales), thresholds)
+        if cutoffs is None:
+            return (acts_store.dequantise(codes, scales) > thresholds.view(1, -1, 1, 1)).numpy()
+        return codes >= cutoffs.numpy().astype(np.int16)[:, :, None, None]
+
+    def generate() -> Iterator[PackedExample]:
         masks = pool.decoded(decode, rows, workers)
         for ids, codes, scales in acts_store.iter_codes(con, probe.activation_probe, shape, batch=64):
-            binary = acts_store.dequantise(codes, scales) > thresholds
+            binary = on_values(codes, scales)
             for i, image_id in enumerate(ids):
-                _, concept_ids, bits, (sh, sw) = next(masks)
-                unpacked = np.unpackbits(bits, axis=1, count=sh * sw).view(bool).reshape(len(bits), sh, sw)
-                yield SegExample(
-                    int(image_id), split_of[int(image_id)], binary[i], concept_ids, torch.from_numpy(unpacked)
+                _, concept_ids, bits, mask_shape = next(masks)
+                active = np.flatnonzero(binary[i]).astype(np.int32)
+                yield PackedExample(
+                    int(image_id), split_of[int(image_id)], shape, active, concept_ids, bits, tuple(mask_shape)
                 )
 
     return generate
@@ -76,12 +107,10 @@ class PairBlock:
         self._pair_image, self._pair_concept, self._bits, self._pixels = [], [], [], []
         self.nbytes = 0
 
-    def add(self, ex: SegExample) -> None:
+    def add(self, ex: SegExample | PackedExample) -> None:
         index = len(self._ids)
-        active = np.flatnonzero(ex.binary.numpy().ravel()).astype(np.int32)
-        # an image with no pixel concept has a [0, sh, sw] stack: its width must be stated, not inferred
-        masks = ex.masks.numpy().reshape(len(ex.concept_ids), self.mask_shape[0] * self.mask_shape[1])
-        bits = np.packbits(masks, axis=1)
+        ex = ex if isinstance(ex, PackedExample) else packed(ex)
+        active, bits = ex.active, ex.bits
         self._ids.append(ex.image_id)
         self._train.append(ex.split == "train")
         self._lengths.append(len(active))
@@ -89,7 +118,7 @@ class PairBlock:
         self._pair_image.append(np.full(len(ex.concept_ids), index, np.int32))
         self._pair_concept.append(np.asarray(ex.concept_ids, np.int64))
         self._bits.append(bits)
-        self._pixels.append(masks.sum(1).astype(np.int64))
+        self._pixels.append(np.bitwise_count(bits).sum(1, dtype=np.int64))
         self.nbytes += active.nbytes + bits.nbytes
 
     def finish(self, sort: bool = False) -> PairBlock:
@@ -136,13 +165,16 @@ class PairBlock:
         )
 
 
-def iter_blocks(examples: Iterable[SegExample], max_images: int, sort: bool = False) -> Iterator[PairBlock]:
+def iter_blocks(
+    examples: Iterable[SegExample | PackedExample], max_images: int, sort: bool = False
+) -> Iterator[PairBlock]:
     """Group examples into blocks of at most MAX_IMAGES images of one shape, in stream order (SORT:
     each block in image-id order)."""
     open_blocks: dict[tuple, PairBlock] = {}
     counts: dict[tuple, int] = {}
     for ex in examples:
-        key = (tuple(ex.binary.shape), tuple(ex.masks.shape[1:]))
+        ex = ex if isinstance(ex, PackedExample) else packed(ex)
+        key = (tuple(ex.map_shape), tuple(ex.mask_shape))
         block = open_blocks.get(key)
         if block is None:
             block = open_blocks[key] = PairBlock(key[0], key[1])
