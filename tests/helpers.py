@@ -20,6 +20,7 @@ from n2vdb import pipeline
 from n2vdb import probe as probes
 from n2vdb.data import importer
 from n2vdb.data.broden import BrodenDataset
+from n2vdb.embed.examples import SegExample
 from n2vdb.stats import iou as iou_stage
 from n2vdb.stats.thresholds import compute_thresholds
 from n2vdb.store import write_connection
@@ -156,3 +157,24 @@ def classification_one_at_a_time(features, labels, is_val, *, epochs, lr, batch,
             schedule.step()
         trained.append((w.detach(), b.detach()))
     return trained
+
+
+def random_examples(
+    gen: torch.Generator,
+    n: int,
+    shape: tuple[int, int, int],
+    mask_shape: tuple[int, int],
+    concepts=lambda i: [1, 2, 4][: 1 + i % 3],
+    split=lambda i: "train",
+    on: float = 0.3,
+    labelled=lambda i: 0.5,
+) -> list[SegExample]:
+    """N segmentation examples with random binary maps of SHAPE (a fraction ON of values on) and
+    random masks of MASK_SHAPE for image i's CONCEPTS(i) (a fraction LABELLED(i) of pixels in each)."""
+    examples = []
+    for i in range(n):
+        ids = np.array(concepts(i))
+        binary = torch.rand(*shape, generator=gen) < on
+        masks = torch.rand(len(ids), *mask_shape, generator=gen) < labelled(i)
+        examples.append(SegExample(i, split(i), binary, ids, masks))
+    return examples

@@ -13,7 +13,7 @@ from n2vdb.embed.stage import parse_grid, sufficiency_grid, top_filters
 from n2vdb.errors import UsageError
 from n2vdb.probe import TrainSettings
 
-from helpers import classification_one_at_a_time, run_cli
+from helpers import classification_one_at_a_time, random_examples, run_cli
 
 
 def planted_examples(n=160, k=12, size=7, members=(2, 5, 9), seed=0):
@@ -176,18 +176,7 @@ def test_fast_gradient_equals_autograd_through_interpolate(loss):
 
     gen = torch.Generator().manual_seed(5)
     k, h, w, sh, sw = 5, 4, 6, 9, 13
-    examples = []
-    for i in range(6):
-        ids = np.array([3, 8] if i % 2 else [8])
-        examples.append(
-            SegExample(
-                i,
-                "train",
-                torch.rand(k, h, w, generator=gen) < 0.3,
-                ids,
-                torch.rand(len(ids), sh, sw, generator=gen) < 0.5,
-            )
-        )
+    examples = random_examples(gen, 6, (k, h, w), (sh, sw), concepts=lambda i: [3, 8] if i % 2 else [8])
     block = next(iter_blocks(examples, 100))
     column = {3: 0, 8: 1}
     weights = torch.randn(k, 2, generator=gen)

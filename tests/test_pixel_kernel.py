@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from n2vdb.embed import pixel_kernel, segmentation, threads
-from n2vdb.embed.examples import SegExample, iter_blocks
+from n2vdb.embed.examples import iter_blocks
+
+from helpers import random_examples
 
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(2, 2), (2, 9), (3, 8), (13, 113), (7, 7), (5, 3)])
@@ -78,13 +80,15 @@ def _block(gen, k, h, w, sh, sw, n=6):
 
 
 def _examples(gen, k, h, w, sh, sw, n):
-    examples = []
-    for i in range(n):
-        ids = np.array([1, 2, 4][: 1 + i % 3])
-        masks = torch.rand(len(ids), sh, sw, generator=gen) < (0.1 + 0.3 * (i % 2))
-        split = "val" if i % 5 == 4 else "train"
-        examples.append(SegExample(i, split, torch.rand(k, h, w, generator=gen) < 0.4, ids, masks))
-    return examples
+    return random_examples(
+        gen,
+        n,
+        (k, h, w),
+        (sh, sw),
+        split=lambda i: "val" if i % 5 == 4 else "train",
+        on=0.4,
+        labelled=lambda i: 0.1 + 0.3 * (i % 2),
+    )
 
 
 def _autograd(block, pairs, cols, weights, bias, alpha, scale, loss):

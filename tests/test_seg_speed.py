@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from n2vdb.embed import classification, segmentation
 from n2vdb.embed.batches import RowMomentum
-from n2vdb.embed.examples import SegExample, iter_blocks
+from n2vdb.embed.examples import iter_blocks
 
-from helpers import classification_one_at_a_time
+from helpers import classification_one_at_a_time, random_examples
 
 
 @pytest.mark.parametrize("loss", ["paper", "loglik"])
@@ -37,19 +37,7 @@ def test_loss_gradient_rejects_an_unknown_loss():
 
 
 def _block(gen, n=5, k=4, h=3, w=5, sh=8, sw=11):
-    examples = []
-    for i in range(n):
-        ids = np.array([1, 2, 4][: 1 + i % 3])
-        examples.append(
-            SegExample(
-                i,
-                "train",
-                torch.rand(k, h, w, generator=gen) < 0.3,
-                ids,
-                torch.rand(len(ids), sh, sw, generator=gen) < 0.5,
-            )
-        )
-    return next(iter_blocks(examples, 100))
+    return next(iter_blocks(random_examples(gen, n, (k, h, w), (sh, sw)), 100))
 
 
 def test_reused_chunk_buffers_do_not_leak_between_chunks():
