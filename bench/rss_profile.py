@@ -1,6 +1,7 @@
 """Where the ingest's memory goes, per stage, at several sizes of the broden profile.
 
     python bench/rss_profile.py --sizes 1000,4000 [--epochs 30] [--forward] [--mark MODULE:FUNCTION ...]
+        [--stop-after STAGE]
 
 Each size runs in its own process, as bench/scale.py's do: it writes (or reuses, with --data DIR) the
 broden profile, optionally runs scale.py's bare forward pass first (--forward, so the peak is the one
@@ -101,7 +102,13 @@ def wrap(sampler: Sampler, target: str) -> None:
     setattr(module, name, spanned)
 
 
-def one_size(images: int, epochs: int, workers: int, data: Path, forward: bool, marks: list[str]) -> dict:
+class _Stop(Exception):
+    """Raised after the --stop-after stage: the rest of the ingest is not measured."""
+
+
+def one_size(
+    images: int, epochs: int, workers: int, data: Path, forward: bool, marks: list[str], stop_after: str | None = None
+) -> dict:
     from n2vdb import api, timings
     from n2vdb.data.synth import generate_broden
     from n2vdb.probe import TrainSettings
@@ -125,19 +132,24 @@ def one_size(images: int, epochs: int, workers: int, data: Path, forward: bool, 
         def timed(stage, *args, **kwargs):
             with sampler.span(stage), original(stage, *args, **kwargs) as record:
                 yield record
+            if stage == stop_after:
+                raise _Stop
 
         timings.timed = timed
         for target in marks:
             wrap(sampler, target)
-        api.ingest(
-            "alexnet",
-            "conv5",
-            db,
-            dataset="broden-profile",
-            weights="random",
-            workers=workers,
-            train=TrainSettings(epochs=epochs),
-        )
+        try:
+            api.ingest(
+                "alexnet",
+                "conv5",
+                db,
+                dataset="broden-profile",
+                weights="random",
+                workers=workers,
+                train=TrainSettings(epochs=epochs),
+            )
+        except _Stop:
+            pass
     return {"images": images, "epochs": epochs, "spans": sampler.summary()}
 
 
@@ -163,6 +175,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="keep the generated datasets here, to reuse (default: a scratch dir)")
     parser.add_argument("--forward", action="store_true", help="run scale.py's bare forward pass before the ingest")
     parser.add_argument("--mark", action="append", default=[], help="MODULE:FUNCTION to time as a span too")
+    parser.add_argument("--stop-after", help="the stage after which to stop (e.g. extraction)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["N2VDB_QUIET"] = "1"
@@ -170,7 +183,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(one_size(args.one, args.epochs, args.workers, args.data, args.forward, args.mark)))
+        print(json.dumps(one_size(args.one, args.epochs, args.workers, args.data, args.forward, args.mark, args.stop_after)))
         return
     with tempfile.TemporaryDirectory() as scratch:
         data = args.data or Path(scratch)
@@ -179,6 +192,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--one", str(size), "--data", str(data)]
             command += ["--epochs", str(args.epochs), "--workers", str(args.workers), "--threads", str(args.threads)]
             command += ["--forward"] * args.forward + [f"--mark={m}" for m in args.mark]
+            command += [f"--stop-after={args.stop_after}"] * bool(args.stop_after)
             out = subprocess.run(command, capture_output=True, text=True, check=False)
             if out.returncode:
                 sys.exit(f"size {size} failed:\n{out.stderr[-3000:]}")
