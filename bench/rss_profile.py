@@ -154,9 +154,7 @@ def one_size(
 
 
 def table(results: list[dict]) -> str:
-    lines = [
-        f"{'images':>7} {'span':<28} {'start':>7} {'max':>7} {'peak':>7} {'wall s':>8} {'cpu s':>8}  (RSS in MB)"
-    ]
+    lines = [f"{'images':>7} {'span':<28} {'start':>7} {'max':>7} {'peak':>7} {'wall s':>8} {'cpu s':>8}  (RSS in MB)"]
     for r in results:
         for s in r["spans"]:
             lines.append(
@@ -183,7 +181,11 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(one_size(args.one, args.epochs, args.workers, args.data, args.forward, args.mark, args.stop_after)))
+        print(
+            json.dumps(
+                one_size(args.one, args.epochs, args.workers, args.data, args.forward, args.mark, args.stop_after)
+            )
+        )
         return
     with tempfile.TemporaryDirectory() as scratch:
         data = args.data or Path(scratch)
