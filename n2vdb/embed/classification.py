@@ -89,39 +89,45 @@ class BalancedDraws:
     def __call__(self, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(image rows, concept columns) int64 of one draw, in no particular order."""
         n, c = self.positive.shape
+        # A non-negative float orders as its bit pattern, then the index breaks ties: one key per
+        # (concept, image), (concept, noise bits, image), in the stable sort's order within a concept.
+        if c * _BELOW_ONE * max(n, 1) >= 2**63:  # (beyond some 8 billion images x concepts)
+            raise ValueError(f"{n} images x {c} concepts is too many for one classification draw")
         replay = gen.get_state()
-        flat, bits = [], []
+        keys = []
         for lo, noise in _draw_chunks(n, c, gen):
-            at = np.flatnonzero(noise < self.cut)
-            flat.append(at + lo * c)
-            bits.append(noise.reshape(-1)[at].view(np.int32))
-        flat, bits = _cat(flat), _cat(bits, np.int32)
-        rows, cols = np.divmod(flat, c)
-        major = self.positive[rows, cols] == self.flip[cols]
-        rows, cols, bits = rows[major], cols[major], bits[major]
-        short = np.flatnonzero(np.bincount(cols, minlength=c) < self.size)
+            rows, cols = np.divmod(np.flatnonzero(noise < self.cut), c)
+            major = self.positive[rows + lo, cols] == self.flip[cols]
+            rows, cols = rows[major], cols[major]
+            keys.append(self._keys(rows + lo, cols, noise[rows, cols]))
+        keys = _cat(keys)
+        keys.sort()
+        first = np.arange(c, dtype=np.int64) * (_BELOW_ONE * n)  # each concept's lowest key
+        short = np.flatnonzero(np.diff(np.searchsorted(keys, [*first, c * _BELOW_ONE * n])) < self.size)
         if len(short):  # all majority images of these concepts are candidates, from the same noise again
             again = torch.Generator()
             again.set_state(replay)
-            keep = ~np.isin(cols, short)
-            rows, cols, bits = [rows[keep]], [cols[keep]], [bits[keep]]
+            keys = [keys[~np.isin(keys // (_BELOW_ONE * n), short)]]
             for lo, noise in _draw_chunks(n, c, again):
-                i, j = np.nonzero(self.positive[lo : lo + len(noise), short] == self.flip[short])
-                rows.append(i + lo)
-                cols.append(short[j])
-                bits.append(noise[i, short[j]].view(np.int32))
-            rows, cols, bits = np.concatenate(rows), np.concatenate(cols), np.concatenate(bits)
-        # A non-negative float orders as its bit pattern, then the index breaks ties: one key per
-        # (concept, image), in the stable sort's order within each concept's run.
-        if c * _BELOW_ONE * max(n, 1) < 2**63:
-            keys = np.sort((cols * _BELOW_ONE + bits) * n + rows)
-            cols, rows = np.divmod(keys, _BELOW_ONE * n)
-            rows %= n
-        else:  # (beyond some 8 billion images x concepts)
-            by = np.lexsort((rows, bits, cols))
-            rows, cols = rows[by], cols[by]
-        take = np.arange(len(cols)) - np.searchsorted(cols, np.arange(c))[cols] < self.size[cols]
-        return np.concatenate([self.minority[0], rows[take]]), np.concatenate([self.minority[1], cols[take]])
+                rows, at = np.nonzero(self.positive[lo : lo + len(noise), short] == self.flip[short])
+                keys.append(self._keys(rows + lo, short[at], noise[rows, short[at]]))
+            keys = np.concatenate(keys)
+            keys.sort()
+        # each concept's SIZE smallest: the first SIZE of its run of keys
+        size = self.size.astype(np.int64)
+        at = np.arange(size.sum()) + np.repeat(np.searchsorted(keys, first) - (np.cumsum(size) - size), size)
+        rows = keys[at] % max(n, 1)
+        del keys, at
+        return np.concatenate([self.minority[0], rows]), np.concatenate(
+            [self.minority[1], np.repeat(np.arange(c), size)]
+        )
+
+    def _keys(self, rows: np.ndarray, cols: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        keys = cols.astype(np.int64) * _BELOW_ONE
+        keys += noise.view(np.int32)
+        keys *= self.positive.shape[0]
+        keys += rows
+        return keys
 
 
 def _cat(parts: list[np.ndarray], dtype=np.int64) -> np.ndarray:
