@@ -231,6 +231,7 @@ def train(
     targets = train_y.to(device)  # bool: a float copy of [N, C] grew with images x concepts
     for epoch in range(epochs):
         lr_now = lr * 0.1 ** (epoch // step_size)
+        images = cols = None  # the last epoch's pairs go before this one's are drawn
         images, cols = draw(gen)
         order = torch.randperm(len(train_x), generator=gen)
         rank = torch.empty_like(order)
