@@ -68,10 +68,13 @@ class BalancedDraws:
     and a chunk keeps only the entries under each concept's cut, so memory grows with the pairs drawn,
     not with images x concepts."""
 
-    def __init__(self, labels: torch.Tensor) -> None:
-        self.positive = positive = labels.numpy()
-        n, c = positive.shape
-        n_pos = positive.sum(0)
+    def __init__(self, labels: torch.Tensor, rows: np.ndarray | None = None) -> None:
+        """ROWS (increasing), if given: draw over labels[rows], read in place (no copy of them)."""
+        self.labels = labels.numpy()
+        self.rows = rows
+        n, c = self.n, self.c = len(self.labels) if rows is None else len(rows), self.labels.shape[1]
+        step = _chunk_rows(c)
+        n_pos = sum((self._block(lo, lo + step).sum(0) for lo in range(0, n, step)), np.zeros(c, np.int64))
         self.flip = n_pos > n - n_pos  # the minority is the negatives
         self.size = size = np.minimum(n_pos, n - n_pos)
         n_major = n - size
@@ -79,16 +82,24 @@ class BalancedDraws:
         self.cut = np.where(expected < n_major, expected / np.maximum(n_major, 1), 2.0).astype(np.float32)
         self.cut[size == 0] = -1.0  # a concept on every image or on none has no balanced sample
         # Every draw holds every minority pair (none for a concept without a sample).
-        rows, cols, step = [], [], _chunk_rows(c)
+        found, cols = [], []
         for lo in range(0, n, step):
-            i, j = np.nonzero(positive[lo : lo + step] ^ self.flip)
-            rows.append(i + lo)
+            i, j = np.nonzero(self._block(lo, lo + step) ^ self.flip)
+            found.append(i + lo)
             cols.append(j)
-        self.minority = (_cat(rows), _cat(cols))
+        self.minority = (_cat(found), _cat(cols))
+
+    def _block(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of the matrix drawn over."""
+        return self.labels[lo:hi] if self.rows is None else self.labels[self.rows[lo:hi]]
+
+    def _at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return self.labels[rows if self.rows is None else self.rows[rows], cols]
 
     def __call__(self, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(image rows, concept columns) int64 of one draw, in no particular order."""
-        n, c = self.positive.shape
+        """(image rows, concept columns) int64 of one draw, in no particular order; rows index
+        labels[rows] where ROWS was given."""
+        n, c = self.n, self.c
         # A non-negative float orders as its bit pattern, then the index breaks ties: one key per
         # (concept, image), (concept, noise bits, image), in the stable sort's order within a concept.
         if c * _BELOW_ONE * max(n, 1) >= 2**63:  # (beyond some 8 billion images x concepts)
@@ -97,7 +108,7 @@ class BalancedDraws:
         keys = []
         for lo, noise in _draw_chunks(n, c, gen):
             rows, cols = np.divmod(np.flatnonzero(noise < self.cut), c)
-            major = self.positive[rows + lo, cols] == self.flip[cols]
+            major = self._at(rows + lo, cols) == self.flip[cols]
             rows, cols = rows[major], cols[major]
             keys.append(self._keys(rows + lo, cols, noise[rows, cols]))
         keys = _cat(keys)
@@ -109,7 +120,7 @@ class BalancedDraws:
             again.set_state(replay)
             keys = [keys[~np.isin(keys // (_BELOW_ONE * n), short)]]
             for lo, noise in _draw_chunks(n, c, again):
-                rows, at = np.nonzero(self.positive[lo : lo + len(noise), short] == self.flip[short])
+                rows, at = np.nonzero(self._block(lo, lo + len(noise))[:, short] == self.flip[short])
                 keys.append(self._keys(rows + lo, short[at], noise[rows, short[at]]))
             keys = np.concatenate(keys)
             keys.sort()
@@ -125,7 +136,7 @@ class BalancedDraws:
     def _keys(self, rows: np.ndarray, cols: np.ndarray, noise: np.ndarray) -> np.ndarray:
         keys = cols.astype(np.int64) * _BELOW_ONE
         keys += noise.view(np.int32)
-        keys *= self.positive.shape[0]
+        keys *= self.n
         keys += rows
         return keys
 
@@ -171,21 +182,20 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((precision * hits).sum() / n_pos)
 
 
-def _accuracy(
-    x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, images, cols, on_scores=None
-) -> np.ndarray:
-    """Per concept, the fraction of its pairs (IMAGES, COLS) where the logit's sign gives the label,
-    scoring X a chunk of rows at a time; ON_SCORES(lo, hi, logits), if given, sees every chunk."""
+def _accuracy(x: torch.Tensor, weights, bias, labels: torch.Tensor, rows, images, cols, on_scores=None) -> np.ndarray:
+    """Per concept, the fraction of its pairs (IMAGES, positions in ROWS, and COLS) where the logit's
+    sign gives the label, scoring X[ROWS] a chunk of rows at a time; ON_SCORES(lo, hi, logits), if
+    given, sees every chunk."""
     by = np.argsort(images, kind="stable")
     images, cols = images[by], cols[by]
     correct = np.zeros(labels.shape[1], np.int64)
-    for lo, hi in _row_chunks(len(x)):
-        logits = x[lo:hi] @ weights + bias
+    for lo, hi in _row_chunks(len(rows)):
+        logits = x[rows[lo:hi]] @ weights + bias
         if on_scores is not None:
             on_scores(lo, hi, logits)
         a, b = np.searchsorted(images, [lo, hi])
         i, j = images[a:b], cols[a:b]
-        right = (logits.numpy()[i - lo, j] > 0) == labels.numpy()[i, j]
+        right = (logits.numpy()[i - lo, j] > 0) == labels.numpy()[rows[i], j]
         correct += np.bincount(j[right], minlength=len(correct))
     n = torch.from_numpy(np.bincount(cols, minlength=len(correct)))
     return torch.where(n > 0, torch.from_numpy(correct) / n.clamp_min(1), torch.nan).numpy()
@@ -212,9 +222,10 @@ def train(
     features = features.float()
     labels = labels.bool()
     n_filters, n_concepts = features.shape[1], labels.shape[1]
-    train_x, train_y = features[~is_val], labels[~is_val]
-    val_x, val_y = features[is_val], labels[is_val]
-    val_pairs = balanced_pairs(val_y, gen)
+    # The train and val images are rows of FEATURES and LABELS, read in place (copies of them grew
+    # with images x concepts).
+    train_rows, val_rows = np.flatnonzero(~is_val.numpy()), np.flatnonzero(is_val.numpy())
+    val_pairs = BalancedDraws(labels, val_rows)(gen)
     bound = 1 / np.sqrt(n_filters)
     weights = (torch.rand(n_filters, n_concepts, generator=gen) * 2 - 1) * bound
     if keep is not None:
@@ -224,24 +235,27 @@ def train(
     rows_w = weights.T.contiguous().to(device)
     keep_rows = None if keep is None else keep.T.contiguous().to(device)
     bias = torch.zeros(n_concepts, device=device)
-    on_device = train_x.to(device)
+    on_device = features.to(device)
     sgd_w, sgd_b = RowMomentum(rows_w), RowMomentum(bias)
     step_size = max(1, epochs // 2)  # lr x 0.1 halfway, as the reference's StepLR
-    draw = BalancedDraws(train_y)
-    targets = train_y.to(device)  # bool: a float copy of [N, C] grew with images x concepts
+    draw = BalancedDraws(labels, train_rows)
+    targets = labels.to(device)  # bool: a float copy of [N, C] grew with images x concepts
+    rank_of = np.zeros(len(features), np.int64)  # each train image's place in the epoch's order
     for epoch in range(epochs):
         lr_now = lr * 0.1 ** (epoch // step_size)
         images = cols = None  # the last epoch's pairs go before this one's are drawn
         images, cols = draw(gen)
-        order = torch.randperm(len(train_x), generator=gen)
+        images = train_rows[images]
+        order = torch.randperm(len(train_rows), generator=gen)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order))
+        rank_of[train_rows] = rank.numpy()
         if uses_compiled_steps(device):  # the same steps, concept by concept in one compiled loop
             velocity_w, velocity_b = sgd_w.velocity, sgd_b.velocity
             cls_kernel.epoch(
                 images,
                 cols,
-                rank.numpy(),
+                rank_of,
                 on_device,
                 targets,
                 rows_w,
@@ -254,7 +268,7 @@ def train(
                 sgd_w.momentum,
             )
             continue
-        for chosen, scale in own_batches(cols, rank.numpy()[images], batch_size):
+        for chosen, scale in own_batches(cols, rank_of[images], batch_size):
             img = torch.from_numpy(images[chosen]).to(device)
             step_cols = cols[chosen]
             col = torch.from_numpy(step_cols).to(device)
@@ -270,15 +284,16 @@ def train(
             sgd_b.step(bias, stepped, torch.zeros(len(stepped), device=device).index_add_(0, slot, residual), lr_now)
     weights = rows_w.T.contiguous().cpu()
     b = bias.cpu()
-    probs = torch.empty(len(val_x), n_concepts)  # [N_val, C]: the one images x concepts array kept
+    probs = torch.empty(len(val_rows), n_concepts)  # [N_val, C]: the one images x concepts array kept
 
     def keep_logits(lo: int, hi: int, logits: torch.Tensor) -> None:
         probs[lo:hi] = logits
 
     with torch.no_grad():
-        train_acc = _accuracy(train_x, weights, b, train_y, *draw(gen))
-        val_acc = _accuracy(val_x, weights, b, val_y, *val_pairs, on_scores=keep_logits)
+        train_acc = _accuracy(features, weights, b, labels, train_rows, *draw(gen))
+        val_acc = _accuracy(features, weights, b, labels, val_rows, *val_pairs, on_scores=keep_logits)
         # in one call: the vectorised sigmoid rounds an array's tail differently from its body
         probs.sigmoid_()
-    ap = np.array([average_precision(probs[:, j].numpy(), val_y[:, j].numpy()) for j in range(n_concepts)])
+    val_y = labels.numpy()[val_rows]  # bool [N_val, C], as the scores are
+    ap = np.array([average_precision(probs[:, j].numpy(), val_y[:, j]) for j in range(n_concepts)])
     return ClsResult(np.asarray(concept_ids), weights, b, train_acc, val_acc, ap, probs)
