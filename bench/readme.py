@@ -83,7 +83,7 @@ BENCHES = {
     ),
 }
 # bench scripts with a main that write no result, and why
-NO_RESULT = {"readme": "this generator"}
+NO_RESULT = {"readme": "this generator", "rss_profile": "a diagnostic that prints; scale.py has the figures"}
 
 
 def load_results(directory: Path = RESULTS) -> dict[str, dict]:

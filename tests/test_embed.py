@@ -279,6 +279,50 @@ def test_balanced_sample_equals_a_stable_sort_per_concept(monkeypatch, ties):
     assert got.any(0).sum() > 100  # most concepts have a draw to compare
 
 
+@pytest.mark.parametrize("draw_elements, short", [(1 << 20, False), (7, False), (400, True)])
+def test_balanced_draw_in_chunks_equals_a_stable_sort(monkeypatch, draw_elements, short):
+    """Drawn a few rows at a time (DRAW_ELEMENTS) and with cuts too low to hold the draw (SHORT: every
+    concept replays the noise), the sample is still the stable sort's, and the generator is left where
+    one torch.rand(N, C) leaves it."""
+    monkeypatch.setattr(classification, "DRAW_ELEMENTS", draw_elements)
+    if short:
+        monkeypatch.setattr(classification, "CUT_SIGMAS", -50.0)
+        monkeypatch.setattr(classification, "CUT_EXTRA", -10.0)
+    gen = torch.Generator().manual_seed(8)
+    labels = torch.rand(90, 40, generator=gen) < torch.rand(40, generator=gen) ** 2
+    labels[:, 0], labels[:, 1] = False, True
+    expected_gen = torch.Generator().manual_seed(9)
+    noise = torch.rand(*labels.shape, generator=expected_gen)
+    got_gen = torch.Generator().manual_seed(9)
+    draws = classification.BalancedDraws(labels)
+    images, cols = draws(got_gen)
+    got = torch.zeros_like(labels)
+    got[images, cols] = True
+    assert len(images) == int(got.sum())  # no pair twice
+    assert torch.equal(got, _balanced_by_stable_sort(labels, noise))
+    assert torch.equal(torch.rand(5, generator=got_gen), torch.rand(5, generator=expected_gen))
+
+
+def test_classification_in_chunks_equals_one_piece(monkeypatch):
+    """The noise drawn and the final logits scored a few rows at a time give bit for bit what one
+    [N, C] draw and one product give (on data small enough to be one chunk at the defaults)."""
+    gen = torch.Generator().manual_seed(13)
+    n, k, c = 150, 6, 9
+    features = torch.rand(n, k, generator=gen)
+    labels = torch.rand(n, c, generator=gen) < torch.linspace(0.02, 0.7, c)
+    is_val = torch.rand(n, generator=gen) < 0.3
+    args = dict(epochs=3, lr=0.1, batch_size=8, seed=4)
+    whole = classification.train(features, labels, is_val, list(range(c)), **args)
+    monkeypatch.setattr(classification, "DRAW_ELEMENTS", 20)
+    monkeypatch.setattr(classification, "EVAL_ROWS", 7)
+    chunked = classification.train(features, labels, is_val, list(range(c)), **args)
+    for name in ("weights", "bias", "val_scores"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+    for name in ("train_accuracy", "val_accuracy", "val_ap"):
+        assert np.array_equal(getattr(whole, name), getattr(chunked, name), equal_nan=True), name
+    assert np.isfinite(whole.val_ap).all() and (whole.train_accuracy > 0).all()
+
+
 def test_balanced_sample_and_average_precision():
     labels = torch.tensor([[1, 0], [0, 0], [0, 1], [0, 1], [0, 1], [1, 1]], dtype=torch.bool)
     chosen = classification.balanced_sample(labels, torch.Generator().manual_seed(0))

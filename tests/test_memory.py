@@ -45,7 +45,8 @@ def test_spilled_cache_trains_to_the_same_weights_as_one_in_memory():
     spilled = cached(lambda: iter(examples), budget_bytes=0, max_images=16)
     partly = cached(lambda: iter(examples), budget_bytes=in_memory.nbytes // 2, max_images=16)
     assert in_memory.spilled_bytes == 0 and spilled.spilled_bytes == spilled.nbytes == in_memory.nbytes
-    assert 0 < partly.spilled_bytes < partly.nbytes
+    # a budget that holds some blocks but not all spills them all: none is kept beside the one read back
+    assert partly.spilled_bytes == partly.nbytes == in_memory.nbytes
     # every example comes back from the file as it went in
     back = {ex.image_id: ex for ex in spilled()}
     assert sorted(back) == list(range(len(examples)))
@@ -65,10 +66,30 @@ def test_spilled_cache_trains_to_the_same_weights_as_one_in_memory():
 def test_blocks_are_sorted_by_image_and_bounded():
     examples = examples_of(n=40)
     packed = cached(lambda: iter(examples), budget_bytes=0, max_images=8)
-    blocks = list(packed.blocks)
-    assert all(len(b.image_ids) <= 8 for b in blocks)
-    assert all(np.all(np.diff(b.image_ids) > 0) for b in blocks)
-    assert sorted(i for b in blocks for i in b.image_ids.tolist()) == list(range(40))
+    ids = [b.image_ids.copy() for b in packed.blocks]
+    assert all(len(i) <= 8 for i in ids)
+    assert all(np.all(np.diff(i) > 0) for i in ids)
+    assert sorted(i for block in ids for i in block.tolist()) == list(range(40))
+
+
+def test_one_spilled_block_in_memory_at_a_time():
+    """A spilled block's arrays go when the next block is asked for, although the caller still holds
+    the block (a loop variable): a stale block fails loudly instead of being read; blocks kept in
+    memory stay whole."""
+    examples = examples_of(n=40)
+    for budget, stale_fails in ((0, True), (1 << 30, False)):
+        packed = cached(lambda: iter(examples), budget_bytes=budget, max_images=8)
+        previous = None
+        for block in packed.blocks:
+            if previous is not None:
+                if stale_fails:
+                    with pytest.raises(AttributeError):
+                        previous.mask_bits  # noqa: B018
+                else:
+                    assert len(previous.mask_bits) == len(previous.pair_image)
+            assert len(block.mask_bits) == len(block.pair_image) > 0
+            previous = block
+        packed.close()
 
 
 def test_spill_file_is_anonymous_and_closed(tmp_path, monkeypatch):

@@ -31,40 +31,139 @@ class ClsResult:
     val_scores: torch.Tensor  # [N_val, C] probabilities
 
 
-CHUNK_CONCEPTS = 64  # concepts drawn at once: [64, N] keys, not [C, N] int64 tensors
+# Noise values drawn at once: balanced_pairs draws the [N, C] noise a [rows, C] chunk at a time (the
+# same numbers as one draw), so nothing of N x C elements is held but the bool labels.
+DRAW_ELEMENTS = 1 << 20
+# The first pass keeps, per concept, the majority images whose noise is under a cut at which about
+# size + SIGMAS x sqrt(size) + EXTRA of them are expected: more than the SIZE smallest with near
+# certainty (a shortfall is ~8 standard deviations away), so the candidates are about as many as the
+# pairs drawn. A concept that falls short anyway is drawn again exactly, from a replay of the noise.
+CUT_SIGMAS, CUT_EXTRA = 8.0, 32.0
+# Images scored at once after training: the final logits in [rows, C] chunks, not an [N, C] matrix.
+# At least this many rows per product (the tail joins the chunk before), as a whole matrix of them is
+# multiplied in the same order (tests/test_embed.py checks chunked against unchunked).
+EVAL_ROWS = 1024
+
+
+def _chunk_rows(c: int) -> int:
+    return max(1, DRAW_ELEMENTS // max(c, 1))
+
+
+def _draw_chunks(n: int, c: int, gen: torch.Generator):
+    """(first row, noise [rows, C] float32 as numpy) over all N rows: torch.rand(n, c) in row chunks."""
+    rows = _chunk_rows(c)
+    for lo in range(0, n, rows):
+        yield lo, torch.rand(min(rows, n - lo), c, generator=gen).numpy()
+
+
+_BELOW_ONE = 0x3F800000  # the bit patterns of the floats in [0, 1) are below 1.0's
+
+
+class BalancedDraws:
+    """The balanced samples of one labels [N, C] bool matrix, a fresh draw on each call: per concept,
+    the minority class and an equal draw of the majority (the majority images with the smallest of one
+    uniform noise draw [N, C], ties to the lower index as a stable sort breaks them).
+
+    The noise is drawn in row chunks (the same numbers, and the generator left as, torch.rand(N, C)),
+    and a chunk keeps only the entries under each concept's cut, so memory grows with the pairs drawn,
+    not with images x concepts."""
+
+    def __init__(self, labels: torch.Tensor, rows: np.ndarray | None = None) -> None:
+        """ROWS (increasing), if given: draw over labels[rows], read in place (no copy of them)."""
+        self.labels = labels.numpy()
+        self.rows = rows
+        n, c = self.n, self.c = len(self.labels) if rows is None else len(rows), self.labels.shape[1]
+        step = _chunk_rows(c)
+        n_pos = sum((self._block(lo, lo + step).sum(0) for lo in range(0, n, step)), np.zeros(c, np.int64))
+        self.flip = n_pos > n - n_pos  # the minority is the negatives
+        self.size = size = np.minimum(n_pos, n - n_pos)
+        n_major = n - size
+        expected = size + CUT_SIGMAS * np.sqrt(size) + CUT_EXTRA
+        self.cut = np.where(expected < n_major, expected / np.maximum(n_major, 1), 2.0).astype(np.float32)
+        self.cut[size == 0] = -1.0  # a concept on every image or on none has no balanced sample
+        # Every draw holds every minority pair (none for a concept without a sample).
+        found, cols = [], []
+        for lo in range(0, n, step):
+            i, j = np.nonzero(self._block(lo, lo + step) ^ self.flip)
+            found.append(i + lo)
+            cols.append(j)
+        self.minority = (_cat(found), _cat(cols))
+
+    def _block(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of the matrix drawn over."""
+        return self.labels[lo:hi] if self.rows is None else self.labels[self.rows[lo:hi]]
+
+    def _at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return self.labels[rows if self.rows is None else self.rows[rows], cols]
+
+    def __call__(self, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(image rows, concept columns) int64 of one draw, in no particular order; rows index
+        labels[rows] where ROWS was given."""
+        n, c = self.n, self.c
+        # A non-negative float orders as its bit pattern, then the index breaks ties: one key per
+        # (concept, image), (concept, noise bits, image), in the stable sort's order within a concept.
+        if c * _BELOW_ONE * max(n, 1) >= 2**63:  # (beyond some 8 billion images x concepts)
+            raise ValueError(f"{n} images x {c} concepts is too many for one classification draw")
+        replay = gen.get_state()
+        keys = []
+        for lo, noise in _draw_chunks(n, c, gen):
+            rows, cols = np.divmod(np.flatnonzero(noise < self.cut), c)
+            major = self._at(rows + lo, cols) == self.flip[cols]
+            rows, cols = rows[major], cols[major]
+            keys.append(self._keys(rows + lo, cols, noise[rows, cols]))
+        keys = _cat(keys)
+        keys.sort()
+        first = np.arange(c, dtype=np.int64) * (_BELOW_ONE * n)  # each concept's lowest key
+        short = np.flatnonzero(np.diff(np.searchsorted(keys, [*first, c * _BELOW_ONE * n])) < self.size)
+        if len(short):  # all majority images of these concepts are candidates, from the same noise again
+            again = torch.Generator()
+            again.set_state(replay)
+            keys = [keys[~np.isin(keys // (_BELOW_ONE * n), short)]]
+            for lo, noise in _draw_chunks(n, c, again):
+                rows, at = np.nonzero(self._block(lo, lo + len(noise))[:, short] == self.flip[short])
+                keys.append(self._keys(rows + lo, short[at], noise[rows, short[at]]))
+            keys = np.concatenate(keys)
+            keys.sort()
+        # each concept's SIZE smallest: the first SIZE of its run of keys
+        size = self.size.astype(np.int64)
+        at = np.arange(size.sum()) + np.repeat(np.searchsorted(keys, first) - (np.cumsum(size) - size), size)
+        rows = keys[at] % max(n, 1)
+        del keys, at
+        return np.concatenate([self.minority[0], rows]), np.concatenate(
+            [self.minority[1], np.repeat(np.arange(c), size)]
+        )
+
+    def _keys(self, rows: np.ndarray, cols: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        keys = cols.astype(np.int64) * _BELOW_ONE
+        keys += noise.view(np.int32)
+        keys *= self.n
+        keys += rows
+        return keys
+
+
+def _cat(parts: list[np.ndarray], dtype=np.int64) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def balanced_pairs(labels: torch.Tensor, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One draw of BalancedDraws(labels): (image rows, concept columns)."""
+    return BalancedDraws(labels)(gen)
 
 
 def balanced_sample(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """labels [N, C] bool -> selection [N, C] bool: per concept, the minority class and an equal draw of
-    the majority (the majority images with the smallest of one uniform noise draw, ties to the lower
-    index as a stable sort breaks them), a chunk of concepts at a time so memory stays at the noise
-    plus one chunk however many concepts there are. In numpy after the draw: some 20 small
-    operations per chunk, which torch would split over its threads for no gain."""
-    n, c = labels.shape
-    noise = torch.rand(n, c, generator=gen).numpy()
-    positive = labels.numpy()
-    n_pos = positive.sum(0)
-    minority = np.where(n_pos <= n - n_pos, positive, ~positive)  # [N, C]
-    size = np.minimum(n_pos, n - n_pos)
-    chosen = minority.copy()
-    # One unique key per image in the stable sort's order: a non-negative float orders as its bit
-    # pattern, then the index breaks ties. The SIZE smallest keys are the draw, so a partial sort
-    # does; concepts go in order of size, so a chunk's k fits all of its concepts.
-    index = np.arange(n, dtype=np.int64)
-    by_size = np.argsort(size, kind="stable")
-    for lo in range(0, c, CHUNK_CONCEPTS):
-        cols = by_size[lo : lo + CHUNK_CONCEPTS]
-        k = int(size[cols].max())
-        if k == 0:
-            continue
-        keys = noise[:, cols].T.view(np.int32).astype(np.int64) * n + index  # [chunk, N]
-        keys[minority[:, cols].T] = np.iinfo(np.int64).max
-        part = np.argpartition(keys, k - 1, axis=1)[:, :k]  # the k smallest, in no order
-        smallest = np.take_along_axis(part, np.take_along_axis(keys, part, 1).argsort(axis=1), 1)
-        take = np.arange(k) < size[cols][:, None]
-        chosen[smallest[take], np.broadcast_to(cols[:, None], smallest.shape)[take]] = True
-    chosen[:, size == 0] = False  # a concept on every image or on none has no balanced sample
-    return torch.from_numpy(chosen)
+    """balanced_pairs as a selection [N, C] bool."""
+    images, cols = balanced_pairs(labels, gen)
+    chosen = torch.zeros(labels.shape, dtype=torch.bool)
+    chosen.numpy()[images, cols] = True
+    return chosen
+
+
+def _row_chunks(n: int) -> list[tuple[int, int]]:
+    """[lo, hi) chunks of N rows, EVAL_ROWS each but the last, which takes the remainder too."""
+    bounds = list(range(0, n, EVAL_ROWS)) or [0]
+    if len(bounds) > 1 and n - bounds[-1] < EVAL_ROWS:
+        bounds.pop()
+    return list(zip(bounds, [*bounds[1:], n]))
 
 
 def uses_compiled_steps(device: torch.device) -> bool:
@@ -83,10 +182,23 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((precision * hits).sum() / n_pos)
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor, selection: torch.Tensor) -> np.ndarray:
-    correct = ((logits > 0) == labels) & selection
-    n = selection.sum(0)
-    return torch.where(n > 0, correct.sum(0) / n.clamp_min(1), torch.nan).numpy()
+def _accuracy(x: torch.Tensor, weights, bias, labels: torch.Tensor, rows, images, cols, on_scores=None) -> np.ndarray:
+    """Per concept, the fraction of its pairs (IMAGES, positions in ROWS, and COLS) where the logit's
+    sign gives the label, scoring X[ROWS] a chunk of rows at a time; ON_SCORES(lo, hi, logits), if
+    given, sees every chunk."""
+    by = np.argsort(images, kind="stable")
+    images, cols = images[by], cols[by]
+    correct = np.zeros(labels.shape[1], np.int64)
+    for lo, hi in _row_chunks(len(rows)):
+        logits = x[rows[lo:hi]] @ weights + bias
+        if on_scores is not None:
+            on_scores(lo, hi, logits)
+        a, b = np.searchsorted(images, [lo, hi])
+        i, j = images[a:b], cols[a:b]
+        right = (logits.numpy()[i - lo, j] > 0) == labels.numpy()[rows[i], j]
+        correct += np.bincount(j[right], minlength=len(correct))
+    n = torch.from_numpy(np.bincount(cols, minlength=len(correct)))
+    return torch.where(n > 0, torch.from_numpy(correct) / n.clamp_min(1), torch.nan).numpy()
 
 
 def train(
@@ -110,9 +222,10 @@ def train(
     features = features.float()
     labels = labels.bool()
     n_filters, n_concepts = features.shape[1], labels.shape[1]
-    train_x, train_y = features[~is_val], labels[~is_val]
-    val_x, val_y = features[is_val], labels[is_val]
-    val_selection = balanced_sample(val_y, gen)
+    # The train and val images are rows of FEATURES and LABELS, read in place (copies of them grew
+    # with images x concepts).
+    train_rows, val_rows = np.flatnonzero(~is_val.numpy()), np.flatnonzero(is_val.numpy())
+    val_pairs = BalancedDraws(labels, val_rows)(gen)
     bound = 1 / np.sqrt(n_filters)
     weights = (torch.rand(n_filters, n_concepts, generator=gen) * 2 - 1) * bound
     if keep is not None:
@@ -122,23 +235,27 @@ def train(
     rows_w = weights.T.contiguous().to(device)
     keep_rows = None if keep is None else keep.T.contiguous().to(device)
     bias = torch.zeros(n_concepts, device=device)
-    on_device = train_x.to(device)
+    on_device = features.to(device)
     sgd_w, sgd_b = RowMomentum(rows_w), RowMomentum(bias)
     step_size = max(1, epochs // 2)  # lr x 0.1 halfway, as the reference's StepLR
-    targets = train_y.to(device)  # bool: a float copy of [N, C] grew with images x concepts
+    draw = BalancedDraws(labels, train_rows)
+    targets = labels.to(device)  # bool: a float copy of [N, C] grew with images x concepts
+    rank_of = np.zeros(len(features), np.int64)  # each train image's place in the epoch's order
     for epoch in range(epochs):
         lr_now = lr * 0.1 ** (epoch // step_size)
-        selection = balanced_sample(train_y, gen)
-        order = torch.randperm(len(train_x), generator=gen)
+        images = cols = None  # the last epoch's pairs go before this one's are drawn
+        images, cols = draw(gen)
+        images = train_rows[images]
+        order = torch.randperm(len(train_rows), generator=gen)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order))
-        images, cols = (t.numpy() for t in torch.nonzero(selection, as_tuple=True))
+        rank_of[train_rows] = rank.numpy()
         if uses_compiled_steps(device):  # the same steps, concept by concept in one compiled loop
             velocity_w, velocity_b = sgd_w.velocity, sgd_b.velocity
             cls_kernel.epoch(
                 images,
                 cols,
-                rank.numpy(),
+                rank_of,
                 on_device,
                 targets,
                 rows_w,
@@ -151,7 +268,7 @@ def train(
                 sgd_w.momentum,
             )
             continue
-        for chosen, scale in own_batches(cols, rank.numpy()[images], batch_size):
+        for chosen, scale in own_batches(cols, rank_of[images], batch_size):
             img = torch.from_numpy(images[chosen]).to(device)
             step_cols = cols[chosen]
             col = torch.from_numpy(step_cols).to(device)
@@ -166,12 +283,17 @@ def train(
             sgd_w.step(rows_w, stepped, grad_w, lr_now)
             sgd_b.step(bias, stepped, torch.zeros(len(stepped), device=device).index_add_(0, slot, residual), lr_now)
     weights = rows_w.T.contiguous().cpu()
+    b = bias.cpu()
+    probs = torch.empty(len(val_rows), n_concepts)  # [N_val, C]: the one images x concepts array kept
+
+    def keep_logits(lo: int, hi: int, logits: torch.Tensor) -> None:
+        probs[lo:hi] = logits
+
     with torch.no_grad():
-        b = bias.cpu()
-        val_logits = val_x @ weights + b
-        train_logits = train_x @ weights + b
-        train_acc = _accuracy(train_logits, train_y, balanced_sample(train_y, gen))
-        val_acc = _accuracy(val_logits, val_y, val_selection)
-        probs = torch.sigmoid(val_logits)
-    ap = np.array([average_precision(probs[:, j].numpy(), val_y[:, j].numpy()) for j in range(n_concepts)])
+        train_acc = _accuracy(features, weights, b, labels, train_rows, *draw(gen))
+        val_acc = _accuracy(features, weights, b, labels, val_rows, *val_pairs, on_scores=keep_logits)
+        # in one call: the vectorised sigmoid rounds an array's tail differently from its body
+        probs.sigmoid_()
+    val_y = labels.numpy()[val_rows]  # bool [N_val, C], as the scores are
+    ap = np.array([average_precision(probs[:, j].numpy(), val_y[:, j]) for j in range(n_concepts)])
     return ClsResult(np.asarray(concept_ids), weights, b, train_acc, val_acc, ap, probs)

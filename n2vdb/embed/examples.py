@@ -124,25 +124,33 @@ class PairBlock:
     def finish(self, sort: bool = False) -> PairBlock:
         """Concatenate into the flat arrays training reads (call once, after the last add); SORT puts
         the images in image-id order, whatever order they were stored in."""
+        for name, (parts, empty) in self.parts(sort).items():
+            setattr(self, name, np.concatenate(parts) if parts else empty)
+        del self._ids, self._train, self._lengths, self._active, self._pair_image, self._pair_concept
+        del self._bits, self._pixels
+        return self
+
+    def parts(self, sort: bool = False) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
+        """Each of _BLOCK_ARRAYS as (the parts that concatenate to it, the array when there are none),
+        in image-id order if SORT: what finish joins, and what a block spilled unfinished writes
+        one part after another (no joined copy beside its parts)."""
         if sort:
             order = np.argsort(np.asarray(self._ids, np.int64), kind="stable")
             for name in ("_ids", "_train", "_lengths", "_active", "_pair_concept", "_bits", "_pixels"):
                 items = getattr(self, name)
                 setattr(self, name, [items[i] for i in order])
             self._pair_image = [np.full(len(c), i, np.int32) for i, c in enumerate(self._pair_concept)]
-        cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
-        self.image_ids = np.asarray(self._ids, np.int64)
-        self.is_train = np.asarray(self._train, bool)
-        self.offsets = np.concatenate([[0], np.cumsum(self._lengths, dtype=np.int64)])
-        self.active = cat(self._active, np.int32)
-        self.pair_image = cat(self._pair_image, np.int32)
-        self.pair_concept = cat(self._pair_concept, np.int64)
         row_bytes = (self.mask_shape[0] * self.mask_shape[1] + 7) // 8
-        self.mask_bits = np.concatenate(self._bits) if self._bits else np.zeros((0, row_bytes), np.uint8)
-        self.mask_pixels = cat(self._pixels, np.int64)
-        del self._ids, self._train, self._lengths, self._active, self._pair_image, self._pair_concept
-        del self._bits, self._pixels
-        return self
+        return {
+            "image_ids": ([np.asarray(self._ids, np.int64)], None),
+            "is_train": ([np.asarray(self._train, bool)], None),
+            "offsets": ([np.concatenate([[0], np.cumsum(self._lengths, dtype=np.int64)])], None),
+            "active": (self._active, np.zeros(0, np.int32)),
+            "pair_image": (self._pair_image, np.zeros(0, np.int32)),
+            "pair_concept": (self._pair_concept, np.zeros(0, np.int64)),
+            "mask_bits": (self._bits, np.zeros((0, row_bytes), np.uint8)),
+            "mask_pixels": (self._pixels, np.zeros(0, np.int64)),
+        }
 
     def labels(self, pairs: np.ndarray) -> torch.Tensor:
         """bool [P, sh, sw] masks of the given pairs."""
@@ -170,6 +178,11 @@ def iter_blocks(
 ) -> Iterator[PairBlock]:
     """Group examples into blocks of at most MAX_IMAGES images of one shape, in stream order (SORT:
     each block in image-id order)."""
+    return (block.finish(sort) for block in _open_blocks(examples, max_images))
+
+
+def _open_blocks(examples: Iterable[SegExample], max_images: int) -> Iterator[PairBlock]:
+    """iter_blocks' blocks, not yet finished."""
     open_blocks: dict[tuple, PairBlock] = {}
     counts: dict[tuple, int] = {}
     for ex in examples:
@@ -182,9 +195,8 @@ def iter_blocks(
         block.add(ex)
         counts[key] += 1
         if counts[key] >= max_images:
-            yield open_blocks.pop(key).finish(sort)
-    for block in open_blocks.values():
-        yield block.finish(sort)
+            yield open_blocks.pop(key)
+    yield from open_blocks.values()
 
 
 # The arrays a finished PairBlock trains from, in the order a spilled block stores them.
@@ -192,16 +204,24 @@ _BLOCK_ARRAYS = ("image_ids", "is_train", "offsets", "active", "pair_image", "pa
 
 
 class _SpilledBlock:
-    """Where a finished block's arrays lie in the spill file: (name, dtype, shape, offset) each."""
+    """Where a block's arrays lie in the spill file: (name, dtype, shape, offset) each."""
 
-    def __init__(self, block: PairBlock, file) -> None:
+    def __init__(self, block: PairBlock, file, parts: dict[str, tuple[list[np.ndarray], np.ndarray]]) -> None:
+        """Write BLOCK's arrays, given as PARTS (PairBlock.parts, or a finished block's own arrays)."""
         self.map_shape, self.mask_shape, self.nbytes = block.map_shape, block.mask_shape, block.nbytes
-        self.n_images = len(block.image_ids)
         self.layout = []
         for name in _BLOCK_ARRAYS:
-            array = np.ascontiguousarray(getattr(block, name))
-            self.layout.append((name, array.dtype, array.shape, file.tell()))
-            file.write(array.tobytes())
+            pieces, empty = parts[name]
+            first = pieces[0] if pieces else empty
+            shape = (sum(len(p) for p in pieces), *first.shape[1:])
+            self.layout.append((name, first.dtype, shape, file.tell()))
+            for piece in pieces:
+                file.write(np.ascontiguousarray(piece, first.dtype).data)
+        self.n_images = self.layout[0][2][0]
+
+    @classmethod
+    def finished(cls, block: PairBlock, file) -> _SpilledBlock:
+        return cls(block, file, {name: ([getattr(block, name)], None) for name in _BLOCK_ARRAYS})
 
     def load(self, file) -> PairBlock:
         block = PairBlock.__new__(PairBlock)
@@ -218,9 +238,9 @@ class _SpilledBlock:
 
 class CachedBlocks:
     """Decoded examples as pair blocks (bit-packed masks, sparse binary maps), decoded once, so epochs
-    neither decode masks nor re-read activations: the first blocks held in memory up to the budget,
-    the rest spilled to an anonymous temporary file (gone when it is closed or the process ends, by
-    any signal) and read back one block at a time on each pass."""
+    neither decode masks nor re-read activations: all held in memory when they fit the budget, else
+    all spilled to an anonymous temporary file (gone when it is closed or the process ends, by any
+    signal) and read back one block at a time on each pass."""
 
     def __init__(self, blocks: list[PairBlock | _SpilledBlock], spill=None) -> None:
         self._blocks, self._spill = blocks, spill
@@ -229,9 +249,17 @@ class CachedBlocks:
 
     @property
     def blocks(self) -> Iterator[PairBlock]:
-        """The blocks in order, the spilled ones loaded as they are reached (one in memory at a time)."""
+        """The blocks in order. A spilled one is loaded when it is reached and its arrays are let go
+        when the next is asked for (before that one is read), so one is in memory at a time, however
+        long the caller's loop variable holds it: a spilled block is good until the next is reached."""
         for block in self._blocks:
-            yield block.load(self._spill) if isinstance(block, _SpilledBlock) else block
+            if not isinstance(block, _SpilledBlock):
+                yield block
+                continue
+            loaded = block.load(self._spill)
+            yield loaded
+            for name in _BLOCK_ARRAYS:
+                delattr(loaded, name)
 
     def __call__(self) -> Iterator[SegExample]:
         return (b.example(i) for b in self.blocks for i in range(len(b.image_ids)))
@@ -243,9 +271,10 @@ class CachedBlocks:
 
 
 STREAM_BLOCK_IMAGES = 1024
-# One block of Broden-density images (~50 MB): a larger budget made peak RSS grow with the dataset
-# until it was full (measured: +115 MB from 1,000 to 4,000 images at 256MB; spilled blocks come back
-# from the page cache each epoch).
+# One block of Broden-density images is ~50 MB. A dataset whose blocks do not all fit is spilled
+# whole: keeping the first blocks in memory beside the one read back made peak RSS grow with the
+# dataset until the budget was full (measured: +115 MB from 1,000 to 4,000 images at 256MB; spilled
+# blocks come back from the page cache each epoch).
 CACHE_MEMORY_DEFAULT = "64MB"
 
 
@@ -272,23 +301,25 @@ def cached(
     source: ExampleSource, budget_bytes: int | None = None, max_images: int = STREAM_BLOCK_IMAGES
 ) -> CachedBlocks:
     """Decode the source once into blocks of at most MAX_IMAGES images (in stream order, each sorted
-    by image id), keeping blocks in memory while they fit BUDGET_BYTES (default: cache_budget(); about
-    1.6 KB per (image, concept) pair at 113 x 113 masks, plus 4 bytes per on value) and spilling the
-    rest to a temporary file (in TMPDIR) that every pass reads back block by block. The blocks are
-    the same whatever the budget, so training is too; memory holds the budget plus one block."""
+    by image id), all kept in memory if they fit BUDGET_BYTES (default: cache_budget(); about 1.6 KB
+    per (image, concept) pair at 113 x 113 masks, plus 4 bytes per on value), else all spilled to a
+    temporary file (in TMPDIR) that every pass reads back block by block. The blocks are the same
+    whatever the budget, so training is too; memory holds the budget or one block, the larger."""
     budget = cache_budget() if budget_bytes is None else budget_bytes
     blocks: list[PairBlock | _SpilledBlock] = []
     spill = None
     in_memory = 0
     try:
-        for block in iter_blocks(source(), max_images, sort=True):
+        for block in _open_blocks(source(), max_images):
             if spill is None and in_memory + block.nbytes <= budget:
-                blocks.append(block)
+                blocks.append(block.finish(sort=True))
                 in_memory += block.nbytes
                 continue
-            if spill is None:
+            if spill is None:  # the blocks kept so far go to the file too
                 spill = tempfile.TemporaryFile(prefix="n2vdb-cache-")
-            blocks.append(_SpilledBlock(block, spill))
+                blocks = [_SpilledBlock.finished(b, spill) for b in blocks]
+            blocks.append(_SpilledBlock(block, spill, block.parts(sort=True)))
+            del block  # its parts: the next block is decoded without them
         if spill is not None:
             spill.flush()
     except BaseException:

@@ -120,7 +120,11 @@ MEMORY_BUDGETS = {
     "N2VDB_DUCKDB_INGEST_MEMORY": "64MB",  # an ingest's or merge's reading phases (store.sessions)
     # extraction's write sessions: appends of the codes, whose cache would otherwise fill towards the
     # writer's budget as the dataset grows (measured: extraction's peak RSS +1 GB from 1,000 to 16,000
-    # images at 1GB)
+    # images at 1GB). Not less: DuckDB's checkpoints of the growing table pin more with its size
+    # (measured: 32MB failed at 4,000 Broden-profile images and 64MB at 8,000, "failed to pin block";
+    # 128MB held 40,000 rows of AlexNet conv5 codes in a bare DuckDB test); the +85 MB this cap
+    # still lets extraction's peak grow from 1,000 to 4,000 images did not shrink with a lower
+    # allocator_flush_threshold
     "N2VDB_DUCKDB_EXTRACT_MEMORY": "128MB",
 }
 
