@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from n2vdb.errors import N2vdbError
 from n2vdb.store import writer
 
 
@@ -91,9 +92,31 @@ def iter_codes(
     for record in _windows(con, probe_id, "image_id, scales, codes", image_ids, batch):
         ids = record.column(0).to_numpy()
         scales = np.array(record.column(1).combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(-1, k)
-        codes = np.frombuffer(bytearray(b"".join(record.column(2).to_pylist())), np.uint8).reshape(-1, k, h, w)
+        codes = _blob_rows(record.column(2), k * h * w).reshape(-1, k, h, w)
         del record
         yield ids, codes, scales
+
+
+def _blob_rows(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    """A column of equal-length blobs as one owned uint8 array [n, width], copied once from Arrow's
+    data buffers (to_pylist made a bytes object per row, then a join and a bytearray of them all:
+    three more copies of the window, made of small allocations that fragmented the heap)."""
+    out = np.empty((len(column), width), np.uint8)
+    at = 0
+    for chunk in column.chunks:
+        if chunk.null_count:
+            raise N2vdbError("an activation row has no codes: the database is damaged; re-run the ingest of this probe")
+        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(chunk.buffers()[1], offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
+        if not np.all(np.diff(offsets) == width):
+            raise N2vdbError(
+                f"activation codes are not {width} bytes per image: the database is damaged or from another "
+                "probe shape; re-run the ingest of this probe"
+            )
+        data = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+        out[at : at + len(chunk)] = data.reshape(len(chunk), width)
+        at += len(chunk)
+    return out
 
 
 def _windows(

@@ -6,6 +6,7 @@ import os
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -230,6 +231,7 @@ def test_activation_reads_fit_a_budget_smaller_than_one_scan_vector(tmp_path, mo
 _HEAP_PROBE = """
 import ctypes, sys
 import numpy as np
+import pyarrow as pa
 from n2vdb import heap
 libc = ctypes.CDLL("libc.so.6")
 class Info(ctypes.Structure):
@@ -262,3 +264,17 @@ def test_freed_batch_arrays_go_back_to_the_system(monkeypatch):
         for mode in ("bounded", "default")
     }
     assert got == {"bounded": "True", "default": "False"}
+
+
+@pytest.mark.parametrize("binary", [pa.binary(), pa.large_binary()])
+def test_blob_rows_read_every_chunk_and_slice(binary):
+    """Arrow's data buffers read as rows, across chunks and from a sliced chunk (its offset), and
+    blobs of the wrong length refused."""
+    from n2vdb.activations import _blob_rows
+
+    rows = [bytes([i] * 6) for i in range(7)]
+    column = pa.chunked_array([pa.array(rows[:3], binary), pa.array(rows[2:], binary).slice(1)])
+    got = _blob_rows(column, 6)
+    np.testing.assert_array_equal(got, np.repeat(np.arange(7, dtype=np.uint8)[:, None], 6, axis=1))
+    with pytest.raises(N2vdbError, match="6 bytes"):
+        _blob_rows(pa.chunked_array([pa.array([b"abc"], binary)]), 6)
