@@ -447,6 +447,7 @@ def test_evaluate_matches_direct_iou():
     weights = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
     per_image: list = []
     train_iou, val_iou = segmentation.evaluate(lambda: examples, {7: 0, 8: 1}, weights, torch.zeros(2), per_image)
+    per_image = set(zip(*(np.concatenate(c).tolist() for c in zip(*per_image))))
     for j, concept in enumerate((7, 8)):
         for split, got in (("train", train_iou[j]), ("val", val_iou[j])):
             inter = union = 0
@@ -549,3 +550,28 @@ def test_store_examples_are_the_dequantised_maps_and_decoded_masks(ingested_db, 
         np.testing.assert_array_equal(g.active, w.active)
         np.testing.assert_array_equal(g.concept_ids, w.concept_ids)
         np.testing.assert_array_equal(g.bits, w.bits)
+
+
+def test_classification_inputs_are_the_stored_pairs(ingested_db):
+    """Labels, splits and usable concepts against a direct reading of the tables, pair by pair."""
+    from n2vdb.embed.stage import classification_inputs
+    from n2vdb.probe import load
+    from n2vdb.store import read_connection
+
+    with read_connection(ingested_db) as con:
+        probe = load(con, 1)
+        ids, features, labels, is_val, concepts = classification_inputs(con, probe, probe.dataset_id)
+        split = dict(con.execute("SELECT image_id, split FROM images").fetchall())
+        pairs = set(con.execute("SELECT image_id, concept_id FROM image_concepts").fetchall())
+        n_images = con.execute("SELECT count(*) FROM activations WHERE probe_id = ?", [1]).fetchone()[0]
+    assert list(ids) == sorted(ids) and len(ids) == n_images == len(features)
+    assert is_val.tolist() == [split[int(i)] == "val" for i in ids]
+    train = [int(i) for i, v in zip(ids, is_val) if not v]
+    want = []
+    for c in sorted({c for _, c in pairs}):
+        n_pos = sum((i, c) in pairs for i in train)
+        if 0 < n_pos < len(train):
+            want.append(c)
+    assert concepts.tolist() == want and len(want) > 3
+    expected = torch.tensor([[(int(i), c) in pairs for c in want] for i in ids])
+    assert torch.equal(labels, expected)

@@ -359,7 +359,8 @@ def evaluate(
     device: str | torch.device | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Set IoU per concept and split of M = sigmoid(logits) > 0.5, over images containing the concept.
-    per_image, if given, collects (image_id, concept_id, intersection, union) for val images."""
+    per_image, if given, collects (image_ids, concept_ids, intersections, unions) of val pairs, as
+    arrays, one such tuple per chunk of pairs (held as arrays: tuples per pair grew with the dataset)."""
     c = len(column)
     inter = {s: np.zeros(c) for s in ("train", "val")}
     union = {s: np.zeros(c) for s in ("train", "val")}
@@ -393,13 +394,8 @@ def evaluate(
             if per_image is not None:
                 val = ~is_train
                 image_ids = block.image_ids[block.pair_image[part_pairs[val]]]
-                per_image.extend(
-                    zip(
-                        image_ids.tolist(),
-                        concept_of[part_cols[val]].tolist(),
-                        i[val].astype(np.int64).tolist(),
-                        u[val].astype(np.int64).tolist(),
-                    )
+                per_image.append(
+                    (image_ids, concept_of[part_cols[val]], i[val].astype(np.int64), u[val].astype(np.int64))
                 )
     iou = {s: np.where(union[s] > 0, inter[s] / np.maximum(union[s], 1), np.nan) for s in inter}
     return iou["train"], iou["val"]

@@ -95,24 +95,29 @@ def embedding_rows(
 
 
 def classification_inputs(con, probe: Probe, dataset_id: int):
-    """(image ids, features [N, K], labels [N, C] bool, is_val [N], concept ids) for concepts seen in train."""
-    ids, features = acts_store.pooled(con, probe.activation_probe)
-    split = dict(con.execute("SELECT image_id, split FROM images WHERE dataset_id = ?", [dataset_id]).fetchall())
+    """(image ids, features [N, K], labels [N, C] bool, is_val [N], concept ids) for concepts seen in
+    train and not in every train image; built from arrays (per-pair Python objects grew with the
+    dataset), the label matrix only for those concepts."""
+    ids, features = acts_store.pooled(con, probe.activation_probe)  # in image-id order
+    images = con.execute("SELECT image_id, split FROM images WHERE dataset_id = ?", [dataset_id]).fetchnumpy()
+    val_images = np.sort(images["image_id"][np.asarray(images["split"]) == "val"])
+    is_val = np.isin(ids, val_images)
     pairs = con.execute(
         "SELECT ic.image_id, ic.concept_id FROM image_concepts ic WHERE ic.dataset_id = ?"
         " AND ic.image_id IN (SELECT image_id FROM activations WHERE probe_id = ?)",
         [dataset_id, probe.activation_probe],
     ).fetchnumpy()
-    is_val = torch.tensor([split[int(i)] == "val" for i in ids])
-    row_of = {int(i): r for r, i in enumerate(ids)}
-    concepts = np.unique(pairs["concept_id"]) if len(pairs["concept_id"]) else np.array([], np.int64)
-    col_of = {int(c): j for j, c in enumerate(concepts)}
-    labels = torch.zeros(len(ids), len(concepts), dtype=torch.bool)
-    for i, c in zip(pairs["image_id"], pairs["concept_id"]):
-        labels[row_of[int(i)], col_of[int(c)]] = True
-    train_pos = labels[~is_val].sum(0)
+    concepts = np.unique(pairs["concept_id"]).astype(np.int64)
+    rows = np.searchsorted(ids, pairs["image_id"])
+    cols = np.searchsorted(concepts, pairs["concept_id"])
+    rows, cols = np.divmod(np.unique(rows.astype(np.int64) * max(len(concepts), 1) + cols), max(len(concepts), 1))
+    train_pos = np.bincount(cols[~is_val[rows]], minlength=len(concepts))
     usable = (train_pos > 0) & (train_pos < int((~is_val).sum()))
-    return ids, torch.from_numpy(features), labels[:, usable], is_val, concepts[usable.numpy()]
+    new_col = np.cumsum(usable) - 1
+    keep = usable[cols]
+    labels = np.zeros((len(ids), int(usable.sum())), bool)
+    labels[rows[keep], new_col[cols[keep]]] = True
+    return ids, torch.from_numpy(features), torch.from_numpy(labels), torch.from_numpy(is_val), concepts[usable]
 
 
 def _compute(
@@ -170,7 +175,8 @@ def _compute(
                 )
             )
             column = {int(c): j for j, c in enumerate(seg.concept_ids)}
-            tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", per_image)))
+            columns = [np.concatenate(c) for c in zip(*per_image)] if per_image else [np.zeros(0, np.int64)] * 4
+            tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", *columns)))
         timing.images, timing.pairs = segmentation.counts(source, column)
         records.append(timing)
         if settings.sufficiency:
@@ -228,11 +234,14 @@ def _compute(
             )
             val_ids = image_ids[is_val.numpy()]
             val_labels = labels[is_val]
-            rows = [
-                (int(val_ids[n]), int(cls_concepts[j]), None, None, float(cls.val_scores[n, j]))
-                for n, j in torch.nonzero(val_labels).tolist()
-            ]
-            tables.append(("image_concept_scores", _score_rows(probe.probe_id, "classification", rows)))
+            n, j = np.nonzero(val_labels.numpy())
+            scores = cls.val_scores.numpy()[n, j]
+            tables.append(
+                (
+                    "image_concept_scores",
+                    _score_rows(probe.probe_id, "classification", val_ids[n], cls_concepts[j], score=scores),
+                )
+            )
         records.append(timing)
         if settings.sufficiency:
             with timings.timed("classification-sufficiency", len(image_ids), cls_pairs) as timing:
@@ -283,30 +292,35 @@ def run(
             finish(con)
 
 
-def _score_rows(probe_id: int, method: str, rows: list) -> pa.Table:
-    """rows: (image_id, concept_id, intersection, union) for IoUs or (image_id, concept_id, None, None, score)."""
-    n = len(rows)
-    image_ids = np.array([r[0] for r in rows], np.int32)
-    concept_ids = np.array([r[1] for r in rows], np.int32)
-    if method == "classification":
-        inter = union = iou = pa.nulls(n, pa.int64())
+def _score_rows(
+    probe_id: int,
+    method: str,
+    image_ids: np.ndarray,
+    concept_ids: np.ndarray,
+    intersection: np.ndarray | None = None,
+    union: np.ndarray | None = None,
+    score: np.ndarray | None = None,
+) -> pa.Table:
+    """image_concept_scores rows: IoUs (INTERSECTION, UNION) or classification SCOREs, per pair."""
+    n = len(image_ids)
+    if intersection is None:
+        inter = union_ = pa.nulls(n, pa.int64())
         iou = pa.nulls(n, pa.float64())
-        score = pa.array([r[4] for r in rows], pa.float64())
+        scores = pa.array(np.asarray(score, np.float64))
     else:
-        i = np.array([r[2] for r in rows], np.int64)
-        u = np.array([r[3] for r in rows], np.int64)
-        inter, union = pa.array(i), pa.array(u)
+        i, u = np.asarray(intersection, np.int64), np.asarray(union, np.int64)
+        inter, union_ = pa.array(i), pa.array(u)
         iou = pa.array(np.divide(i, u, out=np.zeros(n), where=u > 0))
-        score = pa.nulls(n, pa.float64())
+        scores = pa.nulls(n, pa.float64())
     return pa.table(
         {
             "probe_id": pa.array(np.full(n, probe_id, np.int32)),
-            "image_id": image_ids,
-            "concept_id": concept_ids,
-            "method": pa.array([method] * n, pa.string()),
+            "image_id": pa.array(np.asarray(image_ids, np.int32)),
+            "concept_id": pa.array(np.asarray(concept_ids, np.int32)),
+            "method": pa.repeat(pa.scalar(method, pa.string()), n),
             "intersection": inter,
-            "union_": union,
+            "union_": union_,
             "iou": iou,
-            "score": score,
+            "score": scores,
         }
     )
