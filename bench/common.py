@@ -54,6 +54,23 @@ def ingested(images: int) -> tuple[Path, Path, tempfile.TemporaryDirectory]:
     return root, db, tmp
 
 
+def ingest_profile(db: Path, workers: int, epochs: int, device: str = "cpu") -> int:
+    """`ingest alexnet conv5` (random weights) of the registered broden-profile set: scale.py's and
+    rss_profile.py's run. Returns the probe id."""
+    from n2vdb.probe import TrainSettings
+
+    return api.ingest(
+        "alexnet",
+        "conv5",
+        db,
+        dataset="broden-profile",
+        weights="random",
+        workers=workers,
+        device=device,
+        train=TrainSettings(epochs=epochs),
+    )
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -111,7 +111,8 @@ def one_size(
 ) -> dict:
     from n2vdb import api, timings
     from n2vdb.data.synth import generate_broden
-    from n2vdb.probe import TrainSettings
+
+    from common import ingest_profile
 
     root = data / f"broden-{images}"
     if not (root / "index.csv").exists():
@@ -139,15 +140,7 @@ def one_size(
         for target in marks:
             wrap(sampler, target)
         try:
-            api.ingest(
-                "alexnet",
-                "conv5",
-                db,
-                dataset="broden-profile",
-                weights="random",
-                workers=workers,
-                train=TrainSettings(epochs=epochs),
-            )
+            ingest_profile(db, workers, epochs)
         except _Stop:
             pass
     return {"images": images, "epochs": epochs, "spans": sampler.summary()}

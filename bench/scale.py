@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import save_result
+from common import ingest_profile, save_result
 
 BRODEN_IMAGES = 63_305
 STAGES = ("extraction", "thresholds", "iou", "segmentation", "classification")
@@ -61,7 +61,6 @@ def forward_pass(root: Path, workers: int, device: str, batch_size: int = 32) ->
 def one_size(images: int, epochs: int, workers: int, device: str) -> dict:
     from n2vdb import api
     from n2vdb.data.synth import generate_broden
-    from n2vdb.probe import TrainSettings
     from n2vdb.store import read_connection
     from n2vdb.timings import peak_rss_mb
 
@@ -73,16 +72,7 @@ def one_size(images: int, epochs: int, workers: int, device: str) -> dict:
         api.add_dataset(root, "broden-profile", db)
         forward = forward_pass(root, workers, device)
         gc.collect()  # the forward pass's model (a cycle through its hook) must not count in the ingest's peak
-        probe_id = api.ingest(
-            "alexnet",
-            "conv5",
-            db,
-            dataset="broden-profile",
-            weights="random",
-            workers=workers,
-            device=device,
-            train=TrainSettings(epochs=epochs),
-        )
+        probe_id = ingest_profile(db, workers, epochs, device)
         with read_connection(db) as con:
             rows = con.execute(
                 "SELECT stage, seconds, images, pairs, peak_rss_mb FROM stage_timings WHERE probe_id = ?", [probe_id]
