@@ -55,6 +55,8 @@ class SegResult:
     alpha: torch.Tensor  # [C]
     train_iou: np.ndarray  # [C] set IoU (nan where the concept has no image in the split)
     val_iou: np.ndarray
+    images: int = 0  # images in the source
+    train_pairs: int = 0  # train (image, concept) pairs of the trained concepts: one epoch's
 
 
 def compute_alpha(source: ExampleSource | CachedBlocks, column: dict[int, int]) -> torch.Tensor:
@@ -67,15 +69,6 @@ def compute_alpha(source: ExampleSource | CachedBlocks, column: dict[int, int]) 
         np.add.at(total, cols, block.mask_pixels[pairs] / (sh * sw))
         np.add.at(count, cols, 1)
     return torch.from_numpy(1 - total / np.maximum(count, 1)).float()
-
-
-def counts(source: ExampleSource | CachedBlocks, column: dict[int, int]) -> tuple[int, int]:
-    """(images, train (image, concept) pairs of the trained concepts) in the source."""
-    images = pairs = 0
-    for block in blocks_of(source):
-        images += len(block.image_ids)
-        pairs += len(_pairs_in(block, column, train_only=True)[0])
-    return images, pairs
 
 
 def concept_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor, kind: str = "paper") -> torch.Tensor:
@@ -312,11 +305,14 @@ def train(
     sgd_w, sgd_b = RowMomentum(params[0]), RowMomentum(params[1])
     alpha = compute_alpha(source, column).to(device)
     geometries: dict[tuple, _Geometry] = {}
-    for _ in range(epochs):
+    n_images = n_pairs = 0
+    for epoch in range(epochs):
         for block in blocks_of(source):
             shape = (block.map_shape, block.mask_shape)
             geo = geometries.get(shape) or geometries.setdefault(shape, _Geometry(block, device))
             pairs, cols = _pairs_in(block, column, train_only=True)
+            if epoch == 0:  # counted on the way (a pass of its own re-read every spilled block)
+                n_images, n_pairs = n_images + len(block.image_ids), n_pairs + len(pairs)
             train_images = np.flatnonzero(block.is_train)
             order = np.zeros(len(block.image_ids), np.int64)
             order[train_images] = epoch_order(gen, len(train_images))
@@ -346,7 +342,7 @@ def train(
                 grads[0][moved], grads[1][moved] = 0, 0  # zero again for the next step
     weights = weights.T.contiguous()
     train_iou, val_iou = evaluate(source, column, weights, bias, per_image)
-    return SegResult(concept_ids, weights.cpu(), bias.cpu().clone(), alpha.cpu(), train_iou, val_iou)
+    return SegResult(concept_ids, weights.cpu(), bias.cpu().clone(), alpha.cpu(), train_iou, val_iou, n_images, n_pairs)
 
 
 @torch.no_grad()

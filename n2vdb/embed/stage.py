@@ -174,10 +174,9 @@ def _compute(
                     ),
                 )
             )
-            column = {int(c): j for j, c in enumerate(seg.concept_ids)}
             columns = [np.concatenate(c) for c in zip(*per_image)] if per_image else [np.zeros(0, np.int64)] * 4
             tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", *columns)))
-        timing.images, timing.pairs = segmentation.counts(source, column)
+        timing.images, timing.pairs = seg.images, seg.train_pairs
         records.append(timing)
         if settings.sufficiency:
             with timings.timed("segmentation-sufficiency", timing.images, timing.pairs) as timing:
