@@ -129,6 +129,14 @@ def _logits_along_w(
 
 
 @njit(inline="always", **_COMPILE)
+def _mask_buffer(mask_bits, n_rows, width):  # pragma: no cover
+    """The buffer a pair's mask unpacks into, one byte per pixel: as uint64 words (_unpack fills eight
+    pixels at a time) and as [n_rows, width] rows of a C-ordered array (so LLVM vectorises loads)."""
+    mask = np.empty(mask_bits.shape[1] * 8, np.uint8)
+    return mask.view(np.uint64), mask[: n_rows * width].reshape(n_rows, width)
+
+
+@njit(inline="always", **_COMPILE)
 def _unpack(packed, table, words):  # pragma: no cover
     """A pair's packed mask row into WORDS (uint64, viewed by the caller as one byte per pixel), in
     the loop rather than by np.unpackbits per chunk: the unpacked mask stays in cache."""
@@ -261,11 +269,7 @@ def _pairs_gradient(
     two_n = np.empty(width, np.int32)
     below, above = np.empty(width, np.float32), np.empty(width, np.float32)
     moderate = np.empty(n_low, np.bool_)
-    # One byte per pixel, as [sh, sw] rows of a C-ordered array (so LLVM vectorises their loads),
-    # filled eight at a time through a uint64 view.
-    mask = np.empty(mask_bits.shape[1] * 8, np.uint8)
-    words = mask.view(np.uint64)
-    labels = mask[: len(t_rows) * width].reshape(len(t_rows), width)
+    words, labels = _mask_buffer(mask_bits, len(t_rows), width)
     one = np.float32(1)
     for q in range(first, stop):
         image, col = images[q], cols[q]
@@ -283,14 +287,14 @@ def _pairs_gradient(
             low,
             along_w,
         )
-        # Output rows cell by cell (those between low rows r and r + 1), their adjoint summed into two
-        # separate rows, so the adds never wait on each other through memory: BELOW ends as row r's
-        # and ABOVE carries into the next cell's BELOW.
         for r in range(n_low):  # along_w's rows interpolate low's, so they are no larger
             large = 0
             for at in range(r * n_cols, (r + 1) * n_cols):
                 large |= abs(low[at]) > _RECURRENCE_LIMIT
             moderate[r] = large == 0
+        # Output rows cell by cell (those between low rows r and r + 1), their adjoint summed into two
+        # separate rows, so the adds never wait on each other through memory: BELOW ends as row r's
+        # and ABOVE carries into the next cell's BELOW.
         below[:] = 0
         for r in range(n_low - 1):
             above[:] = 0
@@ -376,9 +380,7 @@ def _pairs_predicted(
     n_low, n_cols, width = rows[-1] + 2, columns[-1] + 2, len(columns)
     low = np.empty(n_low * n_cols, np.float32)
     along_w = np.empty((n_low, width), np.float32)
-    unpacked = np.empty(mask_bits.shape[1] * 8, np.uint8)
-    words = unpacked.view(np.uint64)
-    labels = unpacked[: len(rows) * width].reshape(len(rows), width)
+    words, labels = _mask_buffer(mask_bits, len(rows), width)
     one = np.float32(1)
     for q in range(len(images)):
         image, col = images[q], cols[q]

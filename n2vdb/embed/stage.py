@@ -175,7 +175,7 @@ def _compute(
                 )
             )
             columns = [np.concatenate(c) for c in zip(*per_image)] if per_image else [np.zeros(0, np.int64)] * 4
-            tables.append(("image_concept_scores", _score_rows(probe.probe_id, "segmentation", *columns)))
+            tables.append(("image_concept_scores", writer.score_rows(probe.probe_id, "segmentation", *columns)))
         timing.images, timing.pairs = seg.images, seg.train_pairs
         records.append(timing)
         if settings.sufficiency:
@@ -238,7 +238,7 @@ def _compute(
             tables.append(
                 (
                     "image_concept_scores",
-                    _score_rows(probe.probe_id, "classification", val_ids[n], cls_concepts[j], score=scores),
+                    writer.score_rows(probe.probe_id, "classification", val_ids[n], cls_concepts[j], score=scores),
                 )
             )
         records.append(timing)
@@ -289,37 +289,3 @@ def run(
         timings.save(con, probe.probe_id, records)
         if finish is not None:
             finish(con)
-
-
-def _score_rows(
-    probe_id: int,
-    method: str,
-    image_ids: np.ndarray,
-    concept_ids: np.ndarray,
-    intersection: np.ndarray | None = None,
-    union: np.ndarray | None = None,
-    score: np.ndarray | None = None,
-) -> pa.Table:
-    """image_concept_scores rows: IoUs (INTERSECTION, UNION) or classification SCOREs, per pair."""
-    n = len(image_ids)
-    if intersection is None:
-        inter = union_ = pa.nulls(n, pa.int64())
-        iou = pa.nulls(n, pa.float64())
-        scores = pa.array(np.asarray(score, np.float64))
-    else:
-        i, u = np.asarray(intersection, np.int64), np.asarray(union, np.int64)
-        inter, union_ = pa.array(i), pa.array(u)
-        iou = pa.array(np.divide(i, u, out=np.zeros(n), where=u > 0))
-        scores = pa.nulls(n, pa.float64())
-    return pa.table(
-        {
-            "probe_id": pa.array(np.full(n, probe_id, np.int32)),
-            "image_id": pa.array(np.asarray(image_ids, np.int32)),
-            "concept_id": pa.array(np.asarray(concept_ids, np.int32)),
-            "method": pa.repeat(pa.scalar(method, pa.string()), n),
-            "intersection": inter,
-            "union_": union_,
-            "iou": iou,
-            "score": scores,
-        }
-    )

@@ -421,19 +421,13 @@ def per_image_best(
         out["intersection"].append(inter.numpy())
         out["union_"].append(union.numpy())
     joined = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
-    inter, union = joined["intersection"].astype(np.int64), joined["union_"].astype(np.int64)
-    n = len(inter)
-    return pa.table(
-        {
-            "probe_id": pa.array(np.full(n, probe.probe_id, np.int32)),
-            "image_id": pa.array(joined["image_id"].astype(np.int32)),
-            "concept_id": pa.array(joined["concept_id"].astype(np.int32)),
-            "method": pa.repeat(pa.scalar("best_filter", pa.string()), n),
-            "intersection": inter,
-            "union_": union,
-            "iou": np.divide(inter, union, out=np.zeros(n), where=union > 0),
-            "score": pa.nulls(n, pa.float64()),
-        }
+    return writer.score_rows(
+        probe.probe_id,
+        "best_filter",
+        joined["image_id"],
+        joined["concept_id"],
+        joined["intersection"],
+        joined["union_"],
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from n2vdb.errors import N2vdbError
@@ -88,3 +89,38 @@ def replace_probe_rows(
     con.execute(sql, params)
     for part in parts:
         _copy(con, table, part)
+
+
+def score_rows(
+    probe_id: int,
+    method: str,
+    image_ids: np.ndarray,
+    concept_ids: np.ndarray,
+    intersection: np.ndarray | None = None,
+    union: np.ndarray | None = None,
+    score: np.ndarray | None = None,
+) -> pa.Table:
+    """image_concept_scores rows of one METHOD: IoUs (INTERSECTION, UNION; the IoU stage's best
+    filters, segmentation embeddings) or classification SCOREs, one per (image, concept) pair."""
+    n = len(image_ids)
+    if intersection is None:
+        inter = union_ = pa.nulls(n, pa.int64())
+        iou = pa.nulls(n, pa.float64())
+        scores = pa.array(np.asarray(score, np.float64))
+    else:
+        i, u = np.asarray(intersection, np.int64), np.asarray(union, np.int64)
+        inter, union_ = pa.array(i), pa.array(u)
+        iou = pa.array(np.divide(i, u, out=np.zeros(n), where=u > 0))
+        scores = pa.nulls(n, pa.float64())
+    return pa.table(
+        {
+            "probe_id": pa.array(np.full(n, probe_id, np.int32)),
+            "image_id": pa.array(np.asarray(image_ids, np.int32)),
+            "concept_id": pa.array(np.asarray(concept_ids, np.int32)),
+            "method": pa.repeat(pa.scalar(method, pa.string()), n),
+            "intersection": inter,
+            "union_": union_,
+            "iou": iou,
+            "score": scores,
+        }
+    )
