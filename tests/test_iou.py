@@ -223,12 +223,19 @@ def broden_density(root):
     return write_broden(root, rows, labels)
 
 
-@pytest.mark.parametrize("quantile", [0.6, 0.97])
-def test_broden_density_iou_matches_brute_force(tmp_path, quantile):
+def dense_probe(tmp_path, seed: int, n_filters: int, quantile: float):
+    """(dataset root, db, probe id) of a planted probe on broden_density's six images: random
+    non-negative activations [6, N_FILTERS, 8, 8] from SEED, thresholds at QUANTILE."""
     root = broden_density(tmp_path / "dense")
-    acts = np.maximum(np.random.default_rng(3).normal(size=(6, 7, 8, 8)), 0).astype(np.float32)
+    acts = np.maximum(np.random.default_rng(seed).normal(size=(6, n_filters, 8, 8)), 0).astype(np.float32)
     db = tmp_path / "t.duckdb"
     probe_id, _ = planted_probe(db, root, acts, quantile=quantile)
+    return root, db, probe_id
+
+
+@pytest.mark.parametrize("quantile", [0.6, 0.97])
+def test_broden_density_iou_matches_brute_force(tmp_path, quantile):
+    root, db, probe_id = dense_probe(tmp_path, seed=3, n_filters=7, quantile=quantile)
     _, stored = api.activations(probe_id, db)
     con = duckdb.connect(str(db), read_only=True)
     thresholds = np.array(
@@ -258,10 +265,7 @@ def test_batches_mixing_sizes_give_each_image_its_counts(tmp_path):
     from n2vdb.data.broden import BrodenDataset
     from n2vdb.stats import iou as iou_stage
 
-    root = broden_density(tmp_path / "dense")
-    acts = np.maximum(np.random.default_rng(4).normal(size=(6, 5, 8, 8)), 0).astype(np.float32)
-    db = tmp_path / "t.duckdb"
-    probe_id, _ = planted_probe(db, root, acts, quantile=0.8)
+    root, db, probe_id = dense_probe(tmp_path, seed=4, n_filters=5, quantile=0.8)
     _, stored = api.activations(probe_id, db)
     con = duckdb.connect(str(db), read_only=True)
     thresholds = torch.tensor(
@@ -294,10 +298,7 @@ def test_spilled_overlaps_give_the_same_best_filter_scores(tmp_path):
     from n2vdb.data.broden import BrodenDataset
     from n2vdb.stats import iou as iou_stage
 
-    root = broden_density(tmp_path / "dense")
-    acts = np.maximum(np.random.default_rng(6).normal(size=(6, 5, 8, 8)), 0).astype(np.float32)
-    db = tmp_path / "t.duckdb"
-    probe_id, _ = planted_probe(db, root, acts, quantile=0.9)
+    root, db, probe_id = dense_probe(tmp_path, seed=6, n_filters=5, quantile=0.9)
     con = duckdb.connect(str(db), read_only=True)
     probe, dataset = probes.load(con, probe_id), BrodenDataset.open(root)
     thresholds = iou_stage.thresholds_for(con, probe_id, "net2vec")

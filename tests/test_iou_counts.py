@@ -107,17 +107,12 @@ def test_code_cutoffs_threshold_codes_exactly_as_dequantised_values():
 def test_tally_sums_in_float32_per_batch_equal_integer_sums(tmp_path, monkeypatch):
     """tally adds a batch in float32 where its sums stay below 2^24, else pair by pair in int64: the same totals."""
     import duckdb
-    from test_iou import broden_density
+    from test_iou import dense_probe
 
     from n2vdb import probe as probes
     from n2vdb.data.broden import BrodenDataset
 
-    from helpers import planted_probe
-
-    root = broden_density(tmp_path / "dense")
-    acts = np.maximum(np.random.default_rng(5).normal(size=(6, 5, 8, 8)), 0).astype(np.float32)
-    db = tmp_path / "t.duckdb"
-    probe_id, _ = planted_probe(db, root, acts, quantile=0.7)
+    root, db, probe_id = dense_probe(tmp_path, seed=5, n_filters=5, quantile=0.7)
     con = duckdb.connect(str(db), read_only=True)
     probe, dataset = probes.load(con, probe_id), BrodenDataset.open(root)
     thresholds = iou.thresholds_for(con, probe_id, "net2vec")
