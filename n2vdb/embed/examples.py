@@ -39,7 +39,10 @@ class PackedExample(NamedTuple):
     mask_shape: tuple[int, int]
 
 
-def packed(ex: SegExample) -> PackedExample:
+def packed(ex: SegExample | PackedExample) -> PackedExample:
+    """EX as a PackedExample (as it is, if it is one)."""
+    if isinstance(ex, PackedExample):
+        return ex
     k, h, w = ex.binary.shape
     sh, sw = ex.masks.shape[1:]
     # an image with no pixel concept has a [0, sh, sw] stack: its width must be stated, not inferred
@@ -109,7 +112,7 @@ class PairBlock:
 
     def add(self, ex: SegExample | PackedExample) -> None:
         index = len(self._ids)
-        ex = ex if isinstance(ex, PackedExample) else packed(ex)
+        ex = packed(ex)
         active, bits = ex.active, ex.bits
         self._ids.append(ex.image_id)
         self._train.append(ex.split == "train")
@@ -181,12 +184,12 @@ def iter_blocks(
     return (block.finish(sort) for block in _open_blocks(examples, max_images))
 
 
-def _open_blocks(examples: Iterable[SegExample], max_images: int) -> Iterator[PairBlock]:
+def _open_blocks(examples: Iterable[SegExample | PackedExample], max_images: int) -> Iterator[PairBlock]:
     """iter_blocks' blocks, not yet finished."""
     open_blocks: dict[tuple, PairBlock] = {}
     counts: dict[tuple, int] = {}
     for ex in examples:
-        ex = ex if isinstance(ex, PackedExample) else packed(ex)
+        ex = packed(ex)
         key = (tuple(ex.map_shape), tuple(ex.mask_shape))
         block = open_blocks.get(key)
         if block is None:

@@ -22,7 +22,7 @@ sigmoid and the loss's derivative row by row in cache, and the adjoints), a whol
 threads. On other devices the same arithmetic is torch
 passes over chunks of CHUNK_PAIRS in two reused [P, sh, sw] buffers: the two products, the sigmoid,
 a per-label coefficient and aten's fused sigmoid_backward. Those five passes were 86% of CPU
-training; the compiled loop does the work in about a quarter of their time. Measured and rejected
+training; the compiled loop does the work in about a fifth of their time. Measured and rejected
 for the torch passes: torch.compile (5-10 s to compile, slower than the products on the CPU), a
 lookup table for the coefficient (3%), chunk sizes 32-256 (within 5% above 64).
 """
