@@ -110,7 +110,8 @@ def classification_inputs(con, probe: Probe, dataset_id: int):
     concepts = np.unique(pairs["concept_id"]).astype(np.int64)
     rows = np.searchsorted(ids, pairs["image_id"])
     cols = np.searchsorted(concepts, pairs["concept_id"])
-    rows, cols = np.divmod(np.unique(rows.astype(np.int64) * max(len(concepts), 1) + cols), max(len(concepts), 1))
+    width = max(len(concepts), 1)  # each (row, col) as one key, so that repeated pairs count once
+    rows, cols = np.divmod(np.unique(rows.astype(np.int64) * width + cols), width)
     train_pos = np.bincount(cols[~is_val[rows]], minlength=len(concepts))
     usable = (train_pos > 0) & (train_pos < int((~is_val).sum()))
     new_col = np.cumsum(usable) - 1
