@@ -304,8 +304,9 @@ def test_balanced_draw_in_chunks_equals_a_stable_sort(monkeypatch, draw_elements
 
 
 def test_classification_in_chunks_equals_one_piece(monkeypatch):
-    """The noise drawn and the final logits scored a few rows at a time give bit for bit what one
-    [N, C] draw and one product give (on data small enough to be one chunk at the defaults)."""
+    """The noise drawn a few rows at a time and the val images scored a few concepts at a time give
+    bit for bit what one [N, C] draw and one block give (on data small enough to be one of each at
+    the defaults)."""
     gen = torch.Generator().manual_seed(13)
     n, k, c = 150, 6, 9
     features = torch.rand(n, k, generator=gen)
@@ -314,13 +315,55 @@ def test_classification_in_chunks_equals_one_piece(monkeypatch):
     args = dict(epochs=3, lr=0.1, batch_size=8, seed=4)
     whole = classification.train(features, labels, is_val, list(range(c)), **args)
     monkeypatch.setattr(classification, "DRAW_ELEMENTS", 20)
-    monkeypatch.setattr(classification, "EVAL_ROWS", 7)
+    monkeypatch.setattr(classification, "EVAL_ELEMENTS", 20)
+    monkeypatch.setattr(classification, "EVAL_MIN_CONCEPTS", 2)
+    assert len(classification._concept_blocks(int(is_val.sum()), c)) == 5
     chunked = classification.train(features, labels, is_val, list(range(c)), **args)
-    for name in ("weights", "bias", "val_scores"):
+    for name in ("weights", "bias"):
         assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
-    for name in ("train_accuracy", "val_accuracy", "val_ap"):
+    for name in ("train_accuracy", "val_accuracy", "val_ap", "present_rows", "present_cols", "present_scores"):
         assert np.array_equal(getattr(whole, name), getattr(chunked, name), equal_nan=True), name
     assert np.isfinite(whole.val_ap).all() and (whole.train_accuracy > 0).all()
+
+
+def test_classification_scores_match_float64_brute_force(monkeypatch):
+    """Accuracies, average precision and the val images' present-concept scores of the trained
+    weights, recomputed from one float64 product: the balanced samples replayed from the seed."""
+    monkeypatch.setattr(classification, "EVAL_ELEMENTS", 64)  # several blocks of concepts
+    gen = torch.Generator().manual_seed(21)
+    n, k, c, seed = 240, 13, 11, 3
+    features = torch.rand(n, k, generator=gen)
+    labels = torch.rand(n, c, generator=gen) < torch.linspace(0.05, 0.6, c)
+    is_val = torch.rand(n, generator=gen) < 0.35
+    epochs = 2
+    result = classification.train(features, labels, is_val, list(range(c)), epochs=epochs, seed=seed)
+    logits = features.double().numpy() @ result.weights.double().numpy() + result.bias.double().numpy()
+    y = labels.numpy()
+    train_rows, val_rows = np.flatnonzero(~is_val.numpy()), np.flatnonzero(is_val.numpy())
+    # the generator's draws in train's order: val sample, initial weights, per epoch a sample and an
+    # order, then the train sample scored
+    replay = torch.Generator().manual_seed(seed)
+    val_i, val_j = classification.BalancedDraws(labels, val_rows)(replay)
+    torch.rand(k, c, generator=replay)
+    draw = classification.BalancedDraws(labels, train_rows)
+    for _ in range(epochs):
+        draw(replay)
+        torch.randperm(len(train_rows), generator=replay)
+    train_i, train_j = draw(replay)
+
+    def accuracy(rows, cols):
+        right = (logits[rows, cols] > 0) == y[rows, cols]
+        return np.array([right[cols == j].mean() for j in range(c)])
+
+    np.testing.assert_array_equal(result.train_accuracy, accuracy(train_rows[train_i], train_j))
+    np.testing.assert_array_equal(result.val_accuracy, accuracy(val_rows[val_i], val_j))
+    rows, cols = np.nonzero(y[val_rows])
+    np.testing.assert_array_equal(result.present_rows, val_rows[rows])
+    np.testing.assert_array_equal(result.present_cols, cols)
+    probs = 1 / (1 + np.exp(-logits[val_rows]))
+    np.testing.assert_allclose(result.present_scores, probs[rows, cols], rtol=1e-5)
+    ap = [classification.average_precision(probs[:, j], y[val_rows, j]) for j in range(c)]
+    np.testing.assert_allclose(result.val_ap, ap, rtol=1e-12)
 
 
 def test_balanced_sample_and_average_precision():

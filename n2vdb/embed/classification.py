@@ -28,7 +28,11 @@ class ClsResult:
     train_accuracy: np.ndarray  # balanced accuracy on a balanced train sample
     val_accuracy: np.ndarray  # on the balanced val set (drawn once)
     val_ap: np.ndarray  # average precision on the whole (unbalanced) val set
-    val_scores: torch.Tensor  # [N_val, C] probabilities
+    # every val image's present concepts, in (image, concept) order: rows of the features, concept
+    # columns, probabilities (not an [N_val, C] matrix, which grew with images x concepts)
+    present_rows: np.ndarray
+    present_cols: np.ndarray
+    present_scores: np.ndarray
 
 
 # Noise values drawn at once: balanced_pairs draws the [N, C] noise a [rows, C] chunk at a time (the
@@ -39,10 +43,11 @@ DRAW_ELEMENTS = 1 << 20
 # certainty (a shortfall is ~8 standard deviations away), so the candidates are about as many as the
 # pairs drawn. A concept that falls short anyway is drawn again exactly, from a replay of the noise.
 CUT_SIGMAS, CUT_EXTRA = 8.0, 32.0
-# Images scored at once after training: the final logits in [rows, C] chunks, not an [N, C] matrix.
-# At least this many rows per product (the tail joins the chunk before), as a whole matrix of them is
-# multiplied in the same order (tests/test_embed.py checks chunked against unchunked).
-EVAL_ROWS = 1024
+# Logits scored at once after training: the val images' in [concepts, N_val] blocks of about this
+# many (at least EVAL_MIN_CONCEPTS concepts each), as a concept's average precision needs its scores
+# on every val image but no other concept's. cls_kernel sums each logit in an order of its own, so
+# the blocks change no result (tests/test_embed.py checks small blocks against one).
+EVAL_ELEMENTS, EVAL_MIN_CONCEPTS = 1 << 20, 8
 
 
 def _chunk_rows(c: int) -> int:
@@ -158,12 +163,10 @@ def balanced_sample(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return chosen
 
 
-def _row_chunks(n: int) -> list[tuple[int, int]]:
-    """[lo, hi) chunks of N rows, EVAL_ROWS each but the last, which takes the remainder too."""
-    bounds = list(range(0, n, EVAL_ROWS)) or [0]
-    if len(bounds) > 1 and n - bounds[-1] < EVAL_ROWS:
-        bounds.pop()
-    return list(zip(bounds, [*bounds[1:], n]))
+def _concept_blocks(n_rows: int, c: int) -> list[tuple[int, int]]:
+    """[c0, c1) blocks of C concepts whose logits over N_ROWS images are about EVAL_ELEMENTS."""
+    width = max(EVAL_MIN_CONCEPTS, EVAL_ELEMENTS // max(n_rows, 1))
+    return [(c0, min(c, c0 + width)) for c0 in range(0, c, width)]
 
 
 def uses_compiled_steps(device: torch.device) -> bool:
@@ -182,23 +185,40 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((precision * hits).sum() / n_pos)
 
 
-def _accuracy(x: torch.Tensor, weights, bias, labels: torch.Tensor, rows, images, cols, on_scores=None) -> np.ndarray:
-    """Per concept, the fraction of its pairs (IMAGES, positions in ROWS, and COLS) where the logit's
-    sign gives the label, scoring X[ROWS] a chunk of rows at a time; ON_SCORES(lo, hi, logits), if
-    given, sees every chunk."""
-    by = np.argsort(images, kind="stable")
+def _fraction(hits: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Per concept, HITS over its number of pairs in COLS (nan for a concept without pairs)."""
+    n = np.bincount(cols, minlength=len(hits))
+    return np.where(n > 0, hits / np.maximum(n, 1), np.nan)
+
+
+def _score_val(features, weights, bias, labels, val_rows, val_pairs):
+    """Scores of the val images (rows VAL_ROWS of FEATURES and LABELS), a block of concepts at a time:
+    (accuracy on the balanced VAL_PAIRS, average precision on every val image, and every val image's
+    present concepts as (rows, concept columns, probability) in (image, concept) order)."""
+    x, y = features.numpy(), labels.numpy()
+    c = y.shape[1]
+    images, cols = val_pairs
+    by = np.argsort(cols, kind="stable")
     images, cols = images[by], cols[by]
-    correct = np.zeros(labels.shape[1], np.int64)
-    for lo, hi in _row_chunks(len(rows)):
-        logits = x[rows[lo:hi]] @ weights + bias
-        if on_scores is not None:
-            on_scores(lo, hi, logits)
-        a, b = np.searchsorted(images, [lo, hi])
-        i, j = images[a:b], cols[a:b]
-        right = (logits.numpy()[i - lo, j] > 0) == labels.numpy()[rows[i], j]
-        correct += np.bincount(j[right], minlength=len(correct))
-    n = torch.from_numpy(np.bincount(cols, minlength=len(correct)))
-    return torch.where(n > 0, torch.from_numpy(correct) / n.clamp_min(1), torch.nan).numpy()
+    bounds = np.searchsorted(cols, np.arange(c + 1))
+    hits = np.zeros(c, np.int64)
+    ap = np.full(c, np.nan)
+    present = []
+    for c0, c1 in _concept_blocks(len(val_rows), c):
+        block = cls_kernel.logits(x, val_rows, weights.numpy(), bias.numpy(), c0, c1)
+        i, j = images[bounds[c0] : bounds[c1]], cols[bounds[c0] : bounds[c1]]
+        hits += np.bincount(j[(block[j - c0, i] > 0) == y[val_rows[i], j]], minlength=c)
+        truth = y[val_rows, c0:c1]
+        for col in range(c0, c1):
+            # one concept's scores per call: the vectorised sigmoid rounds an array's tail
+            # differently from its body, so a call spanning concepts would depend on the blocks
+            probs = torch.sigmoid(torch.from_numpy(block[col - c0])).numpy()
+            ap[col] = average_precision(probs, truth[:, col - c0])
+            at = np.flatnonzero(truth[:, col - c0])
+            present.append((at, np.full(len(at), col), probs[at]))
+    at, col, score = (_cat([p[k] for p in present], dtype) for k, dtype in enumerate((np.int64, np.int64, np.float32)))
+    order = np.lexsort((col, at))
+    return _fraction(hits, cols), ap, (val_rows[at[order]], col[order], score[order])
 
 
 def train(
@@ -284,16 +304,10 @@ def train(
             sgd_b.step(bias, stepped, torch.zeros(len(stepped), device=device).index_add_(0, slot, residual), lr_now)
     weights = rows_w.T.contiguous().cpu()
     b = bias.cpu()
-    probs = torch.empty(len(val_rows), n_concepts)  # [N_val, C]: the one images x concepts array kept
-
-    def keep_logits(lo: int, hi: int, logits: torch.Tensor) -> None:
-        probs[lo:hi] = logits
-
-    with torch.no_grad():
-        train_acc = _accuracy(features, weights, b, labels, train_rows, *draw(gen))
-        val_acc = _accuracy(features, weights, b, labels, val_rows, *val_pairs, on_scores=keep_logits)
-        # in one call: the vectorised sigmoid rounds an array's tail differently from its body
-        probs.sigmoid_()
-    val_y = labels.numpy()[val_rows]  # bool [N_val, C], as the scores are
-    ap = np.array([average_precision(probs[:, j].numpy(), val_y[:, j]) for j in range(n_concepts)])
-    return ClsResult(np.asarray(concept_ids), weights, b, train_acc, val_acc, ap, probs)
+    images, cols = draw(gen)  # a fresh balanced train sample, for the train accuracy
+    train_hits = cls_kernel.pair_hits(
+        train_rows[images], cols, features.numpy(), labels.numpy(), rows_w.cpu().numpy(), b.numpy()
+    )
+    del images
+    val_acc, ap, present = _score_val(features, weights, b, labels, val_rows, val_pairs)
+    return ClsResult(np.asarray(concept_ids), weights, b, _fraction(train_hits, cols), val_acc, ap, *present)

@@ -5,6 +5,10 @@ each taking all its batches in order: the same updates as the joint trainer's st
 concept's t-th batch), without a torch call per step. Per pair it is one dot product, a sigmoid and
 one scaled add into the gradient row; per batch one momentum update of the row, as torch's SGD does
 it (v = m v + g; w -= lr v). Concepts run in threads (embed/threads.py).
+
+After training, the same module scores: a pair's logit (train accuracy) and a block of concepts'
+logits over the val images (val accuracy, average precision, per-image scores), each summed in an
+order fixed by the filters alone, so no result depends on how the work is cut into blocks.
 """
 
 from __future__ import annotations
@@ -81,3 +85,64 @@ def epoch(images, cols, rank, features, targets, rows_w, bias, velocity_w, veloc
         np.float32(momentum),
     )
     threads.over_concepts(lambda first, stop: _concept_batches(first, stop, *args), cols)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
+def _dot(x, w):  # pragma: no cover (compiled)
+    """x . w in eight interleaved partial sums (filter j into sum j mod 8), added pairwise: a fixed
+    order (independent of the call) that keeps eight multiply-adds in flight, not one."""
+    k = x.shape[0]
+    top = k - k % 8
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0)
+    for j in range(0, top, 8):
+        s0 += x[j] * w[j]
+        s1 += x[j + 1] * w[j + 1]
+        s2 += x[j + 2] * w[j + 2]
+        s3 += x[j + 3] * w[j + 3]
+        s4 += x[j + 4] * w[j + 4]
+        s5 += x[j + 5] * w[j + 5]
+        s6 += x[j + 6] * w[j + 6]
+        s7 += x[j + 7] * w[j + 7]
+    for j in range(top, k):
+        s0 += x[j] * w[j]
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
+def _pair_hits(images, cols, features, targets, rows_w, bias, hits):  # pragma: no cover (compiled)
+    for p in range(len(images)):
+        r, c = images[p], cols[p]
+        if (_dot(features[r], rows_w[c]) + bias[c] > 0) == targets[r, c]:
+            hits[c] += 1
+
+
+def pair_hits(images, cols, features, targets, rows_w, bias) -> np.ndarray:
+    """Per concept (int64 [C]), how many of the pairs (IMAGES rows of FEATURES [N, K], COLS rows of
+    ROWS_W [C, K]) have a logit x . w + b whose sign (> 0) gives the label TARGETS [N, C]."""
+    hits = np.zeros(len(rows_w), np.int64)
+    _pair_hits(images, cols, features, targets, rows_w, bias, hits)
+    return hits
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
+def _logits(features, rows, weights, bias, c0, c1, out):  # pragma: no cover (compiled)
+    width = c1 - c0
+    acc = np.empty(width, np.float32)
+    for i in range(len(rows)):
+        x = features[rows[i]]
+        acc[:] = 0
+        for j in range(weights.shape[0]):
+            xj = x[j]
+            w = weights[j, c0:c1]
+            for c in range(width):  # concepts side by side: a vector multiply-add per filter
+                acc[c] += xj * w[c]
+        for c in range(width):
+            out[c, i] = acc[c] + bias[c0 + c]
+
+
+def logits(features, rows, weights, bias, c0: int, c1: int) -> np.ndarray:
+    """float32 [c1 - c0, len(ROWS)]: concept c's logit features[rows[i]] . weights[:, c] + bias[c] at
+    [c - c0, i] (FEATURES [N, K], WEIGHTS [K, C]), each dot summed in filter order."""
+    out = np.empty((c1 - c0, len(rows)), np.float32)
+    _logits(features, rows, weights, bias, c0, c1, out)
+    return out

@@ -232,14 +232,11 @@ def _compute(
                     ),
                 )
             )
-            val_ids = image_ids[is_val.numpy()]
-            val_labels = labels[is_val]
-            n, j = np.nonzero(val_labels.numpy())
-            scores = cls.val_scores.numpy()[n, j]
+            rows, cols = image_ids[cls.present_rows], cls_concepts[cls.present_cols]
             tables.append(
                 (
                     "image_concept_scores",
-                    writer.score_rows(probe.probe_id, "classification", val_ids[n], cls_concepts[j], score=scores),
+                    writer.score_rows(probe.probe_id, "classification", rows, cols, score=cls.present_scores),
                 )
             )
         records.append(timing)
