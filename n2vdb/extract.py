@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from n2vdb import activations as acts_store
+from n2vdb import heap
 from n2vdb.data.broden import BrodenDataset, ImageRow
 from n2vdb.errors import DatasetError
 from n2vdb.models.device import pick_device
@@ -105,6 +106,7 @@ def stream(
         net, spec.module, spec.relu, Layout.decode(spec.layout)
     )  # maps [B, K, H, W] whatever the layer gives
     yield layer_shape(tap, spec.input_size, dev)
+    heap.keep_batch_buffers()  # every batch's layer outputs are reused, not mapped afresh (n2vdb.heap)
     loader = DataLoader(
         ImageFolderRows(dataset, rows, spec.input_size, spec.mean, spec.std, spec.preprocess, spec.interpolation),
         batch_size=batch_size,

@@ -231,39 +231,42 @@ def test_activation_reads_fit_a_budget_smaller_than_one_scan_vector(tmp_path, mo
 _HEAP_PROBE = """
 import ctypes, sys
 import numpy as np
-import pyarrow as pa
 from n2vdb import heap
 libc = ctypes.CDLL("libc.so.6")
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc.mallinfo2.restype = Info
-if sys.argv[1] == "bounded":
-    heap.bound_freed_memory()
-big = np.ones(8 << 20, np.uint8)  # mmapped, then freed: glibc's own rule raises its threshold to 8 MB
+for mode in sys.argv[2:]:
+    {"bounded": heap.bound_freed_memory, "batches": heap.keep_batch_buffers}[mode]()
+size = int(sys.argv[1]) << 20
+big = np.ones(size + (2 << 20), np.uint8)  # mmapped, then freed: glibc's own rule raises its threshold past SIZE
 del big
 before = libc.mallinfo2().hblkhd
-batch = np.ones(6 << 20, np.uint8)  # a batch's array below that: mmapped only under a fixed threshold
-print(libc.mallinfo2().hblkhd - before >= 6 << 20)
+batch = np.ones(size, np.uint8)
+print("mapped" if libc.mallinfo2().hblkhd - before >= size else "heap")
 """
 
 
 @pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
-def test_freed_batch_arrays_go_back_to_the_system(monkeypatch):
-    """After heap.bound_freed_memory(), a 6 MB array allocated after an 8 MB one was freed is its own
-    mapping (returned whole on free), not heap space that stays resident once freed; without it,
-    glibc's moving threshold puts it in the heap."""
+def test_heap_policy_maps_freed_arrays_except_the_forward_pass_batches(monkeypatch):
+    """After heap.bound_freed_memory(), a 6 MB array allocated after a larger one was freed is its own
+    mapping (returned whole on free), not heap space that stays resident once freed (without it,
+    glibc's moving threshold puts it in the heap); after heap.keep_batch_buffers() a 20 MB one comes
+    from the heap, to be reused batch after batch, until the next stage bounds the heap again."""
     import subprocess
     import sys
 
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    got = {
-        mode: subprocess.run(
-            [sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        for mode in ("bounded", "default")
-    }
-    assert got == {"bounded": "True", "default": "False"}
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+
+    def placed(size_mb: int, *modes: str) -> str:
+        command = [sys.executable, "-c", _HEAP_PROBE, str(size_mb), *modes]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert placed(6) == "heap" and placed(6, "bounded") == "mapped"
+    assert placed(20, "bounded") == "mapped" and placed(20, "batches") == "heap"
+    assert placed(6, "batches", "bounded") == "mapped"
 
 
 @pytest.mark.parametrize("binary", [pa.binary(), pa.large_binary()])
