@@ -175,8 +175,12 @@ def pooled(con: duckdb.DuckDBPyConnection, probe_id: int) -> tuple[np.ndarray, n
     if not ids:
         return np.zeros(0, np.int32), np.zeros((0, 0), np.float32)
     image_ids = np.concatenate(ids)
-    order = np.argsort(image_ids, kind="stable")
-    return image_ids[order], np.concatenate(values).reshape(len(image_ids), -1)[order]
+    means = np.concatenate(values).reshape(len(image_ids), -1)
+    del values
+    if (image_ids[1:] < image_ids[:-1]).any():  # stored out of order (a resumed or merged extraction)
+        order = np.argsort(image_ids, kind="stable")
+        image_ids, means = image_ids[order], means[order]
+    return image_ids, means
 
 
 def thresholds(con: duckdb.DuckDBPyConnection, probe_id: int) -> torch.Tensor:

@@ -618,3 +618,19 @@ def test_classification_inputs_are_the_stored_pairs(ingested_db):
     assert concepts.tolist() == want and len(want) > 3
     expected = torch.tensor([[(int(i), c) in pairs for c in want] for i in ids])
     assert torch.equal(labels, expected)
+
+
+def test_keep_columns_compacts_in_place_as_fancy_indexing_would():
+    """The usable label columns moved to the front of each row in the matrix's own buffer, a few
+    rows at a time, equal matrix[:, keep]; all kept is the matrix itself."""
+    from n2vdb.embed.stage import _keep_columns
+
+    rng = np.random.default_rng(5)
+    matrix = rng.random((23, 11)) < 0.4
+    keep = np.array([1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0], bool)
+    expected = matrix[:, keep].copy()
+    got = _keep_columns(matrix, keep, rows_at_once=4)
+    assert got.flags.c_contiguous and np.shares_memory(got, matrix)
+    np.testing.assert_array_equal(got, expected)
+    whole = rng.random((5, 3)) < 0.5
+    assert _keep_columns(whole, np.ones(3, bool)) is whole

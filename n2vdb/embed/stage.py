@@ -107,18 +107,36 @@ def classification_inputs(con, probe: Probe, dataset_id: int):
         " AND ic.image_id IN (SELECT image_id FROM activations WHERE probe_id = ?)",
         [dataset_id, probe.activation_probe],
     ).fetchnumpy()
-    concepts = np.unique(pairs["concept_id"]).astype(np.int64)
+    concepts, cols = np.unique(pairs["concept_id"], return_inverse=True)
     rows = np.searchsorted(ids, pairs["image_id"])
-    cols = np.searchsorted(concepts, pairs["concept_id"])
-    width = max(len(concepts), 1)  # each (row, col) as one key, so that repeated pairs count once
-    rows, cols = np.divmod(np.unique(rows.astype(np.int64) * width + cols), width)
-    train_pos = np.bincount(cols[~is_val[rows]], minlength=len(concepts))
-    usable = (train_pos > 0) & (train_pos < int((~is_val).sum()))
-    new_col = np.cumsum(usable) - 1
-    keep = usable[cols]
-    labels = np.zeros((len(ids), int(usable.sum())), bool)
-    labels[rows[keep], new_col[cols[keep]]] = True
+    del pairs
+    # the label matrix of every concept seen (a pair listed twice sets its cell once), then its
+    # usable columns moved to the front of each row in place: no second images x concepts matrix
+    seen = np.zeros((len(ids), len(concepts)), bool)
+    seen[rows, cols] = True
+    del rows, cols
+    train = np.flatnonzero(~is_val)
+    train_pos = sum(
+        (seen[train[lo : lo + 4096]].sum(0) for lo in range(0, len(train), 4096)), np.zeros(len(concepts), np.int64)
+    )
+    usable = (train_pos > 0) & (train_pos < len(train))
+    labels = _keep_columns(seen, usable)
+    concepts = concepts.astype(np.int64)
     return ids, torch.from_numpy(features), torch.from_numpy(labels), torch.from_numpy(is_val), concepts[usable]
+
+
+def _keep_columns(matrix: np.ndarray, keep: np.ndarray, rows_at_once: int = 4096) -> np.ndarray:
+    """MATRIX [N, C] (C-ordered) with only the columns KEEP, compacted in MATRIX's own buffer: rows
+    [lo, hi) are read before they are written to [lo * m, hi * m) of the flat buffer, which ends
+    before row hi's old start."""
+    if keep.all():
+        return matrix
+    n, m = len(matrix), int(keep.sum())
+    flat = matrix.reshape(-1)
+    for lo in range(0, n, rows_at_once):
+        hi = min(n, lo + rows_at_once)
+        flat[lo * m : hi * m] = matrix[lo:hi][:, keep].reshape(-1)
+    return flat[: n * m].reshape(n, m)
 
 
 def _compute(
