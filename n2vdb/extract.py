@@ -72,7 +72,10 @@ class ImageFolderRows(Dataset):
 
 
 def layer_shape(tap: LayerTap, size: int, device: torch.device) -> tuple[int, int, int]:
-    out = tap(torch.zeros(1, 3, size, size, device=device))
+    """(K, H, W) of the tapped layer; the weights past it are freed on the way (LayerTap.drop_unreached)."""
+    sample = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    tap.drop_unreached(sample)
+    out = tap(sample)
     return tuple(int(d) for d in out.shape[1:])
 
 

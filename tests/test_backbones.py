@@ -414,3 +414,41 @@ def test_a_vit_and_a_cnn_compared_on_one_dataset(tmp_path, synthetic_dir, tiny_t
     )
     assert compared.num_rows == 2
     run_every_query(db)
+
+
+class _FunctionalRead(torch.nn.Module):
+    """A conv whose weights are read by the parent's forward without the conv itself being called."""
+
+    def __init__(self, read_without_call: bool):
+        super().__init__()
+        self.read_without_call = read_without_call
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.side = torch.nn.Conv2d(4, 4, 1)
+        self.tap = torch.nn.Identity()
+        self.head = torch.nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = torch.nn.functional.conv2d(x, self.side.weight, self.side.bias) if self.read_without_call else self.side(x)
+        return self.head(self.tap(x).flatten(1))
+
+
+@pytest.mark.parametrize("read_without_call", [False, True])
+def test_drop_unreached_frees_only_weights_the_tap_never_needs(read_without_call):
+    """The head past the tapped module is freed (meta tensors) and the tap's output is unchanged; a
+    model reading a module's weights without calling it keeps every weight, as the check finds."""
+    from n2vdb.models.layers import LayerTap
+
+    torch.manual_seed(0)
+    net = _FunctionalRead(read_without_call).eval()
+    tap = LayerTap(net, "tap", relu=False)
+    x = torch.rand(2, 3, 8, 8)
+    before = tap(x)
+    freed = tap.drop_unreached(torch.rand(1, 3, 8, 8))
+    head_bytes = sum(p.numel() * 4 for p in net.head.parameters())
+    if read_without_call:
+        assert freed == 0 and not any(p.is_meta for p in net.parameters())
+    else:
+        assert freed == head_bytes and all(p.is_meta for p in net.head.parameters())
+        assert not any(p.is_meta for m in (net.conv, net.side) for p in m.parameters())
+    assert torch.equal(tap(x), before)
