@@ -3,16 +3,15 @@
     python bench/scale.py [--sizes 250,500,1000] [--epochs 30] [--workers 2]
     python bench/scale.py --sizes 1000,4000,16000          # the issue's sizes (hours on two cores)
 
-Each size runs in its own process (so peak RSS is that size's): it writes the broden profile
-(`n2vdb data synth --profile broden`), times a bare forward pass (the same image loader, the model
-run to alexnet conv5, nothing stored), then `ingest alexnet conv5` (random weights) and reads the
+Each size runs in its own process (so peak RSS is that size's ingest's): it writes the broden profile
+(`n2vdb data synth --profile broden`), times a bare forward pass in a child process (the same image
+loader, the model run to alexnet conv5, nothing stored), then `ingest alexnet conv5` (random weights) and reads the
 probe's stage_timings. One table: per stage ms/image and its ratio to the forward pass, training
 (image, concept) pairs per second, peak RSS, and a linear projection of the largest size to all of
 Broden (63,305 images; training stages scaled to 30 epochs when --epochs is less).
 """
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -58,6 +57,19 @@ def forward_pass(root: Path, workers: int, device: str, batch_size: int = 32) ->
     return time.perf_counter() - start
 
 
+def forward_in_child(root: Path, workers: int, device: str) -> float:
+    """forward_pass in a process of its own (with this one's torch threads), so that the peak RSS
+    this process reports is the ingest's alone, not the bare pass's whole model."""
+    import torch
+
+    command = [sys.executable, __file__, "--forward-of", str(root), "--workers", str(workers), "--device", device]
+    command += ["--threads", str(torch.get_num_threads())]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode:
+        sys.exit(f"the bare forward pass failed:\n{out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def one_size(images: int, epochs: int, workers: int, device: str) -> dict:
     from n2vdb import api
     from n2vdb.data.synth import generate_broden
@@ -70,8 +82,7 @@ def one_size(images: int, epochs: int, workers: int, device: str) -> dict:
         generate_broden(root, images=images, workers=max(workers, 1))
         synth_s = time.perf_counter() - start
         api.add_dataset(root, "broden-profile", db)
-        forward = forward_pass(root, workers, device)
-        gc.collect()  # the forward pass's model (a cycle through its hook) must not count in the ingest's peak
+        forward = forward_in_child(root, workers, device)
         probe_id = ingest_profile(db, workers, epochs, device)
         with read_connection(db) as con:
             rows = con.execute(
@@ -177,17 +188,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto: the forward pass and every stage")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--forward-of", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
         "--results-dir", type=Path, help="where NAME.json goes (default bench/results/; bench/gpu.sh: its OUT_DIR)"
     )
     args = parser.parse_args()
     os.environ["N2VDB_QUIET"] = "1"
-    if args.one:
+    if args.one or args.forward_of:
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
+    if args.forward_of:
+        print(forward_pass(args.forward_of, args.workers, args.device))
+        return
+    if args.one:
         print(json.dumps(one_size(args.one, args.epochs, args.workers, args.device)))
         return
     results = []
