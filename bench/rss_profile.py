@@ -1,11 +1,10 @@
 """Where the ingest's memory goes, per stage, at several sizes of the broden profile.
 
-    python bench/rss_profile.py --sizes 1000,4000 [--epochs 30] [--forward] [--mark MODULE:FUNCTION ...]
+    python bench/rss_profile.py --sizes 1000,4000 [--epochs 30] [--mark MODULE:FUNCTION ...]
         [--stop-after STAGE]
 
 Each size runs in its own process, as bench/scale.py's do: it writes (or reuses, with --data DIR) the
-broden profile, optionally runs scale.py's bare forward pass first (--forward, so the peak is the one
-scale.py reports), then `ingest alexnet conv5` (random weights) while a thread samples the process's
+broden profile, then runs `ingest alexnet conv5` (random weights) while a thread samples the process's
 resident set (VmRSS) every few milliseconds. Per stage (and per --mark'ed function, e.g.
 n2vdb.embed.classification:train): RSS at its start, the most resident during it, the peak so far at
 its end (ru_maxrss, what stage_timings records), its wall and process CPU seconds. Knobs
@@ -15,7 +14,6 @@ no result (the README's peak RSS is bench/scale.py's).
 
 import argparse
 import functools
-import gc
 import importlib
 import json
 import os
@@ -107,7 +105,7 @@ class _Stop(Exception):
 
 
 def one_size(
-    images: int, epochs: int, workers: int, data: Path, forward: bool, marks: list[str], stop_after: str | None = None
+    images: int, epochs: int, workers: int, data: Path, marks: list[str], stop_after: str | None = None
 ) -> dict:
     from n2vdb import api, timings
     from n2vdb.data.synth import generate_broden
@@ -120,13 +118,6 @@ def one_size(
     with tempfile.TemporaryDirectory() as tmp, Sampler() as sampler:
         db = Path(tmp) / "bench.duckdb"
         api.add_dataset(root, "broden-profile", db)
-        if forward:
-            sys.path.insert(0, str(Path(__file__).parent))
-            from scale import forward_pass
-
-            with sampler.span("forward"):
-                forward_pass(root, workers, "cpu")
-            gc.collect()
         original = timings.timed
 
         @contextmanager
@@ -164,7 +155,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each run")
     parser.add_argument("--data", type=Path, help="keep the generated datasets here, to reuse (default: a scratch dir)")
-    parser.add_argument("--forward", action="store_true", help="run scale.py's bare forward pass before the ingest")
     parser.add_argument("--mark", action="append", default=[], help="MODULE:FUNCTION to time as a span too")
     parser.add_argument("--stop-after", help="the stage after which to stop (e.g. extraction)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
@@ -174,11 +164,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(
-            json.dumps(
-                one_size(args.one, args.epochs, args.workers, args.data, args.forward, args.mark, args.stop_after)
-            )
-        )
+        print(json.dumps(one_size(args.one, args.epochs, args.workers, args.data, args.mark, args.stop_after)))
         return
     with tempfile.TemporaryDirectory() as scratch:
         data = args.data or Path(scratch)
@@ -186,7 +172,7 @@ def main() -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             command = [sys.executable, __file__, "--one", str(size), "--data", str(data)]
             command += ["--epochs", str(args.epochs), "--workers", str(args.workers), "--threads", str(args.threads)]
-            command += ["--forward"] * args.forward + [f"--mark={m}" for m in args.mark]
+            command += [f"--mark={m}" for m in args.mark]
             command += [f"--stop-after={args.stop_after}"] * bool(args.stop_after)
             out = subprocess.run(command, capture_output=True, text=True, check=False)
             if out.returncode:

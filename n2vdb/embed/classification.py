@@ -195,7 +195,7 @@ def _score_val(features, weights, bias, labels, val_rows, val_pairs):
     """Scores of the val images (rows VAL_ROWS of FEATURES and LABELS), a block of concepts at a time:
     (accuracy on the balanced VAL_PAIRS, average precision on every val image, and every val image's
     present concepts as (rows, concept columns, probability) in (image, concept) order)."""
-    x, y = features.numpy(), labels.numpy()
+    x, y, w, b = features.numpy(), labels.numpy(), weights.numpy(), bias.numpy()
     c = y.shape[1]
     images, cols = val_pairs
     by = np.argsort(cols, kind="stable")
@@ -205,7 +205,7 @@ def _score_val(features, weights, bias, labels, val_rows, val_pairs):
     ap = np.full(c, np.nan)
     present = []
     for c0, c1 in _concept_blocks(len(val_rows), c):
-        block = cls_kernel.logits(x, val_rows, weights.numpy(), bias.numpy(), c0, c1)
+        block = cls_kernel.logits(x, val_rows, w, b, c0, c1)
         i, j = images[bounds[c0] : bounds[c1]], cols[bounds[c0] : bounds[c1]]
         hits += np.bincount(j[(block[j - c0, i] > 0) == y[val_rows[i], j]], minlength=c)
         truth = y[val_rows, c0:c1]
