@@ -120,11 +120,8 @@ MEMORY_BUDGETS = {
     "N2VDB_DUCKDB_INGEST_MEMORY": "64MB",  # an ingest's or merge's reading phases (store.sessions)
     # extraction's write sessions: appends of the codes, whose cache would otherwise fill towards the
     # writer's budget as the dataset grows (measured: extraction's peak RSS +1 GB from 1,000 to 16,000
-    # images at 1GB). Not less: DuckDB's checkpoints of the growing table pin more with its size
-    # (measured: 32MB failed at 4,000 Broden-profile images and 64MB at 8,000, "failed to pin block";
-    # 128MB held 40,000 rows of AlexNet conv5 codes in a bare DuckDB test); the +85 MB this cap
-    # still lets extraction's peak grow from 1,000 to 4,000 images did not shrink with a lower
-    # allocator_flush_threshold
+    # images at 1GB). With vacuum off (below), a session's checkpoint writes its own rows only: 32MB
+    # held 16,384 rows of AlexNet conv5 codes at a flat peak in a bare DuckDB test.
     "N2VDB_DUCKDB_EXTRACT_MEMORY": "128MB",
 }
 
@@ -140,6 +137,16 @@ _GLOBAL_SETTINGS = {
     # slower; stored plainly, a read of a few rows touches their blocks only. Files grow: ZSTD
     # saved ~35% of random-weight codes. Rows written before keep theirs.
     "disabled_compression_methods": "zstd",
+    # No vacuum at checkpoints. Extraction's write sessions each append one small row group (a few
+    # hundred images) and checkpoint as they close; DuckDB's vacuum merges trailing small row groups,
+    # rewriting every row since the last full one at each close (~2.2x those codes in memory at once:
+    # peak RSS +190 MB at ~1,800 rows of AlexNet conv5 codes in a bare DuckDB test, 0 without; each
+    # row written several times, the file 1.7x its data at 16,384 rows), and the first checkpoint of
+    # a writer with a larger budget merges them all at once (+380 MB for 4,096 rows, in one piece:
+    # it grows with the dataset). What vacuum would reclaim here is the space of deleted rows, and
+    # n2vdb deletes only the small per-probe rows a stage re-run replaces; activations are never
+    # deleted. Row groups stay as written (one per extraction session).
+    "max_vacuum_tasks": 0,
 }
 
 
