@@ -42,6 +42,18 @@ def test_every_stage_records_its_timing(tmp_path, synthetic_dir):
         train_pixel_pairs += sum(levels[int(i)] == "pixel" for i in ids) if row.split == "train" else 0
     assert rows["iou"][2] == all_pairs
     assert rows["segmentation"][2] == train_pixel_pairs
+    # classification: each concept's balanced train sample, twice its minority, every epoch's size
+    train_images = {row.image_id for row in ds.rows[:16] if row.split == "train"}
+    positives: dict[int, set[int]] = {}
+    for image_id, concept_id in con.execute(
+        "SELECT image_id, concept_id FROM image_concepts WHERE image_id IN (SELECT image_id FROM activations"
+        " WHERE probe_id = ?) AND dataset_id = (SELECT dataset_id FROM probes WHERE probe_id = ?)",
+        [probe_id, probe_id],
+    ).fetchall():
+        if image_id in train_images:
+            positives.setdefault(concept_id, set()).add(image_id)
+    n = len(train_images)
+    assert rows["classification"][2] == sum(2 * min(len(p), n - len(p)) for p in positives.values()) > 0
     table = api.query("stage-timings", db, probe=probe_id).to_pylist()
     assert [r["stage"] for r in table] == ["extraction", "thresholds", "iou", "segmentation", "classification"]
     listed = [r for r in api.probes(db).to_pylist() if r["probe_id"] == probe_id][0]

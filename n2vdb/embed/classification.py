@@ -33,6 +33,7 @@ class ClsResult:
     present_rows: np.ndarray
     present_cols: np.ndarray
     present_scores: np.ndarray
+    train_pairs: int  # (image, concept) pairs in each epoch's balanced train sample
 
 
 # Noise values drawn at once: balanced_pairs draws the [N, C] noise a [rows, C] chunk at a time (the
@@ -310,4 +311,5 @@ def train(
     )
     del images
     val_acc, ap, present = _score_val(features, weights, b, labels, val_rows, val_pairs)
-    return ClsResult(np.asarray(concept_ids), weights, b, _fraction(train_hits, cols), val_acc, ap, *present)
+    pairs = 2 * int(draw.size.sum())
+    return ClsResult(np.asarray(concept_ids), weights, b, _fraction(train_hits, cols), val_acc, ap, *present, pairs)
