@@ -66,3 +66,28 @@ def test_codes_above_the_bound_give_the_result_of_every_value(q):
     assert torch.equal(fast.result(), dense.result())
     values = acts_store.dequantise(codes, scales).transpose(0, 1).reshape(5, -1).double().numpy()
     np.testing.assert_array_equal(fast.result().numpy(), np.quantile(values, q, axis=1))
+
+
+@pytest.mark.parametrize("elements", [1, 64])
+def test_selection_a_few_filters_at_a_time_gives_the_same_result(monkeypatch, elements):
+    """top_of selects over at most _SELECT_ELEMENTS pool values at a time (at least one filter): one
+    filter, or a few, at a time give numpy's quantile still, by add() and by add_above()."""
+    from n2vdb import activations as acts_store
+    from n2vdb.stats import quantile
+    from n2vdb.stats.thresholds import add
+
+    monkeypatch.setattr(quantile, "_SELECT_ELEMENTS", elements)
+    x = torch.relu(torch.randn(37, 6, 4, 5)) * torch.rand(1, 6, 1, 1)
+    sketch = TopQuantile(0.9, 37 * 20)
+    for part in x.split(5):
+        sketch.add(part)
+    expected = np.quantile(x.transpose(0, 1).reshape(6, -1).double().numpy(), 0.9, axis=1)
+    np.testing.assert_allclose(sketch.result().numpy(), expected, rtol=0, atol=1e-7)
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 256, (40, 5, 4, 4), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(40, 5, generator=gen)
+    fast = TopQuantile(0.95, 40 * 16)
+    for c, s in zip(codes.split(6), scales.split(6)):
+        add(fast, c, s)
+    values = acts_store.dequantise(codes, scales).transpose(0, 1).reshape(5, -1).double().numpy()
+    np.testing.assert_array_equal(fast.result().numpy(), np.quantile(values, 0.95, axis=1))

@@ -12,6 +12,10 @@ import math
 
 import torch
 
+# Elements selected over at once (see TopQuantile.top_of): 4 MB of float32 pool, about 16 MB with
+# topk's values and indices.
+_SELECT_ELEMENTS = 1 << 20
+
 
 class TopQuantile:
     def __init__(self, quantile: float, total: int):
@@ -30,10 +34,32 @@ class TopQuantile:
             values = values.transpose(0, 1).reshape(values.shape[1], -1)
         values = values.float()
         self.seen += values.shape[1]
+        if self.top is not None and self.top.shape[1] == self.keep:
+            self._select(values)
+            return
         pool = values if self.top is None else torch.cat([self.top, values], dim=1)
         if pool.shape[1] > self.keep:
-            pool = torch.topk(pool, self.keep, dim=1, sorted=False).values
-        self.top = pool.contiguous()
+            self.top = torch.empty(pool.shape[0], self.keep)
+            self.top_of(pool)
+        else:
+            self.top = pool.contiguous()
+
+    def top_of(self, pool: torch.Tensor, at: int = 0) -> None:
+        """Rows AT... of self.top := the KEEP largest of each row of POOL [k, >= KEEP], a few
+        filters at a time: topk over all of them at once held the pool, its values and int64
+        indices together (+280 MB at all of Broden's AlexNet conv5 thresholds), growing with
+        the dataset as KEEP does."""
+        rows = max(1, _SELECT_ELEMENTS // pool.shape[1])
+        for lo in range(0, len(pool), rows):
+            part = pool[lo : lo + rows]
+            self.top[at + lo : at + lo + len(part)] = torch.topk(part, self.keep, dim=1, sorted=False).values
+
+    def _select(self, values: torch.Tensor) -> None:
+        """Merge VALUES [K, n] into the full self.top, a few filters at a time (see top_of)."""
+        rows = max(1, _SELECT_ELEMENTS // (self.keep + values.shape[1]))
+        for lo in range(0, len(values), rows):
+            hi = min(len(values), lo + rows)
+            self.top_of(torch.cat([self.top[lo:hi], values[lo:hi]], dim=1), at=lo)
 
     def bound(self) -> torch.Tensor | None:
         """[K] the smallest value kept, once KEEP values are: a later value at or below it cannot
@@ -57,7 +83,7 @@ class TopQuantile:
         slot = torch.arange(len(filters)) - (torch.cumsum(per_filter, 0) - per_filter)[filters]
         given = torch.full((k, int(per_filter.max())), -torch.inf)  # below every kept value: never chosen
         given[filters, slot] = values
-        self.top = torch.topk(torch.cat([self.top, given], dim=1), self.keep, dim=1, sorted=False).values.contiguous()
+        self._select(given)
 
     def merge(self, other: TopQuantile) -> None:
         if (other.quantile, other.total) != (self.quantile, self.total):
@@ -71,7 +97,8 @@ class TopQuantile:
         """[K] quantiles, identical to numpy.quantile(..., method='linear') on all values."""
         if self.top is None or self.seen != self.total:
             raise ValueError(f"saw {self.seen} values per filter, expected {self.total}")
-        ordered = torch.sort(self.top.double(), dim=1).values  # ascending; index 0 = rank `lower`
+        # the two smallest kept, ascending (index 0 = rank `lower`): not a sort of all of them
+        ordered = torch.topk(self.top, min(2, self.top.shape[1]), dim=1, largest=False, sorted=True).values.double()
         low = ordered[:, 0]
         if ordered.shape[1] == 1:
             return low
