@@ -164,8 +164,8 @@ def test_writer_and_readers_get_their_own_duckdb_budgets(tmp_path, monkeypatch):
 
 
 def test_an_ingests_reads_get_the_ingest_budget(tmp_path, monkeypatch):
-    """Store.reading() (an ingest's thresholds, IoU and training scans) opens with N2VDB_DUCKDB_INGEST_MEMORY,
-    a plain reader with N2VDB_DUCKDB_MEMORY."""
+    """Store.reading() (an ingest's thresholds, IoU and training scans) opens with N2VDB_DUCKDB_INGEST_MEMORY
+    and one DuckDB thread, a plain reader with N2VDB_DUCKDB_MEMORY and DuckDB's default threads."""
     from n2vdb.store.connection import connect
     from n2vdb.store.sessions import Store
 
@@ -178,8 +178,11 @@ def test_an_ingests_reads_get_the_ingest_budget(tmp_path, monkeypatch):
             monkeypatch.setenv("N2VDB_DUCKDB_INGEST_MEMORY", env)
         with Store(db).reading() as con:
             assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == _limit_of(expected)
+            assert con.execute("SELECT current_setting('threads')").fetchone()[0] == 1  # windows: no workers
         con = connect(db, read_only=True)
         assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == _limit_of("1GB")
+        default = duckdb.connect().execute("SELECT current_setting('threads')").fetchone()[0]
+        assert con.execute("SELECT current_setting('threads')").fetchone()[0] == default
         con.close()
 
 
