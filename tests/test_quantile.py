@@ -70,7 +70,7 @@ def test_codes_above_the_bound_give_the_result_of_every_value(q):
 
 @pytest.mark.parametrize("elements", [1, 64])
 def test_selection_a_few_filters_at_a_time_gives_the_same_result(monkeypatch, elements):
-    """top_of selects over at most _SELECT_ELEMENTS pool values at a time (at least one filter): one
+    """_select selects over at most _SELECT_ELEMENTS pool values at a time (at least one filter): one
     filter, or a few, at a time give numpy's quantile still, by add() and by add_above()."""
     from n2vdb import activations as acts_store
     from n2vdb.stats import quantile
