@@ -91,3 +91,36 @@ def test_selection_a_few_filters_at_a_time_gives_the_same_result(monkeypatch, el
         add(fast, c, s)
     values = acts_store.dequantise(codes, scales).transpose(0, 1).reshape(5, -1).double().numpy()
     np.testing.assert_array_equal(fast.result().numpy(), np.quantile(values, 0.95, axis=1))
+
+
+@pytest.mark.parametrize("candidates", [0, 5, 40])
+def test_a_batch_with_many_values_above_the_bound_is_given_in_parts(monkeypatch, candidates):
+    """Past thresholds._CANDIDATES values above the bound, a batch goes to the sketch in halves
+    (down to one image): more add_above calls, each within the budget where one image allows it,
+    and numpy's quantile still."""
+    from n2vdb import activations as acts_store
+    from n2vdb.stats import thresholds
+
+    monkeypatch.setattr(thresholds, "_CANDIDATES", candidates)
+    given: list[int] = []
+    original = TopQuantile.add_above
+
+    def counted(self, filters, values, count):
+        given.append(len(values))
+        return original(self, filters, values, count)
+
+    monkeypatch.setattr(TopQuantile, "add_above", counted)
+    gen = torch.Generator().manual_seed(candidates)
+    codes = torch.randint(0, 256, (48, 4, 3, 3), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(48, 4, generator=gen)
+    sketch = TopQuantile(0.8, 48 * 9)
+    batches = list(zip(codes.split(16), scales.split(16)))
+    for c, s in batches:
+        thresholds.add(sketch, c, s)
+    values = acts_store.dequantise(codes, scales).transpose(0, 1).reshape(4, -1).double().numpy()
+    np.testing.assert_array_equal(sketch.result().numpy(), np.quantile(values, 0.8, axis=1))
+    assert len(given) > len(batches) - 1  # the first batch fills the sketch; the others split
+    one_image = 4 * 9
+    assert all(n <= max(candidates, one_image) for n in given)
+    if candidates < one_image:
+        assert len(given) >= 2 * (len(batches) - 1)
