@@ -25,6 +25,9 @@ DATASET_TABLES = ("datasets", "images", "concepts", "image_concepts")
 PROBE_TABLES = ("probes", "activations", "filters", "filter_concept_iou", "embeddings", "image_concept_scores")
 PUBLIC_TABLES = DATASET_TABLES + PROBE_TABLES
 BATCH_BYTES = 16 << 20  # per record batch, roughly: activations rows are large, the others small
+# Keys a table's one writer keeps unique without an index in DuckDB (migrations/0012): the export
+# orders by them and gives its copy the key.
+UNKEYED = {"image_concept_scores": ("probe_id", "image_id", "concept_id", "method")}
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def table_specs(con: duckdb.DuckDBPyConnection) -> list[TableSpec]:
     missing = [t for t in PUBLIC_TABLES if not columns[t]]
     if missing:
         raise N2vdbError(f"the database lacks table(s) {', '.join(missing)}: run `n2vdb db upgrade`")
-    return [TableSpec(t, tuple(columns[t]), keys.get(t, ()), sql[t]) for t in PUBLIC_TABLES]
+    return [TableSpec(t, tuple(columns[t]), keys.get(t, UNKEYED.get(t, ())), sql[t]) for t in PUBLIC_TABLES]
 
 
 def _selection(con, probe_id: int | None) -> dict[str, tuple[str, list]]:

@@ -84,6 +84,12 @@ UNION ALL SELECT 'IoU, embedding or score rows of unknown probes, filters or con
         WHERE p.probe_id IS NULL OR NOT EXISTS (
             SELECT 1 FROM image_concepts ic
             WHERE ic.dataset_id = p.dataset_id AND ic.image_id = s.image_id AND ic.concept_id = s.concept_id))
+-- image_concept_scores has no PRIMARY KEY (its index grew an ingest's memory with the dataset:
+-- migrations/0012): its one writer keeps the key unique, and this check keeps the writer honest.
+UNION ALL SELECT 'per-image scores stored twice (the same probe, image, concept and method)',
+       (SELECT coalesce(sum(n - 1), 0) FROM (
+            SELECT count(*) AS n FROM image_concept_scores
+            GROUP BY probe_id, image_id, concept_id, method HAVING count(*) > 1))
 UNION ALL SELECT 'IoU rows whose iou disagrees with intersection / union',
        (SELECT count(*) FROM filter_concept_iou
         WHERE union_ <= 0 OR intersection > union_ OR abs(iou - intersection / union_) > 1e-9)

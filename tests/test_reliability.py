@@ -95,14 +95,22 @@ def test_db_check_catches_damage(db_copy):
     con = duckdb.connect(str(db_copy))
     con.execute("DELETE FROM filters WHERE filter = 3")
     con.execute("INSERT INTO image_concept_scores VALUES (1, 0, 999999, 'segmentation', 1, 2, 0.5, NULL)")
+    # the table has no key (migrations/0012): two copies of one stored row are caught by the check
+    con.execute(
+        "INSERT INTO image_concept_scores SELECT * FROM image_concept_scores "
+        "WHERE method = 'best_filter' ORDER BY image_id, concept_id LIMIT 2"
+    )
     con.close()
-    failed = {r["check_name"] for r in api.db_check(db_copy).to_pylist() if r["violations"]}
+    checks = {r["check_name"]: r["violations"] for r in api.db_check(db_copy).to_pylist()}
+    failed = {name for name, n in checks.items() if n}
     assert failed == {
         "probes past thresholds without one threshold per filter",
         "IoU, embedding or score rows of unknown probes, filters or concepts",
+        "per-image scores stored twice (the same probe, image, concept and method)",
     }
+    assert checks["per-image scores stored twice (the same probe, image, concept and method)"] == 2
     result = run_cli("db", "check", "--db", db_copy)
-    assert result.returncode == 1 and "2 integrity check(s) failed" in result.stderr
+    assert result.returncode == 1 and "3 integrity check(s) failed" in result.stderr
 
 
 def test_two_shards_under_torchrun_merge_into_the_unsharded_result(tmp_path, synthetic_dir, ingested_db):

@@ -48,6 +48,31 @@ def test_upgrade_is_idempotent(tmp_path):
     con.close()
 
 
+def test_scores_lose_their_key_and_keep_their_rows_on_upgrade(tmp_path):
+    """migrations/0012 copies image_concept_scores into a table without the PRIMARY KEY whose index
+    grew every write's memory with the dataset; the rows stay as they were."""
+    before = tmp_path / "before"
+    shutil.copytree(sql_dir("migrations"), before)
+    (before / "0012_scores_without_key.sql").unlink()
+    con = connect(tmp_path / "n.duckdb", read_only=False)
+    migrate.upgrade(con, before)
+    keys = "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'image_concept_scores' AND constraint_type = 'PRIMARY KEY'"
+    assert con.execute(keys).fetchone()[0] == 1
+    rows = [
+        (1, i, c, m, i, i + c + 1, i / (i + c + 1), None)
+        for i in range(3)
+        for c in (5, 7)
+        for m in ("best_filter", "segmentation")
+    ]
+    con.executemany("INSERT INTO image_concept_scores VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    rows.append((2, 0, 5, "classification", None, None, None, 0.25))
+    con.execute("INSERT INTO image_concept_scores VALUES (2, 0, 5, 'classification', NULL, NULL, NULL, 0.25)")
+    assert [m.name for m in migrate.upgrade(con)] == ["scores_without_key"]
+    assert con.execute(keys).fetchone()[0] == 0
+    assert sorted(con.execute("SELECT * FROM image_concept_scores").fetchall()) == sorted(rows)
+    con.close()
+
+
 def test_edited_migration_is_refused(tmp_path):
     migrations = tmp_path / "migrations"
     shutil.copytree(sql_dir("migrations"), migrations)
