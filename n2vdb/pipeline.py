@@ -79,9 +79,10 @@ def _prepare_extraction(con: duckdb.DuckDBPyConnection, run: StageRun) -> bool:
 
 def _extraction(run: StageRun) -> None:
     options = run.options
-    extract.extract(
-        run.store, run.probe, run.spec, run.dataset, run.loaded["net"], options.device, options.batch_size, run.workers
-    )
+    # The model is let go with its stage: the later stages read the stored activations only, and
+    # would otherwise hold its weights to the end (59 MB of VGG16's up to conv5_3).
+    net = run.loaded.pop("net")
+    extract.extract(run.store, run.probe, run.spec, run.dataset, net, options.device, options.batch_size, run.workers)
 
 
 def _thresholds(run: StageRun) -> None:

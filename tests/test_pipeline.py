@@ -57,10 +57,12 @@ def test_the_status_machine_follows_the_list():
 
 
 def test_a_new_stage_is_one_function_and_one_entry(tmp_path, synthetic_dir, monkeypatch):
-    """A stage appended after the IoU: the runner says it, times it, and moves the status through it."""
-    seen = []
+    """A stage appended after the IoU: the runner says it, times it, and moves the status through it;
+    the model loaded for extraction is no longer held by then."""
+    seen, held = [], []
 
     def count_iou_rows(run: pipeline.StageRun) -> None:
+        held.append(sorted(run.loaded))
         with run.store.reading() as con:
             seen.append(
                 con.execute(
@@ -84,6 +86,7 @@ def test_a_new_stage_is_one_function_and_one_entry(tmp_path, synthetic_dir, monk
     con = duckdb.connect(str(db), read_only=True)
     iou_rows = con.execute("SELECT count(*) FROM filter_concept_iou").fetchone()[0]
     assert iou_rows > 0 and seen == [("audit", iou_rows)]  # ran after the IoU, at its own status
+    assert held == [[]]
     assert con.execute("SELECT status FROM probes").fetchone()[0] == "complete"
     timed = [r[0] for r in con.execute("SELECT stage FROM stage_timings WHERE probe_id = ?", [probe_id]).fetchall()]
     assert "audit" in timed and "iou" in timed
