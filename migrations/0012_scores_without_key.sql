@@ -6,16 +6,11 @@
 -- Uniqueness is kept by the one writer instead: each stage replaces its methods' rows of a probe in
 -- one transaction (store/writer.replace_probe_rows), and queries/integrity.sql counts any
 -- (probe, image, concept, method) stored twice. The rows are copied as they are.
-CREATE TABLE image_concept_scores_unkeyed (
-    probe_id    INTEGER NOT NULL,
-    image_id    INTEGER NOT NULL,
-    concept_id  INTEGER NOT NULL,
-    method      VARCHAR NOT NULL,          -- 'best_filter' | 'segmentation' | 'classification'
-    intersection BIGINT,
-    union_      BIGINT,
-    iou         DOUBLE,
-    score       DOUBLE                     -- classification: predicted probability
-);
-INSERT INTO image_concept_scores_unkeyed BY NAME SELECT * FROM image_concept_scores;
+-- (A table made by CREATE TABLE AS has the columns and types but no constraints: NOT NULL is set again.)
+CREATE TABLE image_concept_scores_unkeyed AS SELECT * FROM image_concept_scores;
+ALTER TABLE image_concept_scores_unkeyed ALTER COLUMN probe_id SET NOT NULL;
+ALTER TABLE image_concept_scores_unkeyed ALTER COLUMN image_id SET NOT NULL;
+ALTER TABLE image_concept_scores_unkeyed ALTER COLUMN concept_id SET NOT NULL;
+ALTER TABLE image_concept_scores_unkeyed ALTER COLUMN method SET NOT NULL;
 DROP TABLE image_concept_scores;
 ALTER TABLE image_concept_scores_unkeyed RENAME TO image_concept_scores;

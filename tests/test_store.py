@@ -69,6 +69,19 @@ def test_scores_lose_their_key_and_keep_their_rows_on_upgrade(tmp_path):
     con.execute("INSERT INTO image_concept_scores VALUES (2, 0, 5, 'classification', NULL, NULL, NULL, 0.25)")
     assert [m.name for m in migrate.upgrade(con)] == ["scores_without_key"]
     assert con.execute(keys).fetchone()[0] == 0
+    columns = (
+        "SELECT column_name, data_type, is_nullable FROM duckdb_columns() WHERE table_name = 'image_concept_scores'"
+    )
+    assert con.execute(columns).fetchall() == [
+        ("probe_id", "INTEGER", False),
+        ("image_id", "INTEGER", False),
+        ("concept_id", "INTEGER", False),
+        ("method", "VARCHAR", False),
+        ("intersection", "BIGINT", True),
+        ("union_", "BIGINT", True),
+        ("iou", "DOUBLE", True),
+        ("score", "DOUBLE", True),
+    ]
     assert sorted(con.execute("SELECT * FROM image_concept_scores").fetchall()) == sorted(rows)
     con.close()
 
