@@ -63,10 +63,8 @@ def test_scores_lose_their_key_and_keep_their_rows_on_upgrade(tmp_path):
         for i in range(3)
         for c in (5, 7)
         for m in ("best_filter", "segmentation")
-    ]
+    ] + [(2, 0, 5, "classification", None, None, None, 0.25)]
     con.executemany("INSERT INTO image_concept_scores VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    rows.append((2, 0, 5, "classification", None, None, None, 0.25))
-    con.execute("INSERT INTO image_concept_scores VALUES (2, 0, 5, 'classification', NULL, NULL, NULL, 0.25)")
     assert [m.name for m in migrate.upgrade(con)] == ["scores_without_key"]
     assert con.execute(keys).fetchone()[0] == 0
     columns = (

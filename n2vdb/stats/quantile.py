@@ -44,8 +44,8 @@ class TopQuantile:
         """self.top := the KEEP largest of each filter's kept values and VALUES [K, n], a few filters
         at a time: one topk over every filter held the pool, its values and int64 indices together,
         growing with the dataset as KEEP does (thresholds at 16,000 Broden-profile images, three runs
-        each: peak RSS 939-963 MB -> 876-939 MB). A full self.top is overwritten in place (each slice is copied by the cat
-        before it is written)."""
+        each: peak RSS 939-963 MB -> 876-939 MB). A full self.top is overwritten in place (each slice
+        is copied by the cat before it is written)."""
         top = self.top if self.top is not None else values[:, :0]
         full = top.shape[1] == self.keep
         out = top if full else torch.empty(len(values), self.keep)
