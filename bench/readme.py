@@ -83,7 +83,11 @@ BENCHES = {
     ),
 }
 # bench scripts with a main that write no result, and why
-NO_RESULT = {"readme": "this generator", "rss_profile": "a diagnostic that prints; scale.py has the figures"}
+NO_RESULT = {
+    "readme": "this generator",
+    "rss_profile": "a diagnostic that prints; scale.py has the figures",
+    "scores_key": "a diagnostic that prints: the figure behind migration 0012",
+}
 
 
 def load_results(directory: Path = RESULTS) -> dict[str, dict]:
