@@ -75,6 +75,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def vm_rss_mb() -> float:
+    """The process's resident set now (VmRSS), in MB: what the diagnostics sample over time."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def this_command() -> list[str]:
     """`[OMP_NUM_THREADS=N] python bench/NAME.py ARGS...` for the running script, from wherever it was started."""
     omp = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if "OMP_NUM_THREADS" in os.environ else []

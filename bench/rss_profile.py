@@ -25,13 +25,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-
-def vm_rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from common import vm_rss_mb
 
 
 class Sampler:

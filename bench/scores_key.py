@@ -19,19 +19,13 @@ import threading
 import time
 from pathlib import Path
 
+from common import vm_rss_mb
+
 COLUMNS = (
     "probe_id INTEGER NOT NULL, image_id INTEGER NOT NULL, concept_id INTEGER NOT NULL, method VARCHAR NOT NULL,"
     " intersection BIGINT, union_ BIGINT, iou DOUBLE, score DOUBLE"
 )
 KEY = ", PRIMARY KEY (probe_id, image_id, concept_id, method)"
-
-
-def vm_rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def one(rows: int, keyed: bool) -> dict:
