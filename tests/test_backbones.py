@@ -433,6 +433,30 @@ class _FunctionalRead(torch.nn.Module):
         return self.head(self.tap(x).flatten(1))
 
 
+def test_the_drop_check_sees_every_use_of_a_dropped_weight():
+    """drop_unreached's check does not rely on a meta weight failing when it is read (a CPU conv2d
+    given one may return garbage, and once returned the output before): any torch function or method
+    given a watched tensor, directly or inside a list, is recorded; other tensors are not."""
+    from n2vdb.models.layers import _Reads
+
+    x, weight, other = torch.rand(1, 4, 6, 6), torch.empty(4, 4, 1, 1, device="meta"), torch.rand(4, 4, 1, 1)
+    with _Reads([weight]) as watch:
+        torch.nn.functional.conv2d(x, other)
+        torch.cat([other, other])
+    assert not watch.read
+    for use in (
+        lambda: torch.nn.functional.conv2d(x, weight),
+        lambda: torch.cat([other.to("meta"), weight]),
+        lambda: weight.flatten(),
+    ):
+        with _Reads([weight]) as watch:
+            try:
+                use()
+            except RuntimeError:
+                pass  # a use that fails is a use too
+        assert watch.read
+
+
 @pytest.mark.parametrize("read_without_call", [False, True])
 def test_drop_unreached_frees_only_weights_the_tap_never_needs(read_without_call):
     """The head past the tapped module is freed (meta tensors) and the tap's output is unchanged; a
