@@ -33,7 +33,7 @@ class StageTiming:
 def timed(stage: str, images: int | None = None, pairs: int | None = None) -> Iterator[StageTiming]:
     """Time the block; the caller may fill in images and pairs on the yielded record. Every stage runs
     through here, so here the heap is set not to keep what the stages free (n2vdb.heap)."""
-    heap.bound_freed_memory()
+    heap.bound_freed_memory(stage)
     record = StageTiming(stage, images=images, pairs=pairs)
     start = time.perf_counter()
     yield record

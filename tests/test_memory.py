@@ -241,7 +241,11 @@ class Info(ctypes.Structure):
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc.mallinfo2.restype = Info
 for mode in sys.argv[2:]:
-    {"bounded": heap.bound_freed_memory, "batches": heap.keep_batch_buffers}[mode]()
+    {
+        "bounded": heap.bound_freed_memory,
+        "training": lambda: heap.bound_freed_memory("segmentation"),
+        "batches": heap.keep_batch_buffers,
+    }[mode]()
 size = int(sys.argv[1]) << 20
 big = np.ones(size + (2 << 20), np.uint8)  # mmapped, then freed: glibc's own rule raises its threshold past SIZE
 del big
@@ -264,7 +268,8 @@ def test_heap_policy_maps_freed_arrays_except_the_forward_pass_batches(monkeypat
     mapping (returned whole on free), not heap space that stays resident once freed (without it,
     glibc's moving threshold puts it in the heap); after heap.keep_batch_buffers() a 20 MB one comes
     from the heap, to be reused batch after batch, until the next stage bounds the heap again and the
-    freed heap goes back to the system."""
+    freed heap goes back to the system. A training stage maps arrays from 1 MB: a 2 MB one is heap
+    space in the other stages, its own mapping in segmentation's."""
     import subprocess
     import sys
 
@@ -278,6 +283,7 @@ def test_heap_policy_maps_freed_arrays_except_the_forward_pass_batches(monkeypat
     assert placed(6) == "heap kept" and placed(6, "bounded") == "mapped kept"
     assert placed(20, "bounded") == "mapped kept" and placed(20, "batches") == "heap released"
     assert placed(6, "batches", "bounded") == "mapped kept"
+    assert placed(2, "bounded") == "heap kept" and placed(2, "training") == "mapped kept"
 
 
 @pytest.mark.parametrize("binary", [pa.binary(), pa.large_binary()])
