@@ -62,6 +62,7 @@ def _draw_chunks(n: int, c: int, gen: torch.Generator):
         yield lo, torch.rand(min(rows, n - lo), c, generator=gen).numpy()
 
 
+PAIR_INDEX = np.int32  # the dtype of a draw's image rows and concept columns
 _BELOW_ONE = 0x3F800000  # the bit patterns of the floats in [0, 1) are below 1.0's
 
 
@@ -87,13 +88,15 @@ class BalancedDraws:
         expected = size + CUT_SIGMAS * np.sqrt(size) + CUT_EXTRA
         self.cut = np.where(expected < n_major, expected / np.maximum(n_major, 1), 2.0).astype(np.float32)
         self.cut[size == 0] = -1.0  # a concept on every image or on none has no balanced sample
-        # Every draw holds every minority pair (none for a concept without a sample).
+        # Every draw holds every minority pair (none for a concept without a sample), as int32:
+        # at 16,000 Broden-profile images a draw is ~600k pairs, and each int64 copy of them costs
+        # 5 MB more than it needs to (rows and columns count images and concepts, far below 2^31).
         found, cols = [], []
         for lo in range(0, n, step):
             i, j = np.nonzero(self._block(lo, lo + step) ^ self.flip)
-            found.append(i + lo)
-            cols.append(j)
-        self.minority = (_cat(found), _cat(cols))
+            found.append((i + lo).astype(PAIR_INDEX))
+            cols.append(j.astype(PAIR_INDEX))
+        self.minority = (_cat(found, PAIR_INDEX), _cat(cols, PAIR_INDEX))
 
     def _block(self, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) of the matrix drawn over."""
@@ -103,8 +106,8 @@ class BalancedDraws:
         return self.labels[rows if self.rows is None else self.rows[rows], cols]
 
     def __call__(self, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(image rows, concept columns) int64 of one draw, in no particular order; rows index
-        labels[rows] where ROWS was given."""
+        """(image rows, concept columns) int32 (PAIR_INDEX) of one draw, in no particular order;
+        rows index labels[rows] where ROWS was given."""
         n, c = self.n, self.c
         # A non-negative float orders as its bit pattern, then the index breaks ties: one key per
         # (concept, image), (concept, noise bits, image), in the stable sort's order within a concept.
@@ -133,10 +136,10 @@ class BalancedDraws:
         # each concept's SIZE smallest: the first SIZE of its run of keys
         size = self.size.astype(np.int64)
         at = np.arange(size.sum()) + np.repeat(np.searchsorted(keys, first) - (np.cumsum(size) - size), size)
-        rows = keys[at] % max(n, 1)
+        rows = (keys[at] % max(n, 1)).astype(PAIR_INDEX)
         del keys, at
         return np.concatenate([self.minority[0], rows]), np.concatenate(
-            [self.minority[1], np.repeat(np.arange(c), size)]
+            [self.minority[1], np.repeat(np.arange(c, dtype=PAIR_INDEX), size)]
         )
 
     def _keys(self, rows: np.ndarray, cols: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -245,7 +248,7 @@ def train(
     n_filters, n_concepts = features.shape[1], labels.shape[1]
     # The train and val images are rows of FEATURES and LABELS, read in place (copies of them grew
     # with images x concepts).
-    train_rows, val_rows = np.flatnonzero(~is_val.numpy()), np.flatnonzero(is_val.numpy())
+    train_rows, val_rows = (np.flatnonzero(split).astype(PAIR_INDEX) for split in (~is_val.numpy(), is_val.numpy()))
     val_pairs = BalancedDraws(labels, val_rows)(gen)
     bound = 1 / np.sqrt(n_filters)
     weights = (torch.rand(n_filters, n_concepts, generator=gen) * 2 - 1) * bound
@@ -261,7 +264,7 @@ def train(
     step_size = max(1, epochs // 2)  # lr x 0.1 halfway, as the reference's StepLR
     draw = BalancedDraws(labels, train_rows)
     targets = labels.to(device)  # bool: a float copy of [N, C] grew with images x concepts
-    rank_of = np.zeros(len(features), np.int64)  # each train image's place in the epoch's order
+    rank_of = np.zeros(len(features), PAIR_INDEX)  # each train image's place in the epoch's order
     for epoch in range(epochs):
         lr_now = lr * 0.1 ** (epoch // step_size)
         images = cols = None  # the last epoch's pairs go before this one's are drawn
