@@ -17,6 +17,7 @@ import torch
 
 from n2vdb.errors import N2vdbError
 from n2vdb.store import writer
+from n2vdb.store.connection import first
 
 
 def quantise(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,23 +165,42 @@ def iter_activations(
         yield ids, dequantise(codes, scales).numpy()
 
 
+def _pooled_windows(con: duckdb.DuckDBPyConnection, probe_id: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(image ids, spatial means [rows, K]) of the probe's rows, in windows, in storage order."""
+    for record in _windows(con, probe_id, "image_id, pooled", None, 4096):
+        flat = record.column(1).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        yield record.column(0).to_numpy(), flat.reshape(len(record), -1)
+
+
 def pooled(con: duckdb.DuckDBPyConnection, probe_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(image_ids, spatial means [N, K]) for classification embeddings, in image-id order: read in
     windows and sorted here, not by an ORDER BY, whose sort of every row would have to fit DuckDB's
-    budget at once (64 MB of means for all of Broden at 256 filters; readers never spill)."""
-    ids, values = [], []
-    for record in _windows(con, probe_id, "image_id, pooled", None, 4096):
-        ids.append(record.column(0).to_numpy())
-        values.append(np.array(record.column(1).combine_chunks().flatten().to_numpy(zero_copy_only=False)))
-    if not ids:
+    budget at once (64 MB of means for all of Broden at 256 filters; readers never spill). Each
+    window is copied into its place in one [N, K] array, so the means are held once, not also as
+    a list of parts to concatenate (16 MB more at 16,000 images of a 256-filter layer)."""
+    (n,) = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?", [probe_id]))
+    image_ids, means, at = np.zeros(n, np.int32), None, 0
+    for ids, block in _pooled_windows(con, probe_id):
+        if means is None:
+            means = np.empty((n, block.shape[1]), np.float32)
+        image_ids[at : at + len(ids)], means[at : at + len(ids)] = ids, block
+        at += len(ids)
+    if means is None:
         return np.zeros(0, np.int32), np.zeros((0, 0), np.float32)
-    image_ids = np.concatenate(ids)
-    means = np.concatenate(values).reshape(len(image_ids), -1)
-    del values
     if (image_ids[1:] < image_ids[:-1]).any():  # stored out of order (a resumed or merged extraction)
         order = np.argsort(image_ids, kind="stable")
         image_ids, means = image_ids[order], means[order]
     return image_ids, means
+
+
+def pooled_mean(con: duckdb.DuckDBPyConnection, probe_id: int) -> np.ndarray:
+    """float64 [K]: each filter's spatial mean averaged over the probe's images, summed window by
+    window (no [N, K] array of the means)."""
+    total, n = None, 0
+    for ids, block in _pooled_windows(con, probe_id):
+        part = block.sum(axis=0, dtype=np.float64)
+        total, n = (part if total is None else total + part), n + len(ids)
+    return np.zeros(0) if total is None else total / n
 
 
 def thresholds(con: duckdb.DuckDBPyConnection, probe_id: int) -> torch.Tensor:

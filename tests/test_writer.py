@@ -86,6 +86,34 @@ def test_activations_round_trip_through_a_reordered_table(tmp_path):
     assert np.array_equal(got_pooled, pooled)
 
 
+def test_pooled_means_are_read_across_windows_in_image_order(tmp_path):
+    """pooled() fills one [N, K] array from windows of 4,096 rows and sorts it by image id where the
+    rows were stored out of order; pooled_mean() is the means' float64 average, summed window by
+    window."""
+    db = tmp_path / "a.duckdb"
+    rng = np.random.default_rng(2)
+    n, k = 9000, 3
+    ids = rng.permutation(n) + 1
+    pooled = rng.random((n, k)).astype(np.float32)
+    codes, scales = np.zeros((n, k, 1, 1), np.uint8), np.ones((n, k), np.float32)
+    with write_connection(db) as con:
+        _rebuild(
+            con,
+            "activations",
+            "image_id INTEGER NOT NULL, pooled FLOAT[] NOT NULL, probe_id INTEGER NOT NULL,"
+            " scales FLOAT[] NOT NULL, codes BLOB NOT NULL",
+        )
+        for lo in range(0, n, 2500):
+            part = slice(lo, lo + 2500)
+            acts_store.write(con, acts_store.to_arrow(7, ids[part], codes[part], scales[part], pooled[part]))
+        got_ids, got = acts_store.pooled(con, 7)
+        mean = acts_store.pooled_mean(con, 7)
+    order = np.argsort(ids)
+    assert got_ids.tolist() == ids[order].tolist()
+    assert np.array_equal(got, pooled[order])
+    np.testing.assert_allclose(mean, pooled.astype(np.float64).mean(axis=0), rtol=1e-12)
+
+
 def _filter_rows(**drop_or_add) -> pa.Table:
     columns = {
         "probe_id": pa.array([1, 1], pa.int32()),
