@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import torch
@@ -107,9 +106,11 @@ def classification_inputs(con, probe: Probe, dataset_id: int):
         " AND ic.image_id IN (SELECT image_id FROM activations WHERE probe_id = ?)",
         [dataset_id, probe.activation_probe],
     ).fetchnumpy()
-    concepts, cols = np.unique(pairs["concept_id"], return_inverse=True)
-    rows = np.searchsorted(ids, pairs["image_id"])
-    del pairs
+    # (np.unique's return_inverse sorts an int64 copy of every pair: a search into the concepts
+    # needs only their sorted list)
+    concepts = np.unique(pairs["concept_id"])
+    cols = np.searchsorted(concepts, pairs.pop("concept_id")).astype(np.int32)
+    rows = np.searchsorted(ids, pairs.pop("image_id")).astype(np.int32)
     # the label matrix of every concept seen (a pair listed twice sets its cell once), then its
     # usable columns moved to the front of each row in place: no second images x concepts matrix
     seen = np.zeros((len(ids), len(concepts)), bool)
@@ -140,7 +141,7 @@ def _keep_columns(matrix: np.ndarray, keep: np.ndarray, rows_at_once: int = 4096
 
 
 def _compute(
-    con: duckdb.DuckDBPyConnection,
+    store: Store,
     probe: Probe,
     dataset: BrodenDataset,
     settings: TrainSettings,
@@ -152,20 +153,25 @@ def _compute(
     tables: list[tuple[str, pa.Table]] = []
     records: list[timings.StageTiming] = []
 
-    pixel = {
-        c
-        for (c,) in con.execute(
-            "SELECT DISTINCT ic.concept_id FROM image_concepts ic JOIN concepts c USING (dataset_id, concept_id)"
-            " JOIN images i USING (dataset_id, image_id)"
-            " WHERE ic.dataset_id = ? AND c.level = 'pixel' AND i.split = 'train'"
-            " AND ic.image_id IN (SELECT image_id FROM activations WHERE probe_id = ?)",
-            [probe.dataset_id, probe.activation_probe],
-        ).fetchall()
-    }
+    # The store is read in short phases (the pixel concepts, the examples, the classification
+    # inputs), each closed before the training after it: DuckDB's cache of what a phase read (up to
+    # its 64 MB budget) is let go, not held through that training.
+    with store.reading() as con:
+        pixel = {
+            c
+            for (c,) in con.execute(
+                "SELECT DISTINCT ic.concept_id FROM image_concepts ic JOIN concepts c USING (dataset_id, concept_id)"
+                " JOIN images i USING (dataset_id, image_id)"
+                " WHERE ic.dataset_id = ? AND c.level = 'pixel' AND i.split = 'train'"
+                " AND ic.image_id IN (SELECT image_id FROM activations WHERE probe_id = ?)",
+                [probe.dataset_id, probe.activation_probe],
+            ).fetchall()
+        }
     seg_concepts = sorted(pixel) if segmentation_applies else []  # not for a vector layer
     if seg_concepts:
         with timings.timed("segmentation") as timing:
-            source = cached(store_examples(con, probe, dataset, pixel, workers))
+            with store.reading() as con:
+                source = cached(store_examples(con, probe, dataset, pixel, workers))
             say(f"training {len(seg_concepts)} segmentation embeddings ({settings.epochs} epochs)")
             seg_kwargs = dict(
                 epochs=settings.epochs,
@@ -219,7 +225,8 @@ def _compute(
                     )
             records.append(timing)
 
-    image_ids, features, labels, is_val, cls_concepts = classification_inputs(con, probe, probe.dataset_id)
+    with store.reading() as con:
+        image_ids, features, labels, is_val, cls_concepts = classification_inputs(con, probe, probe.dataset_id)
     if len(cls_concepts) and bool(is_val.any()):
         # (the pairs are counted by train: labels[~is_val].sum(0) here made an int64 copy of the train
         # rows' labels, +120 MB of peak RSS at 16,000 Broden-profile images)
@@ -294,11 +301,10 @@ def run(
     segmentation: bool = True,
     finish=None,
 ) -> None:
-    """Train everything over a shared read connection; write all rows in one short transaction.
+    """Train everything from short reading phases; write all rows in one short transaction.
     Segmentation embeddings (the pixel-heavy part) train on DEVICE; classification, on N x K pooled
     features, is cheap on the CPU. FINISH(con), where given (n2vdb.pipeline), runs in the write transaction."""
-    with store.reading() as con:
-        tables, records = _compute(con, probe, dataset, settings, workers, torch.device(device), segmentation)
+    tables, records = _compute(store, probe, dataset, settings, workers, torch.device(device), segmentation)
     with store.writing() as con, transaction(con):
         for name, methods in (("embeddings", None), ("image_concept_scores", ("segmentation", "classification"))):
             writer.replace_probe_rows(con, name, probe.probe_id, [t for n, t in tables if n == name], methods)
