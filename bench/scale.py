@@ -3,7 +3,8 @@
     python bench/scale.py [--sizes 250,500,1000] [--epochs 30] [--workers 2]
     python bench/scale.py --sizes 1000,4000,16000          # the sizes (hours on two cores)
 
-Each size runs in its own process (so peak RSS is that size's ingest's): it writes the broden profile
+Each size runs in its own process (so peak RSS is that size's ingest's), after a small warm-up ingest
+whose figures are dropped (it fills numba's kernel cache): it writes the broden profile
 (`n2vdb data synth --profile broden`), times a bare forward pass in a child process (the same image
 loader, the model run to alexnet conv5, nothing stored), then `ingest alexnet conv5` (random weights) and reads the
 probe's stage_timings. One table: per stage ms/image and its ratio to the forward pass, training
@@ -25,6 +26,7 @@ from common import ingest_profile, save_result
 BRODEN_IMAGES = 63_305
 STAGES = ("extraction", "thresholds", "iou", "segmentation", "classification")
 TRAINING = ("segmentation", "classification")
+WARMUP_IMAGES = 64
 
 
 def forward_pass(root: Path, workers: int, device: str, batch_size: int = 32) -> float:
@@ -206,30 +208,20 @@ def main() -> None:
     if args.one:
         print(json.dumps(one_size(args.one, args.epochs, args.workers, args.device)))
         return
-    results = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--one",
-                str(size),
-                "--epochs",
-                str(args.epochs),
-                "--workers",
-                str(args.workers),
-                "--threads",
-                str(args.threads),
-                "--device",
-                args.device,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+
+    def run_size(size: int) -> dict:
+        command = [sys.executable, __file__, "--one", str(size), "--epochs", str(args.epochs)]
+        command += ["--workers", str(args.workers), "--threads", str(args.threads), "--device", args.device]
+        out = subprocess.run(command, capture_output=True, text=True, check=False)
         if out.returncode:
             sys.exit(f"size {size} failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    # A small ingest first, its figures dropped: it compiles numba's kernels into their cache (a first
+    # compilation holds ~200 MB of LLVM's memory in its process), so every measured size loads them
+    # as a user's second ingest does, and the smallest size's peak RSS is not inflated by it.
+    run_size(WARMUP_IMAGES)
+    results = [run_size(int(s)) for s in args.sizes.split(",")]
     import torch
 
     if args.threads:
