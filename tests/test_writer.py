@@ -64,6 +64,16 @@ def test_thresholds_land_in_their_columns_after_a_migration_reorders_the_table(t
     np.testing.assert_allclose([r["mean_value"] for r in after], values.mean(axis=1), rtol=1e-5)
 
 
+def _reordered_activations(con) -> None:
+    """The activations table rebuilt with its columns in another order than the schema's."""
+    _rebuild(
+        con,
+        "activations",
+        "image_id INTEGER NOT NULL, pooled FLOAT[] NOT NULL, probe_id INTEGER NOT NULL,"
+        " scales FLOAT[] NOT NULL, codes BLOB NOT NULL",
+    )
+
+
 def test_activations_round_trip_through_a_reordered_table(tmp_path):
     db = tmp_path / "a.duckdb"
     rng = np.random.default_rng(1)
@@ -71,12 +81,7 @@ def test_activations_round_trip_through_a_reordered_table(tmp_path):
     scales = rng.random((3, 2)).astype(np.float32)
     pooled = rng.random((3, 2)).astype(np.float32)
     with write_connection(db) as con:
-        _rebuild(
-            con,
-            "activations",
-            "image_id INTEGER NOT NULL, pooled FLOAT[] NOT NULL, probe_id INTEGER NOT NULL,"
-            " scales FLOAT[] NOT NULL, codes BLOB NOT NULL",
-        )
+        _reordered_activations(con)
         acts_store.write(con, acts_store.to_arrow(7, np.array([4, 5, 6]), codes, scales, pooled))
         [(ids, got_codes, got_scales)] = list(acts_store.iter_codes(con, 7, (2, 4, 5)))
         got_ids, got_pooled = acts_store.pooled(con, 7)
@@ -97,12 +102,7 @@ def test_pooled_means_are_read_across_windows_in_image_order(tmp_path):
     pooled = rng.random((n, k)).astype(np.float32)
     codes, scales = np.zeros((n, k, 1, 1), np.uint8), np.ones((n, k), np.float32)
     with write_connection(db) as con:
-        _rebuild(
-            con,
-            "activations",
-            "image_id INTEGER NOT NULL, pooled FLOAT[] NOT NULL, probe_id INTEGER NOT NULL,"
-            " scales FLOAT[] NOT NULL, codes BLOB NOT NULL",
-        )
+        _reordered_activations(con)
         for lo in range(0, n, 2500):
             part = slice(lo, lo + 2500)
             acts_store.write(con, acts_store.to_arrow(7, ids[part], codes[part], scales[part], pooled[part]))
