@@ -3,8 +3,9 @@
     python bench/scale.py [--sizes 250,500,1000] [--epochs 30] [--workers 2]
     python bench/scale.py --sizes 1000,4000,16000          # the sizes (hours on two cores)
 
-Each size runs in its own process (so peak RSS is that size's ingest's), after a small warm-up ingest
-whose figures are dropped (it fills numba's kernel cache): it writes the broden profile
+A 64-image warm-up ingest runs first and its figures are dropped: it fills numba's kernel cache, so
+no measured size pays for compiling the kernels. Each size runs in its own process (so peak RSS is
+that size's ingest's): it writes the broden profile
 (`n2vdb data synth --profile broden`), times a bare forward pass in a child process (the same image
 loader, the model run to alexnet conv5, nothing stored), then `ingest alexnet conv5` (random weights) and reads the
 probe's stage_timings. One table: per stage ms/image and its ratio to the forward pass, training

@@ -18,11 +18,12 @@ What extraction kept is handed back when the next stage bounds the heap (malloc_
 heap, it raised the IoU stage's peak by ~40 MB at 16,000 images.
 
 Training (segmentation, classification) takes a 1 MB threshold: its arrays of 1 to 4 MB (a draw's
-pairs, a block's per-step indices, DuckDB's reads of the inputs) otherwise stayed resident in the
-heap. Measured on a whole 16,000-image Broden-profile ingest under a fixed 1 MB threshold against
-4 MB: segmentation's peak 1,159 vs 1,187 MB and classification's 1,138 vs 1,185 MB, at the same CPU
-time; thresholds and IoU were lower too (-73 and -55 MB) but took 60% and 46% more CPU time in page
-faults, so they keep 4 MB.
+pairs, a block's per-step indices) otherwise stayed resident in the heap. Measured on two whole
+16,000-image Broden-profile ingests run side by side, one under a fixed 1 MB threshold
+(MALLOC_MMAP_THRESHOLD_), one under this module's 4 MB (which also trimmed the heap at every stage's
+start, to no measurable effect): segmentation's peak 1,159 vs 1,187 MB and classification's 1,138 vs
+1,185 MB, at the same CPU time; thresholds and IoU were lower too (-73 and -55 MB) but took 60% and
+46% more CPU time in page faults, so they keep 4 MB.
 """
 
 from __future__ import annotations
