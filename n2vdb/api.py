@@ -87,6 +87,46 @@ def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
     return run_ingest(Store(db), model, layer, settings)
 
 
+def formulas(
+    probe: int | None = None,
+    db: PathLike = None,
+    beam_size: int = 5,
+    max_length: int = 3,
+    penalty: float = 1.0,
+    categories: list[str] | None = None,
+    split: str = "all",
+    workers: int = 0,
+) -> int:
+    """Each unit's compositional formula (compexp's beam search, n2vdb/formulas) for PROBE (default:
+    the latest complete one); returns the run_id. The same settings again find the stored run."""
+    from n2vdb.errors import UsageError
+    from n2vdb.formulas import stage
+    from n2vdb.store.sessions import Store
+
+    settings = stage.FormulaSettings(
+        beam_size, max_length, penalty, tuple(categories) if categories is not None else None, split
+    )
+    with write_connection(db):
+        pass  # create and upgrade the database (migration 0013) before the reads
+    store = Store(db)
+    with store.reading() as con:
+        found, dataset = _probe_and_dataset(con, probe)
+        if not probes_mod.has_thresholds(con, found):
+            raise UsageError(f"probe {found.probe_id} has no thresholds yet; finish its ingest first")
+        if (
+            found.height is None
+            or con.execute(
+                "SELECT settings->>'kind' = 'vector' FROM probes WHERE probe_id = ?", [found.probe_id]
+            ).fetchone()[0]
+        ):
+            raise UsageError(f"probe {found.probe_id} is a vector layer: a unit has no mask to explain")
+    result = stage.run(store, found, dataset, settings, workers)
+    if result is None:
+        with store.reading() as con:
+            return stage.find_run(con, found.probe_id, settings.resolved(dataset))
+    return result.run_id
+
+
 def ingest_shard(model: str, layer: str, shard: str, shard_dir: str | Path, db: PathLike = None, **options) -> Path:
     """Extract shard 'i/N' (or 'auto' under torchrun) of a probe into SHARD_DIR. The database is only read,
     once the first shard has created it and registered the dataset (n2vdb.ingest.prepare_database)."""

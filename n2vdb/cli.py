@@ -207,6 +207,9 @@ def ingest(
         Optional[str], typer.Option(help="Extract only shard i/N (or auto under torchrun) into --shard-dir")
     ] = None,
     shard_dir: Annotated[Path, typer.Option(help="Where shards write Parquet parts")] = Path("n2v_shards"),
+    formulas: Annotated[
+        bool, typer.Option(help="Then each unit's compositional formula (`n2vdb formulas` for its settings)")
+    ] = False,
     db: Db = None,
 ):
     """Extract a layer's activations and compute thresholds, IoUs and embeddings (resumes if interrupted)."""
@@ -244,6 +247,8 @@ def ingest(
         return
     start = time.perf_counter()
     probe_id = api.ingest(model, layer, db, **options)
+    if formulas:
+        api.formulas(probe_id, db, workers=workers or 0)
     _summary(probe_id, model, layer, db, start)
 
 
@@ -450,6 +455,25 @@ def show_filter(
     """Images at quantiles of filter K's peak activation, its thresholded mask overlaid."""
     path, _ = api.show_filter(filter_id, db, probe, out)
     typer.echo(str(path))
+
+
+@app.command("formulas")
+def formulas_cmd(
+    probe: Probe = None,
+    beam_size: Annotated[int, typer.Option("--beam", help="Beam width (compexp's BEAM_SIZE)")] = 5,
+    max_length: Annotated[int, typer.Option("--length", help="Labels in a formula, at most")] = 3,
+    penalty: Annotated[float, typer.Option(help="Score = IoU x penalty^(length - 1)")] = 1.0,
+    categories: Annotated[
+        Optional[str], typer.Option(help="Label categories, e.g. object,part,scene,texture,color [default: all]")
+    ] = None,
+    split: Annotated[str, typer.Option(help="all (every image, as compexp) | train (val IoU reported)")] = "all",
+    workers: Annotated[int, typer.Option(help="Mask-decoding worker processes")] = 0,
+    db: Db = None,
+):
+    """Explain each unit by a formula of labels (AND, OR, AND NOT), by compexp's beam search."""
+    chosen = [c.strip() for c in categories.split(",") if c.strip()] if categories is not None else None
+    run_id = api.formulas(probe, db, beam_size, max_length, penalty, chosen, split, workers)
+    stderr.print(f"formulas stored as run {run_id}; n2vdb query unit-formulas shows them")
 
 
 @app.command()
