@@ -212,7 +212,9 @@ def main() -> None:
             theirs_cpu += core_seconds() - start
             same = best is not None and _as_tuple(best) == our_terms[u] and score == ours[u][1]
             agree += same
-            print(f"unit {u}: compexp {score:.6f}, n2vdb {ours[u][0]} {ours[u][1]:.6f} {'same' if same else 'DIFFERENT'}")
+            print(
+                f"unit {u}: compexp {score:.6f}, n2vdb {ours[u][0]} {ours[u][1]:.6f} {'same' if same else 'DIFFERENT'}"
+            )
     per_unit_theirs = theirs_cpu / len(sample)
     per_unit_ours = ours_cpu / n_units
     figures = {

@@ -7,7 +7,6 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 import pytest
-from helpers import run_cli
 from PIL import Image
 from test_formulas import reference
 
@@ -15,6 +14,8 @@ from n2vdb import api
 from n2vdb.data import importer
 from n2vdb.data.broden import BrodenDataset
 from n2vdb.store import read_connection
+
+from helpers import run_cli
 
 
 def _stored(db, run_id):
@@ -38,7 +39,9 @@ def test_stored_formulas_are_compexps_on_independently_made_masks(db_copy):
     stored = _stored(db_copy, run_id)
     with read_connection(db_copy) as con:
         dataset = BrodenDataset.open(importer.dataset_root(con, 1))
-        thresholds = [t for (t,) in con.execute("SELECT threshold FROM filters WHERE probe_id = 1 ORDER BY filter").fetchall()]
+        thresholds = [
+            t for (t,) in con.execute("SELECT threshold FROM filters WHERE probe_id = 1 ORDER BY filter").fetchall()
+        ]
     ids, acts = api.activations(1, db_copy)
     rows = [dataset.rows[i] for i in ids.tolist()]
     shapes = [(r.sh, r.sw) for r in rows]
