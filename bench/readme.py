@@ -75,6 +75,14 @@ BENCHES = {
         ["--limit", "24", "--epochs", "1"],
         {},
     ),
+    "formulas": (
+        (
+            "`n2vdb formulas` (beam 5, length 3, 256 units) vs a bare forward pass and vs compexp's own "
+            "search loop (pycocotools RLE masks) on sampled units, broden profile, alexnet conv5"
+        ),
+        ["--images", "1000", "--units", "3"],
+        {},
+    ),
     "startup": ("cold-process latency of the CLI beside `python3 -c pass`, same run", ["--repeats", "5"], {}),
     "export": (
         "`n2vdb export` of a generated probe to Parquet and SQLite (PostgreSQL with `--postgres URL`)",
