@@ -99,7 +99,6 @@ def formulas(
 ) -> int:
     """Each unit's compositional formula (compexp's beam search, n2vdb/formulas) for PROBE (default:
     the latest complete one); returns the run_id. The same settings again find the stored run."""
-    from n2vdb.errors import UsageError
     from n2vdb.formulas import stage
     from n2vdb.store.sessions import Store
 
@@ -111,15 +110,7 @@ def formulas(
     store = Store(db)
     with store.reading() as con:
         found, dataset = _probe_and_dataset(con, probe)
-        if not probes_mod.has_thresholds(con, found):
-            raise UsageError(f"probe {found.probe_id} has no thresholds yet; finish its ingest first")
-        if (
-            found.height is None
-            or con.execute(
-                "SELECT settings->>'kind' = 'vector' FROM probes WHERE probe_id = ?", [found.probe_id]
-            ).fetchone()[0]
-        ):
-            raise UsageError(f"probe {found.probe_id} is a vector layer: a unit has no mask to explain")
+        stage.check_probe(con, found)
     result = stage.run(store, found, dataset, settings, workers)
     if result is None:
         with store.reading() as con:

@@ -78,6 +78,17 @@ class FormulaSettings:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def check_probe(con: duckdb.DuckDBPyConnection, probe: Probe) -> None:
+    """Refuse a probe whose units have no masks to explain yet (no thresholds), or ever (a vector)."""
+    from n2vdb.probe import has_thresholds
+
+    if not has_thresholds(con, probe):
+        raise UsageError(f"probe {probe.probe_id} has no thresholds yet; finish its ingest first")
+    kind = first(con.execute("SELECT settings->>'kind' FROM probes WHERE probe_id = ?", [probe.probe_id]))[0]
+    if kind == "vector":
+        raise UsageError(f"probe {probe.probe_id} is a vector layer: its units have no mask to explain")
+
+
 def find_run(con: duckdb.DuckDBPyConnection, probe_id: int, settings: FormulaSettings) -> int | None:
     row = first(
         con.execute("SELECT run_id FROM formula_runs WHERE probe_id = ? AND settings_key = ?", [probe_id, settings.key])
