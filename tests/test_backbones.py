@@ -322,6 +322,10 @@ def test_vector_layer_probe_has_classification_only_and_a_clean_database(tmp_pat
     _, got = api.activations(probe, db, image_ids=[0, 1, 2, 3])
     step = expected.max(axis=1, keepdims=True) / 255
     assert np.all(np.abs(got[:, :, 0, 0] - expected) <= step / 2 + 1e-5)
+    from n2vdb.errors import UsageError
+
+    with pytest.raises(UsageError, match="vector layer"):
+        api.formulas(probe, db)
     assert all(r["violations"] == 0 for r in api.db_check(db).to_pylist())
     run_every_query(db)
 
