@@ -111,11 +111,7 @@ def formulas(
     with store.reading() as con:
         found, dataset = _probe_and_dataset(con, probe)
         stage.check_probe(con, found)
-    result = stage.run(store, found, dataset, settings, workers)
-    if result is None:
-        with store.reading() as con:
-            return stage.find_run(con, found.probe_id, settings.resolved(dataset))
-    return result.run_id
+    return stage.run(store, found, dataset, settings, workers)
 
 
 def ingest_shard(model: str, layer: str, shard: str, shard_dir: str | Path, db: PathLike = None, **options) -> Path:

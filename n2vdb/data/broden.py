@@ -338,11 +338,15 @@ class LabelMaps:
         return masks.reshape(len(self.ids), *self.shape)
 
 
-def label_maps(root: Path, row: ImageRow, known: dict[int, Label] | set[int]) -> LabelMaps:
-    """Every mask PNG of ROW decoded, with the concepts they and its image-level cells name; a
-    number missing from label.csv is refused."""
+def label_maps(
+    root: Path, row: ImageRow, known: dict[int, Label] | set[int], categories: tuple[str, ...] | None = None
+) -> LabelMaps:
+    """Every mask PNG of ROW decoded (of CATEGORIES only, where given), with the concepts they and its
+    image-level cells name; a number missing from label.csv is refused."""
     shape, resolver = (row.sh, row.sw), _Paths(root)
-    channels = [decode_mask(dataset_file(root, rel, resolver), shape) for paths in row.masks.values() for rel in paths]
+    chosen = row.masks if categories is None else {c: row.masks[c] for c in categories if c in row.masks}
+    scalars = row.labels if categories is None else {c: row.labels[c] for c in categories if c in row.labels}
+    channels = [decode_mask(dataset_file(root, rel, resolver), shape) for paths in chosen.values() for rel in paths]
     per_channel = []
     for codes in channels:
         found = np.flatnonzero(np.bincount(codes.ravel()))
@@ -350,7 +354,7 @@ def label_maps(root: Path, row: ImageRow, known: dict[int, Label] | set[int]) ->
     present: set[int] = set()
     for found in per_channel:
         present.update(found.tolist())
-    whole = sorted({number for numbers in row.labels.values() for number in numbers})
+    whole = sorted({number for numbers in scalars.values() for number in numbers})
     present.update(whole)
     unknown = sorted(n for n in present if n not in known)
     if unknown:
@@ -391,8 +395,8 @@ class BrodenDataset:
     def masks(self, row: ImageRow) -> tuple[np.ndarray, np.ndarray]:
         return concept_masks(self.root, row, self.labels)
 
-    def label_maps(self, row: ImageRow) -> LabelMaps:
-        return label_maps(self.root, row, self.labels)
+    def label_maps(self, row: ImageRow, categories: tuple[str, ...] | None = None) -> LabelMaps:
+        return label_maps(self.root, row, self.labels, categories)
 
     def concept_levels(self) -> dict[int, str]:
         """'image' for labels that only ever appear as image-level labels, else 'pixel'."""

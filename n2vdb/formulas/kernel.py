@@ -17,7 +17,6 @@ holds, not the whole label vocabulary.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from n2vdb.embed import threads
 from n2vdb.embed.pixel_kernel import njit  # numba, as pixel_kernel set it up
@@ -162,21 +161,6 @@ def _unit_counts(
                         ufl[u, b, pres_label[p]] += _popcount(x if r == WHOLE else x & lab_bits[r, w])
 
 
-def _ranges(n: int) -> list[tuple[int, int]]:
-    parts = max(1, min(n, torch.get_num_threads()))
-    edges = np.linspace(0, n, parts + 1).round().astype(np.int64)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-def _in_threads(run, n: int) -> None:
-    parts = _ranges(n)
-    if len(parts) <= 1:
-        for a, b in parts:
-            run(a, b)
-        return
-    list(threads._pool(len(parts)).map(lambda ab: run(*ab), parts))
-
-
 def count(chunk, formulas, beam: np.ndarray, fl, fa, ufl, uf) -> None:
     """Add one chunk's counts (masks.Chunk) for the FORMULAS (search.FormulaTable) and the units'
     BEAM [K, B] of formula indices (-1: an empty slot) to the accumulators, in threads: formulas
@@ -207,5 +191,6 @@ def count(chunk, formulas, beam: np.ndarray, fl, fa, ufl, uf) -> None:
             uf,
         )
 
-    _in_threads(by_formula, len(f_len))
-    _in_threads(by_unit, beam.shape[0])
+    # Each formula, and each unit, a run of its own: over_concepts splits them between torch's threads.
+    threads.over_concepts(by_formula, np.arange(len(f_len)))
+    threads.over_concepts(by_unit, np.arange(beam.shape[0]))

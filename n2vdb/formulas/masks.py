@@ -19,10 +19,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from n2vdb.data.broden import BrodenDataset, ImageRow, dataset_file, decode_mask
-from n2vdb.errors import DatasetError
+from n2vdb.data.broden import BrodenDataset, ImageRow
 from n2vdb.formulas.kernel import WHOLE
-from n2vdb.stats import pil_resize
+from n2vdb.stats import netdissect
 
 
 def words(pixels: int) -> int:
@@ -57,29 +56,10 @@ class ImageMasks:
 
 def label_masks(dataset: BrodenDataset, categories: tuple[str, ...], index_of: dict[int, int], row: ImageRow):
     """ImageMasks of ROW over CATEGORIES; INDEX_OF maps label numbers to the search's label indices."""
-    shape = (row.sh, row.sw)
-    pixel: dict[int, np.ndarray] = {}
-    whole: set[int] = set()
-    for category in categories:
-        for rel in row.masks.get(category, ()):
-            codes = decode_mask(dataset_file(dataset.root, rel), shape)
-            for number in np.unique(codes).tolist():
-                if number == 0:
-                    continue
-                on = codes == number
-                pixel[number] = pixel[number] | on if number in pixel else on
-        whole.update(n for n in row.labels.get(category, ()) if n != 0)
-    unknown = sorted(n for n in (*pixel, *whole) if n not in index_of)
-    if unknown:
-        raise DatasetError(
-            f"image {row.image} (index.csv line {row.image_id + 2}) uses label {unknown[0]} missing from label.csv"
-        )
-    numbers = sorted(set(pixel) | whole)
-    is_whole = np.array([n in whole for n in numbers], dtype=bool)
-    stack = [pixel[n] for n in numbers if n not in whole]
-    masks = np.stack(stack) if stack else np.zeros((0, *shape), bool)
-    labels = np.array([index_of[n] for n in numbers], dtype=np.int32)
-    return ImageMasks(row.image_id, shape, labels, is_whole, masks)
+    maps = dataset.label_maps(row, categories)
+    whole = np.isin(maps.ids, maps.whole)
+    labels = np.array([index_of[n] for n in maps.ids.tolist()], dtype=np.int32)
+    return ImageMasks(row.image_id, maps.shape, labels, whole, maps.masks()[~whole])
 
 
 def unit_masks(values: torch.Tensor, thresholds64: torch.Tensor, shape: tuple[int, int]):
@@ -88,7 +68,7 @@ def unit_masks(values: torch.Tensor, thresholds64: torch.Tensor, shape: tuple[in
     fired = torch.nonzero(values.flatten(1).amax(dim=1).double() > thresholds64).flatten()
     if not len(fired):
         return np.zeros(0, np.int32), np.zeros((0, *shape), bool)
-    on = pil_resize.above(values[fired], thresholds64[fired], shape).numpy()
+    on = netdissect.unit_masks(values[fired], thresholds64[fired], shape).numpy()
     keep = on.reshape(len(on), -1).any(axis=1)
     return fired.numpy()[keep].astype(np.int32), on[keep]
 

@@ -143,26 +143,20 @@ def build_spills(
     return spills
 
 
-@dataclass
-class RunResult:
-    run_id: int
-    units: list[search.UnitFormulas]
-    images: int
-
-
 def run(
     store: Store,
     probe: Probe,
     dataset: BrodenDataset,
     settings: FormulaSettings,
     workers: int = 0,
-) -> RunResult | None:
-    """Search every unit's formulas of PROBE under SETTINGS and store them; None where that run is
-    stored already."""
+) -> int:
+    """Search every unit's formulas of PROBE under SETTINGS and store them; returns the run_id (that
+    of the stored run, where these settings have one already)."""
     settings = settings.resolved(dataset)
     with store.reading() as con:
-        if find_run(con, probe.probe_id, settings) is not None:
-            return None
+        found = find_run(con, probe.probe_id, settings)
+    if found is not None:
+        return found
     numbers = sorted(dataset.labels)
     index_of = {n: i for i, n in enumerate(numbers)}
     with timings.timed("formulas") as timing:
@@ -219,7 +213,7 @@ def run(
         writer.insert(con, "formula_beams", beams)
         writer.insert(con, "formula_terms", terms)
         timings.save(con, probe.probe_id, [timing])
-    return RunResult(run_id, units, images)
+    return run_id
 
 
 def _rows(probe_id, run_id, units, val, names, numbers) -> tuple[pa.Table, pa.Table]:
