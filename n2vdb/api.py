@@ -114,6 +114,32 @@ def formulas(
     return stage.run(store, found, dataset, settings, workers)
 
 
+def significance(
+    probe: int | None = None,
+    db: PathLike = None,
+    replicates: int = 200,
+    level: float = 0.95,
+    labels: int = 10,
+    filters: int = 5,
+    permutations: int = 1000,
+    seed: int = 0,
+    workers: int = 0,
+) -> int:
+    """Bootstrap intervals and permutation p- and q-values (n2vdb/significance) for PROBE (default:
+    the latest complete one); returns the run_id. The same settings again find the stored run."""
+    from n2vdb.significance import stage
+    from n2vdb.store.sessions import Store
+
+    settings = stage.SignificanceSettings(replicates, level, labels, filters, permutations, seed=seed)
+    with write_connection(db):
+        pass  # create and upgrade the database (migration 0014) before the reads
+    store = Store(db)
+    with store.reading() as con:
+        found, dataset = _probe_and_dataset(con, probe)
+        stage.check_probe(con, found)
+    return stage.run(store, found, dataset, settings, workers)
+
+
 def ingest_shard(model: str, layer: str, shard: str, shard_dir: str | Path, db: PathLike = None, **options) -> Path:
     """Extract shard 'i/N' (or 'auto' under torchrun) of a probe into SHARD_DIR. The database is only read,
     once the first shard has created it and registered the dataset (n2vdb.ingest.prepare_database)."""

@@ -326,7 +326,7 @@ def tally(
 ) -> IouTotals:
     """Set totals over every image; SPILL, if given, keeps each batch's overlaps for per_image_best."""
     concept_ids = np.array(sorted(dataset.labels), dtype=np.int64)
-    split_of = _split_lookup(dataset)
+    split_of = split_lookup(dataset)
     k, c = probe.n_filters, len(concept_ids)
     # Accumulated [2C, K]: a pair's row adds to its concept's row, train's concepts then val's;
     # handed out as [K, C] per split.
@@ -363,7 +363,7 @@ def tally(
     )
 
 
-def _split_lookup(dataset: BrodenDataset) -> np.ndarray:
+def split_lookup(dataset: BrodenDataset) -> np.ndarray:
     """image_id -> 0 (train) or 1 (val)."""
     split = np.zeros(max((r.image_id for r in dataset.rows), default=-1) + 1, np.int8)
     for r in dataset.rows:

@@ -1,0 +1,95 @@
+"""The permutation null's inner loop, compiled (numba): one block of images at a time.
+
+For a tested (unit k, label c) pair and an image i of the block that has the label, the overlap of
+every block image j's unit mask with i's label mask is a row of popcounts; the observed statistic
+takes j = i, and permutation p takes j = perm[p, i]. A permutation's sums are then additions of
+entries of that row, so P permutations cost P additions per (pair, image), not P mask overlaps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from n2vdb.embed.threads import over_concepts
+from n2vdb.formulas.kernel import _popcount
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _block(
+    first,
+    stop,
+    unit_bits,
+    unit_area,
+    entry_image,
+    entry_bits,
+    entry_area,
+    test_start,
+    test_index,
+    test_filter,
+    perms,
+    s,
+    a,
+):  # pragma: no cover (compiled)
+    b = unit_bits.shape[0]
+    n_words = unit_bits.shape[2]
+    n_perms = perms.shape[0]
+    x = np.empty(b, np.int64)
+    for e in range(first, stop):
+        i = entry_image[e]
+        la = entry_area[e]
+        for q in range(test_start[e], test_start[e + 1]):
+            t = test_index[q]
+            k = test_filter[q]
+            for j in range(b):
+                c = 0
+                for w in range(n_words):
+                    c += _popcount(unit_bits[j, k, w] & entry_bits[e, w])
+                x[j] = c
+            s[t, 0] += x[i]
+            a[t, 0] += unit_area[i, k] + la
+            for p in range(n_perms):
+                j = perms[p, i]
+                s[t, p + 1] += x[j]
+                a[t, p + 1] += unit_area[j, k] + la
+
+
+def add_block(
+    unit_bits: np.ndarray,
+    unit_area: np.ndarray,
+    entry_concept: np.ndarray,
+    entry_image: np.ndarray,
+    entry_bits: np.ndarray,
+    entry_area: np.ndarray,
+    test_start: np.ndarray,
+    test_index: np.ndarray,
+    test_filter: np.ndarray,
+    perms: np.ndarray,
+    s: np.ndarray,
+    a: np.ndarray,
+) -> None:
+    """Add one block's sums to S and A [T, 1 + P] (int64; column 0 is the observed pairing):
+    S = sum of overlaps |M_j & L_i|, A = sum of |M_j| + |L_i|, over the block's images i with the label
+    of each test. unit_bits uint64 [B, K, W], unit_area int64 [B, K]; entry e is (image entry_image[e],
+    label entry_concept[e], sorted by label) with its mask entry_bits [E, W] and area; its tests are
+    test_index[test_start[e]:test_start[e + 1]] on units test_filter[...]; perms int64 [P, B].
+    Entries of one label stay in one thread: no two threads add to the same test."""
+
+    def run(first: int, stop: int) -> None:
+        _block(
+            first,
+            stop,
+            unit_bits,
+            unit_area,
+            entry_image,
+            entry_bits,
+            entry_area,
+            test_start,
+            test_index,
+            test_filter,
+            perms,
+            s,
+            a,
+        )
+
+    over_concepts(run, entry_concept)

@@ -1,0 +1,365 @@
+"""The significance of a probe (docs/significance.md), as a run keyed by its settings.
+
+1. Selection, on the train split: each concept's top FILTERS filters and each unit's top LABELS labels
+   by train IoU (the labels are the ones tested).
+2. One pass over the stored activations and the masks (the IoU stage's overlaps,
+   stats/iou.iter_batch_overlaps) sums each selected pair's intersection and union under REPLICATES
+   Poisson bootstrap weights per image (resample.py), per split.
+3. The permutation null on the val split (null.py): a p-value per tested (unit, label).
+4. From the stored per-image val scores, the segmentation embedding's IoU under the same weights, and
+   its paired difference with the best single filter: an interval and a bootstrap p-value.
+5. q-values (Benjamini-Hochberg) within each kind of test of the run, and one write transaction.
+
+Nothing is written until the end: a killed run leaves no rows and runs again from the start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import torch
+
+from n2vdb import timings, validate
+from n2vdb.data.broden import BrodenDataset
+from n2vdb.errors import UsageError
+from n2vdb.probe import Probe
+from n2vdb.progress import progress_bar
+from n2vdb.significance import null, resample
+from n2vdb.stats import iou
+from n2vdb.store import writer
+from n2vdb.store.connection import first, transaction
+from n2vdb.store.sessions import Store
+
+INTERVAL = "percentile"
+
+
+@dataclass(frozen=True)
+class SignificanceSettings:
+    replicates: int = 200  # bootstrap replicates R
+    level: float = 0.95  # the intervals' confidence level
+    labels: int = 10  # each unit's best labels (train IoU) tested against the null
+    filters: int = 5  # each concept's best filters (train IoU) given intervals
+    permutations: int = 1000  # null draws per test: the smallest p-value is 1 / (permutations + 1)
+    block: int = 32  # val images of one size whose unit and label masks a permutation pairs
+    seed: int = 0  # the bootstrap weights and the permutations
+
+    def __post_init__(self) -> None:
+        validate.whole("replicates", self.replicates, 10, 100_000)
+        if not (isinstance(self.level, float | int) and 0.5 <= self.level < 1):
+            raise UsageError("level must be a confidence level in [0.5, 1), such as 0.95", param="level")
+        validate.whole("labels", self.labels, 1, 10_000)
+        validate.whole("filters", self.filters, 1, 100_000)
+        validate.whole("permutations", self.permutations, 1, 1_000_000)
+        validate.whole("block", self.block, 2, 4096)
+        validate.whole("seed", self.seed, 0, 2**63 - 1)
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+
+
+@dataclass
+class Selection:
+    """The (filter, concept) pairs a run gives intervals, sorted by concept then filter, and which of
+    them it tests (a unit's top labels with a non-zero train intersection)."""
+
+    concept: np.ndarray  # [S] int64
+    filter: np.ndarray  # [S] int64
+    label_rank: np.ndarray  # [S] the concept's rank among the filter's labels by train IoU
+    tested: np.ndarray  # [S] bool
+
+
+def check_probe(con: duckdb.DuckDBPyConnection, probe: Probe) -> None:
+    """Refuse a probe whose scores are not all there, or not set IoUs this run can resample."""
+    status, kind, mode = first(
+        con.execute(
+            "SELECT status, settings->>'kind', coalesce(settings->>'iou_mode', 'net2vec') FROM probes"
+            " WHERE probe_id = ?",
+            [probe.probe_id],
+        )
+    )
+    if kind == "vector":
+        raise UsageError(f"probe {probe.probe_id} is a vector layer: it has no single-filter IoUs to test")
+    if status != "complete":
+        raise UsageError(f"probe {probe.probe_id} is at stage {status!r}; finish its ingest first (n2vdb ingest)")
+    if mode != "net2vec":
+        raise UsageError(
+            f"probe {probe.probe_id} uses --iou-mode {mode}, whose IoU is not a sum over the images of a label; "
+            "significance needs a net2vec-mode probe (ingest it again with --iou-mode net2vec)"
+        )
+
+
+def find_run(con: duckdb.DuckDBPyConnection, probe_id: int, settings: SignificanceSettings) -> int | None:
+    row = first(
+        con.execute(
+            "SELECT run_id FROM significance_runs WHERE probe_id = ? AND settings_key = ?", [probe_id, settings.key]
+        )
+    )
+    return row[0] if row else None
+
+
+def select(con: duckdb.DuckDBPyConnection, probe_id: int, settings: SignificanceSettings) -> Selection:
+    """Each concept's top filters (as the best_filters view ranks them: ties to the lower filter) and
+    each filter's top labels with some train overlap, by train IoU."""
+    rows = con.execute(
+        """
+        WITH ranked AS (
+            SELECT filter, concept_id, intersection,
+                   row_number() OVER (PARTITION BY concept_id ORDER BY iou DESC, filter) AS filter_rank,
+                   row_number() OVER (PARTITION BY filter ORDER BY intersection > 0 DESC, iou DESC, concept_id)
+                       AS label_rank
+            FROM filter_concept_iou WHERE probe_id = ? AND split = 'train'
+        )
+        SELECT concept_id, filter, label_rank, label_rank <= ? AND intersection > 0 AS tested
+        FROM ranked WHERE filter_rank <= ? OR (label_rank <= ? AND intersection > 0)
+        ORDER BY concept_id, filter
+        """,
+        [probe_id, settings.labels, settings.filters, settings.labels],
+    ).fetchnumpy()
+    return Selection(
+        rows["concept_id"].astype(np.int64),
+        rows["filter"].astype(np.int64),
+        rows["label_rank"].astype(np.int64),
+        rows["tested"].astype(bool),
+    )
+
+
+@dataclass
+class FilterReplicates:
+    """Sums over each split's images, per selected pair: row 2 s + split (0 train, 1 val)."""
+
+    intersection: np.ndarray  # [2S] int64, unweighted
+    union: np.ndarray  # [2S]
+    inter_reps: np.ndarray  # [2S, R] float64, Poisson-weighted
+    union_reps: np.ndarray  # [2S, R]
+
+
+def filter_replicates(
+    con: duckdb.DuckDBPyConnection,
+    probe: Probe,
+    dataset: BrodenDataset,
+    selection: Selection,
+    settings: SignificanceSettings,
+    workers: int,
+) -> FilterReplicates:
+    """Step 2: the selected pairs' IoU sums, plain and under each replicate's weights, in one pass
+    over the IoU stage's per-image overlaps."""
+    r = settings.replicates
+    concept_ids = np.array(sorted(dataset.labels), dtype=np.int64)
+    col = np.searchsorted(concept_ids, selection.concept)
+    degree = np.bincount(col, minlength=len(concept_ids))
+    start = np.cumsum(degree) - degree  # the concept's first selected pair (they are sorted by concept)
+    split_of = iou.split_lookup(dataset)
+    n = len(selection.filter)
+    inter, union = torch.zeros(2 * n, dtype=torch.float64), torch.zeros(2 * n, dtype=torch.float64)
+    inter_reps, union_reps = torch.zeros(2 * n, r, dtype=torch.float64), torch.zeros(2 * n, r, dtype=torch.float64)
+    thresholds = iou.thresholds_for(con, probe.probe_id, "net2vec")
+    total = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?", [probe.activation_probe]))[0]
+    with progress_bar() as bar:
+        task = bar.add_task("significance: bootstrap", total=total)
+        for batch in iou.iter_batch_overlaps(con, probe, dataset, thresholds, "net2vec", workers):
+            bar.advance(task, len(batch.image_ids))
+            d = degree[np.searchsorted(concept_ids, batch.concept_ids)]
+            if not d.sum():
+                continue
+            pair = np.repeat(np.arange(len(d)), d)
+            first_of = np.cumsum(d) - d
+            s = np.repeat(start[np.searchsorted(concept_ids, batch.concept_ids)] - first_of, d) + np.arange(len(pair))
+            image = batch.pair_image[pair]
+            k = torch.from_numpy(selection.filter[s])
+            pair_t, image_t = torch.from_numpy(pair), torch.from_numpy(image)
+            i_e = batch.intersection[pair_t, k].double()
+            u_e = batch.mask_area[image_t, k].double() + batch.label_area[pair_t].double() - i_e
+            row = 2 * s + split_of[batch.image_ids[image]]
+            inter.index_add_(0, torch.from_numpy(row), i_e)
+            union.index_add_(0, torch.from_numpy(row), u_e)
+            resample.add_weighted([inter_reps, union_reps], row, batch.image_ids[image], [i_e, u_e], settings.seed, r)
+    return FilterReplicates(
+        inter.round().long().numpy(), union.round().long().numpy(), inter_reps.numpy(), union_reps.numpy()
+    )
+
+
+@dataclass
+class Embeddings:
+    concept: np.ndarray  # [E] concepts with a segmentation embedding and val images
+    best_filter: np.ndarray  # [E] the best_filters view's filter
+    iou: np.ndarray  # [E] val IoU, from the per-image scores
+    replicates: np.ndarray  # [E, R]
+
+
+def embedding_replicates(
+    con: duckdb.DuckDBPyConnection, probe: Probe, settings: SignificanceSettings, chunk: int = 1 << 14
+) -> Embeddings:
+    """Step 4's first half: each segmentation embedding's val IoU from its stored per-image scores,
+    and under each replicate's weights (CHUNK rows at a time: memory holds CHUNK x R weights)."""
+    concepts = con.execute(
+        "SELECT DISTINCT s.concept_id, b.filter FROM image_concept_scores s"
+        " JOIN best_filters b ON b.probe_id = s.probe_id AND b.concept_id = s.concept_id"
+        " WHERE s.probe_id = ? AND s.method = 'segmentation' ORDER BY s.concept_id",
+        [probe.probe_id],
+    ).fetchnumpy()
+    ids = concepts["concept_id"].astype(np.int64)
+    r = settings.replicates
+    inter, union = np.zeros(len(ids)), np.zeros(len(ids))
+    inter_reps, union_reps = (
+        torch.zeros(len(ids), r, dtype=torch.float64),
+        torch.zeros(len(ids), r, dtype=torch.float64),
+    )
+    reader = con.sql(
+        "SELECT image_id, concept_id, intersection, union_ FROM image_concept_scores"
+        " WHERE probe_id = $p AND method = 'segmentation'",
+        params={"p": probe.probe_id},
+    ).to_arrow_reader(chunk)
+    for part in reader:
+        image_ids, concept, i_e, u_e = (part.column(j).to_numpy().astype(np.int64) for j in range(4))
+        at = np.searchsorted(ids, concept)
+        np.add.at(inter, at, i_e)
+        np.add.at(union, at, u_e)
+        values = [torch.from_numpy(i_e).double(), torch.from_numpy(u_e).double()]
+        resample.add_weighted([inter_reps, union_reps], at, image_ids, values, settings.seed, r)
+    return Embeddings(
+        ids,
+        concepts["filter"].astype(np.int64),
+        resample.ratios(inter, union),
+        resample.ratios(inter_reps.numpy(), union_reps.numpy()),
+    )
+
+
+def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: SignificanceSettings, workers: int = 0) -> int:
+    """Intervals and tests of PROBE under SETTINGS, stored; returns the run_id (that of the stored run,
+    where these settings have one already)."""
+    with store.reading() as con:
+        found = find_run(con, probe.probe_id, settings)
+        if found is not None:
+            return found
+        if not any(r.split == "val" for r in dataset.rows):
+            raise UsageError(f"the dataset of probe {probe.probe_id} has no val images to test on")
+    with timings.timed("significance") as timing:
+        with store.reading() as con:
+            selection = select(con, probe.probe_id, settings)
+            sums = filter_replicates(con, probe, dataset, selection, settings, workers)
+            tested = np.flatnonzero(selection.tested)
+            counts = null.counts(
+                con,
+                probe,
+                dataset,
+                selection.filter[tested],
+                selection.concept[tested],
+                settings.permutations,
+                settings.block,
+                settings.seed,
+                workers,
+            )
+            embedded = embedding_replicates(con, probe, settings)
+        timing.images = len(dataset.rows)
+        intervals, tests = _rows(selection, sums, tested, counts, embedded, settings)
+    with store.writing() as con, transaction(con):
+        run_id = first(
+            con.execute(
+                "SELECT coalesce(max(run_id), 0) + 1 FROM significance_runs WHERE probe_id = ?", [probe.probe_id]
+            )
+        )[0]
+        con.execute(
+            "INSERT INTO significance_runs (probe_id, run_id, settings_key, settings, replicates, level, labels,"
+            " filters, permutations, block, seed, interval) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                probe.probe_id,
+                run_id,
+                settings.key,
+                json.dumps(asdict(settings), sort_keys=True),
+                settings.replicates,
+                settings.level,
+                settings.labels,
+                settings.filters,
+                settings.permutations,
+                settings.block,
+                settings.seed,
+                INTERVAL,
+            ],
+        )
+        head = {"probe_id": probe.probe_id, "run_id": run_id}
+        writer.insert(con, "score_intervals", _with_head(head, intervals))
+        writer.insert(con, "significance_tests", _with_head(head, tests))
+        timings.save(con, probe.probe_id, [timing])
+    return run_id
+
+
+def _with_head(head: dict, columns: dict) -> pa.Table:
+    n = len(next(iter(columns.values())))
+    return pa.table({**{k: pa.array(np.full(n, v, np.int32)) for k, v in head.items()}, **columns})
+
+
+def _rows(
+    selection: Selection,
+    sums: FilterReplicates,
+    tested: np.ndarray,
+    counts: null.NullCounts,
+    embedded: Embeddings,
+    settings: SignificanceSettings,
+) -> tuple[dict, dict]:
+    """(score_intervals columns, significance_tests columns) of a run, without its probe and run ids."""
+    n = len(selection.filter)
+    reps = resample.ratios(sums.inter_reps, sums.union_reps)
+    lower, upper = resample.percentile_interval(reps, settings.level)
+    present = sums.union > 0
+    pair = np.repeat(np.arange(n), 2)
+    split = np.tile(np.array(["train", "val"]), n)
+
+    # The gain: embedding minus its best filter, both on val, under the same weights.
+    row_of = {(int(c), int(f)): 2 * j + 1 for j, (c, f) in enumerate(zip(selection.concept, selection.filter))}
+    best_rows = np.array([row_of.get((int(c), int(f)), -1) for c, f in zip(embedded.concept, embedded.best_filter)])
+    has_best = best_rows >= 0
+    best_iou = np.where(has_best, resample.ratios(sums.intersection, sums.union)[best_rows], np.nan)
+    gain = embedded.iou - best_iou
+    gain_reps = embedded.replicates - np.where(has_best[:, None], reps[best_rows], np.nan)
+    emb_lower, emb_upper = resample.percentile_interval(embedded.replicates, settings.level)
+    gain_lower, gain_upper = resample.percentile_interval(gain_reps, settings.level)
+
+    e = len(embedded.concept)
+    intervals = {
+        "statistic": ["filter_iou"] * int(present.sum()) + ["embedding_iou"] * e + ["embedding_gain"] * e,
+        "filter": np.r_[selection.filter[pair][present], np.full(e, -1), embedded.best_filter].astype(np.int32),
+        "concept_id": np.r_[selection.concept[pair][present], embedded.concept, embedded.concept].astype(np.int32),
+        "split": list(split[present]) + ["val"] * (2 * e),
+        "estimate": np.r_[resample.ratios(sums.intersection, sums.union)[present], embedded.iou, gain],
+        "lower": np.r_[lower[present], emb_lower, gain_lower],
+        "upper": np.r_[upper[present], emb_upper, gain_upper],
+        "replicates": pa.array(
+            [list(x) for x in np.r_[reps[present], embedded.replicates, gain_reps].astype(np.float32)],
+            pa.list_(pa.float32()),
+        ),
+    }
+    intervals["filter"] = pa.array(intervals["filter"], pa.int32(), mask=intervals["filter"] < 0)
+
+    observed = counts.observed()
+    testable = ~np.isnan(observed)
+    label_p = np.where(testable, resample.monte_carlo_p(counts.exceed(), counts.permutations), np.nan)
+    defined = ~np.isnan(gain_reps)
+    gain_p = np.where(
+        defined.any(axis=1) & has_best,
+        resample.monte_carlo_p(((gain_reps <= 0) & defined).sum(axis=1), defined.sum(axis=1)),
+        np.nan,
+    )
+    keep_gain = ~np.isnan(gain_p)
+    tests = {
+        "test": ["label"] * int(testable.sum()) + ["embedding_gain"] * int(keep_gain.sum()),
+        "filter": np.r_[selection.filter[tested][testable], embedded.best_filter[keep_gain]].astype(np.int32),
+        "concept_id": np.r_[selection.concept[tested][testable], embedded.concept[keep_gain]].astype(np.int32),
+        "rank": pa.array(
+            np.r_[selection.label_rank[tested][testable], np.zeros(int(keep_gain.sum()))].astype(np.int32),
+            mask=np.r_[np.zeros(int(testable.sum()), bool), np.ones(int(keep_gain.sum()), bool)],
+        ),
+        "estimate": np.r_[observed[testable], gain[keep_gain]],
+        "null_mean": pa.array(
+            np.r_[counts.null_mean()[testable], np.zeros(int(keep_gain.sum()))],
+            mask=np.r_[np.zeros(int(testable.sum()), bool), np.ones(int(keep_gain.sum()), bool)],
+        ),
+        "p_value": np.r_[label_p[testable], gain_p[keep_gain]],
+        "q_value": np.r_[resample.bh_q_values(label_p[testable]), resample.bh_q_values(gain_p[keep_gain])],
+    }
+    return intervals, tests
