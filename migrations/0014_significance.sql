@@ -63,3 +63,9 @@ SELECT i.*
 FROM score_intervals i JOIN latest_significance USING (probe_id, run_id);
 CREATE VIEW tests AS
 SELECT t.* FROM significance_tests t JOIN latest_significance USING (probe_id, run_id);
+-- The Q-quantile of a list, interpolated between ranks as quantile_cont (and numpy's default) does;
+-- for a quantile that is not a constant, such as one from a run's level, which quantile_cont refuses.
+CREATE MACRO percentile_of(xs, q) AS
+    list_sort(xs)[floor((len(xs) - 1) * q)::BIGINT + 1]
+    + ((len(xs) - 1) * q - floor((len(xs) - 1) * q))
+      * (list_sort(xs)[ceil((len(xs) - 1) * q)::BIGINT + 1] - list_sort(xs)[floor((len(xs) - 1) * q)::BIGINT + 1]);

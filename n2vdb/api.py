@@ -120,7 +120,7 @@ def significance(
     replicates: int = 200,
     level: float = 0.95,
     labels: int = 10,
-    filters: int = 5,
+    filters: int = 10,
     permutations: int = 1000,
     seed: int = 0,
     workers: int = 0,

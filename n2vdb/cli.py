@@ -210,6 +210,12 @@ def ingest(
     formulas: Annotated[
         bool, typer.Option(help="Then each unit's compositional formula (`n2vdb formulas` for its settings)")
     ] = False,
+    significance: Annotated[
+        bool,
+        typer.Option(
+            help="Then intervals, p- and q-values (`n2vdb significance` for its settings; docs/significance.md)"
+        ),
+    ] = False,
     db: Db = None,
 ):
     """Extract a layer's activations and compute thresholds, IoUs and embeddings (resumes if interrupted)."""
@@ -249,6 +255,8 @@ def ingest(
     probe_id = api.ingest(model, layer, db, **options)
     if formulas:
         api.formulas(probe_id, db, workers=workers or 0)
+    if significance:
+        api.significance(probe_id, db, workers=workers or 0)
     _summary(probe_id, model, layer, db, start)
 
 
@@ -474,6 +482,23 @@ def formulas_cmd(
     chosen = [c.strip() for c in categories.split(",") if c.strip()] if categories is not None else None
     run_id = api.formulas(probe, db, beam_size, max_length, penalty, chosen, split, workers)
     stderr.print(f"formulas stored as run {run_id}; n2vdb query unit-formulas shows them")
+
+
+@app.command("significance")
+def significance_cmd(
+    probe: Probe = None,
+    replicates: Annotated[int, typer.Option(help="Poisson bootstrap replicates")] = 200,
+    level: Annotated[float, typer.Option(help="Confidence level of the intervals")] = 0.95,
+    labels: Annotated[int, typer.Option(help="Each unit's best labels (train IoU) tested on val")] = 10,
+    filters: Annotated[int, typer.Option(help="Each concept's best filters (train IoU) given intervals")] = 10,
+    permutations: Annotated[int, typer.Option(help="Null draws per test (smallest p = 1 / (N + 1))")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seeds the bootstrap weights and the permutations")] = 0,
+    workers: Annotated[int, typer.Option(help="Mask-decoding worker processes")] = 0,
+    db: Db = None,
+):
+    """Bootstrap intervals beside the scores, permutation p- and q-values for each unit's best labels."""
+    run_id = api.significance(probe, db, replicates, level, labels, filters, permutations, seed, workers)
+    stderr.print(f"significance stored as run {run_id}; n2vdb query significant-labels shows the labels that pass")
 
 
 @app.command()

@@ -43,7 +43,7 @@ class SignificanceSettings:
     replicates: int = 200  # bootstrap replicates R
     level: float = 0.95  # the intervals' confidence level
     labels: int = 10  # each unit's best labels (train IoU) tested against the null
-    filters: int = 5  # each concept's best filters (train IoU) given intervals
+    filters: int = 10  # each concept's best filters (train IoU) given intervals
     permutations: int = 1000  # null draws per test: the smallest p-value is 1 / (permutations + 1)
     block: int = 32  # val images of one size whose unit and label masks a permutation pairs
     seed: int = 0  # the bootstrap weights and the permutations
