@@ -49,19 +49,23 @@ def ratios(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 def percentile_interval(replicates: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper) [...] of replicates [..., R]: the (1 - level) / 2 and (1 + level) / 2 quantiles,
-    over the replicates that are defined (NaN where none is)."""
+    interpolated between ranks as numpy's default, over the replicates that are defined (NaN where
+    none is). Vectorised over rows: np.nanquantile loops over them in Python."""
     tail = (1.0 - level) / 2.0
-    reps = np.asarray(replicates, dtype=np.float64)
-    if reps.shape[-1] == 0 or reps.size == 0:
-        empty = np.full(reps.shape[:-1], np.nan)
-        return empty, empty.copy()
-    defined = ~np.isnan(reps).all(axis=-1)
-    lower = np.full(reps.shape[:-1], np.nan)
-    upper = np.full(reps.shape[:-1], np.nan)
-    if defined.any():
-        lo, hi = np.nanquantile(reps[defined], [tail, 1.0 - tail], axis=-1)
-        lower[defined], upper[defined] = lo, hi
-    return lower, upper
+    reps = np.sort(np.asarray(replicates, dtype=np.float64), axis=-1)  # NaN sorts last
+    if not reps.shape[-1]:
+        return np.full(reps.shape[:-1], np.nan), np.full(reps.shape[:-1], np.nan)
+    defined = (~np.isnan(reps)).sum(axis=-1)
+    bounds = []
+    for q in (tail, 1.0 - tail):
+        position = np.maximum(defined - 1, 0) * q
+        below = np.floor(position).astype(np.int64)
+        above = np.minimum(below + 1, np.maximum(defined - 1, 0))
+        low = np.take_along_axis(reps, below[..., None], axis=-1)[..., 0]
+        high = np.take_along_axis(reps, above[..., None], axis=-1)[..., 0]
+        value = low + (position - below) * (high - low)
+        bounds.append(np.where(defined > 0, value, np.nan))
+    return bounds[0], bounds[1]
 
 
 def monte_carlo_p(exceed: np.ndarray, draws: int) -> np.ndarray:
@@ -87,13 +91,20 @@ def bh_q_values(p: np.ndarray) -> np.ndarray:
 
 def add_weighted(sums: list, rows: np.ndarray, image_ids: np.ndarray, values: list, seed: int, replicates: int) -> None:
     """sums[j][rows[e], r] += w(image_ids[e], r) * values[j][e] for every entry e: one bootstrap step
-    of a streamed sum. SUMS are float64 torch tensors [n, REPLICATES]; VALUES float64 tensors [E]."""
+    of a streamed sum. SUMS are float64 torch tensors [n, REPLICATES]; VALUES float64 tensors [E].
+    Entries whose value is 0 add nothing and are skipped (most intersections are 0)."""
     import torch
 
     if not len(rows):
         return
     images, image_of = np.unique(image_ids, return_inverse=True)
-    weights = torch.from_numpy(poisson_weights(seed, images, replicates)).double()[torch.from_numpy(image_of)]
-    at = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    # float32 products are exact (a union below 2^19 pixels, 724 x 724 masks, times a weight of at most 21:
+    # below 2^24); a batch's sums are rounded to float32 once, a relative 6e-8, before the float64 totals.
+    weights = torch.from_numpy(poisson_weights(seed, images, replicates)).float()
+    image_of, at = torch.from_numpy(image_of), torch.from_numpy(np.asarray(rows, dtype=np.int64))
     for total, value in zip(sums, values):
-        total.index_add_(0, at, weights * value[:, None])
+        nonzero = torch.nonzero(value).flatten()
+        where, inverse = torch.unique(at[nonzero], return_inverse=True)
+        part = torch.zeros(len(where), replicates)
+        part.index_add_(0, inverse, weights[image_of[nonzero]] * value[nonzero, None].float())
+        total.index_add_(0, where, part.double())

@@ -289,6 +289,12 @@ def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: Significan
     return run_id
 
 
+def _lists(rows: np.ndarray) -> pa.Array:
+    """float rows [n, R] as a FLOAT[] column, without a Python list per row."""
+    flat = pa.array(rows.astype(np.float32).ravel())
+    return pa.ListArray.from_arrays(pa.array(np.arange(len(rows) + 1, dtype=np.int32) * rows.shape[1]), flat)
+
+
 def _with_head(head: dict, columns: dict) -> pa.Table:
     n = len(next(iter(columns.values())))
     return pa.table({**{k: pa.array(np.full(n, v, np.int32)) for k, v in head.items()}, **columns})
@@ -329,10 +335,7 @@ def _rows(
         "estimate": np.r_[resample.ratios(sums.intersection, sums.union)[present], embedded.iou, gain],
         "lower": np.r_[lower[present], emb_lower, gain_lower],
         "upper": np.r_[upper[present], emb_upper, gain_upper],
-        "replicates": pa.array(
-            [list(x) for x in np.r_[reps[present], embedded.replicates, gain_reps].astype(np.float32)],
-            pa.list_(pa.float32()),
-        ),
+        "replicates": _lists(np.r_[reps[present], embedded.replicates, gain_reps]),
     }
     intervals["filter"] = pa.array(intervals["filter"], pa.int32(), mask=intervals["filter"] < 0)
 

@@ -44,14 +44,21 @@ BATCH_VALUES = 1 << 22
 def filter_masks(acts: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """acts [n, K, H, W] -> bool masks [n, K, sh, sw].
 
-    net2vec: threshold at H x W, bilinear upsample (align_corners=True), > 0.5.
+    net2vec: threshold at H x W, bilinear upsample (align_corners=True), > 0.5. Only maps with a cell
+    above the threshold are upsampled: at the 0.995 quantile most (image, filter) maps have none
+    (their mask is empty), and the upsample is the cost.
     netdissect: PIL's bilinear resize of the raw activations (as NetDissect-Lite), then > the
     threshold compared in float64 (pass float64 thresholds: thresholds_for gives them).
     """
     if mode == "net2vec":
         t = thresholds.view(1, -1, 1, 1).to(acts.dtype)
-        binary = (acts > t).to(acts.dtype)
-        return F.interpolate(binary, size=size, mode="bilinear", align_corners=True) > 0.5
+        binary = acts > t
+        active = binary.flatten(2).any(dim=2)  # [n, K]
+        out = torch.zeros(*binary.shape[:2], *size, dtype=torch.bool, device=acts.device)
+        if active.any():
+            maps = binary[active].to(acts.dtype)[None]  # [1, m, H, W]: the active maps as channels
+            out[active] = F.interpolate(maps, size=size, mode="bilinear", align_corners=True)[0] > 0.5
+        return out
     if mode == "netdissect":
         return torch.stack([pil_resize.above(a, thresholds.double(), size) for a in acts])
     raise ValueError(f"unknown IoU mode {mode!r}; choose one of {', '.join(MODES)}")
