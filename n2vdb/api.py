@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from n2vdb import probe as probes_mod
 from n2vdb import queries
-from n2vdb.store import connect, db_path, migrate, read_connection, sandbox, write_connection
+from n2vdb.store import connect, db_path, migrate, read_connection, refuse_database_path, sandbox, write_connection
 
 # torch-backed modules (ingest, models, activations), numpy and the dataset modules are imported inside
 # the functions that need them, so queries and SQL answer without paying their import time.
@@ -203,6 +203,8 @@ def sql(
     result into a .parquet or .csv file instead of returning it."""
     from n2vdb import adhoc
 
+    if output is not None:
+        refuse_database_path(output, db, "output")
     with sandbox(db, write=write) as con:
         adhoc.register_files(con, read or {})
         return adhoc.run(con, statement, write=write, output=Path(output) if output is not None else None)
@@ -292,6 +294,8 @@ def show_concept(
         raise UsageError("method must be segmentation or best_filter", param="method")
     if over not in ("containing", "all"):
         raise UsageError("over must be containing or all", param="over")
+    if out:
+        refuse_database_path(out, db, "out")
     with read_connection(db) as con:
         probe_obj, dataset = _probe_and_dataset(con, probe)
         name = queries.resolve_concept(con, concept, probe_obj.dataset_id)
@@ -315,6 +319,8 @@ def show_filter(
     from n2vdb.errors import N2vdbError
     from n2vdb.render import grids
 
+    if out:
+        refuse_database_path(out, db, "out")
     with read_connection(db) as con:
         probe_obj, dataset = _probe_and_dataset(con, probe)
         if not probes_mod.has_thresholds(con, probe_obj):
@@ -344,6 +350,7 @@ def report(out: str | Path, db: PathLike = None, probe: int | None = None, cards
     """A static HTML report (index.html and its PNGs) of one probe, in OUT."""
     from n2vdb.render import report as report_mod
 
+    refuse_database_path(out, db, "out")
     with read_connection(db) as con:
         probe_obj, dataset = _probe_and_dataset(con, probe)
         return report_mod.build(con, probe_obj, dataset, Path(out), cards)
@@ -355,5 +362,8 @@ def export(dest: str | Path, db: PathLike = None, probe: int | None = None, prog
     dataset's, replacing what an earlier export of them left there. Returns rows written per table."""
     from n2vdb import export as export_mod
 
+    local = export_mod.local_target(str(dest))
+    if local:
+        refuse_database_path(local, db, "dest")
     with read_connection(db) as con:
         return export_mod.export(con, str(dest), probe, progress)

@@ -55,6 +55,7 @@ api = _Deferred("n2vdb.api")
 queries = _Deferred("n2vdb.queries")
 adhoc = _Deferred("n2vdb.adhoc")
 sandbox = _Deferred("n2vdb.store", "sandbox")
+refuse_database_path = _Deferred("n2vdb.store", "refuse_database_path")
 Rows = _Deferred("n2vdb.results", "Rows")
 TrainSettings = _Deferred("n2vdb.probe", "TrainSettings")
 say = _Deferred("n2vdb.progress", "say")
@@ -383,6 +384,8 @@ def sql(
         else:
             raise UsageError("give SQL as an argument, with --file, or on stdin")
     reads = adhoc.parse_reads(read)
+    if output is not None:
+        refuse_database_path(output, db, "output")
     # api.sql's work, with the result as Python rows: a cold `n2vdb sql` never imports pyarrow
     with sandbox(db, write=write) as con:
         adhoc.register_files(con, reads)

@@ -92,6 +92,20 @@ def _row_bytes(con, spec: TableSpec) -> int:
     return int(widest * 1.1) + 1024  # one code byte per value, plus scales and pooled means
 
 
+def local_target(dest: str) -> str:
+    """The file or directory DEST writes on this machine: the directory itself, or a sqlite:/// URL's
+    file; refused where it is an in-memory SQLite database, whose rows would vanish with the export."""
+    if "://" not in dest:
+        return dest
+    scheme, _, rest = dest.partition("://")
+    if not scheme.startswith("sqlite"):
+        return ""  # a server's: nothing of this machine's
+    path = rest[1:].split("?")[0] if rest.startswith("/") else ""
+    if path in ("", ":memory:"):
+        raise UsageError(f"dest {dest} is an in-memory database, gone when the export ends; give sqlite:///FILE")
+    return path
+
+
 def export(
     con: duckdb.DuckDBPyConnection,
     dest: str,
@@ -224,6 +238,55 @@ def _converter(column: Column, dialect: str):
     return None
 
 
+def _check_target(con, target, specs: list[TableSpec], tables: dict, probe_id: int | None, url: str) -> None:
+    """Refuse an export that would delete rows it does not replace. Rows are matched by probe_id
+    and dataset_id, which restart at 1 in every database: at the target, the probe and dataset under
+    those ids must be the same ones (same probe_key, same dataset name), and a full export must find
+    no probe there that this database lacks. Tables of another application under a public table's
+    name (other columns) are refused, not emptied."""
+    import sqlalchemy as sa
+
+    where = _redacted(url)
+    inspector = sa.inspect(target)
+    present = set(inspector.get_table_names())
+    for spec in specs:
+        if spec.name in present and {c["name"] for c in inspector.get_columns(spec.name)} != {
+            c.name for c in spec.columns
+        }:
+            raise N2vdbError(
+                f"{where} has a table {spec.name} that is not n2vdb's (other columns); nothing was changed "
+                "there: export to another database"
+            )
+    if "probes" not in present or "datasets" not in present:
+        return
+    probes, datasets = tables["probes"], tables["datasets"]
+    there = dict(target.execute(sa.select(probes.c.probe_key, probes.c.probe_id)).all())
+    here = dict(con.execute("SELECT probe_key, probe_id FROM probes").fetchall())
+    clash = "; nothing was changed there: export it to another database (exports keep probe and dataset numbers)"
+    if probe_id is None:
+        missing = sorted(pid for key, pid in there.items() if key not in here)
+        if missing:
+            raise N2vdbError(
+                f"{where} holds probe(s) {', '.join(map(str, missing))} that this database does not: a full "
+                "export would delete them; nothing was changed there: export one probe with --probe N, "
+                "or to another database"
+            )
+        moved = sorted(pid for key, pid in there.items() if here[key] != pid)
+        if moved:
+            raise N2vdbError(f"{where} holds this database's probes under other numbers ({moved[0]}, ...){clash}")
+        return
+    key, dataset_id = first(con.execute("SELECT probe_key, dataset_id FROM probes WHERE probe_id = ?", [probe_id]))
+    by_id = {pid: k for k, pid in there.items()}
+    if probe_id in by_id and by_id[probe_id] != key:
+        raise N2vdbError(f"{where} already holds another probe as probe {probe_id}{clash}")
+    if key in there and there[key] != probe_id:
+        raise N2vdbError(f"{where} already holds this probe as probe {there[key]}{clash}")
+    name = first(con.execute("SELECT name FROM datasets WHERE dataset_id = ?", [dataset_id]))[0]
+    held = target.execute(sa.select(datasets.c.name).where(datasets.c.dataset_id == dataset_id)).scalar()
+    if held is not None and held != name:
+        raise N2vdbError(f"{where} already holds another dataset ({held!r}) as dataset {dataset_id}{clash}")
+
+
 def _to_server(con, specs: list[TableSpec], selection, url: str, probe_id: int | None, progress) -> dict[str, int]:
     import sqlalchemy as sa
 
@@ -249,6 +312,7 @@ def _to_server(con, specs: list[TableSpec], selection, url: str, probe_id: int |
     counts = {}
     try:
         with engine.begin() as target:  # one transaction: all or nothing
+            _check_target(con, target, specs, tables, probe_id, url)
             metadata.create_all(target, checkfirst=True)
             for spec in reversed(specs):  # clear the rows this export replaces
                 table = tables[spec.name]

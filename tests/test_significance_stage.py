@@ -354,3 +354,23 @@ def _named(db, pixel):
     names = dict(con.execute("SELECT concept_id, name FROM concepts").fetchall())
     con.close()
     return [(names[c], c, f) for _, c, f in pixel]
+
+
+def test_ingest_runs_it_when_asked_and_the_report_draws_the_intervals(tmp_path, synthetic_dir):
+    from n2vdb.render.report import _error
+
+    db = tmp_path / "n2v.duckdb"
+    assert run_cli("data", "add", str(synthetic_dir), "--name", "synthetic", "--db", str(db)).returncode == 0
+    result = run_cli(
+        "ingest", "alexnet", "conv5", "--weights", "random", "--limit", "40", "--epochs", "1", "--significance",
+        "--db", str(db),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM significance_runs").fetchone()[0] == 1
+    con.close()
+    page = api.report(tmp_path / "report", db)
+    assert "single_filter_lower" in page.read_text() and (tmp_path / "report" / "scatter.png").exists()
+    rows = [{"x": 0.5, "x_lower": 0.25, "x_upper": 1.0}, {"x": 0.1, "x_lower": 0.0, "x_upper": 0.2}]
+    assert _error(rows, "x") == [[0.25, 0.1], [0.5, 0.1]]
+    assert _error([*rows, {"x": 0.3, "x_lower": None, "x_upper": None}], "x") is None

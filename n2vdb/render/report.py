@@ -84,11 +84,25 @@ def _table(rows: list[dict], columns: list[str] | None = None, interactive: bool
     )
 
 
+def _error(rows: list[dict], column: str) -> list[list[float]] | None:
+    """matplotlib's [below, above] error lengths of COLUMN from its _lower and _upper bounds (n2vdb
+    significance), or None where a row has none."""
+    lower, upper = f"{column}_lower", f"{column}_upper"
+    if not rows or any(r.get(lower) is None or r.get(upper) is None for r in rows):
+        return None
+    return [[r[column] - r[lower] for r in rows], [r[upper] - r[column] for r in rows]]
+
+
 def _scatter(scores: list[dict], path: Path) -> str:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for category in sorted({r["category"] for r in scores}):
-        pts = [(r["single_filter_iou"], r["embedding_iou"]) for r in scores if r["category"] == category]
-        ax.scatter(*zip(*pts), s=18, label=category, color=category_colour(category))
+        members = [r for r in scores if r["category"] == category]
+        pts = [(r["single_filter_iou"], r["embedding_iou"]) for r in members]
+        colour = category_colour(category)
+        xerr, yerr = _error(members, "single_filter_iou"), _error(members, "embedding_iou")
+        if xerr is not None and yerr is not None:  # 95% bootstrap intervals
+            ax.errorbar(*zip(*pts), xerr=xerr, yerr=yerr, fmt="none", ecolor=colour, alpha=0.35, lw=0.8)
+        ax.scatter(*zip(*pts), s=18, label=category, color=colour)
     top = max(max(r["single_filter_iou"], r["embedding_iou"]) for r in scores) * 1.05
     ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
     ax.set(xlabel="best single filter, val IoU", ylabel="embedding, val IoU", title="Per concept")
@@ -100,8 +114,9 @@ def _bars(rows: list[dict], path: Path) -> str:
     rows = [r for r in rows if r["category"] != "all"]
     fig, ax = plt.subplots(figsize=(6, 4))
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["single_filter_iou"] for r in rows], 0.4, label="best single filter")
-    ax.bar([i + 0.2 for i in x], [r["embedding_iou"] for r in rows], 0.4, label="embedding")
+    single, embedding = _error(rows, "single_filter_iou"), _error(rows, "embedding_iou")
+    ax.bar([i - 0.2 for i in x], [r["single_filter_iou"] for r in rows], 0.4, yerr=single, label="best single filter")
+    ax.bar([i + 0.2 for i in x], [r["embedding_iou"] for r in rows], 0.4, yerr=embedding, label="embedding")
     ax.set_xticks(list(x), [r["category"] for r in rows])
     ax.set(ylabel="mean val IoU", title="Per category")
     ax.legend()

@@ -28,6 +28,20 @@ def db_path(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get("N2VDB_DB") or DEFAULT_DB)
 
 
+def database_files(db: str | os.PathLike | None = None) -> tuple[Path, ...]:
+    """The files that make up database DB: the file, DuckDB's write-ahead log and n2vdb's writer lock."""
+    path = db_path(db).resolve()
+    return path, path.with_name(path.name + ".wal"), path.with_name(path.name + ".writer.lock")
+
+
+def refuse_database_path(out: str | os.PathLike, db: str | os.PathLike | None, param: str) -> None:
+    """Refuse an output path (a file to write, a directory to make) that is one of DB's own files:
+    writing there would replace the database, or put a directory where DuckDB expects its log."""
+    target = Path(out).resolve()
+    if target in database_files(db):
+        raise UsageError(f"{param} {out} is a file of the database {db_path(db)}; choose another path", param=param)
+
+
 def busy_wait_s() -> float:
     """How long an open waits for another process's write lock (an ingest holds it in short sessions)."""
     text = os.environ.get("N2VDB_BUSY_TIMEOUT", "5")
