@@ -25,6 +25,7 @@ import duckdb
 
 from n2vdb import results
 from n2vdb.errors import QueryError, UsageError
+from n2vdb.store import interrupt
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -88,16 +89,29 @@ def check_writable(found: list[duckdb.Statement]) -> None:
 
 
 def run(
-    con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False, output: Path | None = None, rows: bool = False
+    con: duckdb.DuckDBPyConnection,
+    sql: str,
+    *,
+    write: bool = False,
+    output: Path | None = None,
+    rows: bool = False,
+    timeout: float | None = None,
 ) -> pa.Table | results.Rows | None:
     """Run every statement of SQL on CON; return the last one's result (a pyarrow Table, or with
     rows=True an n2vdb.results.Rows, which needs no pyarrow), or stream it into OUTPUT (and return
-    None). With write=True the statements are one transaction."""
+    None). With write=True the statements are one transaction. Ctrl-C stops it at once; a read stops
+    after TIMEOUT seconds (store/interrupt.timeout_s: the default, N2VDB_TIMEOUT, 0 for none)."""
     found = statements(sql, con)
     if output is not None:
         output = output_path(output)
     if write:
         check_writable(found)
+    limit = None if write else interrupt.timeout_s(timeout)
+    return interrupt.run(con, lambda: _run_all(con, found, write, output, rows), limit)
+
+
+def _run_all(con, found, write: bool, output: Path | None, rows: bool):
+    """run()'s statements, on the thread interrupt.run gives them."""
     try:
         if write:
             con.execute("BEGIN TRANSACTION")
@@ -114,7 +128,7 @@ def run(
             _stream(last, output)
             result = None
         else:
-            result = results.fetch(last) if rows else last.to_arrow_table()
+            result = results.fetch(last) if rows else results.arrow_table(last)
         if write:
             con.execute("COMMIT")
         return result

@@ -184,9 +184,10 @@ def models(model: str | None = None) -> pa.Table:
     return pa.Table.from_pylist(registry.layer_table(model))
 
 
-def query(name: str, db: PathLike = None, **params) -> pa.Table:
+def query(name: str, db: PathLike = None, timeout: float | None = None, **params) -> pa.Table:
+    """Run the named query NAME with PARAMS; stopped after TIMEOUT seconds (default 600, N2VDB_TIMEOUT; 0: none)."""
     with read_connection(db) as con:
-        return queries.run(con, name, **params)
+        return queries.run(con, name, timeout, **params)
 
 
 def sql(
@@ -195,19 +196,22 @@ def sql(
     write: bool = False,
     read: dict[str, str | Path] | None = None,
     output: str | Path | None = None,
+    timeout: float | None = None,
 ) -> pa.Table | None:
     """Run ad-hoc SQL in the sandbox (docs/sandbox.md) and return the last statement's result.
 
     Read-only unless write=True, which runs all the statements as one transaction. read={NAME: PATH}
     shows Parquet/CSV files to the SQL as views (n2vdb opens them read-only); output=FILE streams the
-    result into a .parquet or .csv file instead of returning it."""
+    result into a .parquet or .csv file instead of returning it. A read stops after TIMEOUT seconds
+    (default 600, N2VDB_TIMEOUT; 0: none); Ctrl-C stops any statement at once."""
     from n2vdb import adhoc
 
     if output is not None:
         refuse_database_path(output, db, "output")
     with sandbox(db, write=write) as con:
         adhoc.register_files(con, read or {})
-        return adhoc.run(con, statement, write=write, output=Path(output) if output is not None else None)
+        out = Path(output) if output is not None else None
+        return adhoc.run(con, statement, write=write, output=out, timeout=timeout)
 
 
 def activations(

@@ -92,6 +92,10 @@ app.add_typer(db_app, name="db")
 app.add_typer(show_app, name="show")
 
 Db = Annotated[Optional[Path], typer.Option("--db", envvar="N2VDB_DB", help="Database file [default: ./n2v.duckdb]")]
+Timeout = Annotated[
+    Optional[float],
+    typer.Option(help="Seconds before a read-only query is stopped [default: 600, or N2VDB_TIMEOUT; 0: none]"),
+]
 Format = Annotated[
     Optional[Literal[FORMATS]],  # a choice: click refuses anything else, naming the valid ones
     typer.Option("--format", "-f", help="[default: table on a terminal, csv when piped]"),
@@ -321,6 +325,7 @@ def query(
     db: Db = None,
     fmt: Format = None,
     limit: Limit = None,
+    timeout: Timeout = None,
 ):
     """Run a named analysis from queries/ (arguments and --options as its header declares; NAME --help
     shows them)."""
@@ -337,7 +342,7 @@ def query(
     values = queries.parse_query_args(named, list(ctx.args), param)
     # api.query's work, with the result as Python rows: a cold `n2vdb query` never imports pyarrow
     with sandbox(db) as con:
-        result = queries.run_rows(con, name, **values)
+        result = queries.run_rows(con, name, timeout, **values)
     _show(result, fmt, limit, title=name)
 
 
@@ -374,6 +379,7 @@ def sql(
     db: Db = None,
     fmt: Format = None,
     limit: Limit = None,
+    timeout: Timeout = None,
 ):
     """Run ad-hoc SQL against the database in a sandbox: read-only, no files, no extensions (docs/sandbox.md)."""
     if statement is None:
@@ -389,7 +395,7 @@ def sql(
     # api.sql's work, with the result as Python rows: a cold `n2vdb sql` never imports pyarrow
     with sandbox(db, write=write) as con:
         adhoc.register_files(con, reads)
-        result = adhoc.run(con, statement, write=write, output=output, rows=True)
+        result = adhoc.run(con, statement, write=write, output=output, rows=True, timeout=timeout)
     if result is None:
         stderr.print(f"wrote {output}")
         return
@@ -408,11 +414,11 @@ def _read_sql_file(file: Path) -> str:
 
 
 @app.command()
-def shell(db: Db = None, fmt: Format = None):
+def shell(db: Db = None, fmt: Format = None, timeout: Timeout = None):
     """Interactive SQL, named queries as .query NAME ARGS (.help); with piped stdin, runs it as a script."""
     from n2vdb import shell as shell_mod
 
-    raise typer.Exit(shell_mod.main(db, fmt))
+    raise typer.Exit(shell_mod.main(db, fmt, timeout=timeout))
 
 
 @app.command()

@@ -28,6 +28,7 @@ from n2vdb import probe as probes
 from n2vdb import results
 from n2vdb.errors import N2vdbError, NotFound, QueryError, UsageError
 from n2vdb.resources import sql_dir
+from n2vdb.store import interrupt
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -258,20 +259,22 @@ def _unquote(raw):
     return raw
 
 
-def run(con: duckdb.DuckDBPyConnection, name: str, **values) -> pa.Table:
-    """Run a named query; the Python API for notebooks (`.to_pandas()` on the result for a DataFrame)."""
-    return _run(con, name, values, lambda relation: relation.to_arrow_table())
+def run(con: duckdb.DuckDBPyConnection, name: str, timeout: float | None = None, **values) -> pa.Table:
+    """Run a named query; the Python API for notebooks (`.to_pandas()` on the result for a DataFrame).
+    Ctrl-C stops it at once, and TIMEOUT seconds (store/interrupt.timeout_s) at the latest."""
+    return _run(con, name, values, results.arrow_table, timeout)
 
 
-def run_rows(con: duckdb.DuckDBPyConnection, name: str, **values) -> results.Rows:
+def run_rows(con: duckdb.DuckDBPyConnection, name: str, timeout: float | None = None, **values) -> results.Rows:
     """run(), the result as Python rows (n2vdb.results): the CLI's answer needs no pyarrow."""
-    return _run(con, name, values, results.fetch)
+    return _run(con, name, values, results.fetch, timeout)
 
 
-def _run(con, name: str, values: dict, fetch):
+def _run(con, name: str, values: dict, fetch, timeout: float | None):
     query = get(name)
     bound = bind(con, query, values)
+    limit = interrupt.timeout_s(timeout)
     try:
-        return fetch(con.sql(query.sql, params=bound))
+        return interrupt.run(con, lambda: fetch(con.sql(query.sql, params=bound)), limit)
     except duckdb.Error as exc:
         raise QueryError(f"query {name} failed: {str(exc).splitlines()[0]}") from None

@@ -13,8 +13,11 @@ printed never depends on the path taken.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from n2vdb.errors import QueryError, UsageError
 
 if TYPE_CHECKING:
     import duckdb
@@ -92,11 +95,66 @@ def _kind(duck_type) -> str:
     return DECIMAL if duck_type.id == "decimal" else OTHER
 
 
+DEFAULT_RESULT_MB = 1024
+
+
+def result_limit_bytes() -> int:
+    """How much of a result may be fetched into memory: N2VDB_RESULT_MB megabytes (default 1,024).
+    DuckDB's memory limit bounds its own buffers, not the rows handed to Python."""
+    text = os.environ.get("N2VDB_RESULT_MB", str(DEFAULT_RESULT_MB))
+    try:
+        megabytes = float(text)
+    except ValueError:
+        megabytes = -1.0
+    if not 0 < megabytes < float("inf"):
+        raise UsageError(f"N2VDB_RESULT_MB={text!r}: expected a number of megabytes above 0, e.g. 1024")
+    return int(megabytes * 1e6)
+
+
+def _too_large(limit: int) -> QueryError:
+    return QueryError(
+        f"the result passed {limit / 1e6:,.0f} MB (N2VDB_RESULT_MB) and was not fetched; add a LIMIT, "
+        "or write it to a file with `n2vdb sql ... -o FILE.parquet`, which streams"
+    )
+
+
+def _size(value) -> int:
+    """A value's bytes, roughly: its length for text and blobs, 8 for a number."""
+    if isinstance(value, str | bytes):
+        return len(value) + 8
+    if isinstance(value, list | tuple):
+        return sum(_size(v) for v in value) + 8
+    if isinstance(value, dict):
+        return sum(_size(v) for v in value.values()) + 8
+    return 8
+
+
+def arrow_table(relation: duckdb.DuckDBPyRelation) -> pa.Table:
+    """RELATION's result as a pyarrow Table, fetched in batches and refused past result_limit_bytes."""
+    import pyarrow as pa
+
+    limit, size, batches = result_limit_bytes(), 0, []
+    reader = relation.to_arrow_reader(64 * 1024)
+    for batch in reader:
+        size += batch.nbytes
+        if size > limit:
+            raise _too_large(limit)
+        batches.append(batch)
+    return pa.Table.from_batches(batches, schema=reader.schema)
+
+
 def fetch(relation: duckdb.DuckDBPyRelation) -> Rows:
-    """Run RELATION and return its rows, without pyarrow whenever its column types allow."""
+    """Run RELATION and return its rows, without pyarrow whenever its column types allow; refused
+    past result_limit_bytes."""
     types = relation.types
     if not all(_same_either_way(t) for t in types):
-        return Rows.from_arrow(relation.to_arrow_table())
+        return Rows.from_arrow(arrow_table(relation))
     names = list(relation.columns)
-    # dict(zip()) keeps the last of two columns of one name, as pyarrow's to_pylist() does
-    return Rows(names, [_kind(t) for t in types], [dict(zip(names, row)) for row in relation.fetchall()])
+    limit, size, rows = result_limit_bytes(), 0, []
+    for row in relation.iter_rows():
+        size += _size(row)
+        if size > limit:
+            raise _too_large(limit)
+        # dict(zip()) keeps the last of two columns of one name, as pyarrow's to_pylist() does
+        rows.append(dict(zip(names, row)))
+    return Rows(names, [_kind(t) for t in types], rows)

@@ -12,7 +12,6 @@ import difflib
 import re
 import shlex
 import sys
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
@@ -24,11 +23,11 @@ from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.filters import Condition
 from prompt_toolkit.history import FileHistory
 
-from n2vdb import adhoc, queries
+from n2vdb import adhoc, queries, results
 from n2vdb.errors import N2vdbError, NotFound, UsageError
 from n2vdb.render.output import FORMATS, default_format, render
 from n2vdb.resources import home
-from n2vdb.store import sandbox
+from n2vdb.store import interrupt, sandbox
 
 HELP = """\
 SQL ends with ;  (several lines are fine; Ctrl-C cancels a running statement, Ctrl-D leaves)
@@ -37,11 +36,14 @@ SQL ends with ;  (several lines are fine; Ctrl-C cancels a running statement, Ct
 .schema [TABLE]        the CREATE statement of TABLE (all of them without TABLE)
 .format [FMT]          output format: table, csv, tsv, json, jsonl, markdown
 .limit [N]             rows shown by table and markdown (0: all)
+.timeout [S]           seconds before a read-only statement is stopped (0: no limit)
 .write on|off          allow statements that change the database (off: read-only)
 .help                  this text
 .quit                  leave (Ctrl-D too)"""
 
-DOT_COMMANDS = (".query", ".tables", ".schema", ".format", ".limit", ".write", ".help", ".quit", ".exit")
+DOT_COMMANDS = (
+    ".query", ".tables", ".schema", ".format", ".limit", ".timeout", ".write", ".help", ".quit", ".exit",
+)  # fmt: skip
 DEFAULT_ROW_LIMIT = 1000
 
 
@@ -101,7 +103,14 @@ def split_script(text: str) -> Iterator[str]:
 class Shell:
     """The commands of a session, independent of where its input comes from."""
 
-    def __init__(self, db=None, fmt: str | None = None, out: IO | None = None, err: IO | None = None):
+    def __init__(
+        self,
+        db=None,
+        fmt: str | None = None,
+        out: IO | None = None,
+        err: IO | None = None,
+        timeout: float | None = None,
+    ):
         self.db = db
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -110,6 +119,7 @@ class Shell:
             raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
         self.write = False
         self.row_limit = DEFAULT_ROW_LIMIT
+        self.timeout = interrupt.timeout_s(timeout)
         self.failures = 0
         self.done = False
         self.vocabulary = Vocabulary.load(db)
@@ -158,36 +168,23 @@ class Shell:
     def _interruptible(
         self, con: duckdb.DuckDBPyConnection, statement: str, params: dict | None = None
     ) -> pa.Table | None:
-        """Run STATEMENT on a worker thread so that Ctrl-C (KeyboardInterrupt here) can interrupt DuckDB."""
+        """Run STATEMENT so that Ctrl-C (KeyboardInterrupt here) interrupts DuckDB (store/interrupt.py),
+        and a read stops at the time limit (.timeout)."""
         limit = self.row_limit if self.fmt in ("table", "markdown") and self.row_limit else None
-        box: dict = {}
-        finished = threading.Event()
 
-        def work() -> None:
-            try:
-                relation = con.sql(statement, params=params) if params else con.sql(statement)
-                if relation is not None:
-                    # One row past the limit tells the table that more exist, without reading them all.
-                    box["table"] = (relation.limit(limit + 1) if limit else relation).to_arrow_table()
-            except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
-                box["error"] = exc
-            finally:
-                finished.set()
+        def work() -> pa.Table | None:
+            relation = con.sql(statement, params=params) if params else con.sql(statement)
+            if relation is None:
+                return None
+            # One row past the limit tells the table that more exist, without reading them all.
+            return results.arrow_table(relation.limit(limit + 1) if limit else relation)
 
-        threading.Thread(target=work, name="n2vdb-shell-statement", daemon=True).start()
-        # An Event, not Thread.join: a join that a KeyboardInterrupt breaks can report a live thread as done.
         try:
-            while not finished.wait(0.05):
-                pass
+            return interrupt.run(con, work, None if self.write else self.timeout)
         except KeyboardInterrupt:
-            con.interrupt()
-            finished.wait()
             raise Cancelled("cancelled") from None
-        if isinstance(box.get("error"), duckdb.InterruptException):
-            raise Cancelled("cancelled")
-        if "error" in box:
-            raise box["error"]
-        return box.get("table")
+        except duckdb.InterruptException:
+            raise Cancelled("cancelled") from None
 
     def _show(self, table: pa.Table | None, title: str | None = None) -> None:
         if table is None or table.num_columns == 0:
@@ -215,6 +212,7 @@ class Shell:
             ".schema": self._schema,
             ".format": self._format,
             ".limit": self._limit,
+            ".timeout": self._timeout,
             ".write": self._write,
             ".help": lambda _: self._print(HELP),
             ".quit": self._quit,
@@ -285,6 +283,15 @@ class Shell:
         if not args[0].isdigit():
             raise UsageError(f".limit takes a number of rows (0 for all), got {args[0]!r}")
         self.row_limit = int(args[0])
+
+    def _timeout(self, args: list[str]) -> None:
+        if not args:
+            self._print(f"{self.timeout or 0:g}")
+            return
+        try:
+            self.timeout = interrupt.timeout_s(float(args[0]))
+        except ValueError:
+            raise UsageError(f".timeout takes a number of seconds (0 for none), got {args[0]!r}") from None
 
     def _write(self, args: list[str]) -> None:
         if args not in (["on"], ["off"]):
@@ -454,12 +461,12 @@ class ShellCompleter(Completer):
                 yield Completion(option, start_position=-len(word))
 
 
-def main(db=None, fmt: str | None = None, stdin: IO | None = None) -> int:
+def main(db=None, fmt: str | None = None, stdin: IO | None = None, timeout: float | None = None) -> int:
     """`n2vdb shell`: interactive on a terminal, a script runner when stdin is a file or a pipe."""
     stdin = stdin or sys.stdin
     if not stdin.isatty():
-        shell = Shell(db, fmt)
+        shell = Shell(db, fmt, timeout=timeout)
         return shell.run_script(stdin.read())
-    shell = Shell(db, fmt)
+    shell = Shell(db, fmt, timeout=timeout)
     shell._say("n2vdb shell: SQL ends with ;  .help lists commands, Ctrl-D leaves")
     return shell.interact()
