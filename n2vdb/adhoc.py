@@ -46,7 +46,8 @@ _SANDBOX_HINTS = (
     ("Loading external extensions is disabled", "SQL in n2vdb installs and loads no extensions"),
     ("has been locked", "the sandbox's settings cannot be changed from SQL"),
 )
-_USE = re.compile(r"^\s*USE\b", re.I)
+# USE after any leading comments (DuckDB keeps them in the statement text).
+_USE = re.compile(r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*USE\b", re.I | re.S)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _READ_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv"}
 _OUTPUT_FORMATS = (".parquet", ".csv")

@@ -18,7 +18,9 @@ import pyarrow as pa
 
 from n2vdb import probe as probes_mod
 from n2vdb import queries
+from n2vdb.errors import N2vdbError
 from n2vdb.store import connect, db_path, migrate, read_connection, refuse_database_path, sandbox, write_connection
+from n2vdb.store.connection import database_files
 
 # torch-backed modules (ingest, models, activations), numpy and the dataset modules are imported inside
 # the functions that need them, so queries and SQL answer without paying their import time.
@@ -82,9 +84,23 @@ def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
     from n2vdb.store.sessions import Store
 
     settings = IngestOptions(**options)  # nonsense is refused before the database is touched
-    with write_connection(db):
-        pass  # create and upgrade the database before the ingest's short sessions begin
-    return run_ingest(Store(db), model, layer, settings)
+    fresh = not db_path(db).exists()
+    try:
+        with write_connection(db):
+            pass  # create and upgrade the database before the ingest's short sessions begin
+        return run_ingest(Store(db), model, layer, settings)
+    except N2vdbError:
+        # Bad input found once the database existed (an unknown model, an unreadable weights file):
+        # a database this call created and that holds no probe goes again, as the user had it.
+        if fresh and _holds_no_probe(db):
+            for path in database_files(db):
+                path.unlink(missing_ok=True)
+        raise
+
+
+def _holds_no_probe(db: PathLike) -> bool:
+    with read_connection(db) as con:
+        return not con.execute("SELECT count(*) FROM probes").fetchall()[0][0]
 
 
 def formulas(
@@ -320,7 +336,6 @@ def show_concept(
 def show_filter(
     filter_id: int, db: PathLike = None, probe: int | None = None, out: str | Path | None = None
 ) -> tuple[Path, list]:
-    from n2vdb.errors import N2vdbError
     from n2vdb.render import grids
 
     if out:

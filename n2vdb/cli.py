@@ -593,6 +593,17 @@ def main() -> None:
     sys.exit(code)
 
 
+def _sql_as_argument(argv: list[str]) -> list[str]:
+    """`n2vdb sql "-- why\nSELECT ..."`: SQL that starts with a comment looks like an option to click.
+    No option has whitespace before its '=', so such a word is the SQL: it goes last, after '--'."""
+    if not argv or argv[0] != "sql":
+        return argv
+    for i, word in enumerate(argv[1:], 1):
+        if word.startswith("-") and any(c.isspace() for c in word.split("=", 1)[0]):
+            return [*argv[:i], *argv[i + 1 :], "--", word]
+    return argv
+
+
 def _run() -> int:
     global _INVOKED, _SIGNALLED, _SAID_INTERRUPTED
     # Each run starts afresh: tests run several in one process, and a Ctrl-C another test sent after
@@ -607,7 +618,8 @@ def _run() -> int:
         sys.stdout = ClosedOutput()
     try:
         try:
-            code = _branch(sys.argv[1:])(standalone_mode=False)  # click's errors and Ctrl-C come here
+            argv = _sql_as_argument(sys.argv[1:])
+            code = _branch(argv)(args=argv, standalone_mode=False)  # click's errors and Ctrl-C come here
         finally:
             sys.stdout.flush()  # an output error (a full disk, a closed pipe) is reported here, not at exit
     except (KeyboardInterrupt, typer.Abort, Terminated) as exc:

@@ -84,6 +84,15 @@ def _bar(value: float) -> str:
     return "█" * full + ("▌" if filled - full >= 0.5 else "")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """TEXT with control characters (ESC, BEL, backspace, ...) written as \\xNN, so that a value
+    cannot move the cursor, recolour or retitle the terminal that shows a table."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+
+
 def _table(result, limit: int | None, title: str | None):
     from rich.table import Table
     from rich.text import Text
@@ -92,9 +101,9 @@ def _table(result, limit: int | None, title: str | None):
     rows = result.to_pylist()
     shown = rows[:limit] if limit else rows
     # Text objects throughout: a concept named "[bold]dog" is shown as typed, never as markup.
-    table = Table(title=Text(title) if title else None, show_lines=False, header_style="bold")
+    table = Table(title=Text(visible(title)) if title else None, show_lines=False, header_style="bold")
     for name, kind in zip(result.column_names, result.kinds):
-        table.add_column(Text(name), justify="left" if kind == OTHER else "right")
+        table.add_column(Text(visible(name)), justify="left" if kind == OTHER else "right")
     bars = {
         name
         for name, kind in zip(result.column_names, result.kinds)
@@ -105,7 +114,7 @@ def _table(result, limit: int | None, title: str | None):
         cells = []
         for name in result.column_names:
             value = row[name]
-            text = Text(formats[name](value))
+            text = Text(visible(formats[name](value)))
             if name in bars and not _missing(value):
                 text = Text.assemble((_bar(value).ljust(_BAR_WIDTH), "cyan"), " ", formats[name](value))
             cells.append(text)

@@ -186,6 +186,7 @@ def seal(con: duckdb.DuckDBPyConnection, *, file_system: bool = True) -> None:
       reads continue through the handle opened before. A writer keeps the local file system for its
       write-ahead log, so `sql --write` also refuses ATTACH, DETACH and USE (n2vdb.adhoc);
     - temp_directory = '': nothing spills to disk; a query that outgrows N2VDB_DUCKDB_MEMORY fails;
+    - secret_directory = '': duckdb_settings() shows readers no path under the user's home;
     - lock_configuration = true, last: none of the above can be SET back from SQL.
     """
     if _locked(con):
@@ -199,6 +200,7 @@ def seal(con: duckdb.DuckDBPyConnection, *, file_system: bool = True) -> None:
         return
     con.execute("SET allowed_configs = ['enable_progress_bar']")  # harmless, and per connection
     con.execute("SET temp_directory = ''")
+    con.execute("SET secret_directory = ''")  # no secrets are read anyway; and duckdb_settings() shows no $HOME
     con.execute("SET enable_external_access = false")
     if file_system:
         con.execute("SET disabled_filesystems = 'LocalFileSystem'")
