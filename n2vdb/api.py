@@ -100,7 +100,7 @@ def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
 
 def _holds_no_probe(db: PathLike) -> bool:
     with read_connection(db) as con:
-        return not con.execute("SELECT count(*) FROM probes").fetchall()[0][0]
+        return not probes_mod.count(con)
 
 
 def formulas(

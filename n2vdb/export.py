@@ -170,13 +170,15 @@ def _to_parquet(con, specs: list[TableSpec], selection, out: Path, progress) -> 
 
 
 def _engine(url: str):
-    try:
-        import sqlalchemy
-    except ImportError:
-        raise N2vdbError("export to a SQL server needs SQLAlchemy: pip install 'n2vdb[export]'") from None
+    import sqlalchemy
+
     scheme, _, rest = url.partition("://")
     if scheme in ("postgresql", "postgres"):
         url = f"postgresql+psycopg://{rest}"  # psycopg 3, the driver n2vdb[export] installs
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise N2vdbError("export to PostgreSQL needs psycopg 3: pip install 'n2vdb[export]'") from None
     try:
         engine = sqlalchemy.create_engine(url)
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError) as exc:

@@ -200,6 +200,11 @@ def has_thresholds(con: duckdb.DuckDBPyConnection, probe: Probe) -> bool:
     return bool(probe.n_filters) and n == probe.n_filters
 
 
+def count(con: duckdb.DuckDBPyConnection) -> int:
+    """How many probes the database holds, at any stage."""
+    return first(con.execute("SELECT count(*) FROM probes"))[0]
+
+
 def latest(con: duckdb.DuckDBPyConnection, complete_only: bool = True) -> int:
     where = "WHERE status = 'complete'" if complete_only else ""
     row = first(con.execute(f"SELECT max(probe_id) FROM probes {where}"))

@@ -65,3 +65,12 @@ def test_an_ingest_refused_for_bad_input_leaves_no_database(tmp_path, synthetic_
     result = run_cli("ingest", *[str(bad) if a == "BAD" else a for a in args], "--db", str(db), env=env)
     assert result.returncode != 0 and says in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "home"]
+
+
+def test_a_missing_postgres_driver_is_one_line_naming_the_pip_command(db, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed: importing it fails
+    result = run_cli("export", "postgresql://nobody@/x?host=/nonexistent", "--db", str(db))
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "needs psycopg 3: pip install 'n2vdb[export]'" in result.stderr
