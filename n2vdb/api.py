@@ -10,7 +10,9 @@ Results are pyarrow Tables (`.to_pandas()` gives a DataFrame where pandas is ins
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +37,7 @@ def add_dataset(path: str | Path, name: str, db: PathLike = None) -> int:
     from n2vdb.data import importer
 
     importer.check_name(name)  # before a database is created for nothing
-    with write_connection(db) as con:
+    with _removed_if_refused(db), write_connection(db) as con:
         return importer.add_dataset(con, path, name)
 
 
@@ -84,23 +86,28 @@ def ingest(model: str, layer: str, db: PathLike = None, **options) -> int:
     from n2vdb.store.sessions import Store
 
     settings = IngestOptions(**options)  # nonsense is refused before the database is touched
-    fresh = not db_path(db).exists()
-    try:
+    with _removed_if_refused(db):
         with write_connection(db):
             pass  # create and upgrade the database before the ingest's short sessions begin
         return run_ingest(Store(db), model, layer, settings)
+
+
+@contextlib.contextmanager
+def _removed_if_refused(db: PathLike) -> Iterator[None]:
+    """For a command that may create the database: bad input found once it exists (an unknown model,
+    an unreadable weights file, a malformed dataset) removes a database this call created and that
+    holds no probe, so the user has what they had before: no file."""
+    fresh = not db_path(db).exists()
+    try:
+        yield
     except N2vdbError:
-        # Bad input found once the database existed (an unknown model, an unreadable weights file):
-        # a database this call created and that holds no probe goes again, as the user had it.
-        if fresh and _holds_no_probe(db):
-            for path in database_files(db):
-                path.unlink(missing_ok=True)
+        if fresh and db_path(db).exists():
+            with read_connection(db) as con:
+                empty = not probes_mod.count(con)
+            if empty:
+                for path in database_files(db):
+                    path.unlink(missing_ok=True)
         raise
-
-
-def _holds_no_probe(db: PathLike) -> bool:
-    with read_connection(db) as con:
-        return not probes_mod.count(con)
 
 
 def formulas(

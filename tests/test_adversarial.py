@@ -74,3 +74,16 @@ def test_a_missing_postgres_driver_is_one_line_naming_the_pip_command(db, monkey
     result = run_cli("export", "postgresql://nobody@/x?host=/nonexistent", "--db", str(db))
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "needs psycopg 3: pip install 'n2vdb[export]'" in result.stderr
+
+
+def test_data_add_refuses_a_row_whose_image_is_missing_and_leaves_no_database(tmp_path, synthetic_dir):
+    root = tmp_path / "set"
+    shutil.copytree(synthetic_dir, root)
+    victim = sorted((root / "images").rglob("*.jpg"))[3]
+    victim.unlink()
+    db = tmp_path / "new.duckdb"
+    result = run_cli("data", "add", str(root), "--name", "x", "--db", str(db))
+    assert result.returncode == 1 and f"names image {victim.relative_to(root / 'images')}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not db.exists()
+    (root / "index.csv").write_text("not,a,header\n")
+    assert run_cli("data", "add", str(root), "--name", "x", "--db", str(db)).returncode == 1 and not db.exists()

@@ -37,6 +37,7 @@ class Case:
     env: dict[str, str] | None = None  # extra environment ({tmp} filled in)
     stdout: str | None = None  # None = captured (must stay empty); 'closed'; or a path such as /dev/full
     db_sql: str | None = None  # applied to the database copy before the call (and before its fingerprint)
+    registered: Callable[[Path, Path], None] | None = None  # like prepare, once the dataset is registered
 
 
 def _replace(rel: str, content: bytes):
@@ -166,7 +167,20 @@ CASES = [
     ),
     Case("corrupt image", INGEST + ["--dataset", "x"], "cannot be decoded", 1, _replace(IMG, b"not a jpeg")),
     Case("truncated image", INGEST + ["--dataset", "x"], "cannot be decoded", 1, _truncate(IMG)),
-    Case("image file missing", INGEST + ["--dataset", "x"], "is missing", 1, lambda d, t: (d / IMG).unlink()),
+    Case(
+        "image file missing at data add",
+        ["data", "add", "{data}", "--name", "y", "--db", "{db}"],
+        "names image",
+        1,
+        lambda d, t: (d / IMG).unlink(),
+    ),
+    Case(
+        "image file missing after data add",
+        INGEST + ["--dataset", "x"],
+        "is missing",
+        1,
+        registered=lambda d, t: (d / IMG).unlink(),
+    ),
     Case("unknown dataset", INGEST + ["--dataset", "brodne"], "no dataset named 'brodne'", 1),
     Case("unknown model", ["ingest", "alexnett", "conv5", "--db", "{db}"], "did you mean alexnet", 2),
     Case("unknown layer", ["ingest", "alexnet", "conv9", "--db", "{db}"], "has no layer 'conv9'", 2),
@@ -456,6 +470,8 @@ def test_bad_input(tmp_path, db_copy, synthetic_dir, case):
         from n2vdb import api
 
         api.add_dataset(data, "x", db_copy)
+    if case.registered:
+        case.registered(data, tmp_path)
     if case.db_sql:
         con = duckdb.connect(str(db_copy))
         con.execute(case.db_sql)

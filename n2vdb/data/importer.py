@@ -60,6 +60,12 @@ def add_dataset(con: duckdb.DuckDBPyConnection, path: str | Path, name: str, chu
                     _record_files(con, existing[0], fingerprint.take(dataset))
             return existing[0]
         raise N2vdbError(f"dataset name {name!r} is taken by {existing[1]}; choose another --name")
+    missing = next((r for r in dataset.rows if not dataset.image_path(r).is_file()), None)
+    if missing is not None:  # found now, not by the ingest that would fail on it hours later
+        raise DatasetError(
+            f"index.csv row {missing.image_id + 1} names image {missing.image}, which is not under "
+            f"{dataset.root / 'images'}: restore the file or remove its row"
+        )
     levels = dataset.concept_levels()
     known = set(dataset.labels)
     files = fingerprint.take(dataset)
