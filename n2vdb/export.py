@@ -143,7 +143,7 @@ def _to_parquet(con, specs: list[TableSpec], selection, out: Path, progress) -> 
                 writer.write_batch(batch)
                 rows += batch.num_rows
             if writer is None:  # no rows: still a file with the table's columns
-                empty = con.execute(f"SELECT * FROM {spec.name} LIMIT 0").to_arrow_table()
+                empty = con.sql(f"SELECT * FROM {spec.name} LIMIT 0").to_arrow_table()
                 pq.write_table(empty, partial, compression="zstd")
         finally:
             if writer is not None:

@@ -95,6 +95,33 @@ def test_parquet_directory_is_readable_by_duckdb_and_pyarrow(ingested_db, tmp_pa
 def test_parquet_of_one_probe_and_errors(ingested_db, tmp_path):
     counts = api.export(tmp_path / "one", ingested_db, probe=1)
     assert counts == source_counts(ingested_db)  # the fixture holds one probe and its dataset
+    # With a second probe beside it, --probe picks each one's rows and no other's.
+    two = tmp_path / "two.duckdb"
+    shutil.copy(ingested_db, two)
+    con = duckdb.connect(str(two))
+    for table in ("probes", "filters", "filter_concept_iou", "embeddings"):
+        con.execute(f"CREATE TEMP TABLE copied AS SELECT * FROM {table} WHERE probe_id = 1")
+        con.execute("UPDATE copied SET probe_id = 2")
+        if table == "probes":
+            con.execute("UPDATE copied SET probe_key = 'second', layer = 'conv4'")
+        else:  # rows of the second probe that the first lacks, so a mix-up shows in the counts
+            con.execute("DELETE FROM copied WHERE rowid % 2 = 0")
+        con.execute(f"INSERT INTO {table} SELECT * FROM copied")
+        con.execute("DROP TABLE copied")
+    per_probe = {
+        p: {t: con.execute(f"SELECT count(*) FROM {t} WHERE probe_id = ?", [p]).fetchone()[0] for t in ("filters",)}
+        for p in (1, 2)
+    }
+    con.close()
+    for probe in (1, 2):
+        api.export(tmp_path / f"p{probe}", two, probe=probe)
+        probes = pq.read_table(tmp_path / f"p{probe}" / "probes.parquet").to_pylist()
+        assert [p["probe_id"] for p in probes] == [probe]
+        for table in ("filters", "filter_concept_iou", "embeddings", "activations"):
+            ids = set(pq.read_table(tmp_path / f"p{probe}" / f"{table}.parquet").column("probe_id").to_pylist())
+            assert ids <= {probe}, table
+        assert pq.read_table(tmp_path / f"p{probe}" / "filters.parquet").num_rows == per_probe[probe]["filters"]
+    assert per_probe[1]["filters"] != per_probe[2]["filters"]
     with pytest.raises(NotFound, match="no probe 99"):
         api.export(tmp_path / "none", ingested_db, probe=99)
     (tmp_path / "file").write_text("x")

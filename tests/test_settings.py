@@ -64,9 +64,34 @@ def test_ingest_options_are_checked(field, value, message):
     assert raised.value.param == (None if field == "train" else field)
 
 
-def test_defaults_pass():
-    IngestOptions()
-    TrainSettings()
+@pytest.mark.parametrize(
+    ("command", "settings"),
+    [
+        ("ingest", ("n2vdb.ingest:IngestOptions", "n2vdb.probe:TrainSettings")),
+        ("formulas", ("n2vdb.formulas.stage:FormulaSettings",)),
+        ("significance", ("n2vdb.significance.stage:SignificanceSettings",)),
+    ],
+)
+def test_the_cli_defaults_are_the_librarys(command, settings):
+    """Until each setting is declared once (issue 28), the CLI's copy of a default must be the
+    library's: an API caller and a CLI user get the same probe for the same settings."""
+    import dataclasses
+    import importlib
+
+    import typer
+
+    from n2vdb import cli
+
+    library = {}
+    for spec in settings:
+        module, name = spec.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        cls()  # the defaults pass their own checks
+        library.update({f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING})
+    options = {p.name: p.default for p in typer.main.get_command(cli.app).commands[command].params}
+    shared = sorted(set(options) & set(library))
+    assert len(shared) >= 5
+    assert {n: options[n] for n in shared} == {n: library[n] for n in shared}
 
 
 @pytest.mark.parametrize(
