@@ -111,3 +111,19 @@ def test_block_permutations_are_reproducible_permutations():
     assert not np.array_equal(p, null.block_permutations(3, 6, 200, 7))
     # uniform: each image goes to each position about equally often
     assert np.abs(np.bincount(p[:, 0], minlength=7) / 200 - 1 / 7).max() < 0.07
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "sh", "sw"), [(13, 13, 113, 113), (7, 9, 30, 41), (14, 14, 112, 112), (1, 6, 4, 20)]
+)
+def test_unit_masks_from_cell_patterns_are_the_upsampled_masks(h, w, sh, sw):
+    from n2vdb.formulas.masks import pack, words
+    from n2vdb.stats.iou import filter_masks
+
+    gen = torch.Generator().manual_seed(h * w)
+    values = torch.rand(6, h, w, generator=gen)
+    thresholds = torch.full((6,), 0.8)
+    bits, area = null._unit_masks(values, thresholds, (sh, sw), words(sh * sw))
+    expected = filter_masks(values[None], thresholds, (sh, sw), "net2vec")[0].numpy()
+    assert np.array_equal(bits, pack(expected, words(sh * sw)))
+    assert area.tolist() == expected.reshape(6, -1).sum(axis=1).tolist()

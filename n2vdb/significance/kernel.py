@@ -54,6 +54,32 @@ def _block(
                 a[t, p + 1] += unit_area[j, k] + la
 
 
+@njit(cache=True, nogil=True, boundscheck=False)
+def _cell_masks(patterns, cells, out, area):  # pragma: no cover (compiled)
+    n_units, n_cells = patterns.shape
+    n_words = cells.shape[2]
+    for k in range(n_units):
+        for c in range(n_cells):
+            q = patterns[k, c]
+            if q:
+                for w in range(n_words):
+                    out[k, w] |= cells[c, q, w]
+        a = 0
+        for w in range(n_words):
+            a += _popcount(out[k, w])
+        area[k] = a
+
+
+def unit_masks(patterns: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(uint64 [K, W] packed masks, int64 [K] areas) of K upsampled binary maps, from their cell
+    patterns [K, cells] (upsample_patterns.cell_patterns) and the geometry's packed_cells table:
+    each pixel lies in one cell, so a mask is the OR of its cells' rows."""
+    out = np.zeros((patterns.shape[0], cells.shape[2]), np.uint64)
+    area = np.zeros(patterns.shape[0], np.int64)
+    _cell_masks(np.ascontiguousarray(patterns), cells, out, area)
+    return out, area
+
+
 def add_block(
     unit_bits: np.ndarray,
     unit_area: np.ndarray,

@@ -27,7 +27,7 @@ from n2vdb.formulas.masks import pack, words
 from n2vdb.probe import Probe
 from n2vdb.progress import progress_bar
 from n2vdb.significance import kernel
-from n2vdb.stats import iou
+from n2vdb.stats import iou, upsample_patterns
 
 
 @dataclass
@@ -76,6 +76,18 @@ class _Image:
     concepts: np.ndarray  # int64 [n] labels of the image that some test names
     label_bits: np.ndarray  # uint64 [n, W]
     label_area: np.ndarray  # int64 [n]
+
+
+def _unit_masks(values, thresholds, size: tuple[int, int], n_words: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image's unit masks as net2vec mode makes them (stats/iou.filter_masks), packed, and their
+    areas: from the cells' patterns where the geometry has a pattern table (no upsample), else
+    upsampled and packed."""
+    cells = upsample_patterns.packed_cells(values.shape[1], values.shape[2], *size)
+    if cells is not None:
+        binary = values > thresholds.view(-1, 1, 1).to(values.dtype)  # as filter_masks compares
+        return kernel.unit_masks(upsample_patterns.cell_patterns(binary).numpy(), cells)
+    unit = iou.filter_masks(values[None], thresholds, size, "net2vec")[0].numpy()
+    return pack(unit, n_words), unit.reshape(len(unit), -1).sum(axis=1).astype(np.int64)
 
 
 def counts(
@@ -145,13 +157,13 @@ def counts(
                 row = dataset.rows[image_id]
                 size = (row.sh, row.sw)
                 n_words = words(row.sh * row.sw)
-                unit = iou.filter_masks(values[i : i + 1], thresholds, size, "net2vec")[0].numpy()
+                unit_bits, unit_area = _unit_masks(values[i], thresholds, size, n_words)
                 keep = t_degree[np.searchsorted(concept_ids, concepts)] > 0
                 label = label.numpy()[keep]
                 pending.setdefault(size, []).append(
                     _Image(
-                        pack(unit, n_words),
-                        unit.reshape(k, -1).sum(axis=1).astype(np.int64),
+                        unit_bits,
+                        unit_area,
                         np.asarray(concepts, dtype=np.int64)[keep],
                         pack(label, n_words),
                         label.reshape(len(label), row.sh * row.sw).sum(axis=1).astype(np.int64),

@@ -93,6 +93,24 @@ def table_on(h: int, w: int, sh: int, sw: int, device: torch.device) -> PatternT
     return PatternTable(tab.cells, tab.order.to(device), tab.on.to(device), tab.area.to(device))
 
 
+@functools.lru_cache(maxsize=16)
+def packed_cells(h: int, w: int, sh: int, sw: int) -> np.ndarray | None:
+    """uint64 [cells, 16, words]: the output pixels each cell turns on under each pattern, as packed
+    bits (pixel p is bit p % 64 of word p // 64), so that a filter's whole mask is the OR of its
+    cells' rows: the upsampled mask without the upsample. None where table() is None."""
+    tab = table(h, w, sh, sw)
+    if tab is None:
+        return None
+    pixels = sh * sw
+    words = (pixels + 63) // 64
+    bits = np.zeros((tab.cells, 16, words * 64), dtype=bool)
+    order = tab.order.numpy()
+    on = tab.on.numpy() > 0  # [cells, m, 16]
+    cell, slot = np.nonzero(order < pixels)
+    bits[cell[:, None], np.arange(16)[None, :], order[cell, slot][:, None]] = on[cell, slot]
+    return np.packbits(bits, axis=2, bitorder="little").view("<u8")
+
+
 def _agrees_with_torch(tab: PatternTable, h: int, w: int, sh: int, sw: int) -> bool:
     """Self-check on random maps: the tabulated masks must equal torch's, or the caller falls back."""
     gen = torch.Generator().manual_seed(0)
