@@ -123,18 +123,11 @@ def formulas(
     """Each unit's compositional formula (compexp's beam search, n2vdb/formulas) for PROBE (default:
     the latest complete one); returns the run_id. The same settings again find the stored run."""
     from n2vdb.formulas import stage
-    from n2vdb.store.sessions import Store
 
     settings = stage.FormulaSettings(
         beam_size, max_length, penalty, tuple(categories) if categories is not None else None, split
     )
-    with write_connection(db):
-        pass  # create and upgrade the database (migration 0013) before the reads
-    store = Store(db)
-    with store.reading() as con:
-        found, dataset = _probe_and_dataset(con, probe)
-        stage.check_probe(con, found)
-    return stage.run(store, found, dataset, settings, workers)
+    return _analysis(stage, settings, probe, db, workers)
 
 
 def significance(
@@ -151,11 +144,18 @@ def significance(
     """Bootstrap intervals and permutation p- and q-values (n2vdb/significance) for PROBE (default:
     the latest complete one); returns the run_id. The same settings again find the stored run."""
     from n2vdb.significance import stage
-    from n2vdb.store.sessions import Store
 
     settings = stage.SignificanceSettings(replicates, level, labels, filters, permutations, seed=seed)
+    return _analysis(stage, settings, probe, db, workers)
+
+
+def _analysis(stage, settings, probe: int | None, db: PathLike, workers: int) -> int:
+    """Run an analysis of stored probes (n2vdb.formulas.stage, n2vdb.significance.stage: each has
+    check_probe and run) under SETTINGS on PROBE; returns its run's id."""
+    from n2vdb.store.sessions import Store
+
     with write_connection(db):
-        pass  # create and upgrade the database (migration 0014) before the reads
+        pass  # create and upgrade the database (its tables come with a migration) before the reads
     store = Store(db)
     with store.reading() as con:
         found, dataset = _probe_and_dataset(con, probe)

@@ -101,21 +101,5 @@ def add_block(
     test_index[test_start[e]:test_start[e + 1]] on units test_filter[...]; perms int64 [P, B].
     Entries of one label stay in one thread: no two threads add to the same test."""
 
-    def run(first: int, stop: int) -> None:
-        _block(
-            first,
-            stop,
-            unit_bits,
-            unit_area,
-            entry_image,
-            entry_bits,
-            entry_area,
-            test_start,
-            test_index,
-            test_filter,
-            perms,
-            s,
-            a,
-        )
-
-    over_concepts(run, entry_concept)
+    arrays = (unit_bits, unit_area, entry_image, entry_bits, entry_area, test_start, test_index, test_filter)
+    over_concepts(lambda first, stop: _block(first, stop, *arrays, perms, s, a), entry_concept)
