@@ -23,7 +23,9 @@ CREATE TABLE significance_runs (
 --   'filter_iou'     (filter, concept, split): set IoU of one filter, as filter_concept_iou;
 --   'embedding_iou'  (concept, 'val'; filter NULL): the segmentation embedding's val IoU;
 --   'embedding_gain' (concept, 'val'; filter = the best filter): embedding IoU - best filter IoU,
---                    both on val, paired (the same bootstrap weights on both).
+--                    both on val, paired (the same bootstrap weights on both);
+--   'classification_accuracy' (concept, 'val'; filter NULL): the classification embedding's accuracy
+--                    on its balanced val pairs (embeddings.val_score), each pair weighted by its image.
 -- replicates: the statistic in each bootstrap replicate (NaN where a replicate drew no image), so
 -- any aggregate's interval is SQL: quantiles over replicates of, say, a category's mean.
 CREATE TABLE score_intervals (

@@ -15,7 +15,8 @@ best AS (  -- as the best_filters view, restricted to one concept first (3x fast
 SELECT p.probe_id, p.model, p.layer, p.weights, d.name AS dataset, p.n_filters,
        b.filter AS best_filter, v.iou AS single_filter_iou, vi.lower AS single_filter_lower,
        vi.upper AS single_filter_upper, seg.val_score AS embedding_iou, si.lower AS embedding_lower,
-       si.upper AS embedding_upper, cls.val_score AS classification_accuracy
+       si.upper AS embedding_upper, cls.val_score AS classification_accuracy, ci.lower AS classification_lower,
+       ci.upper AS classification_upper
 FROM target t
 JOIN probes p USING (probe_id)
 JOIN datasets d ON d.dataset_id = p.dataset_id
@@ -25,6 +26,8 @@ LEFT JOIN filter_concept_iou v
 LEFT JOIN intervals vi ON vi.probe_id = t.probe_id AND vi.statistic = 'filter_iou' AND vi.split = 'val'
                       AND vi.concept_id = t.concept_id AND vi.filter = b.filter
 LEFT JOIN intervals si ON si.probe_id = t.probe_id AND si.statistic = 'embedding_iou' AND si.concept_id = t.concept_id
+LEFT JOIN intervals ci ON ci.probe_id = t.probe_id AND ci.statistic = 'classification_accuracy'
+                      AND ci.concept_id = t.concept_id
 LEFT JOIN embeddings seg ON seg.probe_id = t.probe_id AND seg.concept_id = t.concept_id
                         AND seg.kind = 'segmentation' AND seg.n_filters = p.n_filters
 LEFT JOIN embeddings cls ON cls.probe_id = t.probe_id AND cls.concept_id = t.concept_id

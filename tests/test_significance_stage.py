@@ -374,3 +374,36 @@ def test_ingest_runs_it_when_asked_and_the_report_draws_the_intervals(tmp_path, 
     rows = [{"x": 0.5, "x_lower": 0.25, "x_upper": 1.0}, {"x": 0.1, "x_lower": 0.0, "x_upper": 0.2}]
     assert _error(rows, "x") == [[0.25, 0.1], [0.5, 0.1]]
     assert _error([*rows, {"x": 0.3, "x_lower": None, "x_upper": None}], "x") is None
+
+
+def test_classification_accuracy_is_resampled_on_the_pairs_it_was_measured_on(db_copy):
+    from n2vdb.embed import classification
+    from n2vdb.embed.stage import classification_inputs
+    from n2vdb.probe import load
+
+    run_id = api.significance(db=db_copy, **SMALL)
+    con = duckdb.connect(str(db_copy), read_only=True)
+    stored = con.execute(
+        "SELECT i.concept_id, i.estimate, i.lower, i.upper, i.replicates, e.val_score, e.weights, e.bias"
+        " FROM score_intervals i JOIN embeddings e ON e.probe_id = 1 AND e.concept_id = i.concept_id"
+        " AND e.kind = 'classification' AND e.n_filters = 256"
+        " WHERE i.run_id = ? AND i.statistic = 'classification_accuracy' ORDER BY i.concept_id",
+        [run_id],
+    ).fetchall()
+    probe = load(con, 1)
+    image_ids, features, labels, is_val, concepts = classification_inputs(con, probe, 1)
+    con.close()
+    assert len(stored) == len(concepts) > 10
+    val_rows = np.flatnonzero(is_val.numpy()).astype(np.int32)
+    pairs = classification.val_sample(labels, val_rows, torch.Generator().manual_seed(0))  # the probe's seed
+    x = features.numpy().astype(np.float64)
+    for col, (c, estimate, lower, upper, reps, val_score, w, b) in enumerate(stored):
+        assert c == concepts[col] and estimate == pytest.approx(val_score, abs=1e-12)
+        mine = pairs[1] == col
+        rows = val_rows[pairs[0][mine]]
+        hit = ((x[rows] @ np.asarray(w, np.float64) + b) > 0) == labels.numpy()[rows, col]
+        assert hit.mean() == pytest.approx(val_score, abs=1e-12)
+        weights = resample.poisson_weights(0, image_ids[rows], SMALL["replicates"]).astype(np.float64)
+        expect = (weights.T @ hit) / weights.sum(axis=0)
+        assert np.allclose(reps, expect, rtol=1e-6, equal_nan=True)
+        assert (lower, upper) == pytest.approx(tuple(np.nanquantile(expect, [0.025, 0.975])), rel=1e-6)

@@ -195,6 +195,35 @@ def _fraction(hits: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.where(n > 0, hits / np.maximum(n, 1), np.nan)
 
 
+def _hits(block: np.ndarray, c0: int, i: np.ndarray, j: np.ndarray, y: np.ndarray, val_rows: np.ndarray) -> np.ndarray:
+    """bool per balanced val pair (val row i, concept j) of a block of logits [c1 - c0, val rows]:
+    whether the embedding classifies the pair's image right (logit > 0 on a positive)."""
+    return (block[j - c0, i] > 0) == y[val_rows[i], j]
+
+
+def val_sample(labels: torch.Tensor, val_rows: np.ndarray, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The balanced val pairs (val row index, concept column) the val accuracy is measured on: the
+    first draw of training's generator, so that the same seed draws the same pairs again
+    (n2vdb/significance resamples them)."""
+    return BalancedDraws(labels, val_rows)(gen)
+
+
+def val_pair_hits(features, weights, bias, labels, val_rows, val_pairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(feature rows, concept columns, hits) of every balanced val pair, in concept order: what the
+    val accuracy averages, per pair."""
+    x, y, w, b = features.numpy(), labels.numpy(), weights.numpy(), bias.numpy()
+    images, cols = val_pairs
+    by = np.argsort(cols, kind="stable")
+    images, cols = images[by], cols[by]
+    bounds = np.searchsorted(cols, np.arange(y.shape[1] + 1))
+    hits = np.zeros(len(cols), bool)
+    for c0, c1 in _concept_blocks(len(val_rows), y.shape[1]):
+        block = cls_kernel.logits(x, val_rows, w, b, c0, c1)
+        at = slice(bounds[c0], bounds[c1])
+        hits[at] = _hits(block, c0, images[at], cols[at], y, val_rows)
+    return val_rows[images], cols, hits
+
+
 def _score_val(features, weights, bias, labels, val_rows, val_pairs):
     """Scores of the val images (rows VAL_ROWS of FEATURES and LABELS), a block of concepts at a time:
     (accuracy on the balanced VAL_PAIRS, average precision on every val image, and every val image's
@@ -211,7 +240,7 @@ def _score_val(features, weights, bias, labels, val_rows, val_pairs):
     for c0, c1 in _concept_blocks(len(val_rows), c):
         block = cls_kernel.logits(x, val_rows, w, b, c0, c1)
         i, j = images[bounds[c0] : bounds[c1]], cols[bounds[c0] : bounds[c1]]
-        hits += np.bincount(j[(block[j - c0, i] > 0) == y[val_rows[i], j]], minlength=c)
+        hits += np.bincount(j[_hits(block, c0, i, j, y, val_rows)], minlength=c)
         truth = y[val_rows, c0:c1]
         for col in range(c0, c1):
             # one concept's scores per call: the vectorised sigmoid rounds an array's tail
@@ -249,7 +278,7 @@ def train(
     # The train and val images are rows of FEATURES and LABELS, read in place (copies of them grew
     # with images x concepts).
     train_rows, val_rows = (np.flatnonzero(split).astype(PAIR_INDEX) for split in (~is_val.numpy(), is_val.numpy()))
-    val_pairs = BalancedDraws(labels, val_rows)(gen)
+    val_pairs = val_sample(labels, val_rows, gen)
     bound = 1 / np.sqrt(n_filters)
     weights = (torch.rand(n_filters, n_concepts, generator=gen) * 2 - 1) * bound
     if keep is not None:

@@ -230,6 +230,53 @@ def embedding_replicates(
     )
 
 
+@dataclass
+class Classifications:
+    concept: np.ndarray  # [C] concepts with a classification embedding and balanced val pairs
+    accuracy: np.ndarray  # [C] balanced val accuracy, as embeddings.val_score
+    replicates: np.ndarray  # [C, R]
+
+
+def classification_replicates(
+    con: duckdb.DuckDBPyConnection, probe: Probe, settings: SignificanceSettings, chunk: int = 1 << 14
+) -> Classifications:
+    """Step 4's second half: each classification embedding's accuracy on its balanced val pairs,
+    drawn again as training drew them (embed/classification.val_sample, from the probe's training
+    seed), and under each replicate's weights (the pair's image's)."""
+    from n2vdb.embed import classification
+    from n2vdb.embed.stage import classification_inputs
+
+    image_ids, features, labels, is_val, concepts = classification_inputs(con, probe, probe.dataset_id)
+    stored = {
+        c: (w, b)
+        for c, w, b in con.execute(
+            "SELECT e.concept_id, e.weights, e.bias FROM embeddings e JOIN probes p USING (probe_id)"
+            " WHERE e.probe_id = ? AND e.kind = 'classification' AND e.n_filters = p.n_filters",
+            [probe.probe_id],
+        ).fetchall()
+    }
+    r = settings.replicates
+    if not len(concepts) or not bool(is_val.any()) or any(int(c) not in stored for c in concepts):
+        return Classifications(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, r)))
+    weights = torch.tensor([stored[int(c)][0] for c in concepts], dtype=torch.float32).T.contiguous()
+    bias = torch.tensor([stored[int(c)][1] for c in concepts], dtype=torch.float32)
+    seed = first(
+        con.execute("SELECT (settings->'train'->>'seed')::BIGINT FROM probes WHERE probe_id = ?", [probe.probe_id])
+    )[0]
+    val_rows = np.flatnonzero(is_val.numpy()).astype(np.int32)
+    pairs = classification.val_sample(labels, val_rows, torch.Generator().manual_seed(seed))
+    rows, cols, hits = classification.val_pair_hits(features, weights, bias, labels, val_rows, pairs)
+    counts = np.bincount(cols, minlength=len(concepts))
+    accuracy = np.bincount(cols[hits], minlength=len(concepts)) / np.maximum(counts, 1)
+    sums = [torch.zeros(len(concepts), r, dtype=torch.float64) for _ in range(2)]
+    for lo in range(0, len(cols), chunk):  # memory holds CHUNK x R weights
+        at = slice(lo, lo + chunk)
+        values = [torch.from_numpy(hits[at]).double(), torch.ones(len(cols[at]), dtype=torch.float64)]
+        resample.add_weighted(sums, cols[at], image_ids[rows[at]], values, settings.seed, r)
+    keep = counts > 0
+    return Classifications(concepts[keep], accuracy[keep], resample.ratios(sums[0].numpy(), sums[1].numpy())[keep])
+
+
 def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: SignificanceSettings, workers: int = 0) -> int:
     """Intervals and tests of PROBE under SETTINGS, stored; returns the run_id (that of the stored run,
     where these settings have one already)."""
@@ -256,8 +303,9 @@ def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: Significan
                 workers,
             )
             embedded = embedding_replicates(con, probe, settings)
+            classified = classification_replicates(con, probe, settings)
         timing.images = len(dataset.rows)
-        intervals, tests = _rows(selection, sums, tested, counts, embedded, settings)
+        intervals, tests = _rows(selection, sums, tested, counts, embedded, classified, settings)
     with store.writing() as con, transaction(con):
         run_id = first(
             con.execute(
@@ -306,6 +354,7 @@ def _rows(
     tested: np.ndarray,
     counts: null.NullCounts,
     embedded: Embeddings,
+    classified: Classifications,
     settings: SignificanceSettings,
 ) -> tuple[dict, dict]:
     """(score_intervals columns, significance_tests columns) of a run, without its probe and run ids."""
@@ -326,16 +375,28 @@ def _rows(
     emb_lower, emb_upper = resample.percentile_interval(embedded.replicates, settings.level)
     gain_lower, gain_upper = resample.percentile_interval(gain_reps, settings.level)
 
-    e = len(embedded.concept)
+    cls_lower, cls_upper = resample.percentile_interval(classified.replicates, settings.level)
+    e, n_cls = len(embedded.concept), len(classified.concept)
     intervals = {
-        "statistic": ["filter_iou"] * int(present.sum()) + ["embedding_iou"] * e + ["embedding_gain"] * e,
-        "filter": np.r_[selection.filter[pair][present], np.full(e, -1), embedded.best_filter].astype(np.int32),
-        "concept_id": np.r_[selection.concept[pair][present], embedded.concept, embedded.concept].astype(np.int32),
-        "split": list(split[present]) + ["val"] * (2 * e),
-        "estimate": np.r_[resample.ratios(sums.intersection, sums.union)[present], embedded.iou, gain],
-        "lower": np.r_[lower[present], emb_lower, gain_lower],
-        "upper": np.r_[upper[present], emb_upper, gain_upper],
-        "replicates": _lists(np.r_[reps[present], embedded.replicates, gain_reps]),
+        "statistic": ["filter_iou"] * int(present.sum())
+        + ["embedding_iou"] * e
+        + ["embedding_gain"] * e
+        + ["classification_accuracy"] * n_cls,
+        "filter": np.r_[
+            selection.filter[pair][present], np.full(e, -1), embedded.best_filter, np.full(n_cls, -1)
+        ].astype(np.int32),
+        "concept_id": np.r_[
+            selection.concept[pair][present], embedded.concept, embedded.concept, classified.concept
+        ].astype(np.int32),
+        "split": list(split[present]) + ["val"] * (2 * e + n_cls),
+        "estimate": np.r_[
+            resample.ratios(sums.intersection, sums.union)[present], embedded.iou, gain, classified.accuracy
+        ],
+        "lower": np.r_[lower[present], emb_lower, gain_lower, cls_lower],
+        "upper": np.r_[upper[present], emb_upper, gain_upper, cls_upper],
+        "replicates": _lists(
+            np.r_[reps[present], embedded.replicates, gain_reps, classified.replicates.reshape(n_cls, -1)]
+        ),
     }
     intervals["filter"] = pa.array(intervals["filter"], pa.int32(), mask=intervals["filter"] < 0)
 
