@@ -48,7 +48,8 @@ BENCHES = {
     "scale": (
         (
             "whole ingest at Broden density (`n2vdb data synth --profile broden`) vs a bare forward "
-            "pass, at each size, then `n2vdb significance` (opt-in, outside the ingest's total); the "
+            "pass, at each size, then `n2vdb significance` (run by `n2vdb ingest` after the stages, outside "
+            "their total); the "
             "largest size's ratios and a linear projection to all of Broden"
         ),
         ["--threads", "1"],

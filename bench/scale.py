@@ -8,8 +8,8 @@ no measured size pays for compiling the kernels. Each size runs in its own proce
 that size's ingest's): it writes the broden profile
 (`n2vdb data synth --profile broden`), times a bare forward pass in a child process (the same image
 loader, the model run to alexnet conv5, nothing stored), then `ingest alexnet conv5` (random weights) and reads the
-probe's stage_timings, then `n2vdb significance` (opt-in, so a column of its own, outside the ingest's
-total). One table: per stage ms/image and its ratio to the forward pass, training
+probe's stage_timings, then `n2vdb significance` (which `n2vdb ingest` runs after the stages by
+default; a column of its own, outside the stages' total). One table: per stage ms/image and its ratio to the forward pass, training
 (image, concept) pairs per second, peak RSS, and a linear projection of the largest size to all of
 Broden (63,305 images; training stages scaled to 30 epochs when --epochs is less).
 """
@@ -27,7 +27,7 @@ from common import ingest_profile, save_result
 
 BRODEN_IMAGES = 63_305
 STAGES = ("extraction", "thresholds", "iou", "segmentation", "classification")
-OPT_IN = ("significance",)  # run after the ingest; reported beside it, not in its total
+AFTER = ("significance",)  # `n2vdb ingest` runs it after the stages; reported beside them, not in their total
 TRAINING = ("segmentation", "classification")
 WARMUP_IMAGES = 64
 
@@ -117,17 +117,17 @@ def table(results: list[dict]) -> str:
     lines = []
     head = (
         f"{'images':>7} {'forward':>8} "
-        + " ".join(f"{s[:12]:>16}" for s in STAGES + OPT_IN)
+        + " ".join(f"{s[:12]:>16}" for s in STAGES + AFTER)
         + f" {'ingest':>12} {'seg pairs/s':>11} {'peak RSS':>9}"
     )
     lines += ["ms/image (ratio to the bare forward pass)", head]
     for r in results:
         n, fwd = r["images"], r["forward_s"]
         cells = []
-        for s in STAGES + OPT_IN:
+        for s in STAGES + AFTER:
             sec = r["stages"].get(s, {}).get("seconds", 0.0)
             cells.append(f"{1000 * sec / n:8.1f} ({sec / fwd:4.2f}x)")
-        total = sum(v["seconds"] for s, v in r["stages"].items() if s not in OPT_IN)
+        total = sum(v["seconds"] for s, v in r["stages"].items() if s not in AFTER)
         seg = r["stages"].get("segmentation", {})
         rate = (seg.get("pairs") or 0) * r["epochs"] / seg["seconds"] if seg.get("seconds") else float("nan")
         lines.append(
@@ -139,7 +139,7 @@ def table(results: list[dict]) -> str:
     scale = BRODEN_IMAGES / last["images"]
     to30 = 30 / last["epochs"]
     projected = {
-        s: v["seconds"] * scale * (to30 if s in TRAINING else 1) for s, v in last["stages"].items() if s not in OPT_IN
+        s: v["seconds"] * scale * (to30 if s in TRAINING else 1) for s, v in last["stages"].items() if s not in AFTER
     }
     fwd = last["forward_s"] * scale
     lines.append(
@@ -160,13 +160,13 @@ def summary(results: list[dict]) -> tuple[str, dict]:
     """The README's one-line headline and its figures: the largest size's ratios, the peak RSS range, the projection."""
     last = results[-1]
     n, fwd = last["images"], last["forward_s"]
-    ratios = {s: last["stages"].get(s, {}).get("seconds", 0.0) / fwd for s in STAGES + OPT_IN}
-    ingest = sum(v["seconds"] for s, v in last["stages"].items() if s not in OPT_IN) / fwd
+    ratios = {s: last["stages"].get(s, {}).get("seconds", 0.0) / fwd for s in STAGES + AFTER}
+    ingest = sum(v["seconds"] for s, v in last["stages"].items() if s not in AFTER) / fwd
     seg = last["stages"].get("segmentation", {})
     rate = (seg.get("pairs") or 0) * last["epochs"] / seg["seconds"] if seg.get("seconds") else 0.0
     to30 = 30 / last["epochs"]
     hours = (
-        sum(v["seconds"] * (to30 if s in TRAINING else 1) for s, v in last["stages"].items() if s not in OPT_IN)
+        sum(v["seconds"] * (to30 if s in TRAINING else 1) for s, v in last["stages"].items() if s not in AFTER)
         * BRODEN_IMAGES
         / n
         / 3600
@@ -177,7 +177,7 @@ def summary(results: list[dict]) -> tuple[str, dict]:
         f"{n:,} images ({concepts.get('segmentation', 0):,} seg + {concepts.get('classification', 0):,} cls "
         f"concepts, {last['epochs']} epochs): "
         + ", ".join(f"{s} {ratios[s]:.2f}x" for s in STAGES)
-        + f", ingest {ingest:.1f}x the forward pass (significance, opt-in: {ratios['significance']:.2f}x more); "
+        + f", ingest {ingest:.1f}x the forward pass, then significance {ratios['significance']:.2f}x; "
         f"{rate:,.0f} training pairs/s; peak RSS "
         f"{rss[0]:.2f} GB at {results[0]['images']:,} to {rss[-1]:.2f} GB at {n:,}; projected {hours:.1f} h "
         f"for {BRODEN_IMAGES:,} images"

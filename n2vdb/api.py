@@ -149,6 +149,16 @@ def significance(
     return _analysis(stage, settings, probe, db, workers)
 
 
+def significance_where_it_applies(probe: int, db: PathLike = None, workers: int = 0) -> tuple[int | None, str | None]:
+    """api.significance with its defaults, as `n2vdb ingest` runs it after every probe: (run_id, None),
+    or (None, why not) for a probe it does not apply to (a vector layer, netdissect mode, no val images)."""
+    from n2vdb.significance import stage
+
+    with read_connection(db) as con:
+        reason = stage.not_applicable(con, probes_mod.load(con, probe))
+    return (None, reason) if reason else (significance(probe, db, workers=workers), None)
+
+
 def _analysis(stage, settings, probe: int | None, db: PathLike, workers: int) -> int:
     """Run an analysis of stored probes (n2vdb.formulas.stage, n2vdb.significance.stage: each has
     check_probe and run) under SETTINGS on PROBE; returns its run's id."""

@@ -218,9 +218,10 @@ def ingest(
     significance: Annotated[
         bool,
         typer.Option(
-            help="Then intervals, p- and q-values (`n2vdb significance` for its settings; docs/significance.md)"
+            help="Then intervals, p- and q-values with the defaults, where they apply (`n2vdb significance` for "
+            "other settings; docs/significance.md)"
         ),
-    ] = False,
+    ] = True,
     db: Db = None,
 ):
     """Extract a layer's activations and compute thresholds, IoUs and embeddings (resumes if interrupted)."""
@@ -261,7 +262,8 @@ def ingest(
     if formulas:
         api.formulas(probe_id, db, workers=workers or 0)
     if significance:
-        api.significance(probe_id, db, workers=workers or 0)
+        run_id, skipped = api.significance_where_it_applies(probe_id, db, workers or 0)
+        say(f"significance: {skipped}" if skipped else f"significance stored as run {run_id}")
     _summary(probe_id, model, layer, db, start)
 
 

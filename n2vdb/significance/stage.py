@@ -74,8 +74,9 @@ class Selection:
     tested: np.ndarray  # [S] bool
 
 
-def check_probe(con: duckdb.DuckDBPyConnection, probe: Probe) -> None:
-    """Refuse a probe whose scores are not all there, or not set IoUs this run can resample."""
+def not_applicable(con: duckdb.DuckDBPyConnection, probe: Probe) -> str | None:
+    """Why a run cannot be made of PROBE (its scores are not all there, or are not set IoUs this run
+    can resample, or it has no val image to test on), or None where it can."""
     status, kind, mode = first(
         con.execute(
             "SELECT status, settings->>'kind', coalesce(settings->>'iou_mode', 'net2vec') FROM probes"
@@ -84,14 +85,29 @@ def check_probe(con: duckdb.DuckDBPyConnection, probe: Probe) -> None:
         )
     )
     if kind == "vector":
-        raise UsageError(f"probe {probe.probe_id} is a vector layer: it has no single-filter IoUs to test")
+        return f"probe {probe.probe_id} is a vector layer: it has no single-filter IoUs to test"
     if status != "complete":
-        raise UsageError(f"probe {probe.probe_id} is at stage {status!r}; finish its ingest first (n2vdb ingest)")
+        return f"probe {probe.probe_id} is at stage {status!r}; finish its ingest first (n2vdb ingest)"
     if mode != "net2vec":
-        raise UsageError(
+        return (
             f"probe {probe.probe_id} uses --iou-mode {mode}, whose IoU is not a sum over the images of a label; "
             "significance needs a net2vec-mode probe (ingest it again with --iou-mode net2vec)"
         )
+    val = first(
+        con.execute(
+            "SELECT count(*) FROM activations a JOIN images i ON i.dataset_id = ? AND i.image_id = a.image_id"
+            " WHERE a.probe_id = ? AND i.split = 'val'",
+            [probe.dataset_id, probe.activation_probe],
+        )
+    )[0]
+    return None if val else f"probe {probe.probe_id} has no val images to test on"
+
+
+def check_probe(con: duckdb.DuckDBPyConnection, probe: Probe) -> None:
+    """Refuse a probe not_applicable names a reason for."""
+    reason = not_applicable(con, probe)
+    if reason:
+        raise UsageError(reason)
 
 
 def find_run(con: duckdb.DuckDBPyConnection, probe_id: int, settings: SignificanceSettings) -> int | None:
@@ -284,8 +300,6 @@ def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: Significan
         found = find_run(con, probe.probe_id, settings)
         if found is not None:
             return found
-        if not any(r.split == "val" for r in dataset.rows):
-            raise UsageError(f"the dataset of probe {probe.probe_id} has no val images to test on")
     with timings.timed("significance") as timing:
         with store.reading() as con:
             selection = select(con, probe.probe_id, settings)
@@ -304,7 +318,9 @@ def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: Significan
             )
             embedded = embedding_replicates(con, probe, settings)
             classified = classification_replicates(con, probe, settings)
-        timing.images = len(dataset.rows)
+            timing.images = first(
+                con.execute("SELECT count(*) FROM activations WHERE probe_id = ?", [probe.activation_probe])
+            )[0]
         intervals, tests = _rows(selection, sums, tested, counts, embedded, classified, settings)
     with store.writing() as con, transaction(con):
         run_id = first(
