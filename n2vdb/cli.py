@@ -263,7 +263,7 @@ def ingest(
         api.formulas(probe_id, db, workers=workers or 0)
     if significance:
         run_id, skipped = api.significance_where_it_applies(probe_id, db, workers or 0)
-        say(f"significance: {skipped}" if skipped else f"significance stored as run {run_id}")
+        stderr.print(f"significance: {skipped}" if skipped else f"significance stored as run {run_id}", markup=False)
     _summary(probe_id, model, layer, db, start)
 
 

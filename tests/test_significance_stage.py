@@ -356,20 +356,32 @@ def _named(db, pixel):
     return [(names[c], c, f) for _, c, f in pixel]
 
 
-def test_ingest_runs_it_when_asked_and_the_report_draws_the_intervals(tmp_path, synthetic_dir):
+def test_ingest_runs_it_by_default_and_the_report_draws_the_intervals(tmp_path, synthetic_dir):
     from n2vdb.render.report import _error
 
     db = tmp_path / "n2v.duckdb"
     assert run_cli("data", "add", str(synthetic_dir), "--name", "synthetic", "--db", str(db)).returncode == 0
-    result = run_cli(
-        "ingest", "alexnet", "conv5", "--weights", "random", "--limit", "40", "--epochs", "1", "--significance",
-        "--db", str(db),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    con = duckdb.connect(str(db), read_only=True)
-    assert con.execute("SELECT count(*) FROM significance_runs").fetchone()[0] == 1
-    con.close()
-    page = api.report(tmp_path / "report", db)
+    ingest = ["ingest", "alexnet", "conv5", "--weights", "random", "--limit", "40", "--epochs", "1", "--db", str(db)]
+    result = run_cli(*ingest, "--no-significance")
+    assert result.returncode == 0 and "significance" not in result.stderr, result.stderr
+
+    def runs() -> int:
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            return con.execute("SELECT count(*) FROM significance_runs").fetchone()[0]
+        finally:
+            con.close()
+
+    assert runs() == 0
+    result = run_cli(*ingest)  # the probe is complete: only the significance run is left to do
+    assert result.returncode == 0 and "significance stored as run 1" in result.stderr, result.stderr
+    assert runs() == 1
+    vector = run_cli(
+        "ingest", "alexnet", "fc7", "--weights", "random", "--limit", "40", "--epochs", "1", "--db", str(db)
+    )
+    assert vector.returncode == 0 and "significance: probe 2 is a vector layer" in vector.stderr, vector.stderr
+    assert runs() == 1
+    page = api.report(tmp_path / "report", db, probe=1)
     assert "single_filter_lower" in page.read_text() and (tmp_path / "report" / "scatter.png").exists()
     rows = [{"x": 0.5, "x_lower": 0.25, "x_upper": 1.0}, {"x": 0.1, "x_lower": 0.0, "x_upper": 0.2}]
     assert _error(rows, "x") == [[0.25, 0.1], [0.5, 0.1]]
@@ -407,3 +419,26 @@ def test_classification_accuracy_is_resampled_on_the_pairs_it_was_measured_on(db
         expect = (weights.T @ hit) / weights.sum(axis=0)
         assert np.allclose(reps, expect, rtol=1e-6, equal_nan=True)
         assert (lower, upper) == pytest.approx(tuple(np.nanquantile(expect, [0.025, 0.975])), rel=1e-6)
+
+
+@pytest.mark.parametrize("limit", [3, 6])
+def test_a_probe_of_a_few_images_gets_a_run_or_a_reason(tmp_path, synthetic_dir, limit):
+    """Few images: no classification embedding, few or no val images; a run or one line, never a crash."""
+    db = tmp_path / "n2v.duckdb"
+    api.add_dataset(synthetic_dir, "synthetic", db)
+    probe = api.ingest(
+        "alexnet",
+        "conv5",
+        db,
+        dataset="synthetic",
+        weights="random",
+        limit=limit,
+        workers=0,
+        train=TrainSettings(epochs=1),
+    )
+    run_id, reason = api.significance_where_it_applies(probe, db)
+    assert (run_id is None) == (reason is not None)
+    if reason:
+        assert "no val images" in reason
+    else:
+        assert api.query("significant-labels", db, alpha=1.01).num_rows >= 0

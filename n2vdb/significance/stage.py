@@ -383,7 +383,9 @@ def _rows(
 
     # The gain: embedding minus its best filter, both on val, under the same weights.
     row_of = {(int(c), int(f)): 2 * j + 1 for j, (c, f) in enumerate(zip(selection.concept, selection.filter))}
-    best_rows = np.array([row_of.get((int(c), int(f)), -1) for c, f in zip(embedded.concept, embedded.best_filter)])
+    best_rows = np.array(
+        [row_of.get((int(c), int(f)), -1) for c, f in zip(embedded.concept, embedded.best_filter)], dtype=np.int64
+    )
     has_best = best_rows >= 0
     best_iou = np.where(has_best, resample.ratios(sums.intersection, sums.union)[best_rows], np.nan)
     gain = embedded.iou - best_iou
@@ -410,9 +412,7 @@ def _rows(
         ],
         "lower": np.r_[lower[present], emb_lower, gain_lower, cls_lower],
         "upper": np.r_[upper[present], emb_upper, gain_upper, cls_upper],
-        "replicates": _lists(
-            np.r_[reps[present], embedded.replicates, gain_reps, classified.replicates.reshape(n_cls, -1)]
-        ),
+        "replicates": _lists(np.r_[reps[present], embedded.replicates, gain_reps, classified.replicates]),
     }
     intervals["filter"] = pa.array(intervals["filter"], pa.int32(), mask=intervals["filter"] < 0)
 
