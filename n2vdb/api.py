@@ -140,12 +140,13 @@ def significance(
     permutations: int = 1000,
     seed: int = 0,
     workers: int = 0,
+    block: int = 32,
 ) -> int:
     """Bootstrap intervals and permutation p- and q-values (n2vdb/significance) for PROBE (default:
     the latest complete one); returns the run_id. The same settings again find the stored run."""
     from n2vdb.significance import stage
 
-    settings = stage.SignificanceSettings(replicates, level, labels, filters, permutations, seed=seed)
+    settings = stage.SignificanceSettings(replicates, level, labels, filters, permutations, block, seed)
     return _analysis(stage, settings, probe, db, workers)
 
 

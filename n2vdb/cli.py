@@ -504,11 +504,14 @@ def significance_cmd(
     filters: Annotated[int, typer.Option(help="Each concept's best filters (train IoU) given intervals")] = 10,
     permutations: Annotated[int, typer.Option(help="Null draws per test (smallest p = 1 / (N + 1))")] = 1000,
     seed: Annotated[int, typer.Option(help="Seeds the bootstrap weights and the permutations")] = 0,
+    block: Annotated[
+        int, typer.Option(help="Val images of one size a permutation re-pairs (larger: more power for rare labels)")
+    ] = 32,
     workers: Annotated[int, typer.Option(help="Mask-decoding worker processes")] = 0,
     db: Db = None,
 ):
     """Bootstrap intervals beside the scores, permutation p- and q-values for each unit's best labels."""
-    run_id = api.significance(probe, db, replicates, level, labels, filters, permutations, seed, workers)
+    run_id = api.significance(probe, db, replicates, level, labels, filters, permutations, seed, workers, block)
     stderr.print(f"significance stored as run {run_id}; n2vdb query significant-labels shows the labels that pass")
 
 

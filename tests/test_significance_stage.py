@@ -442,3 +442,21 @@ def test_a_probe_of_a_few_images_gets_a_run_or_a_reason(tmp_path, synthetic_dir,
         assert "no val images" in reason
     else:
         assert api.query("significant-labels", db, alpha=1.01).num_rows >= 0
+
+
+def test_the_block_size_is_a_setting_of_its_own_run(db_copy):
+    whole = api.significance(db=db_copy, **SMALL)  # the 24 val images fit one block of 32
+    narrow = api.significance(db=db_copy, **SMALL, block=8)  # three blocks of 8
+    assert narrow != whole
+    con = duckdb.connect(str(db_copy), read_only=True)
+    blocks = dict(con.execute("SELECT run_id, block FROM significance_runs").fetchall())
+    pairs = con.execute(
+        "SELECT a.p_value, b.p_value, a.estimate, b.estimate FROM significance_tests a"
+        " JOIN significance_tests b USING (probe_id, test, filter, concept_id)"
+        " WHERE a.run_id = ? AND b.run_id = ? AND a.test = 'label'",
+        [whole, narrow],
+    ).fetchall()
+    con.close()
+    assert blocks == {whole: 32, narrow: 8}
+    assert all(a_est == b_est for _, _, a_est, b_est in pairs)  # the same observed IoUs
+    assert sum(a != b for a, b, _, _ in pairs) > len(pairs) // 4  # other draws: other p-values
