@@ -34,11 +34,11 @@ def _per_image(rng, n):
 
 
 def _poisson_ratio_replicates(inter, union, ids, seed, replicates):
-    sums = [torch.zeros(1, replicates, dtype=torch.float64) for _ in range(2)]
-    rows = np.zeros(len(ids), np.int64)
-    values = [torch.from_numpy(inter), torch.from_numpy(union)]
-    resample.add_weighted(sums, rows, ids, values, seed, replicates)
-    return resample.ratios(sums[0].numpy(), sums[1].numpy())[0]
+    """The replicates of one ratio, as the stage's sums make them (resample.RatioSums)."""
+    sums = resample.RatioSums(1, replicates, seed)
+    sums.add(np.zeros(len(ids), np.int64), ids, torch.from_numpy(inter), torch.from_numpy(union))
+    assert sums.estimates()[0] == pytest.approx(inter.sum() / union.sum())
+    return sums.replicate_ratios()[0]
 
 
 def test_poisson_bootstrap_agrees_with_resampling_images():

@@ -108,3 +108,44 @@ def add_weighted(sums: list, rows: np.ndarray, image_ids: np.ndarray, values: li
         part = torch.zeros(len(where), replicates)
         part.index_add_(0, inverse, weights[image_of[nonzero]] * value[nonzero, None].float())
         total.index_add_(0, where, part.double())
+
+
+class RatioSums:
+    """N ratios' numerators and denominators, summed plainly and under each bootstrap replicate's
+    weights, entry by entry (an entry: a ratio's row, its image and its two counts). One of these
+    holds a run's filter IoUs, one its embedding IoUs, one its classification accuracies."""
+
+    CHUNK = 1 << 14  # entries weighted at once: memory holds CHUNK x R weights
+
+    def __init__(self, n: int, replicates: int, seed: int) -> None:
+        import torch
+
+        self.replicates, self.seed = replicates, seed
+        self.plain = [torch.zeros(n, dtype=torch.float64) for _ in range(2)]
+        self.weighted = [torch.zeros(n, replicates, dtype=torch.float64) for _ in range(2)]
+
+    def add(self, rows: np.ndarray, image_ids: np.ndarray, numerator, denominator) -> None:
+        import torch
+
+        rows = np.asarray(rows, dtype=np.int64)
+        values = [torch.as_tensor(v).double() for v in (numerator, denominator)]
+        at = torch.from_numpy(rows)
+        for total, value in zip(self.plain, values):
+            total.index_add_(0, at, value)
+        for lo in range(0, len(rows), self.CHUNK):
+            part = slice(lo, lo + self.CHUNK)
+            add_weighted(
+                self.weighted, rows[part], image_ids[part], [v[part] for v in values], self.seed, self.replicates
+            )
+
+    @property
+    def denominator(self) -> np.ndarray:
+        return self.plain[1].numpy()
+
+    def estimates(self) -> np.ndarray:
+        """[N] numerator / denominator (NaN where nothing was added)."""
+        return ratios(self.plain[0].numpy(), self.plain[1].numpy())
+
+    def replicate_ratios(self) -> np.ndarray:
+        """[N, R] the ratios in each replicate (NaN where a replicate drew no image of the ratio's)."""
+        return ratios(self.weighted[0].numpy(), self.weighted[1].numpy())

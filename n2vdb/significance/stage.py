@@ -145,16 +145,6 @@ def select(con: duckdb.DuckDBPyConnection, probe_id: int, settings: Significance
     )
 
 
-@dataclass
-class FilterReplicates:
-    """Sums over each split's images, per selected pair: row 2 s + split (0 train, 1 val)."""
-
-    intersection: np.ndarray  # [2S] int64, unweighted
-    union: np.ndarray  # [2S]
-    inter_reps: np.ndarray  # [2S, R] float64, Poisson-weighted
-    union_reps: np.ndarray  # [2S, R]
-
-
 def filter_replicates(
     con: duckdb.DuckDBPyConnection,
     probe: Probe,
@@ -162,42 +152,34 @@ def filter_replicates(
     selection: Selection,
     settings: SignificanceSettings,
     workers: int,
-) -> FilterReplicates:
-    """Step 2: the selected pairs' IoU sums, plain and under each replicate's weights, in one pass
-    over the IoU stage's per-image overlaps."""
-    r = settings.replicates
+) -> resample.RatioSums:
+    """Step 2: the selected pairs' IoU sums (row 2 s + split: 0 train, 1 val), plain and under each
+    replicate's weights, in one pass over the IoU stage's per-image overlaps."""
     concept_ids = np.array(sorted(dataset.labels), dtype=np.int64)
     col = np.searchsorted(concept_ids, selection.concept)
     degree = np.bincount(col, minlength=len(concept_ids))
     start = np.cumsum(degree) - degree  # the concept's first selected pair (they are sorted by concept)
     split_of = iou.split_lookup(dataset)
-    n = len(selection.filter)
-    inter, union = torch.zeros(2 * n, dtype=torch.float64), torch.zeros(2 * n, dtype=torch.float64)
-    inter_reps, union_reps = torch.zeros(2 * n, r, dtype=torch.float64), torch.zeros(2 * n, r, dtype=torch.float64)
+    sums = resample.RatioSums(2 * len(selection.filter), settings.replicates, settings.seed)
     thresholds = iou.thresholds_for(con, probe.probe_id, "net2vec")
     total = first(con.execute("SELECT count(*) FROM activations WHERE probe_id = ?", [probe.activation_probe]))[0]
     with progress_bar() as bar:
         task = bar.add_task("significance: bootstrap", total=total)
         for batch in iou.iter_batch_overlaps(con, probe, dataset, thresholds, "net2vec", workers):
             bar.advance(task, len(batch.image_ids))
-            d = degree[np.searchsorted(concept_ids, batch.concept_ids)]
+            cols = np.searchsorted(concept_ids, batch.concept_ids)
+            d = degree[cols]
             if not d.sum():
                 continue
             pair = np.repeat(np.arange(len(d)), d)
-            first_of = np.cumsum(d) - d
-            s = np.repeat(start[np.searchsorted(concept_ids, batch.concept_ids)] - first_of, d) + np.arange(len(pair))
+            s = np.repeat(start[cols] - (np.cumsum(d) - d), d) + np.arange(len(pair))  # each entry's pair
             image = batch.pair_image[pair]
             k = torch.from_numpy(selection.filter[s])
             pair_t, image_t = torch.from_numpy(pair), torch.from_numpy(image)
             i_e = batch.intersection[pair_t, k].double()
             u_e = batch.mask_area[image_t, k].double() + batch.label_area[pair_t].double() - i_e
-            row = 2 * s + split_of[batch.image_ids[image]]
-            inter.index_add_(0, torch.from_numpy(row), i_e)
-            union.index_add_(0, torch.from_numpy(row), u_e)
-            resample.add_weighted([inter_reps, union_reps], row, batch.image_ids[image], [i_e, u_e], settings.seed, r)
-    return FilterReplicates(
-        inter.round().long().numpy(), union.round().long().numpy(), inter_reps.numpy(), union_reps.numpy()
-    )
+            sums.add(2 * s + split_of[batch.image_ids[image]], batch.image_ids[image], i_e, u_e)
+    return sums
 
 
 @dataclass
@@ -208,11 +190,9 @@ class Embeddings:
     replicates: np.ndarray  # [E, R]
 
 
-def embedding_replicates(
-    con: duckdb.DuckDBPyConnection, probe: Probe, settings: SignificanceSettings, chunk: int = 1 << 14
-) -> Embeddings:
+def embedding_replicates(con: duckdb.DuckDBPyConnection, probe: Probe, settings: SignificanceSettings) -> Embeddings:
     """Step 4's first half: each segmentation embedding's val IoU from its stored per-image scores,
-    and under each replicate's weights (CHUNK rows at a time: memory holds CHUNK x R weights)."""
+    and under each replicate's weights."""
     concepts = con.execute(
         "SELECT DISTINCT s.concept_id, b.filter FROM image_concept_scores s"
         " JOIN best_filters b ON b.probe_id = s.probe_id AND b.concept_id = s.concept_id"
@@ -220,30 +200,16 @@ def embedding_replicates(
         [probe.probe_id],
     ).fetchnumpy()
     ids = concepts["concept_id"].astype(np.int64)
-    r = settings.replicates
-    inter, union = np.zeros(len(ids)), np.zeros(len(ids))
-    inter_reps, union_reps = (
-        torch.zeros(len(ids), r, dtype=torch.float64),
-        torch.zeros(len(ids), r, dtype=torch.float64),
-    )
+    sums = resample.RatioSums(len(ids), settings.replicates, settings.seed)
     reader = con.sql(
         "SELECT image_id, concept_id, intersection, union_ FROM image_concept_scores"
         " WHERE probe_id = $p AND method = 'segmentation'",
         params={"p": probe.probe_id},
-    ).to_arrow_reader(chunk)
+    ).to_arrow_reader(resample.RatioSums.CHUNK)
     for part in reader:
         image_ids, concept, i_e, u_e = (part.column(j).to_numpy().astype(np.int64) for j in range(4))
-        at = np.searchsorted(ids, concept)
-        np.add.at(inter, at, i_e)
-        np.add.at(union, at, u_e)
-        values = [torch.from_numpy(i_e).double(), torch.from_numpy(u_e).double()]
-        resample.add_weighted([inter_reps, union_reps], at, image_ids, values, settings.seed, r)
-    return Embeddings(
-        ids,
-        concepts["filter"].astype(np.int64),
-        resample.ratios(inter, union),
-        resample.ratios(inter_reps.numpy(), union_reps.numpy()),
-    )
+        sums.add(np.searchsorted(ids, concept), image_ids, torch.from_numpy(i_e), torch.from_numpy(u_e))
+    return Embeddings(ids, concepts["filter"].astype(np.int64), sums.estimates(), sums.replicate_ratios())
 
 
 @dataclass
@@ -254,7 +220,7 @@ class Classifications:
 
 
 def classification_replicates(
-    con: duckdb.DuckDBPyConnection, probe: Probe, settings: SignificanceSettings, chunk: int = 1 << 14
+    con: duckdb.DuckDBPyConnection, probe: Probe, settings: SignificanceSettings
 ) -> Classifications:
     """Step 4's second half: each classification embedding's accuracy on its balanced val pairs,
     drawn again as training drew them (embed/classification.val_sample, from the probe's training
@@ -282,15 +248,10 @@ def classification_replicates(
     val_rows = np.flatnonzero(is_val.numpy()).astype(np.int32)
     pairs = classification.val_sample(labels, val_rows, torch.Generator().manual_seed(seed))
     rows, cols, hits = classification.val_pair_hits(features, weights, bias, labels, val_rows, pairs)
-    counts = np.bincount(cols, minlength=len(concepts))
-    accuracy = np.bincount(cols[hits], minlength=len(concepts)) / np.maximum(counts, 1)
-    sums = [torch.zeros(len(concepts), r, dtype=torch.float64) for _ in range(2)]
-    for lo in range(0, len(cols), chunk):  # memory holds CHUNK x R weights
-        at = slice(lo, lo + chunk)
-        values = [torch.from_numpy(hits[at]).double(), torch.ones(len(cols[at]), dtype=torch.float64)]
-        resample.add_weighted(sums, cols[at], image_ids[rows[at]], values, settings.seed, r)
-    keep = counts > 0
-    return Classifications(concepts[keep], accuracy[keep], resample.ratios(sums[0].numpy(), sums[1].numpy())[keep])
+    sums = resample.RatioSums(len(concepts), r, settings.seed)
+    sums.add(cols, image_ids[rows], torch.from_numpy(hits), torch.ones(len(cols)))
+    keep = sums.denominator > 0
+    return Classifications(concepts[keep], sums.estimates()[keep], sums.replicate_ratios()[keep])
 
 
 def run(store: Store, probe: Probe, dataset: BrodenDataset, settings: SignificanceSettings, workers: int = 0) -> int:
@@ -366,7 +327,7 @@ def _with_head(head: dict, columns: dict) -> pa.Table:
 
 def _rows(
     selection: Selection,
-    sums: FilterReplicates,
+    sums: resample.RatioSums,
     tested: np.ndarray,
     counts: null.NullCounts,
     embedded: Embeddings,
@@ -375,9 +336,9 @@ def _rows(
 ) -> tuple[dict, dict]:
     """(score_intervals columns, significance_tests columns) of a run, without its probe and run ids."""
     n = len(selection.filter)
-    reps = resample.ratios(sums.inter_reps, sums.union_reps)
+    reps = sums.replicate_ratios()
     lower, upper = resample.percentile_interval(reps, settings.level)
-    present = sums.union > 0
+    present = sums.denominator > 0
     pair = np.repeat(np.arange(n), 2)
     split = np.tile(np.array(["train", "val"]), n)
 
@@ -387,7 +348,7 @@ def _rows(
         [row_of.get((int(c), int(f)), -1) for c, f in zip(embedded.concept, embedded.best_filter)], dtype=np.int64
     )
     has_best = best_rows >= 0
-    best_iou = np.where(has_best, resample.ratios(sums.intersection, sums.union)[best_rows], np.nan)
+    best_iou = np.where(has_best, sums.estimates()[best_rows], np.nan)
     gain = embedded.iou - best_iou
     gain_reps = embedded.replicates - np.where(has_best[:, None], reps[best_rows], np.nan)
     emb_lower, emb_upper = resample.percentile_interval(embedded.replicates, settings.level)
@@ -407,9 +368,7 @@ def _rows(
             selection.concept[pair][present], embedded.concept, embedded.concept, classified.concept
         ].astype(np.int32),
         "split": list(split[present]) + ["val"] * (2 * e + n_cls),
-        "estimate": np.r_[
-            resample.ratios(sums.intersection, sums.union)[present], embedded.iou, gain, classified.accuracy
-        ],
+        "estimate": np.r_[sums.estimates()[present], embedded.iou, gain, classified.accuracy],
         "lower": np.r_[lower[present], emb_lower, gain_lower, cls_lower],
         "upper": np.r_[upper[present], emb_upper, gain_upper, cls_upper],
         "replicates": _lists(np.r_[reps[present], embedded.replicates, gain_reps, classified.replicates]),
